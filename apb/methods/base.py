@@ -1,0 +1,74 @@
+"""What a method is: a layout plus an attention step. Everything else is shared.
+
+The runtime runs the unmodified Hugging Face model on this host's slice of the prompt. Every
+attention layer calls back into :meth:`AttnContext.step`, which records the K/V this host keeps
+for decoding and hands the layer's Q/K/V (after RoPE) to :meth:`Method.attention`. A method
+therefore decides only (1) which tokens each host holds, with which position ids
+(:meth:`Method.layout`), and (2) how a host's queries attend, possibly talking to other hosts
+through ``ctx.comm``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from apb.parallel.comm import Comm
+from apb.parallel.layout import HostSlice
+
+
+class Method:
+    """Base class; subclasses are registered by name in :mod:`apb.methods`."""
+
+    name: ClassVar[str] = ""
+    #: True when the method must reproduce single-device attention to float tolerance
+    exact: ClassVar[bool] = True
+
+    def layout(self, n_tokens: int, world_size: int) -> list[HostSlice]:
+        raise NotImplementedError
+
+    def attention(self, ctx: "AttnContext", module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention output (batch, heads, local_len, dim) for this host's queries."""
+        raise NotImplementedError
+
+    def check(self, model_config: Any, world_size: int) -> None:
+        """Raise a readable error if this method cannot run this model at this world size."""
+
+
+@dataclass
+class AttnContext:
+    """One host's view of one prefill; passed to the attention layers through the model kwargs."""
+
+    method: Method
+    slices: list[HostSlice]
+    comm: Comm
+    #: per layer, the (k, v) of this host's real (non-pad) tokens, in local order
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    scratch: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def mine(self) -> HostSlice:
+        return self.slices[self.comm.rank]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.mine.n_tokens
+
+    def step(self, module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             scale: float, sliding_window: int | None = None) -> torch.Tensor:
+        layer = int(module.layer_idx)
+        if sliding_window is not None and self.n_tokens > sliding_window:
+            raise ValueError(f"prompt of {self.n_tokens} tokens exceeds the model's sliding_window={sliding_window}; "
+                             "sliding-window attention is not supported by the distributed methods, "
+                             "use a shorter prompt or a model without sliding_window")
+        self.comm.stats.layer = layer
+        valid = self.mine.valid.to(k.device)
+        self.kv[layer] = (k[:, :, valid], v[:, :, valid])
+        return self.method.attention(self, module, q, k, v, scale)

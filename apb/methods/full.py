@@ -1,0 +1,17 @@
+"""``full``: the single-device reference. Host 0 holds the whole prompt; others idle."""
+
+from __future__ import annotations
+
+from apb.kernels import attention
+from apb.methods import register_method
+from apb.methods.base import Method
+from apb.parallel import layout
+
+
+@register_method("full")
+class Full(Method):
+    def layout(self, n_tokens, world_size):
+        return layout.single(n_tokens, world_size)
+
+    def attention(self, ctx, module, q, k, v, scale):
+        return attention(q, k, v, causal=True, scale=scale)[0]

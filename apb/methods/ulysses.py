@@ -1,0 +1,72 @@
+"""``ulysses``: exact attention by all-to-all from sequence shards to head shards.
+
+Host ``r`` holds contiguous chunk ``r`` (the prompt is right-padded to a multiple of ``W``).
+DeepSpeed's :class:`DistributedAttention` all-to-alls Q/K/V so each host holds the whole
+sequence for ``H/W`` heads, runs causal attention locally, and all-to-alls the output back.
+When the KV heads do not split evenly over ``W`` they are replicated to one per query head
+(the GQA grouping is then trivially preserved). Communication per layer: four all-to-alls
+(q, k, v, out), each moving ``(W-1)/W`` of the local tensor.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from apb.kernels import attention, repeat_kv
+from apb.methods import register_method
+from apb.methods.base import Method
+from apb.parallel import layout
+
+
+def _local_attention(scale: float, timer: list[float]):
+    def run(q, k, v, *args, **kwargs):
+        t0 = time.perf_counter()
+        # DeepSpeed hands over (batch, seq, heads, dim); the kernel wants (batch, heads, seq, dim)
+        out, _ = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, scale=scale)
+        timer[0] += time.perf_counter() - t0
+        return out.transpose(1, 2)
+
+    return run
+
+
+def _deepspeed_attention(local, group):
+    import deepspeed.comm as ds_comm
+    from deepspeed.sequence.layer import DistributedAttention
+
+    if ds_comm.cdb is None:
+        ds_comm.init_distributed(dist_backend=torch.distributed.get_backend(group), auto_mpi_discovery=False,
+                                 verbose=False)
+    return DistributedAttention(local, group, scatter_idx=2, gather_idx=1)
+
+
+@register_method("ulysses")
+class Ulysses(Method):
+    def layout(self, n_tokens, world_size):
+        return layout.contiguous(n_tokens, world_size)
+
+    def check(self, model_config, world_size):
+        heads = model_config.num_attention_heads
+        if heads % world_size != 0:
+            raise ValueError(f"method 'ulysses' shards attention heads over hosts: num_attention_heads={heads} is not "
+                             f"divisible by world_size={world_size}; use a world size dividing {heads} or method 'ring'")
+
+    def attention(self, ctx, module, q, k, v, scale):
+        world = ctx.comm.size
+        if world == 1:
+            return attention(q, k, v, causal=True, scale=scale)[0]
+        heads, kv_heads = q.shape[1], k.shape[1]
+        if kv_heads % world != 0:
+            k, v = repeat_kv(k, heads // kv_heads), repeat_kv(v, heads // kv_heads)
+        if "ulysses" not in ctx.scratch:
+            timer = [0.0]
+            ctx.scratch["ulysses"] = (_deepspeed_attention(_local_attention(scale, timer), ctx.comm.group), timer)
+        dist_attn, timer = ctx.scratch["ulysses"]
+        t0, local0 = time.perf_counter(), timer[0]
+        out = dist_attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0)
+        # DeepSpeed does its own exchange; count it here: (W-1)/W of q, k, v and the output leave each host
+        moved = sum(t.numel() * t.element_size() for t in (q, k, v, q)) * (world - 1) // world
+        exchange_s = time.perf_counter() - t0 - (timer[0] - local0)
+        ctx.comm.record_external("all_to_all", moved, exchange_s)
+        return out.transpose(1, 2)

@@ -1,0 +1,87 @@
+"""Loading models: a local Hugging Face checkpoint, or a named tiny preset made on first use.
+
+Presets are random-initialised small decoders of the architectures we support (Llama, Qwen2
+with q/k/v bias, Mistral). They are *materialised* once into a checkpoint directory
+(``config.json`` + ``model.safetensors``) and then loaded through exactly the same
+``from_pretrained`` path as a user's checkpoint. Loading is local-only: no hub access, no
+remote code, safetensors preferred (transformers loads any ``.bin`` with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# 12 heads split evenly over 1, 2, 3 and 4 hosts; the KV head counts exercise GQA both when
+# they divide the world size and when they must be replicated.
+_COMMON = dict(vocab_size=512, hidden_size=192, intermediate_size=384, num_hidden_layers=2,
+               num_attention_heads=12, head_dim=16, max_position_embeddings=8192, rope_theta=10000.0,
+               tie_word_embeddings=False)
+PRESETS: dict[str, dict] = {
+    "tiny-llama": dict(model_type="llama", num_key_value_heads=4, **_COMMON),
+    "tiny-qwen2": dict(model_type="qwen2", num_key_value_heads=2, **_COMMON),
+    "tiny-mistral": dict(model_type="mistral", num_key_value_heads=6, sliding_window=None, **_COMMON),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("APB_CACHE", Path.home() / ".cache" / "apb"))
+
+
+def materialize_preset(name: str, seed: int = 0, root: Path | None = None) -> Path:
+    """Write preset ``name`` (random weights from ``seed``) as a checkpoint directory, once."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+    target = (root or cache_root()) / "models" / f"{name}-seed{seed}"
+    if (target / "config.json").exists():
+        return target
+    spec = dict(PRESETS[name])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    model.save_pretrained(tmp, safe_serialization=True)
+    try:
+        os.rename(tmp, target)  # atomic: concurrent makers of the same preset cannot tear it
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(name_or_path: str, seed: int = 0) -> Path:
+    """A preset name or a local checkpoint directory -> a checkpoint directory."""
+    if name_or_path in PRESETS:
+        return materialize_preset(name_or_path, seed)
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a local Hugging Face "
+            f"checkpoint directory with a config.json; set model.name_or_path to a downloaded checkpoint")
+    return path
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(path: str | Path, dtype: str = "float32", device: torch.device | str = "cpu",
+               attn_implementation: str | None = None) -> torch.nn.Module:
+    """Load a causal LM from a local directory, wired to our attention unless told otherwise."""
+    import apb.hf  # noqa: F401  (registers the "apb" attention implementation)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=parse_dtype(dtype), local_files_only=True, trust_remote_code=False,
+        attn_implementation=attn_implementation or apb.hf.ATTN_IMPLEMENTATION)
+    return model.to(device).eval()

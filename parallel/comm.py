@@ -1,0 +1,215 @@
+"""Every byte that crosses hosts goes through :class:`Comm`, which also counts it.
+
+A ``Comm`` wraps one process group (passed in, never the hidden world group) and offers the few
+collectives the methods need: fixed- and variable-length all-gather, variable-length gather to
+one rank, broadcast, an all-to-all record for libraries that do their own exchange, and a ring
+(:class:`RingComm`, ``send_recv / commit / wait``) so the overlap of communication and compute
+is visible in the caller's loop.
+
+:class:`CommStats` records calls, bytes and seconds per (phase, layer, op) on this rank, plus
+compute seconds, so verification and benchmarks can assert the communication pattern of a
+method and split wall time into compute and communication.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class OpRecord:
+    calls: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class CommStats:
+    """Per-rank counters. ``layer`` and ``phase`` are set by the runtime as the model runs."""
+
+    layer: int | None = None
+    phase: str = "context"
+    ops: dict[tuple[str, int | None, str], OpRecord] = field(default_factory=lambda: defaultdict(OpRecord))
+    compute_seconds: float = 0.0
+
+    def record(self, op: str, nbytes: int, seconds: float = 0.0) -> None:
+        rec = self.ops[(self.phase, self.layer, op)]
+        rec.calls += 1
+        rec.bytes += int(nbytes)
+        rec.seconds += seconds
+
+    @contextlib.contextmanager
+    def compute(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.compute_seconds += time.perf_counter() - t0
+
+    def reset(self) -> None:
+        self.ops.clear()
+        self.compute_seconds = 0.0
+        self.layer = None
+        self.phase = "context"
+
+    def calls(self, op: str | None = None, phase: str | None = None, layer: int | None = None) -> int:
+        return sum(r.calls for k, r in self._select(op, phase, layer))
+
+    def bytes(self, op: str | None = None, phase: str | None = None, layer: int | None = None) -> int:
+        return sum(r.bytes for k, r in self._select(op, phase, layer))
+
+    def comm_seconds(self) -> float:
+        return sum(r.seconds for r in self.ops.values())
+
+    def _select(self, op, phase, layer):
+        return [(k, r) for k, r in self.ops.items()
+                if (op is None or k[2] == op) and (phase is None or k[0] == phase)
+                and (layer is None or k[1] == layer)]
+
+    def to_dict(self) -> dict:
+        return {
+            "compute_s": self.compute_seconds,
+            "comm_s": self.comm_seconds(),
+            "ops": [{"phase": p, "layer": l, "op": o, "calls": r.calls, "bytes": r.bytes, "seconds": r.seconds}
+                    for (p, l, o), r in sorted(self.ops.items(), key=lambda kv: (kv[0][0], kv[0][1] or -1, kv[0][2]))],
+        }
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Comm:
+    """Collectives over one process group, counted in ``stats``. Ranks are ranks *in the group*."""
+
+    def __init__(self, group: dist.ProcessGroup | None, stats: CommStats | None = None):
+        self.group = group
+        self.stats = stats if stats is not None else CommStats()
+        self.size = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
+
+    def global_rank(self, group_rank: int) -> int:
+        return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
+
+    @contextlib.contextmanager
+    def _timed(self, op: str, nbytes: int) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.stats.record(op, nbytes, time.perf_counter() - t0)
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Same-shape tensors from every rank, in rank order."""
+        t = t.contiguous()
+        if self.size == 1:
+            return [t]
+        out = [torch.empty_like(t) for _ in range(self.size)]
+        with self._timed("all_gather", _nbytes(t)):
+            dist.all_gather(out, t, group=self.group)
+        return out
+
+    def all_gather_varlen(self, t: torch.Tensor, dim: int = 0) -> list[torch.Tensor]:
+        """Tensors that differ only in size along ``dim``, from every rank, in rank order."""
+        if self.size == 1:
+            return [t]
+        sizes = self._sizes(t, dim)
+        padded = _pad_along(t, dim, max(sizes))
+        parts = self.all_gather(padded)
+        return [p.narrow(dim, 0, s) for p, s in zip(parts, sizes)]
+
+    def gather_varlen(self, t: torch.Tensor, dst: int = 0, dim: int = 0) -> list[torch.Tensor] | None:
+        """Like :meth:`all_gather_varlen` but only rank ``dst`` receives (others get None)."""
+        if self.size == 1:
+            return [t]
+        sizes = self._sizes(t, dim)
+        padded = _pad_along(t, dim, max(sizes)).contiguous()
+        bufs = [torch.empty_like(padded) for _ in range(self.size)] if self.rank == dst else None
+        with self._timed("gather", _nbytes(padded)):
+            dist.gather(padded, bufs, dst=self.global_rank(dst), group=self.group)
+        if bufs is None:
+            return None
+        return [b.narrow(dim, 0, s) for b, s in zip(bufs, sizes)]
+
+    def broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        if self.size == 1:
+            return t
+        t = t.contiguous()
+        with self._timed("broadcast", _nbytes(t)):
+            dist.broadcast(t, src=self.global_rank(src), group=self.group)
+        return t
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier(group=self.group)
+
+    def record_external(self, op: str, nbytes: int, seconds: float) -> None:
+        """Count an exchange a library performed itself (e.g. DeepSpeed's all-to-all)."""
+        self.stats.record(op, nbytes, seconds)
+
+    def ring(self) -> "RingComm":
+        return RingComm(self)
+
+    def _sizes(self, t: torch.Tensor, dim: int) -> list[int]:
+        local = torch.tensor([t.shape[dim]], dtype=torch.long, device=t.device)
+        out = [torch.empty_like(local) for _ in range(self.size)]
+        with self._timed("all_gather_sizes", _nbytes(local)):
+            dist.all_gather(out, local, group=self.group)
+        return [int(x.item()) for x in out]
+
+
+def _pad_along(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    if t.shape[dim] == size:
+        return t.contiguous()
+    shape = list(t.shape)
+    shape[dim] = size - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim).contiguous()
+
+
+class RingComm:
+    """Pass a tensor to the next rank while receiving the previous rank's, asynchronously.
+
+    ``send_recv`` queues the pair, ``commit`` starts it, ``wait`` blocks (with the group's
+    timeout) and returns the received tensor. A step is counted as one ``ring_send_recv``.
+    """
+
+    def __init__(self, comm: Comm):
+        self.comm = comm
+        self._ops: list[dist.P2POp] = []
+        self._reqs: list = []
+        self._bytes = 0
+        self._recv: torch.Tensor | None = None
+
+    def send_recv(self, to_send: torch.Tensor) -> torch.Tensor:
+        c = self.comm
+        to_send = to_send.contiguous()
+        recv = torch.empty_like(to_send)
+        nxt, prv = (c.rank + 1) % c.size, (c.rank - 1) % c.size
+        # even ranks send first and odd ranks receive first, so blocking transports cannot deadlock
+        send = dist.P2POp(dist.isend, to_send, c.global_rank(nxt), c.group)
+        get = dist.P2POp(dist.irecv, recv, c.global_rank(prv), c.group)
+        self._ops += [send, get] if c.rank % 2 == 0 else [get, send]
+        self._bytes += _nbytes(to_send)
+        self._recv = recv
+        return recv
+
+    def commit(self) -> None:
+        if self._reqs:
+            raise RuntimeError("RingComm.commit called twice without wait")
+        self._t0 = time.perf_counter()
+        self._reqs = dist.batch_isend_irecv(self._ops)
+
+    def wait(self) -> torch.Tensor:
+        t0 = time.perf_counter()
+        for req in self._reqs:
+            req.wait()
+        self.comm.stats.record("ring_send_recv", self._bytes, time.perf_counter() - t0)
+        recv = self._recv
+        self._ops, self._reqs, self._bytes, self._recv = [], [], 0, None
+        assert recv is not None
+        return recv
