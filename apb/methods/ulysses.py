@@ -36,6 +36,14 @@ def _deepspeed_attention(local, group):
     from deepspeed.sequence.layer import DistributedAttention
 
     if ds_comm.cdb is None:
+        if torch.distributed.get_backend(group) == "gloo":
+            # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (about a minute on a
+            # fresh machine) that all-to-all never uses; marking it incompatible makes DeepSpeed take
+            # its documented fallback, plain torch.distributed.
+            import deepspeed.ops
+            from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+            deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
         ds_comm.init_distributed(dist_backend=torch.distributed.get_backend(group), auto_mpi_discovery=False,
                                  verbose=False)
     return DistributedAttention(local, group, scatter_idx=2, gather_idx=1)

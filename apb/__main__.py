@@ -1,0 +1,5 @@
+import sys
+
+from apb.cli import main
+
+sys.exit(main())

@@ -1,0 +1,150 @@
+"""Typed, validated configuration: YAML in, one frozen object out, errors that name the fix.
+
+A config file has one section per concern (``model``, ``parallel``, ``method``, ``decode``).
+Unknown keys are rejected with the list of valid ones; a wrong value names the field, the value
+and what is allowed. Command-line overrides use dotted keys (``--set method.name=ring``) and go
+through the same validation. :func:`dump_config` writes the resolved config beside outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message says which field and how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field("tiny-llama", description="a preset (tiny-llama, tiny-qwen2, tiny-mistral) or a "
+                                                       "local Hugging Face checkpoint directory")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and activations")
+    seed: int = Field(0, description="seed for a preset's random weights")
+
+
+class ParallelConfig(_Section):
+    world_size: int = Field(2, ge=1, description="hosts in the sequence-parallel group (W)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
+    timeout_s: float = Field(300.0, gt=0, description="limit on every collective and every wait on a worker")
+    launcher: Literal["local"] = Field("local", description="how workers are started")
+
+
+class MethodConfig(_Section):
+    name: str = Field("ring", description="attention method (apb methods lists them)")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from apb.methods import method_names
+
+        if v not in method_names():
+            raise ValueError(f"unknown method {v!r}; valid methods: {', '.join(method_names())}")
+        return v
+
+
+class DecodeConfig(_Section):
+    mode: Literal["gather"] = Field("gather", description="gather: caches go to one host, which decodes")
+    max_new_tokens: int = Field(32, ge=1, description="tokens generated after the prompt")
+    temperature: float = Field(0.0, ge=0, description="0 is greedy decoding")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (with temperature > 0)")
+    seed: int = Field(0, description="sampling seed")
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    method: MethodConfig = MethodConfig()
+    decode: DecodeConfig = DecodeConfig()
+
+
+def load_config(source: str | Path | dict | None = None, overrides: dict[str, Any] | list[str] | None = None
+                ) -> Config:
+    """Load a YAML path (or a dict), apply dotted overrides, validate. Raises :class:`ConfigError`."""
+    if source is None:
+        data: dict = {}
+        where = "defaults"
+    elif isinstance(source, dict):
+        data, where = _deep_copy(source), "dict"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass --config with a YAML file "
+                              f"(e.g. configs/tiny-cpu.yaml)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        where = str(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {where} must be a mapping of sections, got {type(data).__name__}")
+    for key, value in _parse_overrides(overrides).items():
+        _set_dotted(data, key, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, where)) from None
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+
+
+def _parse_overrides(overrides) -> dict[str, Any]:
+    if overrides is None:
+        return {}
+    if isinstance(overrides, dict):
+        return overrides
+    out = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. method.name=ring")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _deep_copy(d: dict) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: Any = Config
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def _explain(err: ValidationError, where: str) -> str:
+    lines = [f"invalid config ({where}):"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        name = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            valid = ", ".join(parent.model_fields) if parent else "?"
+            lines.append(f"  {name}: unknown key {loc[-1]!r}; valid keys here: {valid}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {name} = {e.get('input')!r}: {msg}")
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""``apb verify``: run methods on real worker processes and compare with plain Hugging Face.
+
+The reference is independent of everything in this project: the same checkpoint loaded with
+transformers' own ``eager`` attention, one forward pass over the whole prompt (last-token
+logits, KV cache) and ``generate`` for the greedy continuation. Each method runs through the
+worker group (W processes, gloo on CPU): prefill, cache gather, decode on rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from apb.config import Config
+from apb.decode import Sampling
+from apb.methods import build_method
+from apb.models import load_model, resolve_model
+from apb.worker import PromptRequest
+
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
+
+
+@dataclass
+class VerifyRow:
+    model: str
+    method: str
+    world_size: int
+    prompt_len: int
+    max_abs_logit_diff: float
+    kv_max_abs_diff: float
+    tokens_match: bool
+    exact_expected: bool
+    passed: bool
+    prefill_s: float = math.nan
+    error: str | None = None
+
+
+@dataclass
+class Reference:
+    logits: torch.Tensor
+    keys: torch.Tensor  # (layers, kv_heads, n, head_dim)
+    values: torch.Tensor
+    tokens: list[int]
+
+
+def random_prompt(n: int, vocab_size: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def reference_run(model, input_ids: torch.Tensor, n_tokens: int) -> Reference:
+    out = model(input_ids[None], use_cache=True)
+    cache = out.past_key_values
+    keys = torch.stack([layer.keys[0] for layer in cache.layers])
+    values = torch.stack([layer.values[0] for layer in cache.layers])
+    gen = model.generate(input_ids[None], attention_mask=torch.ones_like(input_ids[None]), do_sample=False,
+                         max_new_tokens=n_tokens, min_new_tokens=n_tokens, pad_token_id=0)
+    return Reference(out.logits[0, -1].float(), keys, values, gen[0, input_ids.numel():].tolist())
+
+
+def compare(ref: Reference, result, dtype: str) -> tuple[float, float, bool]:
+    logit_diff = (result.last_logits.float() - ref.logits).abs().max().item()
+    if result.cache is None or result.cache.keys.shape != ref.keys.shape:
+        kv_diff = math.inf
+    else:
+        kv_diff = max((result.cache.keys.float() - ref.keys.float()).abs().max().item(),
+                      (result.cache.values.float() - ref.values.float()).abs().max().item())
+    return logit_diff, kv_diff, result.tokens == ref.tokens
+
+
+def verify(cfg: Config, group, methods: list[str], prompt_lens: list[int], models: list[str] | None = None,
+           dtype: str | None = None, n_tokens: int = 16, seed: int = 0) -> list[VerifyRow]:
+    """Run every (model, prompt length, method) on ``group`` (a started worker group)."""
+    dtype = dtype or cfg.model.dtype
+    rows: list[VerifyRow] = []
+    world = group.world_size
+    for model_name in models or [cfg.model.name_or_path]:
+        path = resolve_model(model_name, cfg.model.seed)
+        ref_model = load_model(path, dtype, "cpu", attn_implementation="eager")
+        for n in prompt_lens:
+            ids = random_prompt(n, ref_model.config.vocab_size, seed + n)
+            ref = reference_run(ref_model, ids, n_tokens)
+            for name in methods:
+                method = build_method(name)
+                base = dict(model=model_name, method=name, world_size=world, prompt_len=n,
+                            exact_expected=method.exact)
+                try:
+                    method.check(ref_model.config, world)
+                except ValueError as e:
+                    rows.append(VerifyRow(**base, max_abs_logit_diff=math.nan, kv_max_abs_diff=math.nan,
+                                          tokens_match=False, passed=False, error=str(e)))
+                    continue
+                req = PromptRequest(str(path), ids, name, dtype=dtype,
+                                    sampling=Sampling(max_new_tokens=n_tokens, stop_at_eos=False),
+                                    return_cache=True)
+                result = group.call("run_prompt", req)[0]
+                logit_diff, kv_diff, same = compare(ref, result, dtype)
+                tol = TOLERANCE[dtype]
+                ok = (logit_diff <= tol and kv_diff <= tol and same) if method.exact else True
+                rows.append(VerifyRow(**base, max_abs_logit_diff=logit_diff, kv_max_abs_diff=kv_diff,
+                                      tokens_match=same, passed=ok, prefill_s=result.prefill_s))
+    return rows
+
+
+def format_table(rows: list[VerifyRow]) -> str:
+    head = ["model", "method", "W", "n", "max|dlogit|", "max|dKV|", "tokens", "exact", "prefill s", "result"]
+    lines = [head]
+    for r in rows:
+        lines.append([r.model, r.method, str(r.world_size), str(r.prompt_len), f"{r.max_abs_logit_diff:.2e}",
+                      f"{r.kv_max_abs_diff:.2e}", "same" if r.tokens_match else "differ",
+                      "yes" if r.exact_expected else "no", f"{r.prefill_s:.3f}",
+                      "PASS" if r.passed else ("ERROR: " + r.error if r.error else "FAIL")])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1] for line in lines)
+
+
+def write_json(rows: list[VerifyRow], path: str | Path) -> None:
+    def clean(v):
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    Path(path).write_text(json.dumps({"results": [{k: clean(v) for k, v in asdict(r).items()} for r in rows]},
+                                     indent=2))

@@ -1,0 +1,93 @@
+"""One host of the sequence-parallel group. The same class serves every launcher.
+
+A launcher (local processes, Ray actors, torchrun) constructs one :class:`Worker` per host with
+a rendezvous address; the worker joins the process group, loads models on demand (cached by
+path and dtype), and runs whole prompts: prefill with a method, gather of the KV cache to the
+decode host (sequence-parallel rank 0), and decoding there.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from apb.cache import KVCache, gather_cache, to_hf_cache
+from apb.decode import Sampling, decode
+from apb.methods import build_method
+from apb.models import load_model
+from apb.parallel.comm import CommStats
+from apb.parallel.rendezvous import init_distributed, shutdown
+from apb.parallel.state import build_parallel_state
+from apb.runtime import prefill
+
+
+@dataclass
+class PromptRequest:
+    model_path: str
+    input_ids: torch.Tensor  # 1-D
+    method: str = "ring"
+    method_options: dict = field(default_factory=dict)
+    dtype: str = "float32"
+    sampling: Sampling = Sampling()
+    eos_ids: tuple[int, ...] = ()
+    return_cache: bool = False  # ship the gathered cache back (verification)
+
+
+@dataclass
+class PromptResult:
+    rank: int
+    stats: dict
+    prefill_s: float
+    last_logits: torch.Tensor | None = None  # decode host only
+    tokens: list[int] | None = None
+    decode_s: float = 0.0
+    cache: KVCache | None = None
+
+
+class Worker:
+    def __init__(self, init_method: str | None, rank: int, world_size: int, local_rank: int | None = None,
+                 device: str = "auto", timeout_s: float = 300.0):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        self.env = init_distributed(init_method, rank, world_size, local_rank, timeout_s, device)
+        self.state = build_parallel_state(self.env)
+        self._models: dict[tuple[str, str], torch.nn.Module] = {}
+
+    def info(self) -> dict:
+        return {"rank": self.env.rank, "world_size": self.env.world_size, "local_rank": self.env.local_rank,
+                "device": str(self.env.device), "backend": self.env.backend, "pid": os.getpid()}
+
+    def model(self, path: str, dtype: str) -> torch.nn.Module:
+        key = (str(path), dtype)
+        if key not in self._models:
+            self._models[key] = load_model(path, dtype, self.env.device)
+        return self._models[key]
+
+    def run_prompt(self, req: PromptRequest) -> PromptResult:
+        model = self.model(req.model_path, req.dtype)
+        method = build_method(req.method, **req.method_options)
+        comm = self.state.comm(CommStats())
+        comm.barrier()  # start the clock together
+        res = prefill(model, req.input_ids.to(self.env.device), method, comm)
+        comm.stats.phase = "gather"
+        whole = gather_cache(res.cache, comm, dst=0)
+        prefill_s = res.seconds
+        out = PromptResult(rank=self.env.rank, stats={}, prefill_s=prefill_s)
+        if whole is not None:
+            t0 = time.perf_counter()
+            tokens = decode(model, to_hf_cache(whole, model.config), res.last_logits, whole.n_tokens,
+                            req.sampling, req.eos_ids)
+            out.decode_s = time.perf_counter() - t0
+            out.tokens, out.last_logits = tokens, res.last_logits.cpu()
+            if req.return_cache:
+                out.cache = KVCache(whole.positions.cpu(), whole.keys.cpu(), whole.values.cpu())
+        out.stats = comm.stats.to_dict()
+        return out
+
+    def close(self) -> None:
+        shutdown()
