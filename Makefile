@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/apb demo --config configs/tiny-cpu.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(VENV)/bin/pytest -q tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

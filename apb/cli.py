@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = _parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     from apb.config import ConfigError, load_config
 
     try:
@@ -56,11 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"apb: {e}", file=sys.stderr)
         return 2
+    from apb.parallel.local_group import WorkerError
+
     try:
         return {"verify": cmd_verify, "demo": cmd_demo}[args.command](cfg, args)
     except (ValueError, FileNotFoundError) as e:
         print(f"apb: {e}", file=sys.stderr)
         return 2
+    except WorkerError as e:
+        print(f"apb: a worker failed, the run was stopped: {e}", file=sys.stderr)
+        return 1
 
 
 def _start_group(cfg, world_size: int):
@@ -95,8 +103,11 @@ def cmd_verify(cfg, args) -> int:
     passed = sum(r.passed for r in rows)
     print(f"\n{passed}/{len(rows)} rows passed ({time.perf_counter() - t0:.1f}s, {world} worker processes)")
     if args.json:
+        from apb.config import dump_config
+
         write_json(rows, args.json)
-        print(f"wrote {args.json}")
+        dump_config(cfg, f"{args.json}.config.yaml")
+        print(f"wrote {args.json} (resolved config: {args.json}.config.yaml)")
     return 0 if passed == len(rows) else 1
 
 

@@ -55,6 +55,8 @@ class Worker:
 
         hf_logging.disable_progress_bar()
         self.env = init_distributed(init_method, rank, world_size, local_rank, timeout_s, device)
+        if self.env.device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise probes and warns
         self.state = build_parallel_state(self.env)
         self._models: dict[tuple[str, str], torch.nn.Module] = {}
 

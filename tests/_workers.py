@@ -1,0 +1,61 @@
+"""Small worker classes for multi-process tests of apb.parallel (spawned by LocalWorkerGroup)."""
+
+import os
+import time
+
+import torch
+
+from apb.parallel.comm import Comm, CommStats
+from apb.parallel.rendezvous import init_distributed
+from apb.parallel.state import build_parallel_state
+
+
+class CommWorker:
+    def __init__(self, init_method, rank, world_size, timeout_s=60.0):
+        self.env = init_distributed(init_method, rank, world_size, timeout_s=timeout_s, device="cpu")
+        self.state = build_parallel_state(self.env)
+        self.comm = Comm(self.state.sp_group, CommStats())
+
+    def all_gather_varlen(self):
+        r = self.comm.rank
+        t = torch.full((r + 1, 3), float(r))  # rank r sends r+1 rows
+        return self.comm.all_gather_varlen(t, dim=0)
+
+    def gather_varlen(self, dst):
+        r = self.comm.rank
+        t = torch.arange(2 * r + 1, dtype=torch.float32)
+        return self.comm.gather_varlen(t, dst=dst, dim=0)
+
+    def ring_steps(self):
+        """Pass each rank's id all the way round; returns the ids seen in order."""
+        seen = []
+        cur = torch.tensor([float(self.comm.rank)])
+        ring = self.comm.ring()
+        for _ in range(self.comm.size - 1):
+            ring.send_recv(cur)
+            ring.commit()
+            cur = ring.wait()
+            seen.append(int(cur.item()))
+        return seen, self.comm.stats.calls("ring_send_recv")
+
+    def pid(self):
+        return os.getpid()
+
+    def fail_on(self, bad_rank):
+        """bad_rank raises at once; the others enter a collective that can never complete."""
+        if self.comm.rank == bad_rank:
+            raise RuntimeError("deliberate failure")
+        self.comm.all_gather(torch.zeros(1))
+        return "unreachable"
+
+    def absent_peer(self, silent_rank):
+        """silent_rank skips the collective, so the others must time out rather than hang."""
+        if self.comm.rank == silent_rank:
+            time.sleep(8)
+            return "slept"
+        t0 = time.monotonic()
+        try:
+            self.comm.all_gather(torch.zeros(1))
+        except Exception as e:  # gloo raises on timeout
+            return ("timed out", time.monotonic() - t0, type(e).__name__)
+        return ("completed", time.monotonic() - t0, "")

@@ -1,0 +1,260 @@
+"""apb.config: YAML in, validated frozen Config out; errors that name the field and the fix."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from apb.config import Config, ConfigError, dump_config, load_config
+from apb.methods import method_names
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_FILES = sorted(CONFIG_DIR.glob("*.yaml")) + sorted(CONFIG_DIR.glob("*.yml"))
+
+SECTIONS = ["model", "parallel", "method", "decode"]
+
+
+def _write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def _line_with(msg: str, needle: str) -> str:
+    lines = [ln for ln in msg.splitlines() if needle in ln]
+    assert lines, f"no line mentions {needle!r} in:\n{msg}"
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- shipped configs
+
+
+def test_config_dir_has_yaml():
+    assert CONFIG_FILES, f"no YAML config in {CONFIG_DIR}"
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    raw = yaml.safe_load(path.read_text()) or {}
+    # every value written in the file is what the Config holds
+    for section, values in raw.items():
+        for key, value in (values or {}).items():
+            assert getattr(getattr(cfg, section), key) == value, f"{path.name}: {section}.{key}"
+    assert cfg.method.name in method_names()
+
+
+def test_defaults_load():
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.parallel.world_size >= 1
+
+
+def test_config_is_frozen():
+    cfg = load_config()
+    with pytest.raises(Exception):
+        cfg.parallel.world_size = 7  # type: ignore[misc]
+    assert cfg.parallel.world_size == Config().parallel.world_size
+
+
+# ----------------------------------------------------------------------------- unknown keys
+
+
+def test_typo_in_section_key(tmp_path):
+    p = _write(tmp_path, "method:\n  nme: ring\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    msg = str(ei.value)
+    line = _line_with(msg, "nme")
+    assert "name" in line  # the valid key of the method section is listed
+    assert str(p) in msg
+
+
+def test_typo_in_parallel_key_lists_all_valid(tmp_path):
+    p = _write(tmp_path, "parallel:\n  world_sise: 2\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    line = _line_with(str(ei.value), "world_sise")
+    for key in ("world_size", "device", "timeout_s", "launcher"):
+        assert key in line
+
+
+def test_typo_top_level_section(tmp_path):
+    p = _write(tmp_path, "modle:\n  name_or_path: tiny-llama\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    line = _line_with(str(ei.value), "modle")
+    for section in SECTIONS:
+        assert section in line
+
+
+def test_typo_via_dict_source():
+    with pytest.raises(ConfigError) as ei:
+        load_config({"decode": {"max_new_token": 4}})
+    line = _line_with(str(ei.value), "max_new_token")
+    assert "max_new_tokens" in line and "temperature" in line
+
+
+# ----------------------------------------------------------------------------- wrong values
+
+
+@pytest.mark.parametrize("text,field,value,hint", [
+    ("parallel:\n  world_size: 0\n", "world_size", "0", None),
+    ("parallel:\n  world_size: -2\n", "world_size", "-2", None),
+    ("model:\n  dtype: float64\n", "dtype", "float64", "bfloat16"),
+    ("method:\n  name: foo\n", "method.name", "foo", "ring"),
+    ("parallel:\n  device: tpu\n", "device", "tpu", "cuda"),
+    ("decode:\n  top_p: 1.5\n", "top_p", "1.5", None),
+    ("parallel:\n  timeout_s: 0\n", "timeout_s", "0", None),
+], ids=["world0", "world-neg", "dtype", "method", "device", "top_p", "timeout"])
+def test_wrong_value_names_field_and_value(tmp_path, text, field, value, hint):
+    p = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    line = _line_with(str(ei.value), field)
+    assert re.search(rf"(?<![\w.-]){re.escape(value)}(?![\w.])", line), line
+    if hint:
+        assert hint in line
+
+
+def test_method_error_lists_valid_methods(tmp_path):
+    p = _write(tmp_path, "method:\n  name: foo\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    for name in method_names():
+        assert name in str(ei.value)
+
+
+def test_config_error_is_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
+def test_non_mapping_file(tmp_path, text):
+    with pytest.raises(ConfigError):
+        load_config(_write(tmp_path, text))
+
+
+def test_invalid_yaml(tmp_path):
+    p = _write(tmp_path, "model: [unclosed\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert str(p) in str(ei.value)
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    assert load_config(_write(tmp_path, "")) == Config()
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_overrides_apply(path):
+    base = load_config(path)
+    cfg = load_config(path, ["parallel.world_size=3", "method.name=ulysses"])
+    assert cfg.parallel.world_size == 3
+    assert isinstance(cfg.parallel.world_size, int)
+    assert cfg.method.name == "ulysses"
+    # everything else is untouched
+    assert cfg.model == base.model and cfg.decode == base.decode
+    assert cfg.parallel.device == base.parallel.device
+    assert cfg.parallel.timeout_s == base.parallel.timeout_s
+
+
+def test_override_types_parsed_as_yaml():
+    cfg = load_config(None, ["decode.temperature=0.5", "decode.max_new_tokens=7", "model.dtype=bfloat16"])
+    assert cfg.decode.temperature == 0.5
+    assert cfg.decode.max_new_tokens == 7
+    assert cfg.model.dtype == "bfloat16"
+
+
+def test_dict_overrides():
+    cfg = load_config(None, {"parallel.world_size": 5, "method.name": "full"})
+    assert cfg.parallel.world_size == 5 and cfg.method.name == "full"
+
+
+def test_override_does_not_mutate_dict_source():
+    src = {"parallel": {"world_size": 2}, "method": {"name": "ring"}}
+    cfg = load_config(src, ["parallel.world_size=4"])
+    assert cfg.parallel.world_size == 4
+    assert src == {"parallel": {"world_size": 2}, "method": {"name": "ring"}}
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("parallel.world_size=0", "world_size"),
+    ("method.name=foo", "foo"),
+    ("model.dtype=float64", "float64"),
+    ("parallel.nope=1", "nope"),
+    ("bogus.key=1", "bogus"),
+])
+def test_overrides_are_validated(override, needle):
+    path = CONFIG_FILES[0] if CONFIG_FILES else None
+    with pytest.raises(ConfigError) as ei:
+        load_config(path, [override])
+    assert needle in str(ei.value)
+
+
+@pytest.mark.parametrize("bad", ["parallel.world_size", "=3", "", "parallel.world_size.x=3"])
+def test_bad_override_string_raises(bad):
+    path = CONFIG_FILES[0] if CONFIG_FILES else None
+    with pytest.raises(ConfigError):
+        load_config(path, [bad])
+
+
+def test_bad_override_message_shows_form():
+    with pytest.raises(ConfigError) as ei:
+        load_config(None, ["method.name"])
+    msg = str(ei.value)
+    assert "method.name" in msg and "=" in msg
+
+
+# ----------------------------------------------------------------------------- missing file
+
+
+def test_missing_file_names_path(tmp_path):
+    missing = tmp_path / "sub" / "nope.yaml"
+    with pytest.raises(ConfigError) as ei:
+        load_config(missing)
+    assert str(missing) in str(ei.value)
+
+
+def test_directory_is_not_a_config(tmp_path):
+    with pytest.raises(ConfigError) as ei:
+        load_config(tmp_path)
+    assert str(tmp_path) in str(ei.value)
+
+
+# ----------------------------------------------------------------------------- dump round-trip
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_dump_round_trip_shipped(tmp_path, path):
+    cfg = load_config(path)
+    out = tmp_path / "resolved.yaml"
+    dump_config(cfg, out)
+    assert load_config(out) == cfg
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["parallel.world_size=4", "method.name=ulysses", "model.dtype=bfloat16", "parallel.timeout_s=12.5"],
+    ["decode.temperature=0.7", "decode.top_p=0.9", "decode.seed=3", "model.seed=11", "parallel.device=cpu"],
+])
+def test_dump_round_trip_modified(tmp_path, overrides):
+    cfg = load_config(None, overrides)
+    out = tmp_path / "resolved.yaml"
+    dump_config(cfg, out)
+    text = out.read_text()
+    for section in SECTIONS:
+        assert f"{section}:" in text
+    back = load_config(out)
+    assert back == cfg
+    assert back.model_dump() == cfg.model_dump()
+    # a real round trip: the overrides survive, not just the defaults
+    if overrides:
+        assert back != Config()

@@ -1,0 +1,71 @@
+"""Collectives and supervision on real gloo process groups (LocalWorkerGroup)."""
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from apb.parallel.local_group import LocalWorkerGroup, WorkerError
+from apb.parallel.state import validate_degrees
+
+
+@pytest.fixture(scope="module")
+def group3():
+    with LocalWorkerGroup(3, "_workers:CommWorker", timeout_s=60) as g:
+        yield g
+
+
+def test_all_gather_varlen(group3):
+    for parts in group3.call("all_gather_varlen"):
+        assert [tuple(p.shape) for p in parts] == [(1, 3), (2, 3), (3, 3)]
+        for r, p in enumerate(parts):
+            assert torch.equal(p, torch.full((r + 1, 3), float(r)))
+
+
+def test_gather_varlen_only_dst_receives(group3):
+    replies = group3.call("gather_varlen", 1)
+    assert replies[0] is None and replies[2] is None
+    assert [p.tolist() for p in replies[1]] == [torch.arange(2 * r + 1.0).tolist() for r in range(3)]
+
+
+def test_ring_passes_every_rank_in_order(group3):
+    for rank, (seen, calls) in enumerate(group3.call("ring_steps")):
+        assert seen == [(rank - s) % 3 for s in range(1, 3)]
+        assert calls == 2
+
+
+def test_failed_rank_is_reported_not_waited_on():
+    g = LocalWorkerGroup(2, "_workers:CommWorker", timeout_s=120)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match="(?s)rank 1 failed.*deliberate failure"):
+        g.call("fail_on", 1)
+    assert time.monotonic() - t0 < 30, "the driver waited on a peer stuck in a collective"
+    assert g.closed and not any(p.is_alive() for p in g.procs)
+
+
+def test_killed_worker_is_reported():
+    g = LocalWorkerGroup(2, "_workers:CommWorker", timeout_s=120)
+    pids = g.call("pid")
+    os.kill(pids[1], signal.SIGKILL)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match="rank 1 died"):
+        g.call("pid")
+    assert time.monotonic() - t0 < 30
+    with pytest.raises(WorkerError, match="closed"):
+        g.call("pid")
+
+
+def test_collective_times_out_instead_of_hanging():
+    with LocalWorkerGroup(2, "_workers:CommWorker", {"timeout_s": 3.0}, timeout_s=60) as g:
+        replies = g.call("absent_peer", 1)
+    status, waited, _ = replies[0]
+    assert status == "timed out" and waited < 20
+
+
+def test_validate_degrees_names_choices():
+    validate_degrees(4, 2)
+    with pytest.raises(ValueError, match=r"sp_size=3 does not divide world_size=4.*\[1, 2, 4\]"):
+        validate_degrees(4, 3)
