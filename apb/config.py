@@ -85,6 +85,8 @@ def load_config(source: str | Path | dict | None = None, overrides: dict[str, An
         where = str(path)
     if not isinstance(data, dict):
         raise ConfigError(f"config {where} must be a mapping of sections, got {type(data).__name__}")
+    # a section whose keys are all commented out reads as None: it means "defaults"
+    data = {k: ({} if v is None else v) for k, v in data.items()}
     for key, value in _parse_overrides(overrides).items():
         _set_dotted(data, key, value)
     try:
@@ -101,13 +103,20 @@ def _parse_overrides(overrides) -> dict[str, Any]:
     if overrides is None:
         return {}
     if isinstance(overrides, dict):
-        return overrides
+        return _strip_keys(overrides)
     out = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. method.name=ring")
         out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def _strip_keys(overrides: dict) -> dict:
+    out = {}
+    for key, value in overrides.items():
+        out[key.strip()] = value
     return out
 
 

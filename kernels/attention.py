@@ -97,11 +97,11 @@ def attention(
     _check_shapes(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q_len, kv_len = q.shape[2], k.shape[2]
-    if q_len == 0 or kv_len == 0:
-        return _empty(q)
     name = backend or select_backend(q)
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; valid: {sorted(_BACKENDS)}")
+    if q_len == 0 or kv_len == 0:
+        return _empty(q)
     fn = _BACKENDS[name]
     if not causal:
         return fn(q, k, v, False, scale)

@@ -112,6 +112,27 @@ def test_attention_matches_reference(backend, causal, b, h, kvh, q_len, kv_len, 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("q_len,kv_len", [(300, 520), (520, 300), (257, 257)])
+def test_attention_across_kernel_blocks(backend, causal, q_len, kv_len):
+    """Lengths past the CPU kernel's tile sizes, so several query/key blocks are involved."""
+    q, k, v = make_qkv(1, 4, 2, q_len, kv_len, d=32, seed=q_len + kv_len)
+    out, lse = attention(q, k, v, causal=causal, backend=backend)
+    ref_out, ref_lse = ref_attention(q, k, v, causal)
+    assert_matches(out, lse, ref_out, ref_lse, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("q_len,kv_len", [(6, 6), (4, 11), (9, 5)])
+def test_attention_float16(backend, q_len, kv_len):
+    q, k, v = make_qkv(1, 12, 4, q_len, kv_len, dtype=torch.float16)
+    out, lse = attention(q, k, v, causal=True, backend=backend)
+    assert out.dtype == torch.float16
+    ref_out, ref_lse = ref_attention(q, k, v, True)
+    assert_matches(out, lse, ref_out, ref_lse, torch.bfloat16)  # the loose (2e-2) tolerance
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bottom_right_alignment_kv_longer(backend):
     """With kv_len > q_len, the last query sees every key and query 0 sees kv_len - q_len + 1 keys."""
     q_len, kv_len, d = 4, 10, 8
