@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--prompt-len", type=_ints, default=[1000], help="prompt length(s), comma-separated")
     v.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     v.add_argument("--tokens", type=int, default=16, help="greedy tokens to compare")
+    v.add_argument("--query-len", type=int, default=32,
+                   help="the last N prompt tokens are the query (star/apb/spava treat it apart)")
+    v.add_argument("--decode", choices=["gather", "distributed"], help="decode mode (default: from the config)")
     v.add_argument("--json", help="write the results as JSON here")
 
     d = sub.add_parser("demo", help="run the embedded default: local CPU workers, a small model")
@@ -80,25 +83,27 @@ def _start_group(cfg, world_size: int):
 
 
 def _check_methods(names: list[str]) -> None:
-    from apb.methods import method_names
+    from apb.methods import check_method_name
 
-    bad = [m for m in names if m not in method_names()]
-    if bad:
-        raise ValueError(f"--methods: unknown {', '.join(bad)}; valid methods: {', '.join(method_names())}")
+    for name in names:
+        try:
+            check_method_name(name)
+        except ValueError as e:
+            raise ValueError(f"--methods: {e}") from None
 
 
 def cmd_verify(cfg, args) -> int:
-    from apb.verify import format_table, verify, write_json
+    from apb.verify import expand_methods, format_table, verify, write_json
 
-    methods = _csv(args.methods)
-    _check_methods(methods)
+    methods = expand_methods(_csv(args.methods))
     world = args.world_size or cfg.parallel.world_size
     if world < 1:
         raise ValueError(f"--world-size must be at least 1, got {world}")
     models = _csv(args.model) if args.model else None
     t0 = time.perf_counter()
     with _start_group(cfg, world) as group:
-        rows = verify(cfg, group, methods, args.prompt_len, models=models, dtype=args.dtype, n_tokens=args.tokens)
+        rows = verify(cfg, group, methods, args.prompt_len, models=models, dtype=args.dtype, n_tokens=args.tokens,
+                      query_len=args.query_len, decode_mode=args.decode)
     print(format_table(rows))
     passed = sum(r.passed for r in rows)
     print(f"\n{passed}/{len(rows)} rows passed ({time.perf_counter() - t0:.1f}s, {world} worker processes)")

@@ -9,10 +9,10 @@ through the same validation. :func:`dump_config` writes the resolved config besi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -37,21 +37,75 @@ class ParallelConfig(_Section):
     launcher: Literal["local"] = Field("local", description="how workers are started")
 
 
+SizeValue = Union[int, float, str, None]
+
+
 class MethodConfig(_Section):
-    name: str = Field("ring", description="attention method (apb methods lists them)")
+    name: str = Field("ring", description="attention method, optionally with a variant (apb:uncompressed)")
+    anchor_len: Union[int, float, None] = Field(
+        None, description="anchor tokens (int) or fraction of a block (float); default: the method's own "
+                          "(apb: block/4, star: block, spava: n/64)")
+    passing_len: Union[int, float, str, list[Union[int, float]], dict[str, list[Union[int, float]]], None] = Field(
+        None, description="passing-block tokens per host: int, block fraction, 'all', a per-layer list, or "
+                          "{linear: [first, last]}; default apb: block/8, spava: n/128")
+    query_insert_pos: int = Field(16, ge=0, description="apb: context tokens before the query in the anchor")
+    compressor: str = Field("query", description="how passing blocks are chosen (query, snapkv, retaining_heads, "
+                                                 "stride)")
+    pool_width: int = Field(5, ge=1, description="max-pool width over token scores (odd; 1 disables)")
+    snapkv_window: int = Field(16, ge=1, description="snapkv: query tokens whose attention scores the block")
+    retaining_heads_path: Optional[str] = Field(None, description="retaining_heads: safetensors weights file")
+    round_to: int = Field(1, ge=1, description="round anchor/passing sizes to a multiple of this (spava: 128)")
 
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from apb.methods import method_names
+        from apb.methods import check_method_name
 
-        if v not in method_names():
-            raise ValueError(f"unknown method {v!r}; valid methods: {', '.join(method_names())}")
+        check_method_name(v)
         return v
+
+    @field_validator("compressor")
+    @classmethod
+    def _known_compressor(cls, v: str) -> str:
+        from apb.compressors import compressor_names
+
+        if v not in compressor_names():
+            raise ValueError(f"unknown compressor {v!r}; valid compressors: {', '.join(compressor_names())}")
+        return v
+
+    @field_validator("pool_width")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError(f"pool_width must be odd so the pool is centred on each token, got {v}")
+        return v
+
+    @field_validator("passing_len", "anchor_len")
+    @classmethod
+    def _size(cls, v, info):
+        items = v.get("linear", []) if isinstance(v, dict) else v if isinstance(v, list) else [v]
+        for item in items:
+            if isinstance(item, str) and not (item == "all" and info.field_name == "passing_len"):
+                raise ValueError(f"{item!r} is not a size; use tokens (int), a block fraction (float) or 'all'")
+            if isinstance(item, float) and not 0 < item <= 1:
+                raise ValueError(f"fraction {item} must be in (0, 1]; write tokens as an integer")
+            if isinstance(item, int) and item < 0:
+                raise ValueError(f"size {item} must be >= 0")
+        if isinstance(v, dict) and set(v) != {"linear"}:
+            raise ValueError("a schedule is written {linear: [first, last]}")
+        return v
+
+    @model_validator(mode="after")
+    def _weights(self):
+        if self.compressor == "retaining_heads" and not self.retaining_heads_path:
+            raise ValueError("compressor 'retaining_heads' needs retaining_heads_path (a .safetensors file)")
+        return self
 
 
 class DecodeConfig(_Section):
-    mode: Literal["gather"] = Field("gather", description="gather: caches go to one host, which decodes")
+    mode: Literal["gather", "distributed"] = Field(
+        "gather", description="gather: caches go to one host, which decodes; distributed: caches stay, every step "
+                              "merges partial attentions by LSE")
     max_new_tokens: int = Field(32, ge=1, description="tokens generated after the prompt")
     temperature: float = Field(0.0, ge=0, description="0 is greedy decoding")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (with temperature > 0)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -29,21 +30,36 @@ def pick_token(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | 
     return int(torch.multinomial(probs.cpu(), 1, generator=gen).item())
 
 
+def decode_loop(step: Callable[[int, int], torch.Tensor], first_logits: torch.Tensor, n_past: int,
+                sampling: Sampling, eos_ids: tuple[int, ...] = (),
+                choose: Callable[[int], int] | None = None) -> list[int]:
+    """Pick tokens until ``max_new_tokens`` or EOS; ``step(token, position)`` returns the next logits.
+
+    ``choose`` may replace a picked token (distributed decoding broadcasts the decode host's).
+    """
+    gen = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
+    tokens: list[int] = []
+    logits = first_logits
+    for i in range(sampling.max_new_tokens):
+        tok = pick_token(logits, sampling, gen)
+        if choose is not None:
+            tok = choose(tok)
+        tokens.append(tok)
+        if (sampling.stop_at_eos and tok in eos_ids) or i == sampling.max_new_tokens - 1:
+            break
+        logits = step(tok, n_past + i)
+    return tokens
+
+
 @torch.no_grad()
 def decode(model, hf_cache, first_logits: torch.Tensor, n_past: int, sampling: Sampling,
            eos_ids: tuple[int, ...] = ()) -> list[int]:
-    """Continue from a cache of ``n_past`` tokens whose last-token logits are ``first_logits``."""
-    gen = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
+    """Single-device decoding from a gathered cache of ``n_past`` tokens (a transformers Cache)."""
     device = next(model.parameters()).device
-    tokens: list[int] = []
-    logits = first_logits
-    for step in range(sampling.max_new_tokens):
-        tok = pick_token(logits, sampling, gen)
-        tokens.append(tok)
-        if (sampling.stop_at_eos and tok in eos_ids) or step == sampling.max_new_tokens - 1:
-            break
-        out = model(input_ids=torch.tensor([[tok]], device=device),
-                    position_ids=torch.tensor([[n_past + step]], device=device),
+
+    def step(tok: int, pos: int) -> torch.Tensor:
+        out = model(input_ids=torch.tensor([[tok]], device=device), position_ids=torch.tensor([[pos]], device=device),
                     past_key_values=hf_cache, use_cache=True)
-        logits = out.logits[0, -1]
-    return tokens
+        return out.logits[0, -1]
+
+    return decode_loop(step, first_logits, n_past, sampling, eos_ids)

@@ -2,24 +2,30 @@
 
 Flow on host ``r`` (all hosts of the sequence-parallel group call :func:`prefill` together):
 
-1. the method's layout says which tokens ``r`` holds and their global position ids;
-2. the unmodified HF model runs on those tokens (``use_cache=False``); each attention layer
-   calls back into the method through :class:`AttnContext`, which also keeps the layer's K/V
-   for this host's real tokens;
-3. the host holding the last prompt token computes its logits (only that row goes through the
-   LM head) and broadcasts them;
-4. the host's KV part is returned; :func:`apb.cache.gather_cache` collects the parts for decoding.
+1. the method's layout says which prompt tokens ``r`` holds and their position ids; the last
+   ``n_query`` prompt tokens are the query (exact methods treat the prompt as one sequence);
+2. context phase: the unmodified HF model runs on those tokens (``use_cache=False``); each
+   attention layer calls back into the method through :class:`AttnContext`, which also keeps
+   the layer's K/V for the tokens this host caches;
+3. query phase (star, apb): the query tokens run through the model again, each attending
+   exactly to every host's cache (:class:`CacheAttnContext`); the host holding the last prompt
+   token otherwise provides the logits (only that row goes through the LM head);
+4. the host's KV part is returned; :func:`apb.cache.gather_cache` collects the parts for
+   decoding, or :func:`decode_distributed` decodes with the parts left in place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
 import torch
 
 from apb.cache import KVCache
+from apb.decode import Sampling, decode_loop
 from apb.methods.base import AttnContext, Method
+from apb.methods.exact_tail import CacheAttnContext
 from apb.parallel.comm import Comm
 from apb.parallel.layout import owner_of, pad_tokens
 
@@ -31,40 +37,123 @@ class PrefillResult:
     seconds: float
 
 
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
-def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, pad_id: int = 0) -> PrefillResult:
-    """Prefill the 1-D prompt ``input_ids`` (identical on every host) with ``method``."""
+def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query: int = 0,
+            pad_id: int = 0) -> PrefillResult:
+    """Prefill the 1-D prompt ``input_ids`` (identical on every host) whose last ``n_query``
+    tokens are the query."""
     if input_ids.dim() != 1 or input_ids.numel() == 0:
         raise ValueError(f"prefill takes a non-empty 1-D tensor of token ids, got shape {tuple(input_ids.shape)}")
-    t0 = time.perf_counter()
-    device = next(model.parameters()).device
     n = int(input_ids.numel())
+    if not 0 <= n_query < n:
+        raise ValueError(f"query length {n_query} must be in [0, prompt length {n})")
+    if method.query_phase and n_query == 0:
+        raise ValueError(f"method {method.label!r} answers a query after the context: give the prompt's "
+                         "query length (n_query >= 1)")
+    t0 = time.perf_counter()
+    device = _device(model)
+    input_ids = input_ids.to(device)
     method.check(model.config, comm.size)
-    slices = method.layout(n, comm.size)
+    slices = method.layout(n, comm.size, n_query)
     mine = slices[comm.rank]
-    owner, owner_local = owner_of(slices, n - 1)
-    ctx = AttnContext(method, slices, comm)
+    ctx = AttnContext(method, slices, comm, plan=method.plan(n, comm.size, n_query, model.config.num_hidden_layers),
+                      n_query=n_query)
     comm.stats.phase = "context"
     logits = torch.empty(model.config.vocab_size, dtype=torch.float32, device=device)
+    owner, owner_local = (None, None) if method.query_phase else owner_of(slices, n - 1)
     if mine.size > 0:
-        total = max(c.stop for s in slices for c in s.chunks)
-        ids = pad_tokens(input_ids.to(device)[None], total, pad_id)[0, mine.indices.to(device)]
+        total = max(max(c.stop for s in slices for c in s.chunks), n)
+        ids = pad_tokens(input_ids[None], total, pad_id)[0, mine.indices.to(device)]
         keep = torch.tensor([owner_local], device=device) if comm.rank == owner else 1
-        out = model(input_ids=ids[None], position_ids=mine.positions.to(device)[None], use_cache=False,
-                    logits_to_keep=keep, apb_ctx=ctx)
+        with _pre_rope_capture(model, ctx) if method.capture_pre_rope() else contextlib.nullcontext():
+            out = model(input_ids=ids[None], position_ids=mine.positions.to(device)[None], use_cache=False,
+                        logits_to_keep=keep, apb_ctx=ctx)
         if comm.rank == owner:
             logits.copy_(out.logits[0, -1].float())
+        del out
     comm.stats.layer = None
-    comm.broadcast(logits, src=owner)
-    positions = mine.positions[mine.valid]
-    if ctx.kv:
-        cache = KVCache.from_layers(positions, ctx.kv)
-    else:  # a host holding no tokens contributes an empty cache of the right shape
-        cfg = model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        empty = torch.zeros(cfg.num_hidden_layers, cfg.num_key_value_heads, 0, head_dim,
-                            dtype=model.dtype, device=device)
-        cache = KVCache(positions, empty, empty.clone())
+    positions = mine.positions[mine.valid].to(device)
+    kv = ctx.kv if ctx.kv else _empty_kv(model, device)
+    if method.query_phase:
+        comm.stats.phase = "query"
+        qctx = CacheAttnContext(comm, kv, positions, holds_new=comm.rank == 0)
+        q_pos = torch.arange(n - n_query, n, device=device)
+        qctx.start_step(q_pos)
+        out = model(input_ids=input_ids[None, n - n_query:], position_ids=q_pos[None], use_cache=False,
+                    logits_to_keep=1, apb_ctx=qctx)
+        logits.copy_(out.logits[0, -1].float())
+        kv, positions = qctx.kv, qctx.positions
+    else:
+        comm.stats.phase = "logits"
+        comm.broadcast(logits, src=owner)
+    comm.stats.phase = "context"
+    cache = KVCache.from_layers(positions, kv)
     seconds = time.perf_counter() - t0
     comm.stats.compute_seconds += max(0.0, seconds - comm.stats.comm_seconds())
     return PrefillResult(logits, cache, seconds)
+
+
+def _empty_kv(model, device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """A host holding no tokens still has a (zero-length) cache of the right shape."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    empty = torch.zeros(1, cfg.num_key_value_heads, 0, head_dim, dtype=model.dtype, device=device)
+    return {i: (empty, empty) for i in range(cfg.num_hidden_layers)}
+
+
+@contextlib.contextmanager
+def _pre_rope_capture(model, ctx: AttnContext):
+    """Record each layer's q/k/v projections (before RoPE) for compressors that score on them."""
+    handles = []
+    for module in model.modules():
+        if hasattr(module, "layer_idx") and all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj")):
+            layer = int(module.layer_idx)
+            store: dict[str, torch.Tensor] = {}
+
+            def hook(name, store=store, layer=layer):
+                def fn(_mod, _inp, output):
+                    store[name] = output
+                    if len(store) == 3:
+                        ctx.scratch[("pre_rope", layer)] = (store["q"], store["k"], store["v"])
+                return fn
+
+            for name in ("q", "k", "v"):
+                handles.append(getattr(module, f"{name}_proj").register_forward_hook(hook(name)))
+    if not handles:
+        raise ValueError("this compressor needs q_proj/k_proj/v_proj projections, which this model does not have")
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def decode_distributed(model, result: PrefillResult, comm: Comm, n_past: int, sampling: Sampling,
+                       eos_ids: tuple[int, ...] = (), decode_rank: int = 0) -> list[int]:
+    """Decode with every host keeping its cache part; each step merges partial attentions.
+
+    Every host runs the (cheap) per-token layers; only ``decode_rank`` appends new K/V. The
+    chosen token is broadcast from ``decode_rank`` so all hosts stay in step.
+    """
+    device = _device(model)
+    cache = result.cache
+    kv = {i: (cache.keys[i][None], cache.values[i][None]) for i in range(cache.keys.shape[0])}
+    ctx = CacheAttnContext(comm, kv, cache.positions, holds_new=comm.rank == decode_rank)
+    comm.stats.phase = "decode"
+
+    def choose(tok: int) -> int:
+        t = torch.tensor([tok], device=device)
+        return int(comm.broadcast(t, src=decode_rank).item())
+
+    def step(tok: int, pos: int) -> torch.Tensor:
+        ctx.start_step(torch.tensor([pos], device=device))
+        out = model(input_ids=torch.tensor([[tok]], device=device), position_ids=torch.tensor([[pos]], device=device),
+                    use_cache=False, apb_ctx=ctx)
+        return out.logits[0, -1]
+
+    return decode_loop(step, result.last_logits, n_past, sampling, eos_ids, choose)

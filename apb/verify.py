@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ class VerifyRow:
     passed: bool
     prefill_s: float = math.nan
     error: str | None = None
+    stats: list | None = field(default=None, repr=False)  # per-rank communication counters
 
 
 @dataclass
@@ -72,10 +73,29 @@ def compare(ref: Reference, result, dtype: str) -> tuple[float, float, bool]:
     return logit_diff, kv_diff, result.tokens == ref.tokens
 
 
+def expand_methods(names: list[str]) -> list[str]:
+    """Each method, followed by its ``:uncompressed`` variant where it has one (an exactness check)."""
+    from apb.methods import check_method_name, method_names
+
+    out: list[str] = []
+    for name in names:
+        check_method_name(name)
+        out.append(name)
+        if ":" not in name and f"{name}:uncompressed" in method_names(with_variants=True):
+            out.append(f"{name}:uncompressed")
+    return list(dict.fromkeys(out))
+
+
 def verify(cfg: Config, group, methods: list[str], prompt_lens: list[int], models: list[str] | None = None,
-           dtype: str | None = None, n_tokens: int = 16, seed: int = 0) -> list[VerifyRow]:
-    """Run every (model, prompt length, method) on ``group`` (a started worker group)."""
+           dtype: str | None = None, n_tokens: int = 16, seed: int = 0, query_len: int = 32,
+           decode_mode: str | None = None) -> list[VerifyRow]:
+    """Run every (model, prompt length, method) on ``group`` (a started worker group).
+
+    The last ``query_len`` prompt tokens are the query for the methods that treat it apart.
+    """
     dtype = dtype or cfg.model.dtype
+    decode_mode = decode_mode or cfg.decode.mode
+    options = cfg.method.model_dump(exclude={"name"})
     rows: list[VerifyRow] = []
     world = group.world_size
     for model_name in models or [cfg.model.name_or_path]:
@@ -85,7 +105,7 @@ def verify(cfg: Config, group, methods: list[str], prompt_lens: list[int], model
             ids = random_prompt(n, ref_model.config.vocab_size, seed + n)
             ref = reference_run(ref_model, ids, n_tokens)
             for name in methods:
-                method = build_method(name)
+                method = build_method(name, **options)
                 base = dict(model=model_name, method=name, world_size=world, prompt_len=n,
                             exact_expected=method.exact)
                 try:
@@ -94,15 +114,17 @@ def verify(cfg: Config, group, methods: list[str], prompt_lens: list[int], model
                     rows.append(VerifyRow(**base, max_abs_logit_diff=math.nan, kv_max_abs_diff=math.nan,
                                           tokens_match=False, passed=False, error=str(e)))
                     continue
-                req = PromptRequest(str(path), ids, name, dtype=dtype,
-                                    sampling=Sampling(max_new_tokens=n_tokens, stop_at_eos=False),
-                                    return_cache=True)
-                result = group.call("run_prompt", req)[0]
+                req = PromptRequest(str(path), ids, name, method_options=options, n_query=min(query_len, n - 1),
+                                    dtype=dtype, sampling=Sampling(max_new_tokens=n_tokens, stop_at_eos=False),
+                                    decode_mode=decode_mode, return_cache=True)
+                replies = group.call("run_prompt", req)
+                result = replies[0]
                 logit_diff, kv_diff, same = compare(ref, result, dtype)
                 tol = TOLERANCE[dtype]
                 ok = (logit_diff <= tol and kv_diff <= tol and same) if method.exact else True
                 rows.append(VerifyRow(**base, max_abs_logit_diff=logit_diff, kv_max_abs_diff=kv_diff,
-                                      tokens_match=same, passed=ok, prefill_s=result.prefill_s))
+                                      tokens_match=same, passed=ok, prefill_s=result.prefill_s,
+                                      stats=[r.stats for r in replies]))
     return rows
 
 
@@ -122,5 +144,6 @@ def write_json(rows: list[VerifyRow], path: str | Path) -> None:
     def clean(v):
         return None if isinstance(v, float) and not math.isfinite(v) else v
 
-    Path(path).write_text(json.dumps({"results": [{k: clean(v) for k, v in asdict(r).items()} for r in rows]},
+    Path(path).write_text(json.dumps({"results": [{k: clean(v) for k, v in asdict(r).items() if k != "stats"}
+                                                  for r in rows]},
                                      indent=2))

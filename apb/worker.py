@@ -21,7 +21,7 @@ from apb.models import load_model
 from apb.parallel.comm import CommStats
 from apb.parallel.rendezvous import init_distributed, shutdown
 from apb.parallel.state import build_parallel_state
-from apb.runtime import prefill
+from apb.runtime import decode_distributed, prefill
 
 
 @dataclass
@@ -30,6 +30,8 @@ class PromptRequest:
     input_ids: torch.Tensor  # 1-D
     method: str = "ring"
     method_options: dict = field(default_factory=dict)
+    n_query: int = 0  # the last n_query prompt tokens are the query
+    decode_mode: str = "gather"
     dtype: str = "float32"
     sampling: Sampling = Sampling()
     eos_ids: tuple[int, ...] = ()
@@ -75,11 +77,26 @@ class Worker:
         method = build_method(req.method, **req.method_options)
         comm = self.state.comm(CommStats())
         comm.barrier()  # start the clock together
-        res = prefill(model, req.input_ids.to(self.env.device), method, comm)
+        res = prefill(model, req.input_ids.to(self.env.device), method, comm, n_query=req.n_query)
+        out = PromptResult(rank=self.env.rank, stats={}, prefill_s=res.seconds)
+        n = int(req.input_ids.numel())
+        if req.decode_mode == "distributed":
+            t0 = time.perf_counter()
+            tokens = decode_distributed(model, res, comm, n, req.sampling, req.eos_ids)
+            if self.state.sp_rank == 0:
+                out.decode_s = time.perf_counter() - t0
+                out.tokens, out.last_logits = tokens, res.last_logits.cpu()
+            if req.return_cache:
+                comm.stats.phase = "gather"
+                whole = gather_cache(res.cache, comm, dst=0)
+                if whole is not None:
+                    out.cache = KVCache(whole.positions.cpu(), whole.keys[:, :, :n].cpu(), whole.values[:, :, :n].cpu())
+            out.stats = comm.stats.to_dict()
+            return out
+        if req.decode_mode != "gather":
+            raise ValueError(f"decode mode {req.decode_mode!r}: valid modes are gather, distributed")
         comm.stats.phase = "gather"
         whole = gather_cache(res.cache, comm, dst=0)
-        prefill_s = res.seconds
-        out = PromptResult(rank=self.env.rank, stats={}, prefill_s=prefill_s)
         if whole is not None:
             t0 = time.perf_counter()
             tokens = decode(model, to_hf_cache(whole, model.config), res.last_logits, whole.n_tokens,

@@ -114,6 +114,19 @@ class Comm:
             dist.all_gather(out, t, group=self.group)
         return out
 
+    def all_gather_start(self, t: torch.Tensor, op: str = "all_gather") -> "Pending":
+        """Start an all-gather of same-shape tensors; ``.wait()`` returns them in rank order.
+
+        Counted as one ``op`` call when waited on; the seconds are those spent waiting, so
+        communication hidden behind compute does not count as communication time.
+        """
+        t = t.contiguous()
+        if self.size == 1:
+            return Pending(self, op, _nbytes(t), None, [t])
+        out = [torch.empty_like(t) for _ in range(self.size)]
+        work = dist.all_gather(out, t, group=self.group, async_op=True)
+        return Pending(self, op, _nbytes(t), work, out)
+
     def all_gather_varlen(self, t: torch.Tensor, dim: int = 0) -> list[torch.Tensor]:
         """Tensors that differ only in size along ``dim``, from every rank, in rank order."""
         if self.size == 1:
@@ -161,6 +174,24 @@ class Comm:
         with self._timed("all_gather_sizes", _nbytes(local)):
             dist.all_gather(out, local, group=self.group)
         return [int(x.item()) for x in out]
+
+
+@dataclass
+class Pending:
+    comm: Comm
+    op: str
+    nbytes: int
+    work: object
+    result: list[torch.Tensor]
+
+    def wait(self) -> list[torch.Tensor]:
+        t0 = time.perf_counter()
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        if self.comm.size > 1:
+            self.comm.stats.record(self.op, self.nbytes, time.perf_counter() - t0)
+        return self.result
 
 
 def _pad_along(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:

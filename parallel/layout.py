@@ -19,15 +19,33 @@ import torch
 
 @dataclass(frozen=True)
 class Chunk:
-    """A run of consecutive global token indices ``[start, stop)`` with its chunk id."""
+    """A run of consecutive prompt indices ``[start, stop)`` held by one host.
+
+    ``kind`` is ``block`` (context this host owns), ``anchor`` (a copy of early context, with
+    its own position ids) or ``query`` (the question tokens). Position ids run from
+    ``pos_start`` (default: the index itself). ``cached`` says whether this host keeps the
+    tokens' K/V for decoding (default: blocks only). ``chunk_id`` orders blocks globally.
+    """
 
     chunk_id: int
     start: int
     stop: int
+    kind: str = "block"
+    pos_start: int | None = None
+    cached: bool | None = None
 
     @property
     def size(self) -> int:
         return self.stop - self.start
+
+    @property
+    def positions(self) -> torch.Tensor:
+        first = self.start if self.pos_start is None else self.pos_start
+        return torch.arange(first, first + self.size)
+
+    @property
+    def is_cached(self) -> bool:
+        return self.kind == "block" if self.cached is None else self.cached
 
 
 @dataclass(frozen=True)
@@ -45,22 +63,50 @@ class HostSlice:
 
     @property
     def positions(self) -> torch.Tensor:
-        """Position ids: a token's global index (pads continue past n)."""
-        return self.indices
+        """Position ids: a block token's global index (pads continue past n); anchors their own."""
+        parts = [c.positions for c in self.chunks]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
     @property
     def valid(self) -> torch.Tensor:
-        return self.indices < self.n_tokens
+        """Which local tokens go to this host's KV cache (cached kinds, padding excluded)."""
+        parts = [(torch.arange(c.start, c.stop) < self.n_tokens) & c.is_cached for c in self.chunks]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
 
     @property
     def size(self) -> int:
         return sum(c.size for c in self.chunks)
 
-    def local_index_of(self, global_index: int) -> int | None:
-        """Where global token ``global_index`` sits in this host's local sequence, or None."""
+    def rows(self, kind: str) -> slice:
+        """The local rows of the chunks of ``kind``; they must be adjacent."""
+        offset, start, stop = 0, None, None
+        for c in self.chunks:
+            if c.kind == kind:
+                if start is not None and stop != offset:
+                    raise ValueError(f"{kind} chunks of host {self.rank} are not adjacent")
+                start = offset if start is None else start
+                stop = offset + c.size
+            offset += c.size
+        return slice(0, 0) if start is None else slice(start, stop)
+
+    def blocks(self) -> list[Chunk]:
+        return [c for c in self.chunks if c.kind == "block"]
+
+    def chunk_rows(self) -> list[tuple[Chunk, slice]]:
+        out, offset = [], 0
+        for c in self.chunks:
+            out.append((c, slice(offset, offset + c.size)))
+            offset += c.size
+        return out
+
+    def local_index_of(self, global_index: int, kinds: tuple[str, ...] = ("block", "query")) -> int | None:
+        """Where prompt token ``global_index`` sits in this host's local sequence, or None.
+
+        Anchor copies are skipped by default: their outputs are not the token's own.
+        """
         offset = 0
         for c in self.chunks:
-            if c.start <= global_index < c.stop:
+            if c.kind in kinds and c.start <= global_index < c.stop:
                 return offset + global_index - c.start
             offset += c.size
         return None
@@ -110,6 +156,88 @@ def owner_of(slices: list[HostSlice], global_index: int) -> tuple[int, int]:
         if local is not None:
             return s.rank, local
     raise ValueError(f"token {global_index} is held by no host")
+
+
+def even_split(start: int, stop: int, parts: int) -> list[tuple[int, int]]:
+    """Cut ``[start, stop)`` into ``parts`` consecutive runs whose sizes differ by at most one."""
+    if parts < 1:
+        raise ValueError(f"cannot split into {parts} parts")
+    total = stop - start
+    base, extra = divmod(total, parts)
+    bounds, cur = [], start
+    for i in range(parts):
+        nxt = cur + base + (1 if i < extra else 0)
+        bounds.append((cur, nxt))
+        cur = nxt
+    return bounds
+
+
+def anchor_chunks(n_ctx: int, n_query: int, anchor_len: int, insert_pos: int | None) -> tuple[Chunk, ...]:
+    """The anchor: the first ``anchor_len`` context tokens, position ids from 0.
+
+    With ``insert_pos`` set (APB), the query tokens (prompt indices ``n_ctx .. n_ctx+n_query``)
+    are embedded after the first ``insert_pos`` context tokens, so the anchor is
+    ``anchor_len + n_query`` long and every token after the insert point shifts by ``n_query``.
+    """
+    anchor_len = min(anchor_len, n_ctx)
+    if anchor_len <= 0:
+        return ()
+    if insert_pos is None or n_query == 0:
+        return (Chunk(-1, 0, anchor_len, "anchor", 0),)
+    s = min(insert_pos, anchor_len)
+    parts = [Chunk(-1, 0, s, "anchor", 0), Chunk(-1, n_ctx, n_ctx + n_query, "anchor", s),
+             Chunk(-1, s, anchor_len, "anchor", s + n_query)]
+    return tuple(c for c in parts if c.size > 0)
+
+
+def anchored(n_ctx: int, n_query: int, world_size: int, anchor_len: int, insert_pos: int | None = None,
+             query_tail_on: tuple[int, ...] = ()) -> list[HostSlice]:
+    """Star / APB: context in ``W`` contiguous blocks; hosts ``r > 0`` prepend the anchor.
+
+    Hosts in ``query_tail_on`` append the query after their block (so its Q vectors exist
+    there for scoring); those query tokens are neither cached nor used as outputs.
+    """
+    _check_world(world_size)
+    if n_ctx < world_size:
+        raise ValueError(f"a context of {n_ctx} tokens cannot be split over {world_size} hosts; "
+                         f"use a longer context or fewer hosts")
+    n = n_ctx + n_query
+    slices = []
+    for r, (lo, hi) in enumerate(even_split(0, n_ctx, world_size)):
+        chunks = (anchor_chunks(n_ctx, n_query, anchor_len, insert_pos) if r > 0 else ()) + (Chunk(r, lo, hi),)
+        if r in query_tail_on and n_query:
+            chunks += (Chunk(-1, n_ctx, n, "query", n_ctx, cached=False),)
+        slices.append(HostSlice(r, n, chunks))
+    return slices
+
+
+def spava(n_ctx: int, n_query: int, world_size: int, anchor_len: int) -> list[HostSlice]:
+    """Spava: ``[anchor, virtual block r, virtual block 2W-1-r, query]`` on host ``r``.
+
+    The context after the anchor is cut into ``2W`` virtual blocks (zigzag over hosts). Every
+    host holds the whole anchor but caches only its ``1/W`` share of it; the query is cached
+    by host 0 only.
+    """
+    _check_world(world_size)
+    anchor_len = max(0, min(anchor_len, n_ctx))
+    if n_ctx - anchor_len < 2 * world_size:
+        raise ValueError(f"spava needs at least {2 * world_size} context tokens after the anchor, got "
+                         f"{n_ctx - anchor_len}; use a longer context, a shorter anchor or fewer hosts")
+    n = n_ctx + n_query
+    blocks = even_split(anchor_len, n_ctx, 2 * world_size)
+    shares = even_split(0, anchor_len, world_size)
+    slices = []
+    for r in range(world_size):
+        lo, hi = shares[r]
+        anchor = tuple(c for c in (Chunk(-1, 0, lo, "anchor", 0, cached=False),
+                                   Chunk(-1, lo, hi, "anchor", lo, cached=True),
+                                   Chunk(-1, hi, anchor_len, "anchor", hi, cached=False)) if c.size > 0)
+        first, second = r, 2 * world_size - 1 - r
+        chunks = anchor + (Chunk(first, *blocks[first]), Chunk(second, *blocks[second]))
+        if n_query:
+            chunks += (Chunk(-1, n_ctx, n, "query", n_ctx, cached=r == 0),)
+        slices.append(HostSlice(r, n, chunks))
+    return slices
 
 
 def pad_tokens(input_ids: torch.Tensor, total: int, pad_id: int) -> torch.Tensor:

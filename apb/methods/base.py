@@ -24,10 +24,33 @@ class Method:
 
     name: ClassVar[str] = ""
     #: True when the method must reproduce single-device attention to float tolerance
-    exact: ClassVar[bool] = True
+    exact: bool = True
+    #: option presets selectable as ``name:variant``
+    variants: ClassVar[dict[str, dict]] = {}
+    #: True when the query runs as a second, exact pass over the context caches (star, apb)
+    query_phase: ClassVar[bool] = False
+    variant: str | None = None
 
-    def layout(self, n_tokens: int, world_size: int) -> list[HostSlice]:
+    def __init__(self, config=None):
+        from apb.config import MethodConfig
+
+        self.config = config if config is not None else MethodConfig(name=self.name)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self.variant}" if self.variant else self.name
+
+    def layout(self, n_tokens: int, world_size: int, n_query: int = 0) -> list[HostSlice]:
+        """Which tokens each host holds. The last ``n_query`` prompt tokens are the query."""
         raise NotImplementedError
+
+    def plan(self, n_tokens: int, world_size: int, n_query: int, num_layers: int) -> Any:
+        """Per-prompt sizes the attention step needs (anchor, passing per layer); None if none."""
+        return None
+
+    def capture_pre_rope(self) -> bool:
+        """Whether the runtime must capture q/k/v projections before RoPE for this method."""
+        return False
 
     def attention(self, ctx: "AttnContext", module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor,
                   v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -47,7 +70,9 @@ class AttnContext:
     comm: Comm
     #: per layer, the (k, v) of this host's real (non-pad) tokens, in local order
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    scratch: dict[str, Any] = field(default_factory=dict)
+    plan: Any = None
+    n_query: int = 0
+    scratch: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
@@ -60,6 +85,10 @@ class AttnContext:
     @property
     def n_tokens(self) -> int:
         return self.mine.n_tokens
+
+    @property
+    def n_ctx(self) -> int:
+        return self.n_tokens - self.n_query
 
     def step(self, module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              scale: float, sliding_window: int | None = None) -> torch.Tensor:

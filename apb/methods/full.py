@@ -10,7 +10,7 @@ from apb.parallel import layout
 
 @register_method("full")
 class Full(Method):
-    def layout(self, n_tokens, world_size):
+    def layout(self, n_tokens, world_size, n_query=0):
         return layout.single(n_tokens, world_size)
 
     def attention(self, ctx, module, q, k, v, scale):

@@ -20,7 +20,7 @@ from apb.parallel import layout
 
 @register_method("ring")
 class Ring(Method):
-    def layout(self, n_tokens, world_size):
+    def layout(self, n_tokens, world_size, n_query=0):
         return layout.zigzag(n_tokens, world_size)
 
     def attention(self, ctx, module, q, k, v, scale):

@@ -51,7 +51,7 @@ def _deepspeed_attention(local, group):
 
 @register_method("ulysses")
 class Ulysses(Method):
-    def layout(self, n_tokens, world_size):
+    def layout(self, n_tokens, world_size, n_query=0):
         return layout.contiguous(n_tokens, world_size)
 
     def check(self, model_config, world_size):

@@ -1,0 +1,58 @@
+"""Anchor and passing sizes: pure functions from config values and prompt sizes to token counts.
+
+A size in the config is ``None`` (the method's default), an ``int`` (tokens), a ``float`` in
+(0, 1] (a fraction of the context block, ``n_ctx / W``), or for ``passing_len`` also ``"all"``
+(the whole block: no compression), a list with one entry per layer, or
+``{"linear": [first, last]}`` (interpolated over layers). Results are rounded to a multiple of
+``round_to`` (never below one unit when the request was positive).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ALL = "all"
+
+
+def _round(x: float, unit: int) -> int:
+    if x <= 0:
+        return 0
+    if unit <= 1:
+        return max(1, int(round(x)))
+    return max(unit, int(round(x / unit)) * unit)
+
+
+def resolve_len(value: Any, block: int, default: float, unit: int, field: str) -> int:
+    """One size in tokens. ``default`` is in tokens (already computed by the method)."""
+    if value is None:
+        return _round(default, unit)
+    if value == ALL:
+        return block
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{field}={value!r}: expected tokens (int), a block fraction (float in (0, 1]), or 'all'")
+    if isinstance(value, float):
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"{field}={value}: a fraction must be in (0, 1]; write tokens as an integer")
+        return _round(value * block, unit)
+    if value < 0:
+        raise ValueError(f"{field}={value}: must be >= 0")
+    return int(value)
+
+
+def resolve_passing(value: Any, block: int, default: float, unit: int, layers: int) -> list[int]:
+    """Passing length per layer, each capped at ``block``."""
+    if isinstance(value, dict):
+        if set(value) != {"linear"} or len(value["linear"]) != 2:
+            raise ValueError(f"passing_len={value!r}: a schedule must be {{linear: [first, last]}}")
+        first, last = (resolve_len(v, block, default, unit, "passing_len") for v in value["linear"])
+        steps = max(1, layers - 1)
+        per_layer = [_round(first + (last - first) * i / steps, unit) if first or last else 0
+                     for i in range(layers)]
+    elif isinstance(value, list):
+        if len(value) != layers:
+            raise ValueError(f"passing_len has {len(value)} entries but the model has {layers} layers; "
+                             "give one per layer or a single value")
+        per_layer = [resolve_len(v, block, default, unit, f"passing_len[{i}]") for i, v in enumerate(value)]
+    else:
+        per_layer = [resolve_len(value, block, default, unit, "passing_len")] * layers
+    return [min(p, block) for p in per_layer]

@@ -1,0 +1,144 @@
+"""``spava``: APB refined for balance and overlap.
+
+Host ``r`` holds ``[A, V_r, V_{2W-1-r}, Q]``: the anchor ``A`` (the first ``anchor_len``
+context tokens, exact: it only sees itself), two zigzag virtual blocks of the rest of the
+context, and the query ``Q``, fused into the same pass. Per layer::
+
+    rows \\ keys  P_j (other hosts)       A        V_r      V_{2W-1-r}   Q
+    A            -                      causal   -        -            -
+    V_r          j < r                  all      causal   -            -
+    V_{2W-1-r}   j < 2W-1-r, j != r     all      all      causal       -
+    Q            exact over every host's cached share (A/W slice, V_r, V_{2W-1-r}) + Q causally
+
+A virtual block sees the local block before it in full (it is already here) and the passing
+blocks of the earlier virtual blocks held elsewhere. The passing all-gather is issued before the
+anchor, query and local block attention and waited on only after them, so it overlaps compute.
+Each host caches its ``1/W`` share of the anchor; host 0 caches the query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from apb.compressors import ScoreInputs, build_compressor, take
+from apb.kernels import attention, merge_many
+from apb.methods import register_method
+from apb.methods.base import Method
+from apb.methods.exact_tail import local_partial, merge_over_hosts
+from apb.methods.sizes import resolve_len, resolve_passing
+from apb.parallel import layout
+
+
+@dataclass(frozen=True)
+class SpavaPlan:
+    anchor_len: int
+    passing: tuple[int, ...]  # per layer, tokens per virtual block
+
+
+def _host_slot(block_id: int, world: int) -> tuple[int, int]:
+    """Which host holds virtual block ``block_id``, and whether as its first (0) or second (1) block."""
+    return (block_id, 0) if block_id < world else (2 * world - 1 - block_id, 1)
+
+
+@register_method("spava")
+class Spava(Method):
+    exact = False
+    variants = {"uncompressed": {"anchor_len": 0, "passing_len": "all"}}
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.compressor = build_compressor(self.config.compressor, **self.config.model_dump(exclude={"name", "compressor"}))
+
+    def plan(self, n_tokens, world_size, n_query, num_layers):
+        n_ctx = n_tokens - n_query
+        unit = self.config.round_to
+        vblock = -(-n_ctx // (2 * world_size))
+        anchor = resolve_len(self.config.anchor_len, -(-n_ctx // world_size), n_ctx / 64, unit, "anchor_len")
+        anchor = max(0, min(anchor, n_ctx - 2 * world_size))
+        vblock = -(-(n_ctx - anchor) // (2 * world_size))
+        passing = resolve_passing(self.config.passing_len, vblock, n_ctx / 128, unit, num_layers)
+        return SpavaPlan(anchor, tuple(passing))
+
+    def layout(self, n_tokens, world_size, n_query=0):
+        plan = self.plan(n_tokens, world_size, n_query, 1)
+        return layout.spava(n_tokens - n_query, n_query, world_size, plan.anchor_len)
+
+    def capture_pre_rope(self) -> bool:
+        return self.compressor.needs_pre_rope
+
+    def attention(self, ctx, module, q, k, v, scale):
+        comm, mine, layer = ctx.comm, ctx.mine, int(module.layer_idx)
+        rows = {(c.kind, c.chunk_id): r for c, r in mine.chunk_rows()}
+        a, qr = mine.rows("anchor"), mine.rows("query")
+        first, second = mine.blocks()
+        r1, r2 = rows[("block", first.chunk_id)], rows[("block", second.chunk_id)]
+        q_query = q[:, :, qr]
+        pending = self._share_passing(ctx, layer, q_query, k, v, scale, (r1, r2))
+
+        out = torch.empty_like(q)
+        has_anchor = a.stop > a.start
+        if has_anchor:
+            out[:, :, a] = attention(q[:, :, a], k[:, :, a], v[:, :, a], causal=True, scale=scale)[0]
+        q_part = None
+        if qr.stop > qr.start:
+            share = [r for c, r in mine.chunk_rows() if c.is_cached and c.kind != "query"]
+            keys = torch.cat([k[:, :, r] for r in share], 2)
+            vals = torch.cat([v[:, :, r] for r in share], 2)
+            q_part = local_partial(q_query, keys, vals, k[:, :, qr], v[:, :, qr], scale, holds_new=ctx.rank == 0)
+        # local parts of each block: what precedes it here, in full, then itself causally
+        before1 = a if has_anchor else None
+        before2 = slice(a.start if has_anchor else r1.start, r1.stop)
+        parts1 = self._local(q, k, v, r1, before1, scale)
+        parts2 = self._local(q, k, v, r2, before2, scale)
+        if pending is not None:
+            received = pending.wait()
+            parts1 += self._remote(q, r1, first.chunk_id, received, ctx, layer, scale, skip=None)
+            parts2 += self._remote(q, r2, second.chunk_id, received, ctx, layer, scale, skip=first.chunk_id)
+        out[:, :, r1] = merge_many(parts1)[0].to(q.dtype)
+        out[:, :, r2] = merge_many(parts2)[0].to(q.dtype)
+        if q_part is not None:
+            out[:, :, qr] = merge_over_hosts(comm, *q_part).to(q.dtype)
+        return out
+
+    @staticmethod
+    def _local(q, k, v, rows, before, scale):
+        parts = [attention(q[:, :, rows], k[:, :, rows], v[:, :, rows], causal=True, scale=scale)]
+        if before is not None and before.stop > before.start:
+            parts.append(attention(q[:, :, rows], k[:, :, before], v[:, :, before], causal=False, scale=scale))
+        return parts
+
+    def _share_passing(self, ctx, layer, q_query, k, v, scale, block_rows):
+        world = ctx.comm.size
+        p = ctx.plan.passing[layer]
+        if world == 1 or p <= 0:
+            return None
+        width = max(min(p, c.size) for s in ctx.slices for c in s.blocks())
+        shares = []
+        for rows in block_rows:
+            kb, vb = k[:, :, rows], v[:, :, rows]
+            pre = ctx.scratch.get(("pre_rope", layer))
+            x = ScoreInputs(layer, kb, vb, q_query=q_query, scale=scale,
+                            pre_rope=None if pre is None else tuple(t[:, rows] for t in pre))
+            idx = self.compressor.select(x, min(p, kb.shape[2]))
+            share = torch.stack([take(kb, idx), take(vb, idx)])
+            if share.shape[3] < width:
+                share = torch.cat([share, share.new_zeros(*share.shape[:3], width - share.shape[3],
+                                                          share.shape[4])], 3)
+            shares.append(share)
+        return ctx.comm.all_gather_start(torch.stack(shares))
+
+    def _remote(self, q, rows, block_id, received, ctx, layer, scale, skip):
+        world, p = ctx.comm.size, ctx.plan.passing[layer]
+        ks, vs = [], []
+        for j in range(block_id):
+            host, slot = _host_slot(j, world)
+            if j == skip or host == ctx.rank:
+                continue
+            size = min(p, ctx.slices[host].blocks()[slot].size)
+            ks.append(received[host][slot, 0, :, :, :size])
+            vs.append(received[host][slot, 1, :, :, :size])
+        if not ks:
+            return []
+        return [attention(q[:, :, rows], torch.cat(ks, 2), torch.cat(vs, 2), causal=False, scale=scale)]
