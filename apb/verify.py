@@ -128,13 +128,21 @@ def verify(cfg: Config, group, methods: list[str], prompt_lens: list[int], model
     return rows
 
 
+def prefill_comm_mb(stats: list | None) -> float:
+    """Most bytes any rank sent during prefill (context + query phases), in MiB."""
+    if not stats:
+        return math.nan
+    return max(sum(o["bytes"] for o in s["ops"] if o["phase"] in ("context", "query")) for s in stats) / 2**20
+
+
 def format_table(rows: list[VerifyRow]) -> str:
-    head = ["model", "method", "W", "n", "max|dlogit|", "max|dKV|", "tokens", "exact", "prefill s", "result"]
+    head = ["model", "method", "W", "n", "max|dlogit|", "max|dKV|", "tokens", "exact", "prefill s", "comm MiB",
+            "result"]
     lines = [head]
     for r in rows:
         lines.append([r.model, r.method, str(r.world_size), str(r.prompt_len), f"{r.max_abs_logit_diff:.2e}",
                       f"{r.kv_max_abs_diff:.2e}", "same" if r.tokens_match else "differ",
-                      "yes" if r.exact_expected else "no", f"{r.prefill_s:.3f}",
+                      "yes" if r.exact_expected else "no", f"{r.prefill_s:.3f}", f"{prefill_comm_mb(r.stats):.3f}",
                       "PASS" if r.passed else ("ERROR: " + r.error if r.error else "FAIL")])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1] for line in lines)

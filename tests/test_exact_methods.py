@@ -12,11 +12,12 @@ from apb.config import load_config
 from apb.decode import Sampling
 from apb.models import PRESETS, resolve_model
 from apb.parallel.local_group import LocalWorkerGroup
-from apb.verify import random_prompt, verify
+from apb.verify import expand_methods, random_prompt, verify
 from apb.worker import PromptRequest
 
 MODELS = list(PRESETS)
 EXACT = ["full", "ring", "ulysses"]
+APPROX = expand_methods(["star", "apb", "spava"])  # with apb:uncompressed, spava:uncompressed
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +26,17 @@ def cfg(repo):
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_exact_methods_match_hugging_face(cfg, world):
+def test_methods_match_hugging_face(cfg, world):
     with LocalWorkerGroup(world, worker_kwargs={"device": "cpu", "timeout_s": 120}, timeout_s=300) as group:
         rows = verify(cfg, group, EXACT, [1000, 1237], models=MODELS)
+        approx = verify(cfg, group, APPROX, [1001], models=MODELS, query_len=37)
     assert len(rows) == len(MODELS) * 2 * len(EXACT)
+    assert {r.method for r in approx} == {"star", "apb", "apb:uncompressed", "spava", "spava:uncompressed"}
+    for r in approx:
+        assert r.error is None, f"{r.model} {r.method} W={world}: {r.error}"
+        if world == 1:  # one host: nothing is approximated
+            assert r.max_abs_logit_diff <= 1e-4 and r.kv_max_abs_diff <= 1e-4 and r.tokens_match, r
+    rows += [r for r in approx if r.exact_expected]
     for r in rows:
         where = f"{r.model} {r.method} W={world} n={r.prompt_len}"
         assert r.error is None, f"{where}: {r.error}"

@@ -51,19 +51,21 @@ class Spava(Method):
         super().__init__(config)
         self.compressor = build_compressor(self.config.compressor, **self.config.model_dump(exclude={"name", "compressor"}))
 
+    def anchor_len(self, n_ctx: int, world_size: int) -> int:
+        value = resolve_len(self.config.anchor_len, -(-n_ctx // world_size), n_ctx / 64, self.config.round_to,
+                            "anchor_len")
+        return max(0, min(value, n_ctx - 2 * world_size))
+
     def plan(self, n_tokens, world_size, n_query, num_layers):
         n_ctx = n_tokens - n_query
-        unit = self.config.round_to
-        vblock = -(-n_ctx // (2 * world_size))
-        anchor = resolve_len(self.config.anchor_len, -(-n_ctx // world_size), n_ctx / 64, unit, "anchor_len")
-        anchor = max(0, min(anchor, n_ctx - 2 * world_size))
+        anchor = self.anchor_len(n_ctx, world_size)
         vblock = -(-(n_ctx - anchor) // (2 * world_size))
-        passing = resolve_passing(self.config.passing_len, vblock, n_ctx / 128, unit, num_layers)
+        passing = resolve_passing(self.config.passing_len, vblock, n_ctx / 128, self.config.round_to, num_layers)
         return SpavaPlan(anchor, tuple(passing))
 
     def layout(self, n_tokens, world_size, n_query=0):
-        plan = self.plan(n_tokens, world_size, n_query, 1)
-        return layout.spava(n_tokens - n_query, n_query, world_size, plan.anchor_len)
+        n_ctx = n_tokens - n_query
+        return layout.spava(n_ctx, n_query, world_size, self.anchor_len(n_ctx, world_size))
 
     def capture_pre_rope(self) -> bool:
         return self.compressor.needs_pre_rope

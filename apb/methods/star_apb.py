@@ -52,24 +52,27 @@ class Anchored(Method):
     def default_anchor(self, block: int) -> float:
         raise NotImplementedError
 
+    def anchor_len(self, n_ctx: int, world_size: int) -> int:
+        block = -(-n_ctx // world_size)
+        # the anchor copies the start of host 0's block, so it can be no longer than that block
+        value = resolve_len(self.config.anchor_len, block, self.default_anchor(block), self.config.round_to,
+                            "anchor_len")
+        return min(value, block)
+
     def plan(self, n_tokens, world_size, n_query, num_layers):
         n_ctx = n_tokens - n_query
         block = -(-n_ctx // world_size)
-        unit = self.config.round_to
-        # the anchor copies the start of host 0's block, so it can be no longer than that block
-        anchor = min(resolve_len(self.config.anchor_len, block, self.default_anchor(block), unit, "anchor_len"),
-                     block)
-        passing = resolve_passing(self.config.passing_len, block, block / 8, unit, num_layers) \
+        passing = resolve_passing(self.config.passing_len, block, block / 8, self.config.round_to, num_layers) \
             if self.uses_passing else [0] * num_layers
-        return AnchorPlan(anchor, tuple(passing))
+        return AnchorPlan(self.anchor_len(n_ctx, world_size), tuple(passing))
 
     def needs_tail(self, n_query: int) -> bool:
         return bool(self.uses_passing and self.compressor.needs_query and n_query)
 
     def layout(self, n_tokens, world_size, n_query=0):
-        plan = self.plan(n_tokens, world_size, n_query, 1)
+        n_ctx = n_tokens - n_query
         tail = (0,) if self.needs_tail(n_query) and world_size > 1 else ()
-        return layout.anchored(n_tokens - n_query, n_query, world_size, plan.anchor_len,
+        return layout.anchored(n_ctx, n_query, world_size, self.anchor_len(n_ctx, world_size),
                                self.config.query_insert_pos if self.embeds_query else None, tail)
 
     def capture_pre_rope(self) -> bool:

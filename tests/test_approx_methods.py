@@ -1,0 +1,105 @@
+"""star / apb / spava on real worker processes: communication patterns, decode modes, compressors."""
+
+import pytest
+import torch
+
+from apb.compressors import random_retaining_heads
+from apb.config import load_config
+from apb.decode import Sampling
+from apb.models import resolve_model
+from apb.parallel.local_group import LocalWorkerGroup
+from apb.verify import random_prompt, verify
+from apb.worker import PromptRequest
+
+KV_HEADS, HEAD_DIM, LAYERS = 4, 16, 2  # tiny-llama
+
+
+@pytest.fixture(scope="module")
+def group3():
+    with LocalWorkerGroup(3, worker_kwargs={"device": "cpu", "timeout_s": 120}, timeout_s=300) as g:
+        yield g
+
+
+def _run(group, method, n=900, n_query=20, decode_mode="gather", tokens=4, **options):
+    req = PromptRequest(str(resolve_model("tiny-llama")), random_prompt(n, 512, seed=n), method,
+                        method_options=options, n_query=n_query, decode_mode=decode_mode,
+                        sampling=Sampling(max_new_tokens=tokens, stop_at_eos=False))
+    return group.call("run_prompt", req)
+
+
+def _ops(reply, phase, op=None):
+    return [o for o in reply.stats["ops"] if o["phase"] == phase and (op is None or o["op"] == op)]
+
+
+def test_apb_one_all_gather_per_layer_of_the_passing_block(group3):
+    p = 24
+    for reply in _run(group3, "apb", passing_len=p, anchor_len=64):
+        ctx_ops = _ops(reply, "context")
+        assert sorted((o["layer"], o["op"]) for o in ctx_ops) == [(layer, "all_gather") for layer in range(LAYERS)]
+        for o in ctx_ops:
+            assert o["calls"] == 1
+            assert o["bytes"] == p * 2 * KV_HEADS * HEAD_DIM * 4  # float32
+
+
+def test_apb_per_layer_passing_budget(group3):
+    for reply in _run(group3, "apb", passing_len=[8, 40]):
+        sent = {o["layer"]: o["bytes"] for o in _ops(reply, "context", "all_gather")}
+        assert sent == {0: 8 * 2 * KV_HEADS * HEAD_DIM * 4, 1: 40 * 2 * KV_HEADS * HEAD_DIM * 4}
+
+
+def test_star_context_phase_sends_nothing(group3):
+    for reply in _run(group3, "star"):
+        assert _ops(reply, "context") == []
+        # the query phase merges one partial attention per layer
+        assert sorted(o["layer"] for o in _ops(reply, "query", "partial_merge")) == list(range(LAYERS))
+
+
+def test_spava_one_overlapped_all_gather_per_layer(group3):
+    p = 16
+    for reply in _run(group3, "spava", passing_len=p, anchor_len=32):
+        gathers = _ops(reply, "context", "all_gather")
+        assert sorted(o["layer"] for o in gathers) == list(range(LAYERS))
+        # two virtual blocks per host, each sending p K/V pairs per KV head
+        assert all(o["bytes"] == 2 * p * 2 * KV_HEADS * HEAD_DIM * 4 and o["calls"] == 1 for o in gathers)
+        merges = _ops(reply, "context", "partial_merge")
+        assert sorted(o["layer"] for o in merges) == list(range(LAYERS))
+
+
+def test_ring_steps_per_layer_at_three_hosts(group3):
+    for reply in _run(group3, "ring"):
+        steps = _ops(reply, "context", "ring_send_recv")
+        assert sorted(o["layer"] for o in steps) == list(range(LAYERS))
+        assert all(o["calls"] == 2 for o in steps)  # W - 1
+
+
+@pytest.mark.parametrize("method", ["full", "ring", "ulysses", "star", "apb", "spava"])
+def test_decode_modes_give_identical_tokens(group3, method):
+    gathered = _run(group3, method, tokens=10)[0].tokens
+    distributed = _run(group3, method, tokens=10, decode_mode="distributed")
+    assert distributed[0].tokens == gathered and len(gathered) == 10
+    # distributed decoding moves partial attentions, never the cache
+    assert not _ops(distributed[1], "gather") and _ops(distributed[1], "decode", "partial_merge")
+
+
+def test_retaining_heads_compressor_runs_from_a_weights_file(group3, tmp_path):
+    from transformers import AutoConfig
+
+    path = resolve_model("tiny-llama")
+    weights = random_retaining_heads(tmp_path / "heads.safetensors", AutoConfig.from_pretrained(path), hidden=32)
+    replies = _run(group3, "apb", compressor="retaining_heads", retaining_heads_path=str(weights), passing_len=12)
+    assert replies[0].tokens and len(replies[0].tokens) == 4
+    assert all(o["bytes"] == 12 * 2 * KV_HEADS * HEAD_DIM * 4 for o in _ops(replies[1], "context", "all_gather"))
+
+
+def test_compressor_choice_changes_the_result(group3):
+    a = _run(group3, "apb", passing_len=8, compressor="query")[0].last_logits
+    b = _run(group3, "apb", passing_len=8, compressor="stride")[0].last_logits
+    assert not torch.allclose(a, b)
+
+
+def test_uncompressed_variants_are_exact_with_distributed_decode(group3):
+    cfg = load_config(None)
+    rows = verify(cfg, group3, ["apb:uncompressed", "spava:uncompressed"], [777], models=["tiny-mistral"],
+                  query_len=33, decode_mode="distributed")
+    for r in rows:
+        assert r.passed and r.max_abs_logit_diff <= 1e-4 and r.tokens_match, r
