@@ -42,10 +42,19 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--decode", choices=["gather", "distributed"], help="decode mode (default: from the config)")
     v.add_argument("--json", help="write the results as JSON here")
 
-    d = sub.add_parser("demo", help="run the embedded default: local CPU workers, a small model")
+    r = sub.add_parser("run", help="answer a JSONL file of documents (resumable)")
+    _common(r)
+    r.add_argument("--input", required=True, help="JSONL: {id, context, question, max_new_tokens?} per line")
+    r.add_argument("--output", required=True, help="JSONL results; re-running skips ids already answered")
+    r.add_argument("--launcher", choices=["local", "ray", "torchrun"], help="default: parallel.launcher")
+    r.add_argument("--world-size", type=int, help="default: parallel.world_size")
+    r.add_argument("--method", help="default: method.name")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    d = sub.add_parser("demo", help="run the embedded default: local CPU workers, a small model, bundled documents")
     _common(d)
-    d.add_argument("--prompt-len", type=int, default=2048)
-    d.add_argument("--methods", default="full,ring,ulysses")
+    d.add_argument("--method", help="method to show beside full (default: method.name)")
+    d.add_argument("--input", help="JSONL documents (default: the bundled set)")
     return ap
 
 
@@ -65,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from apb.parallel.local_group import WorkerError
 
     try:
-        return {"verify": cmd_verify, "demo": cmd_demo}[args.command](cfg, args)
+        return {"verify": cmd_verify, "demo": cmd_demo, "run": cmd_run}[args.command](cfg, args)
     except (ValueError, FileNotFoundError) as e:
         print(f"apb: {e}", file=sys.stderr)
         return 2
@@ -116,41 +125,91 @@ def cmd_verify(cfg, args) -> int:
     return 0 if passed == len(rows) else 1
 
 
+def _run_overrides(args) -> list[str]:
+    out = list(args.overrides)
+    if getattr(args, "launcher", None):
+        out.append(f"parallel.launcher={args.launcher}")
+    if getattr(args, "world_size", None):
+        out.append(f"parallel.world_size={args.world_size}")
+    if getattr(args, "method", None):
+        out.append(f"method.name={args.method}")
+    return out
+
+
+def cmd_run(cfg, args) -> int:
+    from apb.config import load_config
+
+    cfg = load_config(args.config, _run_overrides(args))
+    if cfg.parallel.launcher == "torchrun":
+        return _run_torchrun(cfg, args)
+    from apb.engine import Engine, summary_line
+
+    with Engine(cfg) as engine:
+        summary = engine.process_file(args.input, args.output, progress=not args.no_progress)
+    print(f"apb: {summary_line(summary)}; wrote {args.output}")
+    return 0
+
+
+def _run_torchrun(cfg, args) -> int:
+    """Start torchrun on this machine with the same engine code (apb.torchrun_main)."""
+    import subprocess
+
+    from apb.parallel.rendezvous import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+           "--nproc-per-node", str(cfg.parallel.world_size), "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "apb.torchrun_main", "--input", args.input,
+           "--output", args.output, "--config", args.config or _default_config_path()]
+    for item in _run_overrides(args):
+        cmd += ["--set", item]
+    return subprocess.run(cmd).returncode
+
+
+def _default_config_path() -> str:
+    """torchrun's processes need a file: write the built-in defaults to a temporary one."""
+    import tempfile
+
+    from apb.config import dump_config, load_config
+
+    path = tempfile.NamedTemporaryFile(prefix="apb-defaults-", suffix=".yaml", delete=False).name
+    dump_config(load_config(None), path)
+    return path
+
+
 def cmd_demo(cfg, args) -> int:
-    from apb.decode import Sampling
-    from apb.models import resolve_model
-    from apb.verify import random_prompt
-    from apb.worker import PromptRequest
+    import json
+    from importlib import resources
 
-    methods = _csv(args.methods)
-    _check_methods(methods)
+    from apb.config import load_config
+    from apb.engine import Engine, start_group
+
+    method = args.method or cfg.method.name
+    if method == "full":
+        raise ValueError("--method: the demo shows a distributed method beside full; pick another")
+    path = args.input or str(resources.files("apb") / "data" / "demo.jsonl")
+    docs = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
     world = cfg.parallel.world_size
-    path = resolve_model(cfg.model.name_or_path, cfg.model.seed)
-    print(f"apb demo: model {cfg.model.name_or_path} ({path}), {world} local worker processes, "
-          f"a random prompt of {args.prompt_len} tokens, {cfg.decode.max_new_tokens} greedy tokens")
-    from transformers import AutoConfig
-
-    ids = random_prompt(args.prompt_len, AutoConfig.from_pretrained(path).vocab_size, seed=0)
-    sampling = Sampling(max_new_tokens=cfg.decode.max_new_tokens, temperature=cfg.decode.temperature,
-                        top_p=cfg.decode.top_p, seed=cfg.decode.seed, stop_at_eos=False)
-    results = {}
-    with _start_group(cfg, world) as group:
-        for name in methods:
-            req = PromptRequest(str(path), ids, name, dtype=cfg.model.dtype, sampling=sampling)
-            group.call("run_prompt", req)  # warm-up: model load and first-call overheads
-            replies = group.call("run_prompt", req)
-            results[name] = replies
-    base = results.get("full")
-    print(f"\n{'method':<10}{'prefill s':>10}{'comm MB':>10}  {'max|dlogit| vs full':>20}  first tokens")
-    for name, replies in results.items():
-        r0 = replies[0]
-        mb = sum(op["bytes"] for r in replies for op in r.stats["ops"]) / 2**20
-        diff = (r0.last_logits - base[0].last_logits).abs().max().item() if base else float("nan")
-        print(f"{name:<10}{r0.prefill_s:>10.3f}{mb:>10.2f}  {diff:>20.2e}  {r0.tokens[:8]}")
-    if base and any(r[0].tokens != base[0].tokens for r in results.values()):
-        print("\nexact methods produced different tokens from full: run `apb verify` for details")
-        return 1
-    print("\nall methods produced the same tokens as full")
+    print(f"apb demo: {len(docs)} documents, model {cfg.model.name_or_path}, {world} local worker processes, "
+          f"method {method} beside full (single host)\n")
+    group = start_group(cfg)
+    try:
+        engines = {m: Engine(load_config(args.config, list(args.overrides) + [f"method.name={m}"]), group=group)
+                   for m in (method, "full")}
+        agree = 0
+        for doc in docs:
+            res = {m: e.process_one(doc) for m, e in engines.items()}
+            if any(r["error"] for r in res.values()):
+                print(f"[{doc.get('id')}] error: {res[method]['error'] or res['full']['error']}")
+                continue
+            print(f"[{doc['id']}] {res[method]['prompt_tokens']} tokens  Q: {doc['question']}")
+            for m, r in res.items():
+                print(f"    {m:<8} prefill {r['prefill_s']:7.3f}s  answer: {r['answer']!r}")
+            if "answer" in doc:
+                print(f"    expected answer: {doc['answer']!r}")
+            agree += res[method]["answer"] == res["full"]["answer"]
+        print(f"\n{method} gave the same answer as full on {agree}/{len(docs)} documents")
+    finally:
+        group.close()
     return 0
 
 

@@ -76,10 +76,15 @@ class Compressor:
         t = x.k.shape[2]
         if p >= t:
             return torch.arange(t, device=x.k.device).expand(x.k.shape[0], x.k.shape[1], t)
-        s = self.scores(x).float()
-        if self.pool_width > 1:
-            s = F.max_pool1d(s, self.pool_width, stride=1, padding=self.pool_width // 2)
-        return torch.topk(s, p, dim=-1).indices.sort(dim=-1).values
+        raw = self.scores(x).float()
+        if self.pool_width == 1:
+            return torch.topk(raw, p, dim=-1).indices.sort(dim=-1).values
+        pooled = F.max_pool1d(raw, self.pool_width, stride=1, padding=self.pool_width // 2)
+        # pooling gives a strong token's neighbours its score; break those ties by the raw score,
+        # so the strong token itself is always among the chosen
+        by_raw = torch.argsort(raw, dim=-1, descending=True, stable=True)
+        by_pooled = torch.argsort(pooled.gather(-1, by_raw), dim=-1, descending=True, stable=True)
+        return by_raw.gather(-1, by_pooled[..., :p]).sort(dim=-1).values
 
 
 def take(kv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -157,22 +162,27 @@ class RetainingHeads(Compressor):
 
         self.weights = load_file(str(path))
         self.path = path
+        self._on: dict[torch.device, dict[str, torch.Tensor]] = {}
+
+    def _weights(self, device: torch.device) -> dict[str, torch.Tensor]:
+        if device not in self._on:  # moved once per device, not once per layer call
+            self._on[device] = {k: t.to(device=device, dtype=torch.float32) for k, t in self.weights.items()}
+        return self._on[device]
 
     def scores(self, x):
         if x.pre_rope is None:
             raise RuntimeError("retaining_heads needs pre-RoPE projections; the runtime did not capture them")
-        w = self.weights
+        w = self._weights(x.k.device)
         key = f"layers.{x.layer}.fc1.weight"
         if key not in w:
             raise ValueError(f"{self.path} has no weights for layer {x.layer} ({key})")
         feats = torch.cat([t.float() for t in x.pre_rope], dim=-1)  # (b, t, in)
-        fc1 = w[key].to(feats.device)
+        fc1 = w[key]
         if fc1.shape[1] != feats.shape[-1]:
             raise ValueError(f"{self.path}: layer {x.layer} expects {fc1.shape[1]} input features, the model gives "
                              f"{feats.shape[-1]} (heads*d + 2*kv_heads*d); the file was made for another model")
-        h = F.silu(F.linear(feats, fc1, w[f"layers.{x.layer}.fc1.bias"].to(feats.device)))
-        out = F.linear(h, w[f"layers.{x.layer}.fc2.weight"].to(feats.device),
-                       w[f"layers.{x.layer}.fc2.bias"].to(feats.device))  # (b, t, kv)
+        h = F.silu(F.linear(feats, fc1, w[f"layers.{x.layer}.fc1.bias"]))
+        out = F.linear(h, w[f"layers.{x.layer}.fc2.weight"], w[f"layers.{x.layer}.fc2.bias"])  # (b, t, kv)
         return out.transpose(1, 2)
 
 

@@ -34,7 +34,19 @@ class ParallelConfig(_Section):
     world_size: int = Field(2, ge=1, description="hosts in the sequence-parallel group (W)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
     timeout_s: float = Field(300.0, gt=0, description="limit on every collective and every wait on a worker")
-    launcher: Literal["local"] = Field("local", description="how workers are started")
+    launcher: Literal["local", "ray", "torchrun"] = Field(
+        "local", description="local: worker processes on this machine; ray: one actor per GPU (or CPU slot) in a "
+                             "placement group; torchrun: the processes torchrun started")
+
+
+class RayConfig(_Section):
+    address: Optional[str] = Field(None, description="None starts a local Ray instance; 'auto' joins a cluster")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how worker bundles spread over nodes (SPREAD for multi-node)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker actor")
+    include_dashboard: bool = Field(False, description="start Ray's dashboard with a local instance")
+    dashboard_host: str = Field("127.0.0.1", description="where the dashboard listens, if started")
+    start_timeout_s: float = Field(120.0, gt=0, description="limit on placing and starting the worker actors")
 
 
 SizeValue = Union[int, float, str, None]
@@ -117,6 +129,12 @@ class Config(_Section):
     parallel: ParallelConfig = ParallelConfig()
     method: MethodConfig = MethodConfig()
     decode: DecodeConfig = DecodeConfig()
+    ray: RayConfig = RayConfig()
+
+    def fingerprint(self) -> dict:
+        """The fields that decide the answers; a re-run on an output file must keep them."""
+        return {"model": self.model.model_dump(), "method": self.method.model_dump(),
+                "decode": self.decode.model_dump(), "world_size": self.parallel.world_size}
 
 
 def load_config(source: str | Path | dict | None = None, overrides: dict[str, Any] | list[str] | None = None

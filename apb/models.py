@@ -42,6 +42,10 @@ def materialize_preset(name: str, seed: int = 0, root: Path | None = None) -> Pa
         raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
     target = (root or cache_root()) / "models" / f"{name}-seed{seed}"
     if (target / "config.json").exists():
+        if not (target / "tokenizer.json").exists():  # made by an older version: add the tokenizer
+            from apb.text import byte_tokenizer
+
+            byte_tokenizer().save_pretrained(target)
         return target
     spec = dict(PRESETS[name])
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
@@ -50,6 +54,9 @@ def materialize_preset(name: str, seed: int = 0, root: Path | None = None) -> Pa
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
     model.save_pretrained(tmp, safe_serialization=True)
+    from apb.text import byte_tokenizer
+
+    byte_tokenizer().save_pretrained(tmp)  # byte-level: any text maps into the 512-token vocabulary
     try:
         os.rename(tmp, target)  # atomic: concurrent makers of the same preset cannot tear it
     except OSError:

@@ -87,6 +87,7 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
                     logits_to_keep=1, apb_ctx=qctx)
         logits.copy_(out.logits[0, -1].float())
         kv, positions = qctx.kv, qctx.positions
+        comm.stats.layer = None
     else:
         comm.stats.phase = "logits"
         comm.broadcast(logits, src=owner)
@@ -154,6 +155,7 @@ def decode_distributed(model, result: PrefillResult, comm: Comm, n_past: int, sa
         ctx.start_step(torch.tensor([pos], device=device))
         out = model(input_ids=torch.tensor([[tok]], device=device), position_ids=torch.tensor([[pos]], device=device),
                     use_cache=False, apb_ctx=ctx)
+        comm.stats.layer = None
         return out.logits[0, -1]
 
     return decode_loop(step, result.last_logits, n_past, sampling, eos_ids, choose)

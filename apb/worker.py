@@ -51,16 +51,19 @@ class PromptResult:
 
 class Worker:
     def __init__(self, init_method: str | None, rank: int, world_size: int, local_rank: int | None = None,
-                 device: str = "auto", timeout_s: float = 300.0):
+                 device: str = "auto", timeout_s: float = 300.0, device_index: int | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        self.env = init_distributed(init_method, rank, world_size, local_rank, timeout_s, device)
+        self.env = init_distributed(init_method, rank, world_size, local_rank, timeout_s, device, device_index)
         if self.env.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise probes and warns
         self.state = build_parallel_state(self.env)
         self._models: dict[tuple[str, str], torch.nn.Module] = {}
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def info(self) -> dict:
         return {"rank": self.env.rank, "world_size": self.env.world_size, "local_rank": self.env.local_rank,

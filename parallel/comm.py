@@ -137,17 +137,35 @@ class Comm:
         return [p.narrow(dim, 0, s) for p, s in zip(parts, sizes)]
 
     def gather_varlen(self, t: torch.Tensor, dst: int = 0, dim: int = 0) -> list[torch.Tensor] | None:
-        """Like :meth:`all_gather_varlen` but only rank ``dst`` receives (others get None)."""
+        """Like :meth:`all_gather_varlen` but only rank ``dst`` receives (others get None).
+
+        Point-to-point, so each rank sends exactly its own part (a host holding nothing sends
+        nothing), instead of every part padded to the largest.
+        """
         if self.size == 1:
             return [t]
         sizes = self._sizes(t, dim)
-        padded = _pad_along(t, dim, max(sizes)).contiguous()
-        bufs = [torch.empty_like(padded) for _ in range(self.size)] if self.rank == dst else None
-        with self._timed("gather", _nbytes(padded)):
-            dist.gather(padded, bufs, dst=self.global_rank(dst), group=self.group)
-        if bufs is None:
+        t0 = time.perf_counter()
+        if self.rank != dst:
+            if sizes[self.rank] > 0:
+                dist.send(t.contiguous(), dst=self.global_rank(dst), group=self.group)
+            self.stats.record("gather", _nbytes(t), time.perf_counter() - t0)
             return None
-        return [b.narrow(dim, 0, s) for b, s in zip(bufs, sizes)]
+        parts, reqs = [], []
+        for r, size in enumerate(sizes):
+            if r == dst:
+                parts.append(t)
+                continue
+            shape = list(t.shape)
+            shape[dim] = size
+            buf = t.new_empty(shape)
+            parts.append(buf)
+            if size > 0:
+                reqs.append(dist.irecv(buf, src=self.global_rank(r), group=self.group))
+        for req in reqs:
+            req.wait()
+        self.stats.record("gather", 0, time.perf_counter() - t0)
+        return parts
 
     def broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
         if self.size == 1:

@@ -5,9 +5,12 @@ sequence is padded at its *end* to a multiple of the split unit; pad tokens sit 
 token, so no real query ever attends to them under a causal mask, and they are dropped from
 every output (logits, cache). Indices ``>= n`` in a :class:`HostSlice` are padding.
 
-* ``contiguous``: host ``r`` holds chunk ``r`` of ``W`` equal chunks (Ulysses, Star, APB).
+* ``single``: everything on host 0 (full).
+* ``contiguous``: host ``r`` holds chunk ``r`` of ``W`` equal chunks (Ulysses).
 * ``zigzag``: the padded sequence is cut into ``2W`` chunks; host ``r`` holds chunks ``r`` and
   ``2W-1-r``, which gives every host the same amount of causal attention work (ring).
+* ``anchored`` (star, apb) and ``spava`` split the context unpadded (block sizes differ by at
+  most one) and add anchor and query chunks with their own position ids.
 """
 
 from __future__ import annotations

@@ -82,6 +82,9 @@ class LocalWorkerGroup:
             box.put((seq, fn, args, kwargs))
         return self._collect(seq, timeout_s or self.timeout_s, fn)
 
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
     def _collect(self, seq: int, timeout_s: float, what: str) -> list[Any]:
         replies: dict[int, Any] = {}
         deadline = time.monotonic() + timeout_s

@@ -67,8 +67,12 @@ def under_torchrun() -> bool:
 
 def init_distributed(init_method: str | None = None, rank: int | None = None, world_size: int | None = None,
                      local_rank: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                     device: str = "auto") -> DistEnv:
-    """Join (or create) the default process group and return who this process is."""
+                     device: str = "auto", device_index: int | None = None) -> DistEnv:
+    """Join (or create) the default process group and return who this process is.
+
+    ``device_index`` overrides the CUDA index (default: the local rank), for launchers that
+    give each process its own ``CUDA_VISIBLE_DEVICES`` (Ray).
+    """
     if under_torchrun() and init_method is None:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ["LOCAL_RANK"])
@@ -83,7 +87,7 @@ def init_distributed(init_method: str | None = None, rank: int | None = None, wo
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     local_rank = rank if local_rank is None else local_rank
-    dev = pick_device(local_rank, device)
+    dev = pick_device(local_rank if device_index is None else device_index, device)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

@@ -102,7 +102,8 @@ def test_query_group_assignment_is_consecutive_heads():
     x.q_query[0, 1] = 1.0
     s = build_compressor("query").scores(x)
     assert torch.allclose(s[0, 1], torch.zeros(T))
-    expected = x.k[0, 0].sum(-1) / (2 * NQ)
+    # NQ of the group's 2 * NQ (head, position) pairs are all-ones queries: mean = sum(k) / 2
+    expected = x.k[0, 0].sum(-1) * NQ / (2 * NQ)
     assert torch.allclose(s[0, 0], expected, atol=1e-5)
 
 
@@ -146,6 +147,16 @@ def test_planted_token_is_selected(pos, p):
     idx = build_compressor("query").select(x, p)
     assert idx.shape == (B, KV, p)
     assert bool((idx == pos).any(dim=-1).all())
+
+
+def test_planted_token_is_selected_even_when_p_is_below_pool_width():
+    # pooling ties inside a peak's window are broken by the raw score
+    q = torch.zeros(1, 1, 1, 4)
+    q[0, 0, 0, 0] = 1.0
+    k = torch.zeros(1, 1, 30, 4)
+    k[0, 0, 10, 0] = 100.0
+    x = ScoreInputs(0, k, k.clone(), q_query=q)
+    assert 10 in build_compressor("query").select(x, 1)[0, 0].tolist()
 
 
 @pytest.mark.parametrize("width", [0, 2, 4, -1])
@@ -424,6 +435,8 @@ def test_resolve_passing_per_layer_list():
     assert resolve_passing([1, 0.5, "all"], 60, 0.0, 1, 3) == [1, 30, 60]
     with pytest.raises(ValueError, match="3 layers"):
         resolve_passing([1, 2], 60, 0.0, 1, 3)
+    with pytest.raises(ValueError, match="3 layers"):
+        resolve_passing([1, 2, 3, 4], 60, 0.0, 1, 3)
     with pytest.raises(ValueError, match=r"passing_len\[1\]"):
         resolve_passing([1, -2, 3], 60, 0.0, 1, 3)
 

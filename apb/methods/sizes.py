@@ -3,8 +3,9 @@
 A size in the config is ``None`` (the method's default), an ``int`` (tokens), a ``float`` in
 (0, 1] (a fraction of the context block, ``n_ctx / W``), or for ``passing_len`` also ``"all"``
 (the whole block: no compression), a list with one entry per layer, or
-``{"linear": [first, last]}`` (interpolated over layers). Results are rounded to a multiple of
-``round_to`` (never below one unit when the request was positive).
+``{"linear": [first, last]}`` (interpolated over layers). Defaults, fractions and schedules are rounded to a multiple of
+``round_to`` (never below one unit when the request was positive); explicit token counts are
+taken as given.
 """
 
 from __future__ import annotations

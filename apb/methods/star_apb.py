@@ -66,14 +66,20 @@ class Anchored(Method):
             if self.uses_passing else [0] * num_layers
         return AnchorPlan(self.anchor_len(n_ctx, world_size), tuple(passing))
 
-    def needs_tail(self, n_query: int) -> bool:
-        return bool(self.uses_passing and self.compressor.needs_query and n_query)
+    def tail_hosts(self, n_query: int, world_size: int, anchor_len: int) -> tuple[int, ...]:
+        """Hosts that must append the query to score their block: those whose anchor lacks it."""
+        if not (self.uses_passing and self.compressor.needs_query and n_query and world_size > 1):
+            return ()
+        if self.config.passing_len == "all":  # nothing is chosen, so nothing is scored
+            return ()
+        return tuple(range(world_size)) if anchor_len == 0 else (0,)
 
     def layout(self, n_tokens, world_size, n_query=0):
         n_ctx = n_tokens - n_query
-        tail = (0,) if self.needs_tail(n_query) and world_size > 1 else ()
-        return layout.anchored(n_ctx, n_query, world_size, self.anchor_len(n_ctx, world_size),
-                               self.config.query_insert_pos if self.embeds_query else None, tail)
+        anchor = self.anchor_len(n_ctx, world_size)
+        return layout.anchored(n_ctx, n_query, world_size, anchor,
+                               self.config.query_insert_pos if self.embeds_query else None,
+                               self.tail_hosts(n_query, world_size, anchor))
 
     def capture_pre_rope(self) -> bool:
         return bool(self.compressor is not None and self.compressor.needs_pre_rope)

@@ -1,0 +1,56 @@
+"""Entry point for torchrun: ``torchrun --nproc-per-node N -m apb.torchrun_main --config CFG --input IN
+--output OUT``. Rank 0 reads the input and writes the output; all ranks compute."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="apb.torchrun_main")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--input", required=True)
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from apb.config import ConfigError, load_config
+    from apb.parallel.rendezvous import under_torchrun
+
+    if not under_torchrun():
+        print("apb.torchrun_main: start me with torchrun (RANK/WORLD_SIZE/LOCAL_RANK are not set)", file=sys.stderr)
+        return 2
+    world = int(os.environ["WORLD_SIZE"])
+    try:
+        cfg = load_config(args.config, args.overrides + ["parallel.launcher=torchrun",
+                                                          f"parallel.world_size={world}"])
+    except ConfigError as e:
+        print(f"apb: {e}", file=sys.stderr)
+        return 2
+    from apb.parallel.torchrun_group import TorchrunGroup, control_group, serve
+    from apb.worker import Worker
+
+    worker = Worker(None, int(os.environ["RANK"]), world, int(os.environ["LOCAL_RANK"]),
+                    device=cfg.parallel.device, timeout_s=cfg.parallel.timeout_s)
+    ctl = control_group(cfg.parallel.timeout_s)
+    if worker.env.rank != 0:
+        serve(worker, ctl)
+        worker.close()
+        return 0
+    from apb.engine import Engine, summary_line
+
+    group = TorchrunGroup(worker, ctl)
+    try:
+        engine = Engine(cfg, group=group)
+        summary = engine.process_file(args.input, args.output)
+        print(f"apb: {summary_line(summary)}; wrote {args.output}", file=sys.stderr)
+    finally:
+        group.close()
+        worker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
