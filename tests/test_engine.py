@@ -1,0 +1,97 @@
+"""The Python batch API (local worker processes): records, errors, resume, worker death."""
+
+import json
+import os
+import signal
+
+import pytest
+
+from apb.config import ConfigError
+from apb.engine import RESULT_KEYS, Engine
+
+GOOD = [{"id": f"doc-{i}", "context": f"Document {i}. " + "The sky is blue and the grass is green. " * (20 + 15 * i),
+         "question": f"What colour is item {i}?"} for i in range(4)]
+BAD = [
+    ({"id": "no-question", "context": "text"}, "missing field 'question'"),
+    ({"id": "wrong-type", "context": 42, "question": "q"}, "field 'context' must be a string"),
+    ({"id": "empty", "context": "   ", "question": "q"}, "field 'context' is empty"),
+    ({"id": "too-long", "context": "x" * 9000, "question": "q"}, "exceeds the model's limit"),
+    ({"id": "bad-max", "context": "abc", "question": "q", "max_new_tokens": 0}, "max_new_tokens"),
+    ("not an object", "must be a JSON object"),
+]
+
+
+@pytest.fixture(scope="module")
+def engine(repo):
+    with Engine.from_config(repo / "configs/tiny-cpu.yaml", method="apb", max_new_tokens=4) as e:
+        yield e
+
+
+def test_results_in_order_with_error_records_for_bad_input(engine):
+    docs = [GOOD[0], BAD[0][0], GOOD[1], BAD[1][0], BAD[2][0], BAD[3][0], BAD[4][0], BAD[5][0], GOOD[2]]
+    out = list(engine.process(docs))
+    assert len(out) == len(docs)
+    for rec in out:
+        assert tuple(rec) == RESULT_KEYS
+    assert [r["id"] for r in out[:3]] == ["doc-0", "no-question", "doc-1"]
+    assert out[-1]["id"] == "doc-2" and out[7]["id"] == "#7"
+    for rec, (_, msg) in zip(out[1:2] + out[3:8], BAD):
+        assert rec["answer"] is None and msg in rec["error"], rec
+    for rec in (out[0], out[2], out[8]):
+        assert rec["error"] is None and isinstance(rec["answer"], str)
+        assert rec["method"] == "apb" and rec["world_size"] == 2 and rec["prompt_tokens"] > 100
+        assert rec["prefill_s"] > 0
+
+
+def test_same_answer_as_a_second_run(engine):
+    a = list(engine.process(GOOD[:2]))
+    b = list(engine.process(GOOD[:2]))
+    assert [r["answer"] for r in a] == [r["answer"] for r in b]
+
+
+def _write(path, lines):
+    with open(path, "wb") as f:
+        for line in lines:
+            f.write(line if isinstance(line, bytes) else (json.dumps(line) + "\n").encode())
+
+
+def test_process_file_resume_and_config_guard(engine, tmp_path, repo):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(src, [GOOD[0], BAD[0][0], b'{"id": "utf", "context": "\xff\xfe", "question": "q"}\n', b"{not json\n",
+                 GOOD[1]])
+    first = engine.process_file(src, dst, progress=False)
+    recs = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert len(recs) == 5 and first.documents == 5 and first.errors == 3
+    assert [r["error"] is None for r in recs] == [True, False, False, False, True]
+    assert "not valid UTF-8" in recs[1]["error"] or "not valid UTF-8" in recs[2]["error"]
+    assert any("not valid JSON" in (r["error"] or "") for r in recs)
+    assert (tmp_path / "out.jsonl.config.yaml").is_file()
+    answered = {r["id"]: r["answer"] for r in recs if r["error"] is None}
+
+    again = engine.process_file(src, dst, progress=False)
+    recs2 = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert again.skipped == 2 and again.documents == 3  # only the failed ones are retried
+    assert len(recs2) == 5 and len({r["id"] for r in recs2}) == 5  # nothing duplicated
+    assert {r["id"]: r["answer"] for r in recs2 if r["error"] is None} == answered
+
+    with Engine.from_config(repo / "configs/tiny-cpu.yaml", method="star", max_new_tokens=4) as other:
+        with pytest.raises(ConfigError, match="different config"):
+            other.process_file(src, dst, progress=False)
+
+
+def test_killed_worker_fails_only_the_document_in_flight(repo):
+    with Engine.from_config(repo / "configs/tiny-cpu.yaml", method="ring", max_new_tokens=3) as e:
+        results = []
+        for i, rec in enumerate(e.process(GOOD)):
+            results.append(rec)
+            if i == 0:
+                os.kill(e.group.pids()[1], signal.SIGKILL)
+    assert results[0]["error"] is None
+    assert results[1]["error"] is not None and "worker" in results[1]["error"]
+    assert [r["error"] for r in results[2:]] == [None, None]
+    assert all(isinstance(r["answer"], str) for r in results[2:])
+
+
+def test_from_config_rejects_unknown_shortcut(repo):
+    with pytest.raises(ConfigError, match="shortcuts"):
+        Engine.from_config(repo / "configs/tiny-cpu.yaml", wrld_size=2)
