@@ -51,6 +51,28 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--method", help="default: method.name")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    b = sub.add_parser("bench", help="prefill time per method: measured wall time and projected W-device time")
+    _common(b)
+    b.add_argument("--model", default="bench-attn", help="preset or checkpoint (default: bench-attn, attention-bound)")
+    b.add_argument("--methods", default="full,ring,ulysses,star,apb,spava")
+    b.add_argument("--lengths", type=_ints, default=[4096, 8192])
+    b.add_argument("--world-size", type=int, default=2)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--query-len", type=int, default=32)
+    b.add_argument("--bandwidth-gbs", type=float, default=100.0, help="link bandwidth for the projection")
+    b.add_argument("--json", help="write the report as JSON here")
+    b.add_argument("--plot", help="write a PNG of time vs length per method")
+
+    sm = sub.add_parser("simulate", help="analytical cost model: predict prefill time on GPU clusters")
+    _common(sm)
+    sm.add_argument("--reference", choices=["apb-paper"], help="predict a published table and compare")
+    sm.add_argument("--model", default="llama-3.1-8b", help="llama-3.1-8b, qwen2.5-14b, yi-34b")
+    sm.add_argument("--device", default="H100", help="A800, H100, H200")
+    sm.add_argument("--methods", default="full,ring,ulysses,star,apb,spava")
+    sm.add_argument("--lengths", type=_ints, default=[131072, 1048576])
+    sm.add_argument("--world-sizes", type=_ints, default=[8, 16, 32, 64])
+    sm.add_argument("--json", help="write the rows as JSON here")
+
     d = sub.add_parser("demo", help="run the embedded default: local CPU workers, a small model, bundled documents")
     _common(d)
     d.add_argument("--method", help="method to show beside full (default: method.name)")
@@ -74,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     from apb.parallel.local_group import WorkerError
 
     try:
-        return {"verify": cmd_verify, "demo": cmd_demo, "run": cmd_run}[args.command](cfg, args)
+        return {"verify": cmd_verify, "demo": cmd_demo, "run": cmd_run, "simulate": cmd_simulate,
+                "bench": cmd_bench}[args.command](cfg, args)
     except (ValueError, FileNotFoundError) as e:
         print(f"apb: {e}", file=sys.stderr)
         return 2
@@ -174,6 +197,73 @@ def _default_config_path() -> str:
     path = tempfile.NamedTemporaryFile(prefix="apb-defaults-", suffix=".yaml", delete=False).name
     dump_config(load_config(None), path)
     return path
+
+
+def _fmt_s(x) -> str:
+    return "OOM" if x is None else f"{x:.2f}"
+
+
+def cmd_bench(cfg, args) -> int:
+    from apb import bench
+    from apb.config import load_config
+
+    methods = _csv(args.methods)
+    _check_methods(methods)
+    if args.repeats < 1 or args.world_size < 1:
+        raise ValueError("--repeats and --world-size must be at least 1")
+    cfg = load_config(args.config, list(args.overrides) + [f"model.name_or_path={args.model}"])
+    report = bench.run_bench(cfg, methods, args.lengths, args.world_size, args.repeats, args.query_len,
+                             args.bandwidth_gbs)
+    print(bench.format_table(report))
+    if args.json:
+        bench.write_json(report, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        bench.plot([(report, "wall_s"), (report, "projected_s")], args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _cell(row: dict) -> str:
+    ratio = "" if row["ratio"] is None else f" ({row['ratio']:.2f})"
+    return f"{_fmt_s(row['predicted_s'])}/{_fmt_s(row['published_s'])}{ratio}"
+
+
+def cmd_simulate(cfg, args) -> int:
+    import json
+
+    from apb import costmodel as cm
+
+    if args.reference:
+        rows = cm.compare_reference()
+        ref = cm.REFERENCE
+        print(f"{ref['name']}: {cm.MODELS[ref['model']].name} on {ref['world_size']} x {cm.DEVICES[ref['device']].name}, "
+              "prefill seconds, predicted / published (ratio)")
+        lengths = ref["lengths"]
+        print(f"{'method':<8}" + "".join(f"{n // 1024:>20}K" for n in lengths))
+        for method in ref["published"]:
+            cells = [r for r in rows if r["method"] == method]
+            line = "".join(f"{_cell(r):>21}" for r in cells)
+            print(f"{method:<8}{line}")
+        hits = sum(r["within_tolerance"] for r in rows)
+        print(f"\n{hits}/{len(rows)} cells within +-30% (OOM cells count when both say OOM)")
+    else:
+        methods = _csv(args.methods)
+        if args.model not in cm.MODELS or args.device not in cm.DEVICES:
+            raise ValueError(f"--model must be one of {', '.join(cm.MODELS)} and --device one of {', '.join(cm.DEVICES)}")
+        rows = cm.scenario(methods, args.lengths, args.world_sizes, args.model, args.device)
+        print(f"{cm.MODELS[args.model].name} on {cm.DEVICES[args.device].name}: predicted prefill seconds")
+        print(f"{'W':>4} {'tokens':>9} " + "".join(f"{m:>10}" for m in methods))
+        for w in args.world_sizes:
+            for n in args.lengths:
+                cells = {r["method"]: r for r in rows if r["length"] == n and (r["world_size"] == w or
+                                                                              r["method"] == "full")}
+                print(f"{w:>4} {n:>9} " + "".join(f"{_fmt_s(cells[m]['predicted_s']):>10}" for m in methods))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": rows}, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
 
 
 def cmd_demo(cfg, args) -> int:

@@ -27,6 +27,10 @@ PRESETS: dict[str, dict] = {
     "tiny-llama": dict(model_type="llama", num_key_value_heads=4, **_COMMON),
     "tiny-qwen2": dict(model_type="qwen2", num_key_value_heads=2, **_COMMON),
     "tiny-mistral": dict(model_type="mistral", num_key_value_heads=6, sliding_window=None, **_COMMON),
+    # for benchmarks: wide heads and a thin MLP, so attention dominates the cost at long lengths
+    "bench-attn": dict(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, head_dim=64, max_position_embeddings=131072,
+                       rope_theta=500000.0, tie_word_embeddings=False),
 }
 
 

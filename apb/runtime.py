@@ -72,6 +72,7 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
         with _pre_rope_capture(model, ctx) if method.capture_pre_rope() else contextlib.nullcontext():
             out = model(input_ids=ids[None], position_ids=mine.positions.to(device)[None], use_cache=False,
                         logits_to_keep=keep, apb_ctx=ctx)
+        comm.stats.tick(None)
         if comm.rank == owner:
             logits.copy_(out.logits[0, -1].float())
         del out
@@ -85,6 +86,7 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
         qctx.start_step(q_pos)
         out = model(input_ids=input_ids[None, n - n_query:], position_ids=q_pos[None], use_cache=False,
                     logits_to_keep=1, apb_ctx=qctx)
+        comm.stats.tick(None)
         logits.copy_(out.logits[0, -1].float())
         kv, positions = qctx.kv, qctx.positions
         comm.stats.layer = None
@@ -155,6 +157,7 @@ def decode_distributed(model, result: PrefillResult, comm: Comm, n_past: int, sa
         ctx.start_step(torch.tensor([pos], device=device))
         out = model(input_ids=torch.tensor([[tok]], device=device), position_ids=torch.tensor([[pos]], device=device),
                     use_cache=False, apb_ctx=ctx)
+        comm.stats.tick(None)
         comm.stats.layer = None
         return out.logits[0, -1]
 

@@ -38,6 +38,17 @@ class CommStats:
     phase: str = "context"
     ops: dict[tuple[str, int | None, str], OpRecord] = field(default_factory=lambda: defaultdict(OpRecord))
     compute_seconds: float = 0.0
+    #: CPU seconds per (phase, layer): from one layer's attention to the next one's
+    layer_cpu: dict[tuple[str, int], float] = field(default_factory=lambda: defaultdict(float))
+    _mark: tuple | None = None
+
+    def tick(self, layer: int | None) -> None:
+        """Close the running layer's CPU clock and start ``layer``'s (None: stop)."""
+        now = time.process_time()
+        if self._mark is not None:
+            phase, prev, t = self._mark
+            self.layer_cpu[(phase, prev)] += now - t
+        self._mark = None if layer is None else (self.phase, layer, now)
 
     def record(self, op: str, nbytes: int, seconds: float = 0.0) -> None:
         rec = self.ops[(self.phase, self.layer, op)]
@@ -55,6 +66,8 @@ class CommStats:
 
     def reset(self) -> None:
         self.ops.clear()
+        self.layer_cpu.clear()
+        self._mark = None
         self.compute_seconds = 0.0
         self.layer = None
         self.phase = "context"
@@ -79,6 +92,7 @@ class CommStats:
             "comm_s": self.comm_seconds(),
             "ops": [{"phase": p, "layer": l, "op": o, "calls": r.calls, "bytes": r.bytes, "seconds": r.seconds}
                     for (p, l, o), r in sorted(self.ops.items(), key=lambda kv: (kv[0][0], kv[0][1] or -1, kv[0][2]))],
+            "layer_cpu": [{"phase": p, "layer": l, "cpu_s": v} for (p, l), v in sorted(self.layer_cpu.items())],
         }
 
 

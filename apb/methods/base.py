@@ -98,6 +98,7 @@ class AttnContext:
                              "sliding-window attention is not supported by the distributed methods, "
                              "use a shorter prompt or a model without sliding_window")
         self.comm.stats.layer = layer
+        self.comm.stats.tick(layer)
         valid = self.mine.valid.to(k.device)
         self.kv[layer] = (k[:, :, valid], v[:, :, valid])
         return self.method.attention(self, module, q, k, v, scale)

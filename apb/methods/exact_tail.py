@@ -55,6 +55,7 @@ class CacheAttnContext:
     def step(self, module, q, k, v, scale, sliding_window=None) -> torch.Tensor:
         layer = int(module.layer_idx)
         self.comm.stats.layer = layer
+        self.comm.stats.tick(layer)
         if sliding_window is not None:
             raise ValueError("sliding-window attention is not supported with distributed caches")
         cache_k, cache_v = self.kv.get(layer, (None, None))

@@ -1,0 +1,156 @@
+"""``apb bench``: prefill time of each method side by side, measured and projected.
+
+Two figures per (method, length), labelled everywhere:
+
+* ``wall_s`` — median wall time of the prefill on this machine: ``W`` worker processes, each
+  pinned to one thread, sharing however many cores the machine has (2 here). With more hosts
+  than cores this is *not* the time W devices would take.
+* ``projected_s`` — the time on ``W`` dedicated cores: for each layer the slowest rank's CPU
+  time (measured per rank with ``time.process_time``, which does not count time spent waiting
+  for a core), summed over layers, plus every byte the slowest rank sent at ``bandwidth_gbs``
+  and a fixed latency per collective call.
+
+Per rank it also reports compute and communication seconds and bytes (from the collective
+instrumentation), the slowest host's attention FLOPs (from :mod:`apb.costmodel`), and speedups
+against ``full`` and ``ring`` at the same length.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from apb import costmodel
+from apb.config import Config
+from apb.decode import Sampling
+from apb.models import resolve_model
+from apb.parallel.local_group import LocalWorkerGroup
+from apb.verify import random_prompt
+from apb.worker import PromptRequest
+
+LATENCY_S = 20e-6  # per collective call, in the projection
+
+
+def _projected(stats: list[dict], bandwidth: float) -> tuple[float, float, float]:
+    """(projected seconds, compute part, communication part) from every rank's stats."""
+    per_layer: dict[tuple[str, int], float] = defaultdict(float)
+    for s in stats:
+        for item in s["layer_cpu"]:
+            key = (item["phase"], item["layer"])
+            per_layer[key] = max(per_layer[key], item["cpu_s"])
+    compute = sum(per_layer.values())
+    comm = 0.0
+    for s in stats:
+        ops = [o for o in s["ops"] if o["phase"] in ("context", "query", "logits")]
+        comm = max(comm, sum(o["bytes"] for o in ops) / bandwidth + sum(o["calls"] for o in ops) * LATENCY_S)
+    return compute + comm, compute, comm
+
+
+def _attn_gflop(method: str, n: int, world: int, model_config) -> float:
+    shape = costmodel.ModelShape("bench", model_config.num_hidden_layers, model_config.hidden_size,
+                                 model_config.num_attention_heads, model_config.num_key_value_heads,
+                                 getattr(model_config, "head_dim", None) or
+                                 model_config.hidden_size // model_config.num_attention_heads,
+                                 model_config.intermediate_size, model_config.vocab_size)
+    base = method.split(":")[0]
+    work = costmodel.host_work(base, n, 1 if base == "full" else world, shape, costmodel.Sizes(query=32))
+    return shape.layers * work.pairs * shape.attn_flops_per_pair() / 1e9
+
+
+def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, repeats: int = 3,
+              n_query: int = 32, bandwidth_gbs: float = 100.0, progress=print) -> dict:
+    from transformers import AutoConfig
+
+    path = resolve_model(cfg.model.name_or_path, cfg.model.seed)
+    model_config = AutoConfig.from_pretrained(path)
+    bandwidth = bandwidth_gbs * 1e9
+    options = cfg.method.model_dump(exclude={"name"})
+    rows = []
+    group = LocalWorkerGroup(world, worker_kwargs={"device": cfg.parallel.device, "timeout_s": 3600.0, "threads": 1},
+                             timeout_s=3600.0)
+    try:
+        for n in lengths:
+            ids = random_prompt(n, model_config.vocab_size, seed=n)
+            for method in methods:
+                req = PromptRequest(str(path), ids, method, method_options=options, n_query=n_query,
+                                    dtype=cfg.model.dtype, sampling=Sampling(max_new_tokens=1))
+                group.call("run_prompt", req)  # warm-up: first-call allocations, imports
+                runs = [group.call("run_prompt", req) for _ in range(repeats)]
+                walls = [r[0].prefill_s for r in runs]
+                median = statistics.median(walls)
+                mid = runs[walls.index(sorted(walls)[len(walls) // 2])]
+                stats = [r.stats for r in mid]
+                projected, p_compute, p_comm = _projected(stats, bandwidth)
+                row = {
+                    "method": method, "length": n, "world_size": world, "repeats": repeats,
+                    "wall_s": median, "wall_all_s": walls, "projected_s": projected,
+                    "projected_compute_s": p_compute, "projected_comm_s": p_comm,
+                    "rank_compute_cpu_s": [sum(x["cpu_s"] for x in s["layer_cpu"]) for s in stats],
+                    "rank_comm_s": [sum(o["seconds"] for o in s["ops"] if o["phase"] != "gather") for s in stats],
+                    "rank_comm_bytes": [sum(o["bytes"] for o in s["ops"] if o["phase"] != "gather") for s in stats],
+                    "attn_gflop_slowest_host": _attn_gflop(method, n, world, model_config),
+                }
+                rows.append(row)
+                progress(f"{method:<20} n={n:<7} wall {median:8.3f}s  projected {projected:8.3f}s")
+    finally:
+        group.close()
+    for row in rows:
+        same = {r["method"]: r for r in rows if r["length"] == row["length"]}
+        for ref in ("full", "ring"):
+            if ref in same:
+                row[f"wall_speedup_vs_{ref}"] = same[ref]["wall_s"] / row["wall_s"]
+                row[f"projected_speedup_vs_{ref}"] = same[ref]["projected_s"] / row["projected_s"]
+    return {"results": rows, "model": cfg.model.name_or_path, "bandwidth_gbs": bandwidth_gbs,
+            "latency_s": LATENCY_S, "machine": {"cpus": _cpus(), "platform": platform.platform()},
+            "labels": {"wall_s": f"measured on this machine ({world} processes sharing {_cpus()} cores)",
+                       "projected_s": f"projected on {world} dedicated cores + links of {bandwidth_gbs} GB/s"}}
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'method':<20}{'n':>8}{'W':>4}{'wall s':>10}{'proj s':>10}{'proj vs full':>14}{'proj vs ring':>14}"
+             f"{'comm MiB':>10}{'attn GFLOP':>12}"]
+    for r in report["results"]:
+        lines.append(f"{r['method']:<20}{r['length']:>8}{r['world_size']:>4}{r['wall_s']:>10.3f}{r['projected_s']:>10.3f}"
+                     f"{r.get('projected_speedup_vs_full', float('nan')):>14.2f}"
+                     f"{r.get('projected_speedup_vs_ring', float('nan')):>14.2f}"
+                     f"{max(r['rank_comm_bytes']) / 2**20:>10.2f}{r['attn_gflop_slowest_host']:>12.2f}")
+    return "\n".join(lines) + f"\n(wall: {report['labels']['wall_s']}; proj: {report['labels']['projected_s']})"
+
+
+def plot(panels: list[tuple[dict, str]], path: str | Path) -> None:
+    """One panel per (report, "wall_s" | "projected_s"): time vs length per method, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (rep, key) in zip(axes[0], panels):
+        by_method = defaultdict(list)
+        for r in rep["results"]:
+            by_method[r["method"]].append((r["length"], r[key]))
+        for method, pts in by_method.items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("prefill seconds")
+        ax.set_title(f"{'wall' if key == 'wall_s' else 'projected'}: {rep['labels'][key]}", fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_json(report: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(report, indent=2))

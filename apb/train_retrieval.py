@@ -1,0 +1,315 @@
+"""Train a small Llama model (and its tokenizer) that retrieves from long contexts.
+
+    python -m apb.train_retrieval --out apb/data/retrieval-model [--stages ...] [--seed 0]
+
+What it does, in order (all seeded; one CPU thread):
+
+1. Trains a byte-level BPE tokenizer with the ``tokenizers`` library on the haystack text (the
+   standard-library source of :mod:`apb.tasks`). Digits and capital letters are isolated before
+   BPE, so a 5-digit value is always 5 digit tokens and a variable name one token per letter:
+   copying them is the same token pattern wherever they occur. Specials ``<pad> <s> </s>``;
+   saved as a ``PreTrainedTokenizerFast`` with bos/eos/pad set and no chat template.
+2. Builds a ``LlamaConfig`` model (see ``--hidden`` etc.) and trains it with AdamW on *dense*
+   sequences from :func:`apb.tasks.make_training_sequence`: a haystack holding many needles of
+   all three tasks, then many ``\\n\\nQuestion: q\\nAnswer: a</s>`` pairs, with the loss only on
+   the answer tokens and eos. The first pair follows the context exactly as
+   :func:`apb.text.encode_document` builds a prompt.
+3. Follows a short-to-long curriculum (``--stages LEN:BATCH:MAX_STEPS,...``). Every
+   ``--eval-every`` steps it measures held-out accuracy per task at the stage length (teacher
+   forced: an example counts as correct when the greedy argmax is right at every answer token
+   and at eos, which is exactly when greedy decoding returns the answer) and moves to the next
+   stage once every task reaches ``--advance-at``. The last stage runs to its step count, with
+   the learning rate decaying to 10% over it.
+4. Saves ``config.json``, ``model.safetensors``, the tokenizer files and ``training_log.json``
+   (the learning curve) into ``--out``; a resumable checkpoint goes to ``--ckpt`` every
+   ``--ckpt-every`` steps (``--resume`` picks it up).
+
+``--eval-only DIR`` instead measures a saved model with plain ``generate`` (greedy, prompt from
+:func:`apb.text.encode_document`) and records the result under ``final_eval`` in
+``DIR/training_log.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from apb import tasks
+from apb.text import ANSWER_CUE, QUESTION_SEP, encode_document
+
+SPECIALS = ["<pad>", "<s>", "</s>"]
+
+
+# --------------------------------------------------------------------------- tokenizer
+def train_tokenizer(vocab_size: int):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"[0-9A-Z]"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = tasks.haystack_text()
+    chunk = 1 << 16
+    tok.train_from_iterator((text[i:i + chunk] for i in range(0, len(text), chunk)), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   model_max_length=8192)
+
+
+# --------------------------------------------------------------------------- data
+def encode_training(tokenizer, context: str, qa: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+    """(input ids, labels): labels are -100 except on each answer's tokens and its eos."""
+    ids = [tokenizer.bos_token_id] + tokenizer(context, add_special_tokens=False)["input_ids"]
+    labels = [-100] * len(ids)
+    for q, a in qa:
+        qids = tokenizer(QUESTION_SEP + q + ANSWER_CUE, add_special_tokens=False)["input_ids"]
+        aids = tokenizer(" " + a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids += qids + aids
+        labels += [-100] * len(qids) + aids
+    return ids, labels
+
+
+def encode_example(tokenizer, doc: dict) -> tuple[list[int], list[int]]:
+    """An eval document as (prompt + answer + eos, labels on answer + eos)."""
+    ctx, query = encode_document(tokenizer, doc["context"], doc["question"])
+    aids = tokenizer(" " + doc["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return ctx + query + aids, [-100] * (len(ctx) + len(query)) + aids
+
+
+def collate(pairs, pad_id: int):
+    """Right-pad to the longest; no attention mask is needed under causal attention (pads come last)."""
+    n = max(len(ids) for ids, _ in pairs)
+    ids = torch.full((len(pairs), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(pairs), n), -100, dtype=torch.long)
+    for i, (x, y) in enumerate(pairs):
+        ids[i, :len(x)] = torch.tensor(x)
+        labels[i, :len(y)] = torch.tensor(y)
+    return ids, labels
+
+
+def answer_logits(model, ids, labels):
+    """Logits at the positions that predict a labelled token, and those targets."""
+    hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    sel = targets != -100
+    return model.lm_head(hidden[sel]).float(), targets[sel], sel
+
+
+# --------------------------------------------------------------------------- eval
+@torch.no_grad()
+def teacher_forced_accuracy(model, tokenizer, docs: list[dict], batch: int) -> float:
+    """Fraction of docs whose every answer token (and eos) is the greedy argmax."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(docs), batch):
+        ids, labels = collate([encode_example(tokenizer, d) for d in docs[i:i + batch]], tokenizer.pad_token_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, targets, sel = answer_logits(model, ids, labels)
+        ok = (logits.argmax(-1) == targets)
+        # Regroup the flat selection per row.
+        rows = sel.nonzero()[:, 0]
+        for r in range(ids.shape[0]):
+            correct += bool(ok[rows == r].all())
+    model.train()
+    return correct / len(docs)
+
+
+def eval_docs(tokenizer, task: str, length: int, n: int, seed: int) -> list[dict]:
+    rng = random.Random(f"heldout:{task}:{length}:{seed}")
+    return [tasks.make_example(task, length, tokenizer, rng, idx=i) for i in range(n)]
+
+
+@torch.no_grad()
+def generate_eval(model_dir: Path, lengths: list[int], n: int, seed: int) -> dict:
+    """Greedy ``generate`` accuracy per task and length with plain transformers (fp32, sdpa)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    results = {}
+    for length in lengths:
+        for task in tasks.TASKS:
+            docs = eval_docs(tok, task, length, n, seed + 1000)  # not the training-time held-out set
+            hits, t0, n_tok = 0, time.time(), 0
+            for d in docs:
+                ctx, query = encode_document(tok, d["context"], d["question"])
+                ids = torch.tensor([ctx + query])
+                n_tok += ids.shape[1]
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                                     do_sample=False, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)
+                new = out[0, ids.shape[1]:].tolist()
+                if tok.eos_token_id in new:
+                    new = new[:new.index(tok.eos_token_id)]
+                hits += tasks.score(tok.decode(new, skip_special_tokens=True), d["answer"])
+            results[f"{task}@{length}"] = {"task": task, "length": length, "n": n, "accuracy": hits / n,
+                                           "mean_prompt_tokens": n_tok / n, "seconds": round(time.time() - t0, 1)}
+            print(json.dumps(results[f"{task}@{length}"]), flush=True)
+    return results
+
+
+# --------------------------------------------------------------------------- training
+def parse_stages(spec: str) -> list[tuple[int, int, int]]:
+    out = []
+    for part in spec.split(","):
+        length, batch, steps = (int(x) for x in part.split(":"))
+        out.append((length, batch, steps))
+    return out
+
+
+def build_model(args, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=8192, rope_theta=args.rope_theta, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa")
+    torch.manual_seed(args.seed)
+    return LlamaForCausalLM(config)
+
+
+def save_model(model, tokenizer, out: Path, log: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "training_log.json").write_text(json.dumps(log, indent=1))
+
+
+def train(args) -> None:
+    torch.set_num_threads(args.threads)
+    out, ckpt_dir = Path(args.out), Path(args.ckpt)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    stages = parse_stages(args.stages)
+    tokenizer = train_tokenizer(args.vocab)
+    model = build_model(args, tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"vocab {len(tokenizer)}  params {n_params / 1e6:.2f}M  stages {stages}", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
+    rng = random.Random(args.seed)
+    log = {"args": vars(args), "n_params": n_params, "vocab_size": len(tokenizer), "curve": []}
+    stage, stage_step, step, elapsed = 0, 0, 0, 0.0
+    if args.resume and (ckpt_dir / "ckpt.pt").exists():
+        state = torch.load(ckpt_dir / "ckpt.pt", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        rng.setstate(state["rng"])
+        stage, stage_step, step, elapsed = state["stage"], state["stage_step"], state["step"], state["elapsed"]
+        log["curve"] = state["curve"]
+        stage = min(stage, len(stages) - 1)
+        print(f"resumed at step {step}, stage {stage}, stage step {stage_step}", flush=True)
+    model.train()
+    t_start = time.time() - elapsed
+    held_out = {}
+    losses: list[float] = []
+    while True:
+        length, batch, max_steps = stages[stage]
+        last = stage == len(stages) - 1
+        if stage_step >= max_steps:
+            if last:
+                break
+            stage, stage_step = stage + 1, 0
+            continue
+        # Learning rate: linear warmup, constant, and in the last stage cosine decay to 10%.
+        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        if last:
+            lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * stage_step / max_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        pairs = [encode_training(tokenizer, *tasks.make_training_sequence(length, tokenizer, rng))
+                 for _ in range(batch)]
+        ids, labels = collate(pairs, tokenizer.pad_token_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, targets, _ = answer_logits(model, ids, labels)
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        stage_step += 1
+        losses.append(loss.item())
+        if step % args.log_every == 0:
+            rec = {"step": step, "stage": stage, "length": length, "loss": sum(losses) / len(losses),
+                   "lr": lr, "elapsed_s": round(time.time() - t_start, 1)}
+            losses = []
+            log["curve"].append(rec)
+            print(json.dumps(rec), flush=True)
+        if step % args.eval_every == 0 or stage_step == max_steps:
+            if length not in held_out:
+                held_out = {length: {t: eval_docs(tokenizer, t, length, args.eval_n, args.seed) for t in tasks.TASKS}}
+            acc = {t: teacher_forced_accuracy(model, tokenizer, d, max(1, 8192 // length))
+                   for t, d in held_out[length].items()}
+            rec = {"step": step, "stage": stage, "length": length, "accuracy": acc, "n": args.eval_n,
+                   "elapsed_s": round(time.time() - t_start, 1)}
+            log["curve"].append(rec)
+            print(json.dumps(rec), flush=True)
+            if not last and min(acc.values()) >= args.advance_at:
+                stage, stage_step = stage + 1, 0
+                print(f"advance to stage {stage}: {stages[stage]}", flush=True)
+        if step % args.ckpt_every == 0:
+            log["wall_s"] = round(time.time() - t_start, 1)
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(),
+                        "stage": stage, "stage_step": stage_step, "step": step, "elapsed": time.time() - t_start,
+                        "curve": log["curve"]}, ckpt_dir / "ckpt.pt.tmp")
+            (ckpt_dir / "ckpt.pt.tmp").replace(ckpt_dir / "ckpt.pt")
+            save_model(model, tokenizer, ckpt_dir / "model", log)
+    log["wall_s"] = round(time.time() - t_start, 1)
+    log["steps"] = step
+    save_model(model, tokenizer, out, log)
+    print(f"saved to {out} after {step} steps, {log['wall_s']} s", flush=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="apb/data/retrieval-model")
+    p.add_argument("--ckpt", default="/tmp/apb-retrieval-ckpt")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--intermediate", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--rope-theta", type=float, default=100000.0)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--stages", default="256:32:400,512:16:300,1024:8:250,2048:4:200,4096:2:200",
+                   help="LEN:BATCH:MAX_STEPS,... (short to long; the last runs to its step count)")
+    p.add_argument("--advance-at", type=float, default=0.9)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-n", type=int, default=24)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--ckpt-every", type=int, default=50)
+    p.add_argument("--eval-only", default=None, help="measure a saved model directory instead of training")
+    p.add_argument("--eval-lengths", default="4096")
+    p.add_argument("--eval-final-n", type=int, default=100)
+    args = p.parse_args(argv)
+    if args.eval_only:
+        torch.set_num_threads(args.threads)
+        d = Path(args.eval_only)
+        res = generate_eval(d, [int(x) for x in args.eval_lengths.split(",")], args.eval_final_n, args.seed)
+        logf = d / "training_log.json"
+        log = json.loads(logf.read_text()) if logf.exists() else {}
+        log.setdefault("final_eval", {}).update(res)
+        logf.write_text(json.dumps(log, indent=1))
+        return
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
