@@ -63,6 +63,18 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="write the report as JSON here")
     b.add_argument("--plot", help="write a PNG of time vs length per method")
 
+    e = sub.add_parser("eval", help="task accuracy (passkey, niah, vt) per method and length")
+    _common(e)
+    e.add_argument("--model", default="apb-retrieval", help="default: the packaged trained retrieval model")
+    e.add_argument("--tasks", default="passkey,niah,vt")
+    e.add_argument("--methods", default="full,star,apb,spava")
+    e.add_argument("--world-size", type=int, help="default: parallel.world_size")
+    e.add_argument("--lengths", type=_ints, default=[2048, 4096])
+    e.add_argument("--samples", type=int, default=20)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--data", help="your own JSONL {id, context, question, answer} instead of generated tasks")
+    e.add_argument("--json", help="write the results as JSON here")
+
     sm = sub.add_parser("simulate", help="analytical cost model: predict prefill time on GPU clusters")
     _common(sm)
     sm.add_argument("--reference", choices=["apb-paper"], help="predict a published table and compare")
@@ -97,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"verify": cmd_verify, "demo": cmd_demo, "run": cmd_run, "simulate": cmd_simulate,
-                "bench": cmd_bench}[args.command](cfg, args)
+                "bench": cmd_bench, "eval": cmd_eval}[args.command](cfg, args)
     except (ValueError, FileNotFoundError) as e:
         print(f"apb: {e}", file=sys.stderr)
         return 2
@@ -201,6 +213,38 @@ def _default_config_path() -> str:
 
 def _fmt_s(x) -> str:
     return "OOM" if x is None else f"{x:.2f}"
+
+
+def cmd_eval(cfg, args) -> int:
+    import json
+
+    from apb import evaluate
+    from apb.config import load_config
+    from apb.engine import Engine
+
+    methods = _csv(args.methods)
+    _check_methods(methods)
+    overrides = list(args.overrides) + [f"model.name_or_path={args.model}"]
+    if args.world_size:
+        overrides.append(f"parallel.world_size={args.world_size}")
+    cfg = load_config(args.config, overrides)
+    if args.data:
+        docs = evaluate.read_dataset(args.data)
+    else:
+        from apb.tasks import TASKS
+
+        tasks = _csv(args.tasks)
+        bad = [t for t in tasks if t not in TASKS]
+        if bad:
+            raise ValueError(f"--tasks: unknown {', '.join(bad)}; valid tasks: {', '.join(TASKS)}")
+        docs = evaluate.generate(tasks, args.lengths, args.samples, Engine(cfg).tokenizer, args.seed)
+    rows = evaluate.evaluate(cfg, methods, docs, args.config, overrides)
+    print(evaluate.format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": rows}, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
 
 
 def cmd_bench(cfg, args) -> int:

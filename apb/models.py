@@ -68,14 +68,30 @@ def materialize_preset(name: str, seed: int = 0, root: Path | None = None) -> Pa
     return target
 
 
+#: checkpoints shipped inside the package (trained by ``python -m apb.train_retrieval``)
+PACKAGED = {"apb-retrieval": "retrieval-model"}
+
+
+def packaged_path(name: str) -> Path:
+    from importlib import resources
+
+    path = Path(str(resources.files("apb") / "data" / PACKAGED[name]))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"the packaged model {name!r} is missing from {path}; reinstall the package, or "
+                                "train it with `python -m apb.train_retrieval --out apb/data/retrieval-model`")
+    return path
+
+
 def resolve_model(name_or_path: str, seed: int = 0) -> Path:
-    """A preset name or a local checkpoint directory -> a checkpoint directory."""
+    """A preset name, a packaged model name, or a local checkpoint directory -> a checkpoint directory."""
     if name_or_path in PRESETS:
         return materialize_preset(name_or_path, seed)
+    if name_or_path in PACKAGED:
+        return packaged_path(name_or_path)
     path = Path(name_or_path).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"model {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a local Hugging Face "
+            f"model {name_or_path!r} is neither a preset ({', '.join([*PRESETS, *PACKAGED])}) nor a local Hugging Face "
             f"checkpoint directory with a config.json; set model.name_or_path to a downloaded checkpoint")
     return path
 

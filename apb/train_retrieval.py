@@ -18,7 +18,7 @@ What it does, in order (all seeded; one CPU thread):
    ``--eval-every`` steps it measures held-out accuracy per task at the stage length (teacher
    forced: an example counts as correct when the greedy argmax is right at every answer token
    and at eos, which is exactly when greedy decoding returns the answer) and moves to the next
-   stage once every task reaches ``--advance-at``. The last stage runs to its step count, with
+   stage once passkey and niah reach ``--advance-at`` and vt ``--advance-at-vt``. The last stage runs to its step count, with
    the learning rate decaying to 10% over it.
 4. Saves ``config.json``, ``model.safetensors``, the tokenizer files and ``training_log.json``
    (the learning curve) into ``--out``; a resumable checkpoint goes to ``--ckpt`` every
@@ -227,7 +227,7 @@ def train(args) -> None:
             lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * stage_step / max_steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        pairs = [encode_training(tokenizer, *tasks.make_training_sequence(length, tokenizer, rng))
+        pairs = [encode_training(tokenizer, *tasks.make_training_sequence(length, tokenizer, rng, args.needle_fraction))
                  for _ in range(batch)]
         ids, labels = collate(pairs, tokenizer.pad_token_id)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -255,7 +255,7 @@ def train(args) -> None:
                    "elapsed_s": round(time.time() - t_start, 1)}
             log["curve"].append(rec)
             print(json.dumps(rec), flush=True)
-            if not last and min(acc.values()) >= args.advance_at:
+            if not last and min(acc["passkey"], acc["niah"]) >= args.advance_at and acc["vt"] >= args.advance_at_vt:
                 stage, stage_step = stage + 1, 0
                 print(f"advance to stage {stage}: {stages[stage]}", flush=True)
         if step % args.ckpt_every == 0:
@@ -288,11 +288,13 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--stages", default="256:32:400,512:16:300,1024:8:250,2048:4:200,4096:2:200",
+    p.add_argument("--stages", default="256:16:500,512:8:300,1024:4:250,2048:2:200,4096:1:300",
                    help="LEN:BATCH:MAX_STEPS,... (short to long; the last runs to its step count)")
-    p.add_argument("--advance-at", type=float, default=0.9)
+    p.add_argument("--advance-at", type=float, default=0.9, help="passkey and niah accuracy to move on")
+    p.add_argument("--advance-at-vt", type=float, default=0.6, help="vt accuracy to move on")
+    p.add_argument("--needle-fraction", type=float, default=0.6)
     p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-n", type=int, default=24)
+    p.add_argument("--eval-n", type=int, default=16)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=50)
     p.add_argument("--eval-only", default=None, help="measure a saved model directory instead of training")
