@@ -243,6 +243,28 @@ def spava(n_ctx: int, n_query: int, world_size: int, anchor_len: int) -> list[Ho
     return slices
 
 
+def apb_passing_sources(rank: int) -> list[int]:
+    """APB: host ``r``'s block sees the passing blocks of hosts ``0 .. r-1``."""
+    return list(range(rank))
+
+
+def spava_holder(block_id: int, world_size: int) -> tuple[int, int]:
+    """Spava: (host, slot) holding virtual block ``block_id``; slot 0 is a host's first block."""
+    if not 0 <= block_id < 2 * world_size:
+        raise ValueError(f"virtual block {block_id} does not exist with {world_size} hosts")
+    return (block_id, 0) if block_id < world_size else (2 * world_size - 1 - block_id, 1)
+
+
+def spava_passing_sources(block_id: int, world_size: int) -> list[tuple[int, int]]:
+    """Spava: the (host, slot) passing blocks virtual block ``block_id`` sees.
+
+    Every earlier virtual block held by *another* host; an earlier block on the same host is
+    seen in full instead (it is already there).
+    """
+    me, _ = spava_holder(block_id, world_size)
+    return [spava_holder(j, world_size) for j in range(block_id) if spava_holder(j, world_size)[0] != me]
+
+
 def pad_tokens(input_ids: torch.Tensor, total: int, pad_id: int) -> torch.Tensor:
     """Right-pad a (1, n) id tensor to (1, total) with ``pad_id``."""
     n = input_ids.shape[-1]

@@ -37,11 +37,6 @@ class SpavaPlan:
     passing: tuple[int, ...]  # per layer, tokens per virtual block
 
 
-def _host_slot(block_id: int, world: int) -> tuple[int, int]:
-    """Which host holds virtual block ``block_id``, and whether as its first (0) or second (1) block."""
-    return (block_id, 0) if block_id < world else (2 * world - 1 - block_id, 1)
-
-
 @register_method("spava")
 class Spava(Method):
     exact = False
@@ -96,8 +91,8 @@ class Spava(Method):
         parts2 = self._local(q, k, v, r2, before2, scale)
         if pending is not None:
             received = pending.wait()
-            parts1 += self._remote(q, r1, first.chunk_id, received, ctx, layer, scale, skip=None)
-            parts2 += self._remote(q, r2, second.chunk_id, received, ctx, layer, scale, skip=first.chunk_id)
+            parts1 += self._remote(q, r1, first.chunk_id, received, ctx, layer, scale)
+            parts2 += self._remote(q, r2, second.chunk_id, received, ctx, layer, scale)
         out[:, :, r1] = merge_many(parts1)[0].to(q.dtype)
         out[:, :, r2] = merge_many(parts2)[0].to(q.dtype)
         if q_part is not None:
@@ -131,13 +126,10 @@ class Spava(Method):
             shares.append(share)
         return ctx.comm.all_gather_start(torch.stack(shares))
 
-    def _remote(self, q, rows, block_id, received, ctx, layer, scale, skip):
-        world, p = ctx.comm.size, ctx.plan.passing[layer]
+    def _remote(self, q, rows, block_id, received, ctx, layer, scale):
+        p = ctx.plan.passing[layer]
         ks, vs = [], []
-        for j in range(block_id):
-            host, slot = _host_slot(j, world)
-            if j == skip or host == ctx.rank:
-                continue
+        for host, slot in layout.spava_passing_sources(block_id, ctx.comm.size):
             size = min(p, ctx.slices[host].blocks()[slot].size)
             ks.append(received[host][slot, 0, :, :, :size])
             vs.append(received[host][slot, 1, :, :, :size])

@@ -130,7 +130,7 @@ class Anchored(Method):
         parts = pending.wait()
         ks, vs = [], []
         p = ctx.plan.passing[layer]
-        for src in range(ctx.rank):
+        for src in layout.apb_passing_sources(ctx.rank):
             size = _share(ctx.slices[src], p)
             ks.append(parts[src][0][:, :, :size])
             vs.append(parts[src][1][:, :, :size])

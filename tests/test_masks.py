@@ -1,0 +1,153 @@
+"""The approximate methods' attention masks, checked against a dense reference, without processes.
+
+Each host runs its method's attention step in a thread; a thread-backed communicator stands in
+for the process group. Q/K/V are fixed random vectors per prompt token (no RoPE), so a token's
+copies (the anchor) carry the same vectors, and the expected output of every local row is plain
+softmax attention over exactly the keys design.md says that row sees, written out here by hand.
+The ``stride`` compressor is used because its choice is known in closed form.
+"""
+
+import math
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from apb.methods import build_method
+from apb.methods.base import AttnContext
+from apb.parallel.comm import CommStats
+from apb.parallel.layout import spava_holder
+
+H, KV, D = 4, 2, 8
+
+
+class ThreadComm:
+    def __init__(self, rank, size, shared):
+        self.rank, self.size, self.shared, self.stats, self.group = rank, size, shared, CommStats(), None
+
+    def all_gather_start(self, t, op="all_gather"):
+        sh = self.shared
+        sh["slots"][self.rank] = t
+        sh["barrier"].wait()
+        out = list(sh["slots"])
+        sh["barrier"].wait()
+        self.stats.record(op, t.numel() * t.element_size())
+        return SimpleNamespace(wait=lambda: out)
+
+
+def run_hosts(method, n, n_query, world, vecs):
+    slices = method.layout(n, world, n_query)
+    plan = method.plan(n, world, n_query, 1)
+    shared = {"slots": [None] * world, "barrier": threading.Barrier(world)}
+    outs, errors = [None] * world, []
+
+    def host(r):
+        try:
+            idx = slices[r].indices
+            q, k, v = (t[idx].T.reshape(1, -1, len(idx), D) for t in vecs)
+            q = vecs[0][idx].reshape(len(idx), H, D).permute(1, 0, 2)[None]
+            k = vecs[1][idx].reshape(len(idx), KV, D).permute(1, 0, 2)[None]
+            v = vecs[2][idx].reshape(len(idx), KV, D).permute(1, 0, 2)[None]
+            ctx = AttnContext(method, slices, ThreadComm(r, world, shared), plan=plan, n_query=n_query)
+            outs[r] = method.attention(ctx, SimpleNamespace(layer_idx=0), q, k, v, D ** -0.5)
+        except BaseException as e:  # surface thread failures in the test
+            errors.append(e)
+            shared["barrier"].abort()
+
+    threads = [threading.Thread(target=host, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if errors:
+        raise errors[0]
+    return slices, plan, outs
+
+
+def dense(vecs, g, keys):
+    """Attention of prompt token g's query over prompt tokens ``keys`` (a list of indices)."""
+    q = vecs[0][g].reshape(H, D).double()
+    k = vecs[1][keys].reshape(len(keys), KV, D).double()
+    v = vecs[2][keys].reshape(len(keys), KV, D).double()
+    out = torch.empty(H, D, dtype=torch.float64)
+    for h in range(H):
+        s = k[:, h // (H // KV)] @ q[h] / math.sqrt(D)
+        out[h] = torch.softmax(s, 0) @ v[:, h // (H // KV)]
+    return out
+
+
+def stride_pick(start, stop, p):
+    t = stop - start
+    return list(range(start, stop)) if p >= t else [start + (j * t) // p for j in range(p)]
+
+
+def random_vecs(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, H * D, generator=g), torch.randn(n, KV * D, generator=g), torch.randn(n, KV * D, generator=g)]
+
+
+@pytest.mark.parametrize("world,n_ctx,n_query,anchor,passing", [(3, 91, 7, 9, 4), (4, 130, 5, 12, 6), (2, 50, 3, 0, 5)])
+def test_apb_mask(world, n_ctx, n_query, anchor, passing):
+    n = n_ctx + n_query
+    method = build_method("apb", compressor="stride", anchor_len=anchor, passing_len=passing, query_insert_pos=3)
+    vecs = random_vecs(n)
+    slices, plan, outs = run_hosts(method, n, n_query, world, vecs)
+    blocks = [s.blocks()[0] for s in slices]
+    for r, s in enumerate(slices):
+        idx = s.indices.tolist()
+        anchor_rows = [i for i, c in enumerate(s.chunks) for _ in range(c.size) if c.kind == "anchor"]
+        n_anchor = len(anchor_rows)
+        passed = [t for src in range(r) for t in stride_pick(blocks[src].start, blocks[src].stop, passing)]
+        for row, g in enumerate(idx):
+            if row < n_anchor:
+                keys = idx[: row + 1]  # anchor: causal over the anchor (query embedded in it)
+            elif blocks[r].start <= g < blocks[r].stop and row < n_anchor + blocks[r].size:
+                keys = passed + idx[:n_anchor] + list(range(blocks[r].start, g + 1))
+            else:
+                continue  # scoring-only query rows are not outputs
+            got = outs[r][0, :, row].double()
+            assert torch.allclose(got, dense(vecs, g, keys), atol=1e-5), (r, row, g)
+
+
+@pytest.mark.parametrize("world,n_ctx,n_query,anchor,passing", [(3, 100, 6, 10, 3), (2, 61, 4, 0, 2), (1, 40, 3, 5, 2)])
+def test_spava_mask_and_exact_query(world, n_ctx, n_query, anchor, passing):
+    n = n_ctx + n_query
+    method = build_method("spava", compressor="stride", anchor_len=anchor, passing_len=passing)
+    vecs = random_vecs(n, seed=1)
+    slices, plan, outs = run_hosts(method, n, n_query, world, vecs)
+    vblocks = {c.chunk_id: c for s in slices for c in s.blocks()}
+    a = plan.anchor_len
+    for r, s in enumerate(slices):
+        first, second = s.blocks()
+        for (c, rows) in s.chunk_rows():
+            for row, g in zip(range(rows.start, rows.stop), range(c.start, c.stop)):
+                if c.kind == "anchor":
+                    keys = list(range(0, g + 1))
+                elif c.kind == "block":
+                    passed = []
+                    for host, slot in [spava_holder(j, world) for j in range(c.chunk_id)]:
+                        if host != r:
+                            src = slices[host].blocks()[slot]
+                            passed += stride_pick(src.start, src.stop, passing)
+                    local = list(range(0, a)) + (list(range(first.start, first.stop)) if c is second else [])
+                    keys = passed + local + list(range(c.start, g + 1))
+                else:  # the query: every context token exactly once, then the query causally
+                    keys = list(range(0, n_ctx)) + list(range(n_ctx, g + 1))
+                got = outs[r][0, :, row].double()
+                assert torch.allclose(got, dense(vecs, g, keys), atol=1e-5), (r, c.kind, row, g)
+    assert sorted(vblocks) == list(range(2 * world))
+
+
+def test_passing_visibility_rules():
+    from apb.parallel.layout import apb_passing_sources, spava_passing_sources
+
+    assert apb_passing_sources(0) == [] and apb_passing_sources(3) == [0, 1, 2]
+    # W=2: virtual blocks 0..3 live on hosts 0, 1, 1, 0
+    assert [spava_holder(j, 2) for j in range(4)] == [(0, 0), (1, 0), (1, 1), (0, 1)]
+    assert spava_passing_sources(0, 2) == []
+    assert spava_passing_sources(1, 2) == [(0, 0)]
+    assert spava_passing_sources(2, 2) == [(0, 0)]  # block 1 is on the same host: seen in full
+    assert spava_passing_sources(3, 2) == [(1, 0), (1, 1)]  # block 0 is local
+    with pytest.raises(ValueError):
+        spava_holder(4, 2)
