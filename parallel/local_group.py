@@ -13,7 +13,9 @@ from __future__ import annotations
 import importlib
 import itertools
 import multiprocessing as mp
+import os
 import queue
+import sys
 import time
 import traceback
 from typing import Any
@@ -31,6 +33,8 @@ class WorkerError(RuntimeError):
 
 def _serve(worker_cls: str, kwargs: dict, rank: int, world_size: int, init_method: str,
            inbox: mp.Queue, outbox: mp.Queue) -> None:
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # all peers are local: listen on loopback only
     try:
         module, name = worker_cls.split(":")
         cls = getattr(importlib.import_module(module), name)

@@ -103,3 +103,13 @@ def test_uncompressed_variants_are_exact_with_distributed_decode(group3):
                   query_len=33, decode_mode="distributed")
     for r in rows:
         assert r.passed and r.max_abs_logit_diff <= 1e-4 and r.tokens_match, r
+
+
+def test_ulysses_four_all_to_alls_per_layer(group3):
+    # tiny-llama: 12 query heads, 4 KV heads (not divisible by 3: replicated to 12), 900 tokens -> 300 per host
+    for reply in _run(group3, "ulysses"):
+        ops = _ops(reply, "context", "all_to_all")
+        assert sorted(o["layer"] for o in ops) == list(range(LAYERS))
+        for o in ops:
+            assert o["calls"] == 4
+            assert o["bytes"] == 4 * (300 * 12 * HEAD_DIM * 4) * 2 // 3

@@ -73,8 +73,9 @@ class Ulysses(Method):
         dist_attn, timer = ctx.scratch["ulysses"]
         t0, local0 = time.perf_counter(), timer[0]
         out = dist_attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0)
-        # DeepSpeed does its own exchange; count it here: (W-1)/W of q, k, v and the output leave each host
-        moved = sum(t.numel() * t.element_size() for t in (q, k, v, q)) * (world - 1) // world
+        # DeepSpeed does its own four exchanges (q, k, v, output); count each here: (W-1)/W of
+        # the tensor leaves each host. The time is what the call took beyond the local attention.
         exchange_s = time.perf_counter() - t0 - (timer[0] - local0)
-        ctx.comm.record_external("all_to_all", moved, exchange_s)
+        for t in (q, k, v, q):
+            ctx.comm.record_external("all_to_all", t.numel() * t.element_size() * (world - 1) // world, exchange_s / 4)
         return out.transpose(1, 2)
