@@ -211,13 +211,20 @@ def _default_config_path() -> str:
     return path
 
 
+def _dump_results(path: str | None, rows: list[dict]) -> None:
+    if path:
+        import json
+
+        with open(path, "w") as f:
+            json.dump({"results": rows}, f, indent=2)
+        print(f"wrote {path}")
+
+
 def _fmt_s(x) -> str:
     return "OOM" if x is None else f"{x:.2f}"
 
 
 def cmd_eval(cfg, args) -> int:
-    import json
-
     from apb import evaluate
     from apb.config import load_config
     from apb.engine import Engine
@@ -240,10 +247,7 @@ def cmd_eval(cfg, args) -> int:
         docs = evaluate.generate(tasks, args.lengths, args.samples, Engine(cfg).tokenizer, args.seed)
     rows = evaluate.evaluate(cfg, methods, docs, args.config, overrides)
     print(evaluate.format_table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"results": rows}, f, indent=2)
-        print(f"wrote {args.json}")
+    _dump_results(args.json, rows)
     return 0
 
 
@@ -274,8 +278,6 @@ def _cell(row: dict) -> str:
 
 
 def cmd_simulate(cfg, args) -> int:
-    import json
-
     from apb import costmodel as cm
 
     if args.reference:
@@ -303,10 +305,7 @@ def cmd_simulate(cfg, args) -> int:
                 cells = {r["method"]: r for r in rows if r["length"] == n and (r["world_size"] == w or
                                                                               r["method"] == "full")}
                 print(f"{w:>4} {n:>9} " + "".join(f"{_fmt_s(cells[m]['predicted_s']):>10}" for m in methods))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"results": rows}, f, indent=2)
-        print(f"wrote {args.json}")
+    _dump_results(args.json, rows)
     return 0
 
 

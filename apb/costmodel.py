@@ -114,7 +114,6 @@ class Sizes:
 
 def host_work(method: str, n: float, w: int, m: ModelShape, sizes: Sizes = Sizes()) -> HostWork:
     """The slowest host's work for ``method`` prefilling ``n`` tokens over ``w`` hosts."""
-    kv_tok = 2 * m.kv_heads * m.head_dim * m.bytes_per_param
     q = sizes.query
     b = n / w
     if method == "full" or w == 1:
