@@ -88,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the embedded default: local CPU workers, a small model, bundled documents")
     _common(d)
     d.add_argument("--method", help="method to show beside full (default: method.name)")
+    d.add_argument("--model", help="default: the packaged trained retrieval model, if installed")
     d.add_argument("--input", help="JSONL documents (default: the bundled set)")
     return ap
 
@@ -211,12 +212,17 @@ def _default_config_path() -> str:
     return path
 
 
-def _dump_results(path: str | None, rows: list[dict]) -> None:
+def _dump_results(path: str | None, rows: list[dict], cfg=None) -> None:
+    """Write ``{"results": rows}``, and the resolved config beside it (PATH.config.yaml)."""
     if path:
         import json
 
+        from apb.config import dump_config
+
         with open(path, "w") as f:
             json.dump({"results": rows}, f, indent=2)
+        if cfg is not None:
+            dump_config(cfg, f"{path}.config.yaml")
         print(f"wrote {path}")
 
 
@@ -247,7 +253,7 @@ def cmd_eval(cfg, args) -> int:
         docs = evaluate.generate(tasks, args.lengths, args.samples, Engine(cfg).tokenizer, args.seed)
     rows = evaluate.evaluate(cfg, methods, docs, args.config, overrides)
     print(evaluate.format_table(rows))
-    _dump_results(args.json, rows)
+    _dump_results(args.json, rows, cfg)
     return 0
 
 
@@ -264,7 +270,10 @@ def cmd_bench(cfg, args) -> int:
                              args.bandwidth_gbs)
     print(bench.format_table(report))
     if args.json:
+        from apb.config import dump_config
+
         bench.write_json(report, args.json)
+        dump_config(cfg, f"{args.json}.config.yaml")
         print(f"wrote {args.json}")
     if args.plot:
         bench.plot([(report, "wall_s"), (report, "projected_s")], args.plot)
@@ -316,17 +325,28 @@ def cmd_demo(cfg, args) -> int:
     from apb.config import load_config
     from apb.engine import Engine, start_group
 
+    from apb.models import packaged_path
+
+    model = args.model
+    if model is None:
+        try:
+            packaged_path("apb-retrieval")
+            model = "apb-retrieval"
+        except FileNotFoundError:
+            model = cfg.model.name_or_path
+    overrides = list(args.overrides) + [f"model.name_or_path={model}"]
+    cfg = load_config(args.config, overrides)
     method = args.method or cfg.method.name
     if method == "full":
         raise ValueError("--method: the demo shows a distributed method beside full; pick another")
     path = args.input or str(resources.files("apb") / "data" / "demo.jsonl")
     docs = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
     world = cfg.parallel.world_size
-    print(f"apb demo: {len(docs)} documents, model {cfg.model.name_or_path}, {world} local worker processes, "
+    print(f"apb demo: {len(docs)} documents, model {model}, {world} local worker processes, "
           f"method {method} beside full (single host)\n")
     group = start_group(cfg)
     try:
-        engines = {m: Engine(load_config(args.config, list(args.overrides) + [f"method.name={m}"]), group=group)
+        engines = {m: Engine(load_config(args.config, overrides + [f"method.name={m}"]), group=group)
                    for m in (method, "full")}
         agree = 0
         for doc in docs:

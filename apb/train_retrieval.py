@@ -231,9 +231,16 @@ def train(args) -> None:
                  for _ in range(batch)]
         ids, labels = collate(pairs, tokenizer.pad_token_id)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits, targets, _ = answer_logits(model, ids, labels)
-        loss = torch.nn.functional.cross_entropy(logits, targets)
-        loss.backward()
+            hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
+            targets, nexts = labels[:, 1:], ids[:, 1:]
+            sel = targets != -100
+            loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[sel]).float(), targets[sel])
+            total = loss
+            if args.lm_weight > 0:  # auxiliary next-token loss on everything else (haystack, needles, questions)
+                other = ~sel & (nexts != tokenizer.pad_token_id)
+                lm = torch.nn.functional.cross_entropy(model.lm_head(hidden[other]).float(), nexts[other])
+                total = loss + args.lm_weight * lm
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -286,6 +293,8 @@ def main(argv=None) -> None:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--rope-theta", type=float, default=100000.0)
     p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--lm-weight", type=float, default=0.25,
+                   help="weight of an auxiliary next-token loss on the non-answer tokens (0: answers only)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--stages", default="256:16:500,512:8:300,1024:4:250,2048:2:200,4096:1:300",
