@@ -49,14 +49,14 @@ def _projected(stats: list[dict], bandwidth: float) -> tuple[float, float, float
     return compute + comm, compute, comm
 
 
-def _attn_gflop(method: str, n: int, world: int, model_config) -> float:
+def _attn_gflop(method: str, n: int, world: int, model_config, n_query: int) -> float:
     shape = costmodel.ModelShape("bench", model_config.num_hidden_layers, model_config.hidden_size,
                                  model_config.num_attention_heads, model_config.num_key_value_heads,
                                  getattr(model_config, "head_dim", None) or
                                  model_config.hidden_size // model_config.num_attention_heads,
                                  model_config.intermediate_size, model_config.vocab_size)
     base = method.split(":")[0]
-    work = costmodel.host_work(base, n, 1 if base == "full" else world, shape, costmodel.Sizes(query=32))
+    work = costmodel.host_work(base, n, 1 if base == "full" else world, shape, costmodel.Sizes(query=n_query))
     return shape.layers * work.pairs * shape.attn_flops_per_pair() / 1e9
 
 
@@ -91,7 +91,7 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
                     "rank_compute_cpu_s": [sum(x["cpu_s"] for x in s["layer_cpu"]) for s in stats],
                     "rank_comm_s": [sum(o["seconds"] for o in s["ops"] if o["phase"] != "gather") for s in stats],
                     "rank_comm_bytes": [sum(o["bytes"] for o in s["ops"] if o["phase"] != "gather") for s in stats],
-                    "attn_gflop_slowest_host": _attn_gflop(method, n, world, model_config),
+                    "attn_gflop_slowest_host": _attn_gflop(method, n, world, model_config, n_query),
                 }
                 rows.append(row)
                 progress(f"{method:<20} n={n:<7} wall {median:8.3f}s  projected {projected:8.3f}s")

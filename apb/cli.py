@@ -192,13 +192,18 @@ def _run_torchrun(cfg, args) -> int:
 
     from apb.parallel.rendezvous import free_port
 
+    config = args.config or _default_config_path()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
            "--nproc-per-node", str(cfg.parallel.world_size), "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), "-m", "apb.torchrun_main", "--input", args.input,
-           "--output", args.output, "--config", args.config or _default_config_path()]
+           "--output", args.output, "--config", config]
     for item in _run_overrides(args):
         cmd += ["--set", item]
-    return subprocess.run(cmd).returncode
+    try:
+        return subprocess.run(cmd).returncode
+    finally:
+        if config != args.config:
+            os.unlink(config)
 
 
 def _default_config_path() -> str:

@@ -103,6 +103,7 @@ class HostWork:
     cached: float  # tokens whose K/V the host holds
     comm_bytes: float = 0.0  # sent per layer, not hidden behind compute
     steps: int = 0  # distributed steps per layer (each pays LAYER_OVERHEAD_S)
+    overlap_bytes: float = 0.0  # sent per layer behind the attention compute (exposed only if longer)
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,8 @@ def host_work(method: str, n: float, w: int, m: ModelShape, sizes: Sizes = Sizes
         return HostWork(n, n * n / 2, n)
     if method == "ring":
         pairs = n * n / 2 / w if sizes.ring_balanced else (2 * w - 1) * b * b / 2
-        return HostWork(b, pairs, b, comm_bytes=0.0, steps=w - 1)  # K/V passing overlaps the block compute
+        kv_tok = 2 * m.kv_heads * m.head_dim * m.bytes_per_param
+        return HostWork(b, pairs, b, steps=w - 1, overlap_bytes=(w - 1) * b * kv_tok)
     if method == "ulysses":
         moved = 4 * b * m.heads * m.head_dim * m.bytes_per_param * (w - 1) / w
         return HostWork(b, n * n / 2 / w, b, comm_bytes=moved, steps=4)
@@ -162,7 +164,8 @@ def predict(method: str, n: int, w: int, model: ModelShape, device: Device, size
     linear = model.linear_flops(work.tokens) / (device.bf16_flops * LINEAR_EFF)
     attn = model.layers * work.pairs * model.attn_flops_per_pair() / (device.bf16_flops * ATTN_EFF)
     bw = device.intra_bw if w <= device.gpus_per_node else device.inter_bw
-    comm = model.layers * work.comm_bytes / (bw * COMM_EFF)
+    hidden = model.layers * work.overlap_bytes / (bw * COMM_EFF)
+    comm = model.layers * work.comm_bytes / (bw * COMM_EFF) + max(0.0, hidden - attn)
     overhead = model.layers * work.steps * LAYER_OVERHEAD_S
     total = linear + attn + comm + overhead
     return Prediction(method, n, w, total, compute_s=linear + attn, comm_s=comm + overhead, memory_gb=memory / GB)

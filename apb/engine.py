@@ -71,6 +71,10 @@ class Engine:
         from apb.methods import build_method
 
         self.method = build_method(cfg.method.name, cfg.method)  # validates method options now, not in a worker
+        try:
+            self.method.check(self.model_config, cfg.parallel.world_size)
+        except ValueError as e:
+            raise ConfigError(f"method.name={cfg.method.name!r}: {e}") from None
         self._group = group
         self._owns_group = group is None
 
@@ -160,7 +164,8 @@ class Engine:
                 raise DocumentError(f"field {key!r} must be a string, got {type(doc[key]).__name__}")
         extra = set(doc) - {"id", "context", "question", "max_new_tokens", "answer"}
         if extra:
-            raise DocumentError(f"unknown field(s) {sorted(extra)}; valid: id, context, question, max_new_tokens")
+            raise DocumentError(f"unknown field(s) {sorted(extra)}; valid: id, context, question, max_new_tokens "
+                                "(and answer, which is ignored)")
         if not doc["id"]:
             raise DocumentError("field 'id' is empty")
         if not doc["context"].strip():

@@ -2,8 +2,9 @@
 
 A launcher (local processes, Ray actors, torchrun) constructs one :class:`Worker` per host with
 a rendezvous address; the worker joins the process group, loads models on demand (cached by
-path and dtype), and runs whole prompts: prefill with a method, gather of the KV cache to the
-decode host (sequence-parallel rank 0), and decoding there.
+path and dtype), and runs whole prompts: prefill with a method, then decoding, either after a
+gather of the KV cache to the decode host (sequence-parallel rank 0) or with the cache left in
+place (``decode_mode="distributed"``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The parallel-state object: validates the sequence-parallel degree and hands out groups.
 
-The world is split into ``world_size // sp_size`` sequence-parallel groups of consecutive ranks
-(each group prefills one prompt; several groups serve documents side by side). Groups are
+The world is split into ``world_size // sp_size`` sequence-parallel groups of consecutive ranks,
+each of which prefills one prompt. (The worker uses one group spanning the world today; the
+split is here so that several groups can later serve documents side by side.) Groups are
 created once here and passed explicitly to whatever communicates.
 """
 
