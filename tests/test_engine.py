@@ -95,3 +95,8 @@ def test_killed_worker_fails_only_the_document_in_flight(repo):
 def test_from_config_rejects_unknown_shortcut(repo):
     with pytest.raises(ConfigError, match="shortcuts"):
         Engine.from_config(repo / "configs/tiny-cpu.yaml", wrld_size=2)
+
+
+def test_method_that_cannot_run_the_model_fails_at_load(repo):
+    with pytest.raises(ConfigError, match="num_attention_heads=12 is not divisible by world_size=5"):
+        Engine.from_config(repo / "configs/tiny-cpu.yaml", method="ulysses", world_size=5)
