@@ -71,10 +71,20 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
     rows = []
     group = LocalWorkerGroup(world, worker_kwargs={"device": cfg.parallel.device, "timeout_s": 3600.0, "threads": 1},
                              timeout_s=3600.0)
+    from apb.methods import build_method
+
+    runnable = []
+    for method in methods:
+        try:
+            build_method(method, **options).check(model_config, world)
+            runnable.append(method)
+        except ValueError as e:  # e.g. ulysses with heads not divisible by W: reported, not fatal
+            rows += [{"method": method, "length": n, "world_size": world, "error": str(e)} for n in lengths]
+            progress(f"{method:<20} skipped: {e}")
     try:
         for n in lengths:
             ids = random_prompt(n, model_config.vocab_size, seed=n)
-            for method in methods:
+            for method in runnable:
                 req = PromptRequest(str(path), ids, method, method_options=options, n_query=n_query,
                                     dtype=cfg.model.dtype, sampling=Sampling(max_new_tokens=1))
                 group.call("run_prompt", req)  # warm-up: first-call allocations, imports
@@ -97,8 +107,9 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
                 progress(f"{method:<20} n={n:<7} wall {median:8.3f}s  projected {projected:8.3f}s")
     finally:
         group.close()
-    for row in rows:
-        same = {r["method"]: r for r in rows if r["length"] == row["length"]}
+    measured = [r for r in rows if "error" not in r]
+    for row in measured:
+        same = {r["method"]: r for r in measured if r["length"] == row["length"]}
         for ref in ("full", "ring"):
             if ref in same:
                 row[f"wall_speedup_vs_{ref}"] = same[ref]["wall_s"] / row["wall_s"]
@@ -119,6 +130,9 @@ def format_table(report: dict) -> str:
     lines = [f"{'method':<20}{'n':>8}{'W':>4}{'wall s':>10}{'proj s':>10}{'proj vs full':>14}{'proj vs ring':>14}"
              f"{'comm MiB':>10}{'attn GFLOP':>12}"]
     for r in report["results"]:
+        if "error" in r:
+            lines.append(f"{r['method']:<20}{r['length']:>8}{r['world_size']:>4}  not run: {r['error']}")
+            continue
         lines.append(f"{r['method']:<20}{r['length']:>8}{r['world_size']:>4}{r['wall_s']:>10.3f}{r['projected_s']:>10.3f}"
                      f"{r.get('projected_speedup_vs_full', float('nan')):>14.2f}"
                      f"{r.get('projected_speedup_vs_ring', float('nan')):>14.2f}"
@@ -137,7 +151,8 @@ def plot(panels: list[tuple[dict, str]], path: str | Path) -> None:
     for ax, (rep, key) in zip(axes[0], panels):
         by_method = defaultdict(list)
         for r in rep["results"]:
-            by_method[r["method"]].append((r["length"], r[key]))
+            if "error" not in r:
+                by_method[r["method"]].append((r["length"], r[key]))
         for method, pts in by_method.items():
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)

@@ -134,8 +134,9 @@ class Engine:
                             dtype=self.cfg.model.dtype, decode_mode=d.mode, eos_ids=self.eos,
                             sampling=Sampling(max_new_tokens=max_new, temperature=d.temperature, top_p=d.top_p,
                                               seed=d.seed))
+        group = self.group  # a group that cannot start is not one document's failure: it propagates
         try:
-            result = self.group.call("run_prompt", req)[0]
+            result = group.call("run_prompt", req)[0]
         except WorkerError as e:
             if not self._owns_group:
                 raise  # a group we did not start (torchrun) cannot be rebuilt

@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import random
+import string
 import time
 from pathlib import Path
 
@@ -53,13 +54,17 @@ def train_tokenizer(vocab_size: int):
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"[0-9A-Z]"), behavior="isolated"),
+        pre_tokenizers.Split(Regex(r" ?[0-9]{1,2}| ?[A-Z]"), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    text = tasks.haystack_text()
+    # Number pairs and capitals, with and without a leading space, repeated so that BPE learns
+    # every one of them as a single token (the haystack alone has too few numbers).
+    pairs = [f"{i:02d}" for i in range(100)]
+    drill = " ".join(pairs) + " " + "".join(pairs) + " " + " ".join(f"{c} {c}" for c in string.ascii_uppercase)
+    text = tasks.haystack_text() + ("\n" + drill) * 600
     chunk = 1 << 16
     tok.train_from_iterator((text[i:i + chunk] for i in range(0, len(text), chunk)), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
@@ -292,15 +297,15 @@ def main(argv=None) -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--rope-theta", type=float, default=100000.0)
-    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--lm-weight", type=float, default=0.25,
                    help="weight of an auxiliary next-token loss on the non-answer tokens (0: answers only)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--stages", default="256:16:500,512:8:300,1024:4:250,2048:2:200,4096:1:300",
+    p.add_argument("--stages", default="256:16:600,512:8:300,1024:4:250,2048:2:200,4096:1:250",
                    help="LEN:BATCH:MAX_STEPS,... (short to long; the last runs to its step count)")
     p.add_argument("--advance-at", type=float, default=0.9, help="passkey and niah accuracy to move on")
-    p.add_argument("--advance-at-vt", type=float, default=0.6, help="vt accuracy to move on")
+    p.add_argument("--advance-at-vt", type=float, default=0.5, help="vt accuracy to move on")
     p.add_argument("--needle-fraction", type=float, default=0.6)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-n", type=int, default=16)

@@ -109,7 +109,12 @@ class LocalWorkerGroup:
             if got_seq != seq:
                 continue  # a late reply to an earlier, abandoned call
             if not ok:
+                time.sleep(0.5)  # a peer's death often surfaces first as this rank's broken connection
+                dead = [(r, p.exitcode) for r, p in enumerate(self.procs) if not p.is_alive()]
                 self.close(force=True)
+                if dead:
+                    raise WorkerError(f"worker rank {dead[0][0]} died (exit code {dead[0][1]}) during {what!r}",
+                                      rank=dead[0][0])
                 raise WorkerError(f"worker rank {rank} failed during {what!r}:\n{payload}", rank=rank)
             replies[rank] = payload
         return [replies[r] for r in range(self.world_size)]

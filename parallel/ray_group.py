@@ -66,7 +66,11 @@ def _init_ray(cfg) -> None:
     if ray.is_initialized():
         return
     if cfg.address:
-        ray.init(address=cfg.address, ignore_reinit_error=True, log_to_driver=False)
+        try:
+            ray.init(address=cfg.address, ignore_reinit_error=True, log_to_driver=False)
+        except ConnectionError as e:
+            raise WorkerError(f"ray.address={cfg.address!r}: no Ray cluster reachable ({e}); start one with "
+                              "`ray start --head`, or remove ray.address to start a local instance") from None
     else:
         ray.init(include_dashboard=cfg.include_dashboard, dashboard_host=cfg.dashboard_host,
                  num_cpus=max(os.cpu_count() or 1, 1) * 4, ignore_reinit_error=True, log_to_driver=False,
