@@ -140,6 +140,15 @@ def format_table(report: dict) -> str:
     return "\n".join(lines) + f"\n(wall: {report['labels']['wall_s']}; proj: {report['labels']['projected_s']})"
 
 
+def _color(method: str) -> str:
+    """The same colour for a method in every panel and every plot."""
+    from apb.methods import method_names
+
+    names = method_names(with_variants=True)
+    base = names.index(method) if method in names else len(names)
+    return f"C{base % 10}"
+
+
 def plot(panels: list[tuple[dict, str]], path: str | Path) -> None:
     """One panel per (report, "wall_s" | "projected_s"): time vs length per method, log-log."""
     import matplotlib
@@ -155,7 +164,7 @@ def plot(panels: list[tuple[dict, str]], path: str | Path) -> None:
                 by_method[r["method"]].append((r["length"], r[key]))
         for method, pts in by_method.items():
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method, color=_color(method))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("prompt tokens")
