@@ -180,9 +180,49 @@ def build_model(args, tokenizer):
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         max_position_embeddings=8192, rope_theta=args.rope_theta, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa")
+        pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa", attention_bias=args.prev_heads > 0)
     torch.manual_seed(args.seed)
-    return LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)
+    if args.prev_heads > 0:
+        init_previous_token_heads(model, args.prev_heads, args.prev_scale)
+    return model
+
+
+@torch.no_grad()
+def init_previous_token_heads(model, n_heads: int, scale: float) -> None:
+    """Start ``n_heads`` heads of layer 0 as previous-token heads (head i looks ``1 + i % 2`` back).
+
+    Retrieval needs an induction-style circuit: a layer-0 head that copies the previous token
+    into each position, which a later head matches against. From a random start the model sits
+    on a long loss plateau before it finds that head; here its attention pattern is set at
+    initialisation through the q/k *biases* (constant vectors, so the score depends only on the
+    distance): on the four fastest RoPE frequencies, ``q = a`` and ``k = a * e^{i d theta}``,
+    so ``q . k`` at distance ``m - n`` is ``a^2 sum cos((m - n - d) theta)``, highest at
+    ``m - n = d``. The q/k weights of these heads start at zero; everything stays trainable.
+    """
+    cfg = model.config
+    hd = cfg.head_dim if getattr(cfg, "head_dim", None) else cfg.hidden_size // cfg.num_attention_heads
+    attn = model.model.layers[0].self_attn
+    theta = cfg.rope_parameters["rope_theta"] if getattr(cfg, "rope_parameters", None) else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    attn.q_proj.bias.zero_()
+    attn.k_proj.bias.zero_()
+    attn.v_proj.bias.zero_()
+    attn.o_proj.bias.zero_()
+    kv_per_q = cfg.num_attention_heads // cfg.num_key_value_heads
+    for h in range(n_heads):
+        d = 1 + h % 2
+        qs, ks = slice(h * hd, (h + 1) * hd), slice((h // kv_per_q) * hd, (h // kv_per_q + 1) * hd)
+        attn.q_proj.weight[qs] = 0.0
+        attn.k_proj.weight[ks] = 0.0
+        q = torch.zeros(hd, dtype=torch.float64)
+        k = torch.zeros(hd, dtype=torch.float64)
+        for j in range(4):  # pair (j, j + hd/2) is one complex number under HF's rotate_half RoPE
+            q[j] = scale
+            k[j] = scale * math.cos(d * inv_freq[j])
+            k[j + hd // 2] = scale * math.sin(d * inv_freq[j])
+        attn.q_proj.bias[qs] = q.float()
+        attn.k_proj.bias[ks] = k.float()
 
 
 def save_model(model, tokenizer, out: Path, log: dict) -> None:
@@ -297,12 +337,14 @@ def main(argv=None) -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--rope-theta", type=float, default=100000.0)
+    p.add_argument("--prev-heads", type=int, default=4, help="layer-0 heads initialised as previous-token heads")
+    p.add_argument("--prev-scale", type=float, default=5.0, help="q/k bias magnitude of those heads")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--lm-weight", type=float, default=0.25,
                    help="weight of an auxiliary next-token loss on the non-answer tokens (0: answers only)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--stages", default="256:16:600,512:8:300,1024:4:250,2048:2:200,4096:1:250",
+    p.add_argument("--stages", default="256:16:700,512:8:300,1024:4:250,2048:2:200,4096:1:250",
                    help="LEN:BATCH:MAX_STEPS,... (short to long; the last runs to its step count)")
     p.add_argument("--advance-at", type=float, default=0.9, help="passkey and niah accuracy to move on")
     p.add_argument("--advance-at-vt", type=float, default=0.5, help="vt accuracy to move on")
