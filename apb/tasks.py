@@ -167,16 +167,29 @@ def _assemble(tokenizer, n_tokens: int, rng: random.Random, needles: list[tuple[
     # whitespace merge across line ends), so the haystack budget is corrected twice.
     budget = target - sum(_n_tokens(tokenizer, text + "\n") for _, text in needles)
     for _ in range(3):
-        lines = haystack.take(budget, start)
-        # Stable sort by depth keeps the order of needles that share a depth (chains stay ordered).
-        for depth, text in sorted(needles, key=lambda n: n[0], reverse=True):
-            lines.insert(round(depth * len(lines)), text + "\n")
-        context = "".join(lines).rstrip("\n")
+        context = _place(haystack.take(budget, start), needles)
         actual = _n_tokens(tokenizer, context)
         if abs(actual - target) <= max(2, target // 200) or budget <= 0:
             break
         budget += target - actual
     return context
+
+
+def _place(lines: list[str], needles: list[tuple[float, str]]) -> str:
+    """Haystack lines with each needle inserted before line ``round(depth * len(lines))``.
+
+    Positions are computed on the haystack alone, and needles at one position keep their
+    depth order (then list order), so a chain's links always appear in chain order.
+    """
+    at: dict[int, list[tuple[float, int, str]]] = {}
+    for order, (depth, text) in enumerate(needles):
+        at.setdefault(round(depth * len(lines)), []).append((depth, order, text))
+    out: list[str] = []
+    for i in range(len(lines) + 1):
+        out.extend(text + "\n" for _, _, text in sorted(at.get(i, [])))
+        if i < len(lines):
+            out.append(lines[i])
+    return "".join(out).rstrip("\n")
 
 
 def _query_tokens(tokenizer, question: str) -> int:

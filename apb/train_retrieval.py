@@ -185,7 +185,48 @@ def build_model(args, tokenizer):
     model = LlamaForCausalLM(config)
     if args.prev_heads > 0:
         init_previous_token_heads(model, args.prev_heads, args.prev_scale)
+    if args.induction_heads > 0:
+        init_induction_heads(model, args.induction_heads, args.seed)
     return model
+
+
+@torch.no_grad()
+def init_induction_heads(model, n_heads: int, seed: int, s_v: float = 1.0, s_o: float = 0.5,
+                         s_qk: float = 5.0, s_copy: float = 1.0) -> None:
+    """Start ``n_heads`` layer-1 heads as induction heads on top of layer-0 previous-token heads.
+
+    Previous-token head ``2k`` (see :func:`init_previous_token_heads`) reads a 16-dim projection
+    ``P_k`` of each token and writes it into another residual subspace ``Q_k``; layer-1 head
+    ``k`` queries with ``P_k`` (the current token) and keys with ``Q_k`` (the previous token), on
+    the slowly rotating half of the RoPE pairs so the match does not depend on distance; its
+    value/output copy a 32-dim projection of the attended token towards the output. So at the
+    answer's second token the model already looks at "the token after the previous occurrence
+    of the current token". Training takes it from there; nothing is frozen.
+    """
+    cfg = model.config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    g = torch.Generator().manual_seed(seed + 1234)
+    rot, _ = torch.linalg.qr(torch.randn(cfg.hidden_size, cfg.hidden_size, generator=g))
+    rot = rot.T  # rows orthonormal
+    half = hd // 2
+    slow = list(range(half // 2, half)) + list(range(half + half // 2, hd))  # pairs j >= half/2
+    l0, l1 = model.model.layers[0].self_attn, model.model.layers[1].self_attn
+    for k in range(n_heads):
+        P = rot[32 * k: 32 * k + 16]
+        Q = rot[32 * k + 16: 32 * k + 32]
+        C = rot[128 + 32 * k: 128 + 32 * (k + 1)] if 128 + 32 * (k + 1) <= cfg.hidden_size else rot[32 * k: 32 * (k + 1)]
+        ph = 2 * k  # a previous-token head looking one back
+        l0.v_proj.weight[ph * hd: ph * hd + 16] = s_v * P
+        l0.v_proj.weight[ph * hd + 16: (ph + 1) * hd] = 0.0
+        l0.o_proj.weight[:, ph * hd: ph * hd + 16] = s_o * Q.T
+        l0.o_proj.weight[:, ph * hd + 16: (ph + 1) * hd] = 0.0
+        rows = [k * hd + i for i in slow]
+        l1.q_proj.weight[k * hd:(k + 1) * hd] = 0.0
+        l1.k_proj.weight[k * hd:(k + 1) * hd] = 0.0
+        l1.q_proj.weight[rows] = s_qk * P
+        l1.k_proj.weight[rows] = s_qk * Q
+        l1.v_proj.weight[k * hd:(k + 1) * hd] = s_copy * C
+        l1.o_proj.weight[:, k * hd:(k + 1) * hd] = 0.1 * s_copy * C.T
 
 
 @torch.no_grad()
@@ -272,7 +313,8 @@ def train(args) -> None:
             lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * stage_step / max_steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        pairs = [encode_training(tokenizer, *tasks.make_training_sequence(length, tokenizer, rng, args.needle_fraction))
+        pairs = [encode_training(tokenizer, *tasks.make_training_sequence(
+                     length, tokenizer, rng, 1.0 if length <= args.dense_until else args.needle_fraction))
                  for _ in range(batch)]
         ids, labels = collate(pairs, tokenizer.pad_token_id)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -336,19 +378,21 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--rope-theta", type=float, default=100000.0)
+    p.add_argument("--rope-theta", type=float, default=1e8)
     p.add_argument("--prev-heads", type=int, default=4, help="layer-0 heads initialised as previous-token heads")
+    p.add_argument("--induction-heads", type=int, default=0, help="layer-1 heads initialised as induction heads")
     p.add_argument("--prev-scale", type=float, default=5.0, help="q/k bias magnitude of those heads")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--lm-weight", type=float, default=0.25,
                    help="weight of an auxiliary next-token loss on the non-answer tokens (0: answers only)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--stages", default="256:16:700,512:8:300,1024:4:250,2048:2:200,4096:1:250",
+    p.add_argument("--stages", default="128:16:1500,256:8:800,512:8:300,1024:4:200,2048:2:150,4096:1:150",
                    help="LEN:BATCH:MAX_STEPS,... (short to long; the last runs to its step count)")
     p.add_argument("--advance-at", type=float, default=0.9, help="passkey and niah accuracy to move on")
     p.add_argument("--advance-at-vt", type=float, default=0.5, help="vt accuracy to move on")
     p.add_argument("--needle-fraction", type=float, default=0.6)
+    p.add_argument("--dense-until", type=int, default=128, help="stages up to this length are needles only (no haystack)")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-n", type=int, default=16)
     p.add_argument("--log-every", type=int, default=10)
