@@ -63,7 +63,7 @@ def reference_run(model, input_ids: torch.Tensor, n_tokens: int) -> Reference:
     return Reference(out.logits[0, -1].float(), keys, values, gen[0, input_ids.numel():].tolist())
 
 
-def compare(ref: Reference, result, dtype: str) -> tuple[float, float, bool]:
+def compare(ref: Reference, result) -> tuple[float, float, bool]:
     logit_diff = (result.last_logits.float() - ref.logits).abs().max().item()
     if result.cache is None or result.cache.keys.shape != ref.keys.shape:
         kv_diff = math.inf
@@ -119,7 +119,7 @@ def verify(cfg: Config, group, methods: list[str], prompt_lens: list[int], model
                                     decode_mode=decode_mode, return_cache=True)
                 replies = group.call("run_prompt", req)
                 result = replies[0]
-                logit_diff, kv_diff, same = compare(ref, result, dtype)
+                logit_diff, kv_diff, same = compare(ref, result)
                 tol = TOLERANCE[dtype]
                 ok = (logit_diff <= tol and kv_diff <= tol and same) if method.exact else True
                 rows.append(VerifyRow(**base, max_abs_logit_diff=logit_diff, kv_max_abs_diff=kv_diff,
