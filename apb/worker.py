@@ -46,7 +46,7 @@ class PromptResult:
     prefill_s: float
     last_logits: torch.Tensor | None = None  # decode host only
     tokens: list[int] | None = None
-    decode_s: float = 0.0
+    decode_s: float = 0.0  # gather mode: includes moving the cache to the decode host
     cache: KVCache | None = None
 
 
@@ -80,6 +80,8 @@ class Worker:
         return self._models[key]
 
     def run_prompt(self, req: PromptRequest) -> PromptResult:
+        if req.decode_mode not in ("gather", "distributed"):
+            raise ValueError(f"decode mode {req.decode_mode!r}: valid modes are gather, distributed")
         model = self.model(req.model_path, req.dtype)
         method = build_method(req.method, **req.method_options)
         comm = self.state.comm(CommStats())
@@ -87,31 +89,26 @@ class Worker:
         res = prefill(model, req.input_ids.to(self.env.device), method, comm, n_query=req.n_query)
         out = PromptResult(rank=self.env.rank, stats={}, prefill_s=res.seconds)
         n = int(req.input_ids.numel())
-        if req.decode_mode == "distributed":
-            t0 = time.perf_counter()
+        whole = None
+        t0 = time.perf_counter()
+        if req.decode_mode == "gather":
+            comm.stats.phase = "gather"
+            whole = gather_cache(res.cache, comm, dst=0)
+            if whole is not None:
+                out.tokens = decode(model, to_hf_cache(whole, model.config), res.last_logits, n, req.sampling,
+                                    req.eos_ids)
+        else:
             tokens = decode_distributed(model, res, comm, n, req.sampling, req.eos_ids)
             if self.state.sp_rank == 0:
-                out.decode_s = time.perf_counter() - t0
-                out.tokens, out.last_logits = tokens, res.last_logits.cpu()
-            if req.return_cache:
+                out.tokens = tokens
+            if req.return_cache:  # verification only: the cache is gathered after decoding
                 comm.stats.phase = "gather"
                 whole = gather_cache(res.cache, comm, dst=0)
-                if whole is not None:
-                    out.cache = KVCache(whole.positions.cpu(), whole.keys[:, :, :n].cpu(), whole.values[:, :, :n].cpu())
-            out.stats = comm.stats.to_dict()
-            return out
-        if req.decode_mode != "gather":
-            raise ValueError(f"decode mode {req.decode_mode!r}: valid modes are gather, distributed")
-        comm.stats.phase = "gather"
-        whole = gather_cache(res.cache, comm, dst=0)
-        if whole is not None:
-            t0 = time.perf_counter()
-            tokens = decode(model, to_hf_cache(whole, model.config), res.last_logits, whole.n_tokens,
-                            req.sampling, req.eos_ids)
+        if out.tokens is not None:
             out.decode_s = time.perf_counter() - t0
-            out.tokens, out.last_logits = tokens, res.last_logits.cpu()
-            if req.return_cache:
-                out.cache = KVCache(whole.positions.cpu(), whole.keys.cpu(), whole.values.cpu())
+            out.last_logits = res.last_logits.cpu()
+        if req.return_cache and whole is not None:
+            out.cache = KVCache(whole.positions.cpu(), whole.keys.cpu(), whole.values.cpu())
         out.stats = comm.stats.to_dict()
         return out
 

@@ -264,7 +264,6 @@ class RingComm:
     def commit(self) -> None:
         if self._reqs:
             raise RuntimeError("RingComm.commit called twice without wait")
-        self._t0 = time.perf_counter()
         self._reqs = dist.batch_isend_irecv(self._ops)
 
     def wait(self) -> torch.Tensor:

@@ -45,7 +45,6 @@ def run_hosts(method, n, n_query, world, vecs):
     def host(r):
         try:
             idx = slices[r].indices
-            q, k, v = (t[idx].T.reshape(1, -1, len(idx), D) for t in vecs)
             q = vecs[0][idx].reshape(len(idx), H, D).permute(1, 0, 2)[None]
             k = vecs[1][idx].reshape(len(idx), KV, D).permute(1, 0, 2)[None]
             v = vecs[2][idx].reshape(len(idx), KV, D).permute(1, 0, 2)[None]
