@@ -331,6 +331,7 @@ def cmd_demo(cfg, args) -> int:
     from apb.engine import Engine, start_group
 
     from apb.models import packaged_path
+    from apb.tasks import score
 
     model = args.model
     if model is None:
@@ -356,6 +357,8 @@ def cmd_demo(cfg, args) -> int:
         for e in engines.values():  # warm-up: model load and first-call costs stay out of the timings
             e.process_one(docs[0])
         agree = 0
+        correct = {m: 0 for m in engines}
+        checkable = 0
         for doc in docs:
             res = {m: e.process_one(doc) for m, e in engines.items()}
             if any(r["error"] for r in res.values()):
@@ -366,8 +369,13 @@ def cmd_demo(cfg, args) -> int:
                 print(f"    {m:<8} prefill {r['prefill_s']:7.3f}s  answer: {r['answer']!r}")
             if "answer" in doc:
                 print(f"    expected answer: {doc['answer']!r}")
+                checkable += 1
+                for m, r in res.items():
+                    correct[m] += score(r["answer"], doc["answer"])
             agree += res[method]["answer"] == res["full"]["answer"]
         print(f"\n{method} gave the same answer as full on {agree}/{len(docs)} documents")
+        if checkable:
+            print("right answers: " + ", ".join(f"{m} {correct[m]}/{checkable}" for m in engines))
     finally:
         group.close()
     return 0

@@ -24,7 +24,8 @@ Tasks, and what each tests:
     distractor chain of the same shape holding another value. Question ``Which variables are
     assigned the value NNNNN?``; answer the chain's names in order, space separated
     (``ABC DEF GHI JKL``). Each name is found from the previous one, so the answer needs one
-    lookup per hop, across the whole context.
+    lookup per hop, across the whole context. Names are 3 capitals drawn from the fixed list
+    :data:`VAR_NAMES`.
 
 :func:`score` is exact match after ``strip()``. :func:`write_dataset` writes JSONL.
 :func:`make_training_sequence` is the dense training mixture (many needles of all three kinds,
@@ -72,6 +73,20 @@ yellow zebra
 """.split())))
 
 PASSKEY_QUESTION = "What is the pass key?"
+
+# Names for ``vt``: 3 capital letters, from a fixed list so that the project's tokenizer keeps
+# each one a single token (copying a name is then one token, wherever it occurs).
+def _make_var_names(n: int) -> tuple[str, ...]:
+    rng = random.Random("var-names")
+    names: set[str] = set()
+    while len(names) < n:
+        name = "".join(rng.choice(string.ascii_uppercase) for _ in range(3))
+        if name != "VAR":
+            names.add(name)
+    return tuple(sorted(names))
+
+
+VAR_NAMES = _make_var_names(160)
 
 
 def stdlib_dir() -> Path:
@@ -145,10 +160,10 @@ def _value(rng: random.Random, used: set[int]) -> int:
             return v
 
 
-def _var_name(rng: random.Random, used: set[str], length: int = 3) -> str:
+def _var_name(rng: random.Random, used: set[str]) -> str:
     while True:
-        name = "".join(rng.choice(string.ascii_uppercase) for _ in range(length))
-        if name not in used and name != "VAR":
+        name = rng.choice(VAR_NAMES)
+        if name not in used:
             used.add(name)
             return name
 
@@ -256,8 +271,8 @@ def make_training_sequence(n_tokens: int, tokenizer, rng: random.Random,
     Returns (context, [(question, answer), ...]); the questions come in random order after the
     context, each followed by its answer and eos (see :mod:`apb.train_retrieval`). Needles and
     question/answer pairs take about ``needle_fraction`` of the ``n_tokens``; haystack fills the
-    rest. Cost estimates per item (tokens): a key-value needle and its Q/A ~45, a passkey ~35,
-    a 2-5 variable chain and its Q/A ~15 per variable + 30.
+    rest. Cost estimates per item (tokens of the project's tokenizer): a key-value needle and its
+    Q/A ~25, a passkey ~22, a 2-5 variable chain and its Q/A ~7 per variable + 20.
     """
     budget = needle_fraction * n_tokens
     values: set[int] = set()
@@ -269,17 +284,17 @@ def make_training_sequence(n_tokens: int, tokenizer, rng: random.Random,
         n, q, a = passkey_parts(rng, values)
         needles += n
         qa.append((q, a))
-        budget -= 35
-    n_chains = rng.randint(0, 1 + n_tokens // 1024)
+        budget -= 22
+    n_chains = rng.randint(1, 1 + n_tokens // 512)
     for _ in range(n_chains):
         n_vars = rng.randint(2, 5)
-        if budget < 15 * n_vars + 30:
+        if budget < 7 * n_vars + 20:
             break
         n, q, a = vt_parts(rng, n_vars, values, names, spread=rng.random() < 0.5)
         needles += n
         qa.append((q, a))
-        budget -= 15 * n_vars + 30
-    n_kv = max(1, min(len(KEY_WORDS) - 1, int(budget // 45)))
+        budget -= 7 * n_vars + 20
+    n_kv = max(1, min(len(KEY_WORDS) - 1, int(budget // 25)))
     n, pairs = niah_parts(rng, n_kv, values, keys)
     needles += n
     qa += pairs
@@ -292,17 +307,45 @@ def make_training_sequence(n_tokens: int, tokenizer, rng: random.Random,
     return context, qa
 
 
-def write_dataset(path: str | Path, task: str, n: int, n_tokens: int, tokenizer, seed: int = 0) -> Path:
-    """Write ``n`` documents of ``task`` at about ``n_tokens`` tokens as JSONL."""
-    rng = random.Random(f"{task}:{n_tokens}:{seed}")
+def write_dataset(path: str | Path, task_names: list[str], n: int, n_tokens: int, tokenizer, seed: int = 0) -> Path:
+    """Write ``n`` documents of each task at about ``n_tokens`` tokens as JSONL."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
-        for i in range(n):
-            f.write(json.dumps(make_example(task, n_tokens, tokenizer, rng, idx=i)) + "\n")
+        for task in task_names:
+            rng = random.Random(f"{task}:{n_tokens}:{seed}")
+            for i in range(n):
+                f.write(json.dumps(make_example(task, n_tokens, tokenizer, rng, idx=i)) + "\n")
     return path
 
 
 def score(pred: str, answer: str) -> bool:
     """Exact match after stripping surrounding whitespace."""
     return pred.strip() == answer.strip()
+
+
+def main(argv=None) -> None:
+    """``python -m apb.tasks --out FILE`` writes a dataset (this is how apb/data/demo.jsonl is made)."""
+    import argparse
+
+    from apb.models import resolve_model
+    from apb.text import load_tokenizer
+
+    p = argparse.ArgumentParser(description="write generated task documents as JSONL")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--n", type=int, default=2, help="documents per task")
+    p.add_argument("--length", type=int, default=2048, help="prompt tokens, under the model's tokenizer")
+    p.add_argument("--model", default="apb-retrieval", help="whose tokenizer measures the length")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    names = [t for t in args.tasks.split(",") if t]
+    bad = [t for t in names if t not in TASKS]
+    if bad:
+        raise SystemExit(f"--tasks: unknown {', '.join(bad)}; valid tasks: {', '.join(TASKS)}")
+    tok = load_tokenizer(resolve_model(args.model))
+    print(write_dataset(args.out, names, args.n, args.length, tok, args.seed))
+
+
+if __name__ == "__main__":
+    main()

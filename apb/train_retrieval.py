@@ -2,14 +2,15 @@
 
     python -m apb.train_retrieval --out apb/data/retrieval-model [--stages ...] [--seed 0]
 
-What it does, in order (all seeded; one CPU thread):
+What it does, in order (all seeded; ``--threads`` CPU threads):
 
 1. Trains a byte-level BPE tokenizer with the ``tokenizers`` library on the haystack text (the
-   standard-library source of :mod:`apb.tasks`). Digits and capital letters are isolated before
-   BPE, so a 5-digit value is always 5 digit tokens and a variable name one token per letter:
-   copying them is the same token pattern wherever they occur. Specials ``<pad> <s> </s>``;
-   saved as a ``PreTrainedTokenizerFast`` with bos/eos/pad set and no chat template.
-2. Builds a ``LlamaConfig`` model (see ``--hidden`` etc.) and trains it with AdamW on *dense*
+   standard-library source of :mod:`apb.tasks`) plus a drill of task sentences
+   (:func:`tokenizer_drill`), so each key word, each variable name and each cue word is one
+   token, and digits go in pairs (a 5-digit value is always 3 tokens). Specials ``<pad> <s>
+   </s>``; saved as a ``PreTrainedTokenizerFast`` with bos/eos/pad set and no chat template.
+2. Builds a ``LlamaConfig`` model (see ``--hidden`` etc.), starts the attention heads that
+   retrieval needs (:func:`init_previous_token_heads`, :func:`init_feature_heads`), and trains it with AdamW on *dense*
    sequences from :func:`apb.tasks.make_training_sequence`: a haystack holding many needles of
    all three tasks, then many ``\\n\\nQuestion: q\\nAnswer: a</s>`` pairs, with the loss only on
    the answer tokens and eos. The first pair follows the context exactly as
@@ -48,27 +49,53 @@ SPECIALS = ["<pad>", "<s>", "</s>"]
 
 
 # --------------------------------------------------------------------------- tokenizer
+def tokenizer_drill(repeats: int, seed: int = 0) -> str:
+    """Task sentences (every key word and variable name, values, question and answer cues).
+
+    Mixed into the tokenizer's training text so that BPE keeps each key word, each variable
+    name and each cue word a single token, and learns every 2-digit number with and without
+    a leading space (the haystack alone has too few of them).
+    """
+    rng = random.Random(f"drill:{seed}")
+    lines = []
+    for _ in range(repeats):
+        for k in tasks.KEY_WORDS:
+            v = rng.randint(10000, 99999)
+            lines.append(f"The value of key {k} is {v}.\n\nQuestion: What is the value of key {k}?\nAnswer: {v}\n")
+        for n in tasks.VAR_NAMES:
+            v, m = rng.randint(10000, 99999), rng.choice(tasks.VAR_NAMES)
+            lines.append(f"VAR {n} = {v}.\nVAR {m} = VAR {n}.\n\nQuestion: Which variables are assigned the value {v}?"
+                         f"\nAnswer: {n} {m}\n")
+        v = rng.randint(10000, 99999)
+        lines.append(f"The pass key is {v}.\n\nQuestion: {tasks.PASSKEY_QUESTION}\nAnswer: {v}\n")
+    pairs = [f"{i:02d}" for i in range(100)]
+    lines.append((" ".join(pairs) + " " + "".join(pairs) + "\n") * (repeats * 4))
+    return "".join(lines)
+
+
 def train_tokenizer(vocab_size: int):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
+    # Digits go in pairs (a 5-digit value is always 3 tokens); everything else is GPT-2 style.
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r" ?[0-9]{1,2}| ?[A-Z]"), behavior="isolated"),
+        pre_tokenizers.Split(Regex(r" ?[0-9]{1,2}"), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    # Number pairs and capitals, with and without a leading space, repeated so that BPE learns
-    # every one of them as a single token (the haystack alone has too few numbers).
-    pairs = [f"{i:02d}" for i in range(100)]
-    drill = " ".join(pairs) + " " + "".join(pairs) + " " + " ".join(f"{c} {c}" for c in string.ascii_uppercase)
-    text = tasks.haystack_text() + ("\n" + drill) * 600
+    text = tasks.haystack_text() + "\n" + tokenizer_drill(40)
     chunk = 1 << 16
     tok.train_from_iterator((text[i:i + chunk] for i in range(0, len(text), chunk)), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   model_max_length=8192)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        model_max_length=8192)
+    whole = [f" {w}" for w in tasks.KEY_WORDS + tasks.VAR_NAMES]
+    split = [w for w in whole if len(tokenizer(w, add_special_tokens=False)["input_ids"]) != 1]
+    if split:
+        raise RuntimeError(f"tokenizer splits {len(split)} task words (e.g. {split[:5]}); raise --vocab")
+    return tokenizer
 
 
 # --------------------------------------------------------------------------- data
@@ -164,6 +191,10 @@ def generate_eval(model_dir: Path, lengths: list[int], n: int, seed: int) -> dic
 
 
 # --------------------------------------------------------------------------- training
+def _ints(spec: str) -> list[int]:
+    return [int(x) for x in spec.split(",") if x.strip()]
+
+
 def parse_stages(spec: str) -> list[tuple[int, int, int]]:
     out = []
     for part in spec.split(","):
@@ -184,54 +215,87 @@ def build_model(args, tokenizer):
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config)
     if args.prev_heads > 0:
-        init_previous_token_heads(model, args.prev_heads, args.prev_scale)
-    if args.induction_heads > 0:
-        init_induction_heads(model, args.induction_heads, args.seed)
+        offsets = [int(x) for x in args.prev_offsets.split(",")]
+        init_previous_token_heads(model, [offsets[h % len(offsets)] for h in range(args.prev_heads)],
+                                  args.prev_scale)
+    if args.feature_heads:
+        back = dict(tuple(int(x) for x in pair.split(":")) for pair in args.copy_back.split(",") if pair)
+        init_feature_heads(model, args.prev_heads, _ints(args.induction_heads), args.seed, back,
+                           _ints(args.same_token_heads))
     return model
 
 
-@torch.no_grad()
-def init_induction_heads(model, n_heads: int, seed: int, s_v: float = 1.0, s_o: float = 0.5,
-                         s_qk: float = 5.0, s_copy: float = 1.0) -> None:
-    """Start ``n_heads`` layer-1 heads as induction heads on top of layer-0 previous-token heads.
+def _orthonormal_rows(n: int, dim: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g))
+    return q.T[:n].contiguous()
 
-    Previous-token head ``2k`` (see :func:`init_previous_token_heads`) reads a 16-dim projection
-    ``P_k`` of each token and writes it into another residual subspace ``Q_k``; layer-1 head
-    ``k`` queries with ``P_k`` (the current token) and keys with ``Q_k`` (the previous token), on
-    the slowly rotating half of the RoPE pairs so the match does not depend on distance; its
-    value/output copy a 32-dim projection of the attended token towards the output. So at the
-    answer's second token the model already looks at "the token after the previous occurrence
-    of the current token". Training takes it from there; nothing is frozen.
+
+@torch.no_grad()
+def init_feature_heads(model, n_offset_heads: int, induction_heads: list[int], seed: int,
+                       copy_back: dict[int, int] | None = None, same_token_heads: list[int] = (),
+                       s_o: float = 0.03, s_qk: float = 1.5, s_copy: float = 0.05) -> None:
+    """Start the circuit retrieval needs, instead of waiting for training to stumble on it.
+
+    - Layer 0, heads ``0..n_offset_heads-1`` (attention pattern from
+      :func:`init_previous_token_heads`): each writes a sketch (a fixed 32-dim projection) of
+      the token it looks at into its own residual subspace, so every position carries "which
+      token sat d back".
+    - Layer 1, every head: its value/output copy a sketch of the attended token towards the
+      output (tied embeddings: writing a token's direction raises its logit). So attending to
+      the right position lowers the loss at once, and q/k get a direct gradient. A head named in
+      ``copy_back`` (head -> offset head) copies instead the token that offset head saw, i.e.
+      the token d *before* the attended one: what ``vt`` needs, since a variable's name comes
+      before the value or name it is matched on (``VAR ABC = 12345.``, ``VAR DEF = VAR ABC.``).
+    - Layer 1, ``induction_heads``: on the slowly rotating half of the RoPE pairs (so the match
+      does not depend on distance) the query is the current token's sketch and the key the
+      sketch the offset-1 head wrote, so the head looks at "the token after the previous
+      occurrence of the current token": the continuation of a value once its first token is
+      out. ``same_token_heads`` key on the token itself instead ("the previous occurrence of the
+      current token"). With ``copy_back`` these give vt's hop: from ``ABC`` just written, find
+      ``VAR DEF = VAR ABC.`` and copy ``DEF``.
+
+    Without this a model this small sits on a long loss plateau (measured: 400 steps of 32
+    x 160 tokens at chance). Nothing is frozen; training adjusts all of it.
     """
     cfg = model.config
+    copy_back = copy_back or {}
     hd = cfg.hidden_size // cfg.num_attention_heads
-    g = torch.Generator().manual_seed(seed + 1234)
-    rot, _ = torch.linalg.qr(torch.randn(cfg.hidden_size, cfg.hidden_size, generator=g))
-    rot = rot.T  # rows orthonormal
-    half = hd // 2
-    slow = list(range(half // 2, half)) + list(range(half + half // 2, hd))  # pairs j >= half/2
+    n_heads = cfg.num_attention_heads
+    if cfg.num_key_value_heads != n_heads:
+        raise ValueError("feature-head initialisation assumes num_key_value_heads == num_attention_heads")
+    read = _orthonormal_rows(cfg.hidden_size, cfg.hidden_size, seed + 1)
+    write = _orthonormal_rows(cfg.hidden_size, cfg.hidden_size, seed + 2)
+    copy = _orthonormal_rows(cfg.hidden_size, cfg.hidden_size, seed + 3)
     l0, l1 = model.model.layers[0].self_attn, model.model.layers[1].self_attn
-    for k in range(n_heads):
-        P = rot[32 * k: 32 * k + 16]
-        Q = rot[32 * k + 16: 32 * k + 32]
-        C = rot[128 + 32 * k: 128 + 32 * (k + 1)] if 128 + 32 * (k + 1) <= cfg.hidden_size else rot[32 * k: 32 * (k + 1)]
-        ph = 2 * k  # a previous-token head looking one back
-        l0.v_proj.weight[ph * hd: ph * hd + 16] = s_v * P
-        l0.v_proj.weight[ph * hd + 16: (ph + 1) * hd] = 0.0
-        l0.o_proj.weight[:, ph * hd: ph * hd + 16] = s_o * Q.T
-        l0.o_proj.weight[:, ph * hd + 16: (ph + 1) * hd] = 0.0
-        rows = [k * hd + i for i in slow]
-        l1.q_proj.weight[k * hd:(k + 1) * hd] = 0.0
-        l1.k_proj.weight[k * hd:(k + 1) * hd] = 0.0
-        l1.q_proj.weight[rows] = s_qk * P
-        l1.k_proj.weight[rows] = s_qk * Q
-        l1.v_proj.weight[k * hd:(k + 1) * hd] = s_copy * C
-        l1.o_proj.weight[:, k * hd:(k + 1) * hd] = 0.1 * s_copy * C.T
+    for h in range(n_offset_heads):
+        rows = slice(h * hd, (h + 1) * hd)
+        l0.v_proj.weight[rows] = read[:hd]  # one sketch for every offset, written to per-offset subspaces
+        l0.o_proj.weight[:, rows] = s_o * write[rows].T
+    for h in range(n_heads):
+        rows = slice(h * hd, (h + 1) * hd)
+        back = copy_back.get(h)
+        if back is None:
+            l1.v_proj.weight[rows] = copy[rows]
+            l1.o_proj.weight[:, rows] = s_copy * copy[rows].T
+        else:  # read offset head `back`'s subspace: the token that sat offsets[back] before the attended one
+            bw = slice(back * hd, (back + 1) * hd)
+            l1.v_proj.weight[rows] = write[bw]
+            l1.o_proj.weight[:, rows] = s_copy * read[:hd].T
+    half = hd // 2
+    slow = [j for j in range(half // 2, half)] + [j + half for j in range(half // 2, half)]
+    for h in [*induction_heads, *same_token_heads]:
+        l1.q_proj.weight[h * hd:(h + 1) * hd] = 0.0
+        l1.k_proj.weight[h * hd:(h + 1) * hd] = 0.0
+        for i, j in enumerate(slow):
+            l1.q_proj.weight[h * hd + j] = s_qk * read[i]
+            # induction: offset head 0's subspace (the previous token); same-token: the token itself
+            l1.k_proj.weight[h * hd + j] = s_qk * (write[i] if h in induction_heads else read[i])
 
 
 @torch.no_grad()
-def init_previous_token_heads(model, n_heads: int, scale: float) -> None:
-    """Start ``n_heads`` heads of layer 0 as previous-token heads (head i looks ``1 + i % 2`` back).
+def init_previous_token_heads(model, offsets: list[int], scale: float) -> None:
+    """Start heads ``0..len(offsets)-1`` of layer 0 as fixed-offset heads (head i looks ``offsets[i]`` back).
 
     Retrieval needs an induction-style circuit: a layer-0 head that copies the previous token
     into each position, which a later head matches against. From a random start the model sits
@@ -251,8 +315,7 @@ def init_previous_token_heads(model, n_heads: int, scale: float) -> None:
     attn.v_proj.bias.zero_()
     attn.o_proj.bias.zero_()
     kv_per_q = cfg.num_attention_heads // cfg.num_key_value_heads
-    for h in range(n_heads):
-        d = 1 + h % 2
+    for h, d in enumerate(offsets):
         qs, ks = slice(h * hd, (h + 1) * hd), slice((h // kv_per_q) * hd, (h // kv_per_q + 1) * hd)
         attn.q_proj.weight[qs] = 0.0
         attn.k_proj.weight[ks] = 0.0
@@ -287,7 +350,7 @@ def train(args) -> None:
     log = {"args": vars(args), "n_params": n_params, "vocab_size": len(tokenizer), "curve": []}
     stage, stage_step, step, elapsed = 0, 0, 0, 0.0
     if args.resume and (ckpt_dir / "ckpt.pt").exists():
-        state = torch.load(ckpt_dir / "ckpt.pt", weights_only=False)
+        state = torch.load(ckpt_dir / "ckpt.pt", weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         rng.setstate(state["rng"])
@@ -371,30 +434,36 @@ def main(argv=None) -> None:
     p.add_argument("--ckpt", default="/tmp/apb-retrieval-ckpt")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=3072)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--intermediate", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--rope-theta", type=float, default=1e8)
-    p.add_argument("--prev-heads", type=int, default=4, help="layer-0 heads initialised as previous-token heads")
-    p.add_argument("--induction-heads", type=int, default=0, help="layer-1 heads initialised as induction heads")
+    p.add_argument("--prev-heads", type=int, default=6, help="layer-0 heads initialised as previous-token heads")
+    p.add_argument("--induction-heads", default="0,1,2,3,7", help="layer-1 heads initialised as induction heads")
+    p.add_argument("--same-token-heads", default="6", help="layer-1 heads initialised to match the current token")
+    p.add_argument("--copy-back", default="6:2,7:3",
+                   help="layer-1 head:offset-head pairs that copy the token that offset head saw (see init_feature_heads)")
+    p.add_argument("--feature-heads", type=int, default=1,
+                   help="1: token-copying value/output paths for the offset heads and layer 1 (see init_feature_heads)")
+    p.add_argument("--prev-offsets", default="1,2,3,4,5,6", help="how far back each of those heads looks")
     p.add_argument("--prev-scale", type=float, default=5.0, help="q/k bias magnitude of those heads")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--lm-weight", type=float, default=0.25,
+    p.add_argument("--lm-weight", type=float, default=0.0,
                    help="weight of an auxiliary next-token loss on the non-answer tokens (0: answers only)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--stages", default="128:16:1500,256:8:800,512:8:300,1024:4:200,2048:2:150,4096:1:150",
+    p.add_argument("--stages", default="160:32:500,512:16:250,1024:8:150,2048:4:120,4096:2:120",
                    help="LEN:BATCH:MAX_STEPS,... (short to long; the last runs to its step count)")
     p.add_argument("--advance-at", type=float, default=0.9, help="passkey and niah accuracy to move on")
     p.add_argument("--advance-at-vt", type=float, default=0.5, help="vt accuracy to move on")
     p.add_argument("--needle-fraction", type=float, default=0.6)
-    p.add_argument("--dense-until", type=int, default=128, help="stages up to this length are needles only (no haystack)")
+    p.add_argument("--dense-until", type=int, default=160, help="stages up to this length are needles only (no haystack)")
     p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-n", type=int, default=16)
+    p.add_argument("--eval-n", type=int, default=32)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=50)
     p.add_argument("--eval-only", default=None, help="measure a saved model directory instead of training")

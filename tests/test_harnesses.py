@@ -78,3 +78,26 @@ def test_eval_scores_answers_against_a_dataset(apb_bin, repo, tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [(r["method"], r["accuracy"], r["n"], r["task"]) for r in rows] == [("full", 0.5, 2, "mine"),
                                                                                ("ring", 0.5, 2, "mine")]
+
+
+def test_tasks_module_writes_a_dataset_per_task(tmp_path):
+    import sys
+
+    out = tmp_path / "docs.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "apb.tasks", "--out", str(out), "--tasks", "passkey,vt", "--n", "2",
+                           "--length", "300", "--model", "tiny-llama"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    docs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [d["id"] for d in docs] == ["passkey-300-0", "passkey-300-1", "vt-300-0", "vt-300-1"]
+    for d in docs:
+        assert d["answer"] and d["question"] and d["context"]
+        if d["id"].startswith("vt"):
+            # every name of the chain is assigned in the context, the first one the asked value
+            names = d["answer"].split()
+            value = d["question"].split()[-1].rstrip("?")
+            assert f"VAR {names[0]} = {value}." in d["context"]
+            for prev, cur in zip(names, names[1:]):
+                assert f"VAR {cur} = VAR {prev}." in d["context"]
+    bad = subprocess.run([sys.executable, "-m", "apb.tasks", "--out", str(out), "--tasks", "nope"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "valid tasks" in bad.stderr
