@@ -190,6 +190,38 @@ def generate_eval(model_dir: Path, lengths: list[int], n: int, seed: int) -> dic
     return results
 
 
+def plot_curve(log_path: Path, png: Path) -> None:
+    """Answer loss and held-out accuracy per task against step, stage lengths marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = json.loads(Path(log_path).read_text())["curve"]
+    loss = [(r["step"], r["loss"]) for r in curve if "loss" in r]
+    acc = [r for r in curve if "accuracy" in r]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    ax1.plot(*zip(*loss), lw=1)
+    ax1.set_ylabel("answer loss (nats)")
+    ax1.set_yscale("log")
+    for task in tasks.TASKS:
+        ax2.plot([r["step"] for r in acc], [r["accuracy"][task] for r in acc], marker="o", ms=3, label=task)
+    ax2.set_ylabel("held-out accuracy (teacher forced)")
+    ax2.set_xlabel("step")
+    ax2.legend()
+    starts = {}
+    for r in curve:
+        starts.setdefault(r["length"], r["step"])
+    for length, step in starts.items():
+        for ax in (ax1, ax2):
+            ax.axvline(step, color="grey", lw=0.5, ls=":")
+        ax2.text(step, 0.02, f" {length}", fontsize=7, color="grey")
+    fig.suptitle("apb-retrieval training (stage lengths in tokens)")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+
+
 # --------------------------------------------------------------------------- training
 def _ints(spec: str) -> list[int]:
     return [int(x) for x in spec.split(",") if x.strip()]
@@ -249,9 +281,10 @@ def init_feature_heads(model, n_offset_heads: int, induction_heads: list[int], s
       before the value or name it is matched on (``VAR ABC = 12345.``, ``VAR DEF = VAR ABC.``).
     - Layer 1, ``induction_heads``: on the slowly rotating half of the RoPE pairs (so the match
       does not depend on distance) the query is the current token's sketch and the key the
-      sketch the offset-1 head wrote, so the head looks at "the token after the previous
-      occurrence of the current token": the continuation of a value once its first token is
-      out. ``same_token_heads`` key on the token itself instead ("the previous occurrence of the
+      sketch the offset-1 head wrote, which starts the head towards "the token after the
+      previous occurrence of the current token" (the continuation of a value once its first
+      token is out). Only towards: the query sketch shares the residual with the offset heads'
+      writes, so at initialisation the match is noisy (docs/training.md has the figures). ``same_token_heads`` key on the token itself instead ("the previous occurrence of the
       current token"). With ``copy_back`` these give vt's hop: from ``ABC`` just written, find
       ``VAR DEF = VAR ABC.`` and copy ``DEF``.
 
@@ -469,7 +502,11 @@ def main(argv=None) -> None:
     p.add_argument("--eval-only", default=None, help="measure a saved model directory instead of training")
     p.add_argument("--eval-lengths", default="4096")
     p.add_argument("--eval-final-n", type=int, default=100)
+    p.add_argument("--plot-curve", nargs=2, metavar=("TRAINING_LOG", "PNG"), help="plot a saved learning curve")
     args = p.parse_args(argv)
+    if args.plot_curve:
+        plot_curve(Path(args.plot_curve[0]), Path(args.plot_curve[1]))
+        return
     if args.eval_only:
         torch.set_num_threads(args.threads)
         d = Path(args.eval_only)
