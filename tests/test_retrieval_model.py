@@ -90,5 +90,5 @@ def test_demo_answers_are_right(apb_bin, repo):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "model apb-retrieval" in proc.stdout
     line = next(x for x in proc.stdout.splitlines() if x.startswith("right answers:"))
-    full = line.split("full ")[1].split("/")
-    assert int(full[0]) >= int(full[1]) - 1, proc.stdout
+    right, total = (int(x) for x in line.split("full ")[1].split("/"))
+    assert total == 9 and right >= 6, proc.stdout  # bundled: 3 each of passkey, niah, vt at ~2K tokens
