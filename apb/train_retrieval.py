@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import random
-import string
 import time
 from pathlib import Path
 
