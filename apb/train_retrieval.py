@@ -246,7 +246,7 @@ def build_model(args, tokenizer):
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config)
     if args.prev_heads > 0:
-        offsets = [int(x) for x in args.prev_offsets.split(",")]
+        offsets = _ints(args.prev_offsets)
         init_previous_token_heads(model, [offsets[h % len(offsets)] for h in range(args.prev_heads)],
                                   args.prev_scale)
     if args.feature_heads:
