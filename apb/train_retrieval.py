@@ -53,7 +53,10 @@ def tokenizer_drill(repeats: int, seed: int = 0) -> str:
 
     Mixed into the tokenizer's training text so that BPE keeps each key word, each variable
     name and each cue word a single token, and learns every 2-digit number with and without
-    a leading space (the haystack alone has too few of them).
+    a leading space (the haystack alone has too few of them). The sentences restate the
+    formats of :mod:`apb.tasks` rather than calling its generators, whose random draws would
+    change the shipped tokenizer's training text; tests/test_retrieval_model.py checks that
+    the shipped tokenizer keeps every task word whole.
     """
     rng = random.Random(f"drill:{seed}")
     lines = []
@@ -283,7 +286,8 @@ def init_feature_heads(model, n_offset_heads: int, induction_heads: list[int], s
       sketch the offset-1 head wrote, which starts the head towards "the token after the
       previous occurrence of the current token" (the continuation of a value once its first
       token is out). Only towards: the query sketch shares the residual with the offset heads'
-      writes, so at initialisation the match is noisy (docs/training.md has the figures). ``same_token_heads`` key on the token itself instead ("the previous occurrence of the
+      writes, so at initialisation the match is noisy (docs/training.md has the figures).
+      ``same_token_heads`` key on the token itself instead ("the previous occurrence of the
       current token"). With ``copy_back`` these give vt's hop: from ``ABC`` just written, find
       ``VAR DEF = VAR ABC.`` and copy ``DEF``.
 

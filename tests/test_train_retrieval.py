@@ -72,3 +72,21 @@ def test_layer1_match_heads_look_at_the_earlier_occurrence():
     hit = (att[0, second].argmax(-1) == earlier + 1).float().mean().item()
     chance = (1 / (second + 1).float()).mean().item()
     assert hit > 4 * chance, (hit, chance)
+
+
+def test_a_run_resumes_from_its_checkpoint(tmp_path):
+    """Two steps, then --resume to four: the resumed run loads the checkpoint (weights_only) and
+    continues at step 3 instead of starting over."""
+    import json
+    import subprocess
+    import sys
+
+    common = [sys.executable, "-m", "apb.train_retrieval", "--out", str(tmp_path / "out"), "--ckpt",
+              str(tmp_path / "ckpt"), "--ckpt-every", "1", "--eval-every", "100", "--eval-n", "2", "--log-every", "1"]
+    first = subprocess.run(common + ["--stages", "64:2:2"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    second = subprocess.run(common + ["--stages", "64:2:4", "--resume"], capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "resumed at step 2" in second.stdout
+    log = json.loads((tmp_path / "out" / "training_log.json").read_text())
+    assert [r["step"] for r in log["curve"] if "loss" in r] == [1, 2, 3, 4] and log["steps"] == 4
