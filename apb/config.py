@@ -79,7 +79,7 @@ class MethodConfig(_Section):
     @field_validator("compressor")
     @classmethod
     def _known_compressor(cls, v: str) -> str:
-        from apb.compressors import compressor_names
+        from apb.methods.compressors import compressor_names
 
         if v not in compressor_names():
             raise ValueError(f"unknown compressor {v!r}; valid compressors: {', '.join(compressor_names())}")

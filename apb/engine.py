@@ -26,9 +26,9 @@ from typing import Any, Iterable, Iterator
 import yaml
 
 from apb.config import Config, ConfigError, dump_config, load_config
-from apb.decode import Sampling
-from apb.models import resolve_model
-from apb.text import encode_document, eos_ids, load_tokenizer
+from apb.runtime.decode import Sampling
+from apb.model.loading import resolve_model
+from apb.model.text import encode_document, eos_ids, load_tokenizer
 
 RESULT_KEYS = ("id", "answer", "method", "world_size", "prompt_tokens", "prefill_s", "decode_s", "error")
 _SHORTCUTS = {"method": "method.name", "world_size": "parallel.world_size", "launcher": "parallel.launcher",
@@ -125,8 +125,8 @@ class Engine:
             ids, n_query, max_new = self._prepare(doc)
         except DocumentError as e:
             return self._record(doc_id, error=str(e))
-        from apb.parallel.local_group import WorkerError
-        from apb.worker import PromptRequest
+        from apb.parallel.groups import WorkerError
+        from apb.runtime.worker import PromptRequest
 
         d = self.cfg.decode
         req = PromptRequest(str(self.model_path), ids, self.cfg.method.name,
@@ -271,20 +271,19 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="doc", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
 
-def start_group(cfg: Config, world_size: int | None = None):
-    """Start the worker group the config asks for (local processes or Ray actors)."""
-    world = world_size or cfg.parallel.world_size
-    kwargs = {"device": cfg.parallel.device, "timeout_s": cfg.parallel.timeout_s}
-    if cfg.parallel.launcher == "local":
-        from apb.parallel.local_group import LocalWorkerGroup
+def start_group(cfg: Config, world_size: int | None = None, launcher: str | None = None, timeout_s: float | None = None,
+                **worker_kwargs):
+    """Start the worker group the config asks for (local processes or Ray actors); the arguments
+    override the config's world size, launcher and timeout, ``worker_kwargs`` the worker's options."""
+    from apb.parallel.groups import start_group as start
 
-        return LocalWorkerGroup(world, worker_kwargs=kwargs, timeout_s=cfg.parallel.timeout_s)
-    if cfg.parallel.launcher == "ray":
-        from apb.parallel.ray_group import RayWorkerGroup
-
-        return RayWorkerGroup(world, cfg.ray, worker_kwargs=kwargs, timeout_s=cfg.parallel.timeout_s)
-    raise ConfigError("parallel.launcher=torchrun: start the job with torchrun (launch/torchrun.sh or "
-                      "`apb run --launcher torchrun`), which creates the processes itself")
+    timeout_s = timeout_s or cfg.parallel.timeout_s
+    kwargs = {"device": cfg.parallel.device, "timeout_s": timeout_s} | worker_kwargs
+    try:
+        return start(launcher or cfg.parallel.launcher, world_size or cfg.parallel.world_size, kwargs, timeout_s,
+                     ray_config=cfg.ray)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def summary_line(summary: Summary) -> str:

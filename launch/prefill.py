@@ -2,7 +2,7 @@
 
 import sys
 
-from apb.torchrun_main import main
+from apb.cli.torchrun_main import main
 
 if __name__ == "__main__":
     sys.exit(main())

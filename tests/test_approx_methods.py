@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from apb.compressors import random_retaining_heads
+from apb.methods.compressors import random_retaining_heads
 from apb.config import load_config
-from apb.decode import Sampling
-from apb.models import resolve_model
-from apb.parallel.local_group import LocalWorkerGroup
-from apb.verify import random_prompt, verify
-from apb.worker import PromptRequest
+from apb.runtime.decode import Sampling
+from apb.model.loading import resolve_model
+from apb.parallel.groups.local import LocalWorkerGroup
+from apb.tools.verify import random_prompt, verify
+from apb.runtime.worker import PromptRequest
 
 KV_HEADS, HEAD_DIM, LAYERS = 4, 16, 2  # tiny-llama
 

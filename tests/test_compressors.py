@@ -1,4 +1,4 @@
-"""apb.compressors (passing-block selection) and apb.methods.sizes / plan() (anchor and passing sizes).
+"""apb.methods.compressors (passing-block selection) and apb.methods.sizes / plan() (anchor and passing sizes).
 
 Scores are checked against explicit loops written here from the definitions in design.md.
 """
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from apb.compressors import (
+from apb.methods.compressors import (
     ScoreInputs,
     build_compressor,
     compressor_names,

@@ -1,7 +1,7 @@
 """full / ring / ulysses on real worker processes against transformers' own eager attention.
 
 Every row compares last-token logits, the gathered KV cache and 16 greedy tokens with a
-single-process Hugging Face forward and ``generate`` (see apb.verify), for each tiny
+single-process Hugging Face forward and ``generate`` (see apb.tools.verify), for each tiny
 architecture, W = 1..4, and prompt lengths divisible by neither W nor 2W.
 """
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from apb.config import load_config
-from apb.decode import Sampling
-from apb.models import resolve_model
-from apb.parallel.local_group import LocalWorkerGroup
-from apb.verify import expand_methods, random_prompt, verify
-from apb.worker import PromptRequest
+from apb.runtime.decode import Sampling
+from apb.model.loading import resolve_model
+from apb.parallel.groups.local import LocalWorkerGroup
+from apb.tools.verify import expand_methods, random_prompt, verify
+from apb.runtime.worker import PromptRequest
 
 MODELS = ["tiny-llama", "tiny-qwen2", "tiny-mistral"]  # the architectures (bench-attn is for speed)
 EXACT = ["full", "ring", "ulysses"]

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from apb import costmodel
+from apb.tools import simulate as costmodel
 
 
 def test_reference_prediction_meets_the_bar():
@@ -84,7 +84,7 @@ def test_tasks_module_writes_a_dataset_per_task(tmp_path):
     import sys
 
     out = tmp_path / "docs.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "apb.tasks", "--out", str(out), "--tasks", "passkey,vt", "--n", "2",
+    proc = subprocess.run([sys.executable, "-m", "apb.tools.tasks", "--out", str(out), "--tasks", "passkey,vt", "--n", "2",
                            "--length", "300", "--model", "tiny-llama"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     docs = [json.loads(line) for line in out.read_text().splitlines()]
@@ -98,6 +98,6 @@ def test_tasks_module_writes_a_dataset_per_task(tmp_path):
             assert f"VAR {names[0]} = {value}." in d["context"]
             for prev, cur in zip(names, names[1:]):
                 assert f"VAR {cur} = VAR {prev}." in d["context"]
-    bad = subprocess.run([sys.executable, "-m", "apb.tasks", "--out", str(out), "--tasks", "nope"],
+    bad = subprocess.run([sys.executable, "-m", "apb.tools.tasks", "--out", str(out), "--tasks", "nope"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "valid tasks" in bad.stderr

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from apb.parallel.ray_group import local_ranks, rank_order
+from apb.parallel.groups.ray import local_ranks, rank_order
 
 DOCS = [{"id": f"d{i}", "context": "Alpha beta gamma delta. " * (30 + 25 * i), "question": f"Which letter {i}?",
          "max_new_tokens": 5} for i in range(3)]
@@ -57,8 +57,8 @@ def ray_local():
 
 def test_unsatisfiable_placement_names_the_resources(ray_local):
     from apb.config import RayConfig
-    from apb.parallel.local_group import WorkerError
-    from apb.parallel.ray_group import RayWorkerGroup
+    from apb.parallel.groups import WorkerError
+    from apb.parallel.groups.ray import RayWorkerGroup
 
     cfg = RayConfig(cpus_per_worker=64, start_timeout_s=5)
     with pytest.raises(WorkerError, match=r"cannot place 2 workers of \{'CPU': 64.0\}.*the cluster has"):

@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from apb.parallel.local_group import LocalWorkerGroup, WorkerError
+from apb.parallel.groups import WorkerError
+from apb.parallel.groups.local import LocalWorkerGroup
 from apb.parallel.state import validate_degrees
 
 

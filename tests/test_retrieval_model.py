@@ -12,8 +12,8 @@ import subprocess
 import pytest
 import torch
 
-from apb import tasks
-from apb.models import packaged_path
+from apb.tools import tasks
+from apb.model.loading import packaged_path
 
 MODEL = packaged_path("apb-retrieval")
 
@@ -50,7 +50,7 @@ def _docs(tok, task, length, n, seed=7):
 
 @pytest.mark.parametrize("task,floor", [("passkey", 5), ("niah", 5), ("vt", 4)])
 def test_plain_transformers_generate_retrieves(task, floor):
-    from apb.text import encode_document
+    from apb.model.text import encode_document
 
     tok, model = _load()
     hits = 0

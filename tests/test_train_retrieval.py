@@ -5,9 +5,9 @@ import random
 
 import torch
 
-from apb import tasks
-from apb.text import byte_tokenizer
-from apb.train_retrieval import build_model, encode_training
+from apb.tools import tasks
+from apb.model.text import byte_tokenizer
+from apb.tools.train_retrieval import build_model, encode_training
 
 
 def test_training_sequence_supervises_exactly_each_answer_and_its_eos():
@@ -81,7 +81,7 @@ def test_a_run_resumes_from_its_checkpoint(tmp_path):
     import subprocess
     import sys
 
-    common = [sys.executable, "-m", "apb.train_retrieval", "--out", str(tmp_path / "out"), "--ckpt",
+    common = [sys.executable, "-m", "apb.tools.train_retrieval", "--out", str(tmp_path / "out"), "--ckpt",
               str(tmp_path / "ckpt"), "--ckpt-every", "1", "--eval-every", "100", "--eval-n", "2", "--log-every", "1"]
     first = subprocess.run(common + ["--stages", "64:2:2"], capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from apb.compressors import ScoreInputs, build_compressor, take
+from apb.methods.compressors import ScoreInputs, build_compressor, take
 from apb.kernels import attention, merge_many
 from apb.methods import register_method
 from apb.methods.base import Method
-from apb.methods.exact_tail import local_partial, merge_over_hosts
+from apb.methods.cache_attention import local_partial, merge_over_hosts
 from apb.methods.sizes import resolve_len, resolve_passing
 from apb.parallel import layout
 

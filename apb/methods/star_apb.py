@@ -15,7 +15,7 @@ Context phase, host ``r`` (contiguous block ``B_r``; hosts ``r > 0`` prepend an 
 
 Anchors go through every layer but are dropped from outputs and caches. Afterwards the query
 runs as a second pass in which each token attends exactly to every host's cache
-(:mod:`apb.methods.exact_tail`).
+(:mod:`apb.methods.cache_attention`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from apb.compressors import ScoreInputs, build_compressor, take
+from apb.methods.compressors import ScoreInputs, build_compressor, take
 from apb.kernels import attention, merge
 from apb.methods import register_method
 from apb.methods.base import Method

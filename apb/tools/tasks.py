@@ -2,7 +2,7 @@
 
 Each generator is pure: it takes a tokenizer, a target prompt length in *tokens* of that
 tokenizer, and a ``random.Random``, and returns a document ``{"id", "context", "question",
-"answer"}`` that :func:`apb.text.encode_document` turns into a prompt. The haystack is real
+"answer"}`` that :func:`apb.model.text.encode_document` turns into a prompt. The haystack is real
 text present on every machine: a fixed, sorted list of the standard library's own source files
 (a file missing on this Python version is skipped), cut at line boundaries. Needles are
 inserted as lines of their own.
@@ -29,7 +29,7 @@ Tasks, and what each tests:
 
 :func:`score` is exact match after ``strip()``. :func:`write_dataset` writes JSONL.
 :func:`make_training_sequence` is the dense training mixture (many needles of all three kinds,
-then many question/answer pairs) used by :mod:`apb.train_retrieval`.
+then many question/answer pairs) used by :mod:`apb.tools.train_retrieval`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import string
 import sysconfig
 from pathlib import Path
 
-from apb.text import ANSWER_CUE, QUESTION_SEP
+from apb.model.text import ANSWER_CUE, QUESTION_SEP
 
 TASKS = ("passkey", "niah", "vt")
 
@@ -269,7 +269,7 @@ def make_training_sequence(n_tokens: int, tokenizer, rng: random.Random,
     """A dense training document: needles of all three tasks, then all their questions.
 
     Returns (context, [(question, answer), ...]); the questions come in random order after the
-    context, each followed by its answer and eos (see :mod:`apb.train_retrieval`). Needles and
+    context, each followed by its answer and eos (see :mod:`apb.tools.train_retrieval`). Needles and
     question/answer pairs take about ``needle_fraction`` of the ``n_tokens``; haystack fills the
     rest. Cost estimates per item (tokens of the project's tokenizer): a key-value needle and its
     Q/A ~25, a passkey ~22, a 2-5 variable chain and its Q/A ~7 per variable + 20.
@@ -325,11 +325,11 @@ def score(pred: str, answer: str) -> bool:
 
 
 def main(argv=None) -> None:
-    """``python -m apb.tasks --out FILE`` writes a dataset (this is how apb/data/demo.jsonl is made)."""
+    """``python -m apb.tools.tasks --out FILE`` writes a dataset (this is how apb/data/demo.jsonl is made)."""
     import argparse
 
-    from apb.models import resolve_model
-    from apb.text import load_tokenizer
+    from apb.model.loading import resolve_model
+    from apb.model.text import load_tokenizer
 
     p = argparse.ArgumentParser(description="write generated task documents as JSONL")
     p.add_argument("--out", required=True)

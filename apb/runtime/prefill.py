@@ -10,8 +10,8 @@ Flow on host ``r`` (all hosts of the sequence-parallel group call :func:`prefill
 3. query phase (star, apb): the query tokens run through the model again, each attending
    exactly to every host's cache (:class:`CacheAttnContext`); the host holding the last prompt
    token otherwise provides the logits (only that row goes through the LM head);
-4. the host's KV part is returned; :func:`apb.cache.gather_cache` collects the parts for
-   decoding, or :func:`decode_distributed` decodes with the parts left in place.
+4. the host's KV part is returned; :func:`apb.runtime.cache.gather_cache` collects the parts for
+   decoding, or :func:`apb.runtime.decode.decode_distributed` decodes with the parts left in place.
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from apb.cache import KVCache
-from apb.decode import Sampling, decode_loop
+from apb.runtime.cache import KVCache
 from apb.methods.base import AttnContext, Method
-from apb.methods.exact_tail import CacheAttnContext
+from apb.methods.cache_attention import CacheAttnContext
 from apb.parallel.comm import Comm
 from apb.parallel.layout import owner_of, pad_tokens
 
@@ -133,32 +132,3 @@ def _pre_rope_capture(model, ctx: AttnContext):
     finally:
         for h in handles:
             h.remove()
-
-
-@torch.no_grad()
-def decode_distributed(model, result: PrefillResult, comm: Comm, n_past: int, sampling: Sampling,
-                       eos_ids: tuple[int, ...] = (), decode_rank: int = 0) -> list[int]:
-    """Decode with every host keeping its cache part; each step merges partial attentions.
-
-    Every host runs the (cheap) per-token layers; only ``decode_rank`` appends new K/V. The
-    chosen token is broadcast from ``decode_rank`` so all hosts stay in step.
-    """
-    device = _device(model)
-    cache = result.cache
-    kv = {i: (cache.keys[i][None], cache.values[i][None]) for i in range(cache.keys.shape[0])}
-    ctx = CacheAttnContext(comm, kv, cache.positions, holds_new=comm.rank == decode_rank)
-    comm.stats.phase = "decode"
-
-    def choose(tok: int) -> int:
-        t = torch.tensor([tok], device=device)
-        return int(comm.broadcast(t, src=decode_rank).item())
-
-    def step(tok: int, pos: int) -> torch.Tensor:
-        ctx.start_step(torch.tensor([pos], device=device))
-        out = model(input_ids=torch.tensor([[tok]], device=device), position_ids=torch.tensor([[pos]], device=device),
-                    use_cache=False, apb_ctx=ctx)
-        comm.stats.tick(None)
-        comm.stats.layer = None
-        return out.logits[0, -1]
-
-    return decode_loop(step, result.last_logits, n_past, sampling, eos_ids, choose)

@@ -1,4 +1,5 @@
-"""Single-device decoding from a prefilled cache: greedy, or sampling with a seed."""
+"""Decoding after a prefill: greedy or seeded sampling, from a gathered cache on one host
+(:func:`decode`) or with every host keeping its cache part (:func:`decode_distributed`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from apb.methods.cache_attention import CacheAttnContext
+from apb.parallel.comm import Comm
 
 
 @dataclass(frozen=True)
@@ -63,3 +67,32 @@ def decode(model, hf_cache, first_logits: torch.Tensor, n_past: int, sampling: S
         return out.logits[0, -1]
 
     return decode_loop(step, first_logits, n_past, sampling, eos_ids)
+
+
+@torch.no_grad()
+def decode_distributed(model, result, comm: Comm, n_past: int, sampling: Sampling,
+                       eos_ids: tuple[int, ...] = (), decode_rank: int = 0) -> list[int]:
+    """Decode with every host keeping its cache part; each step merges partial attentions.
+
+    Every host runs the (cheap) per-token layers; only ``decode_rank`` appends new K/V. The
+    chosen token is broadcast from ``decode_rank`` so all hosts stay in step.
+    """
+    device = next(model.parameters()).device
+    cache = result.cache
+    kv = {i: (cache.keys[i][None], cache.values[i][None]) for i in range(cache.keys.shape[0])}
+    ctx = CacheAttnContext(comm, kv, cache.positions, holds_new=comm.rank == decode_rank)
+    comm.stats.phase = "decode"
+
+    def choose(tok: int) -> int:
+        t = torch.tensor([tok], device=device)
+        return int(comm.broadcast(t, src=decode_rank).item())
+
+    def step(tok: int, pos: int) -> torch.Tensor:
+        ctx.start_step(torch.tensor([pos], device=device))
+        out = model(input_ids=torch.tensor([[tok]], device=device), position_ids=torch.tensor([[pos]], device=device),
+                    use_cache=False, apb_ctx=ctx)
+        comm.stats.tick(None)
+        comm.stats.layer = None
+        return out.logits[0, -1]
+
+    return decode_loop(step, result.last_logits, n_past, sampling, eos_ids, choose)

@@ -47,7 +47,7 @@ def materialize_preset(name: str, seed: int = 0, root: Path | None = None) -> Pa
     target = (root or cache_root()) / "models" / f"{name}-seed{seed}"
     if (target / "config.json").exists():
         if not (target / "tokenizer.json").exists():  # made by an older version: add the tokenizer
-            from apb.text import byte_tokenizer
+            from apb.model.text import byte_tokenizer
 
             byte_tokenizer().save_pretrained(target)
         return target
@@ -58,7 +58,7 @@ def materialize_preset(name: str, seed: int = 0, root: Path | None = None) -> Pa
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
     model.save_pretrained(tmp, safe_serialization=True)
-    from apb.text import byte_tokenizer
+    from apb.model.text import byte_tokenizer
 
     byte_tokenizer().save_pretrained(tmp)  # byte-level: any text maps into the 512-token vocabulary
     try:
@@ -68,7 +68,7 @@ def materialize_preset(name: str, seed: int = 0, root: Path | None = None) -> Pa
     return target
 
 
-#: checkpoints shipped inside the package (trained by ``python -m apb.train_retrieval``)
+#: checkpoints shipped inside the package (trained by ``python -m apb.tools.train_retrieval``)
 PACKAGED = {"apb-retrieval": "retrieval-model"}
 
 
@@ -78,7 +78,7 @@ def packaged_path(name: str) -> Path:
     path = Path(str(resources.files("apb") / "data" / PACKAGED[name]))
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"the packaged model {name!r} is missing from {path}; reinstall the package, or "
-                                "train it with `python -m apb.train_retrieval --out apb/data/retrieval-model`")
+                                "train it with `python -m apb.tools.train_retrieval --out apb/data/retrieval-model`")
     return path
 
 
@@ -105,10 +105,10 @@ def parse_dtype(name: str) -> torch.dtype:
 def load_model(path: str | Path, dtype: str = "float32", device: torch.device | str = "cpu",
                attn_implementation: str | None = None) -> torch.nn.Module:
     """Load a causal LM from a local directory, wired to our attention unless told otherwise."""
-    import apb.hf  # noqa: F401  (registers the "apb" attention implementation)
+    import apb.model.hf_bridge  # noqa: F401  (registers the "apb" attention implementation)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=parse_dtype(dtype), local_files_only=True, trust_remote_code=False,
-        attn_implementation=attn_implementation or apb.hf.ATTN_IMPLEMENTATION)
+        attn_implementation=attn_implementation or apb.model.hf_bridge.ATTN_IMPLEMENTATION)
     return model.to(device).eval()

@@ -1,6 +1,6 @@
 """Workers that torchrun started: rank 0 drives, every rank computes.
 
-Under torchrun each process builds its :class:`apb.worker.Worker` (which joins the process
+Under torchrun each process builds its :class:`apb.runtime.worker.Worker` (which joins the process
 group from torchrun's environment). Rank 0 runs the driver code (the same :class:`apb.Engine`
 as the other launchers) with a :class:`TorchrunGroup`, which broadcasts each call over a
 dedicated gloo control group; the other ranks sit in :func:`serve`, executing the same calls.
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from apb.parallel.local_group import WorkerError
+from apb.parallel.groups import WorkerError
 
 _STOP = "__stop__"
 

@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from apb.cache import KVCache, gather_cache, to_hf_cache
-from apb.decode import Sampling, decode
+from apb.runtime.cache import KVCache, gather_cache, to_hf_cache
+from apb.runtime.decode import Sampling, decode, decode_distributed
 from apb.methods import build_method
-from apb.models import load_model
+from apb.model.loading import load_model
 from apb.parallel.comm import CommStats
 from apb.parallel.rendezvous import init_distributed, shutdown
 from apb.parallel.state import build_parallel_state
-from apb.runtime import decode_distributed, prefill
+from apb.runtime.prefill import prefill
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """``apb eval``: task accuracy per method, RULER-style.
 
-For each task and length, ``samples`` examples are generated (:mod:`apb.tasks`, seeded, so
+For each task and length, ``samples`` examples are generated (:mod:`apb.tools.tasks`, seeded, so
 every method sees the same ones) or read from the user's JSONL (``{id, context, question,
 answer}``). Every method answers them through the same :class:`apb.engine.Engine` path as a
 batch job, on one shared worker group, and an answer counts when it matches exactly after
@@ -19,7 +19,7 @@ from apb.engine import Engine, start_group
 
 
 def generate(tasks: list[str], lengths: list[int], samples: int, tokenizer, seed: int = 0) -> list[dict]:
-    from apb.tasks import make_example
+    from apb.tools.tasks import make_example
 
     docs = []
     for task in tasks:
@@ -48,7 +48,7 @@ def read_dataset(path: str | Path) -> list[dict]:
 
 def evaluate(cfg: Config, methods: list[str], docs: list[dict], config_source=None, overrides=(),
              progress=print) -> list[dict]:
-    from apb.tasks import score
+    from apb.tools.tasks import score
 
     group = start_group(cfg)
     rows = []

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"apb: {e}", file=sys.stderr)
         return 2
-    from apb.parallel.local_group import WorkerError
+    from apb.parallel.groups import WorkerError
 
     try:
         return {"verify": cmd_verify, "demo": cmd_demo, "run": cmd_run, "simulate": cmd_simulate,
@@ -120,11 +120,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _start_group(cfg, world_size: int):
-    from apb.parallel.local_group import LocalWorkerGroup
+    from apb.engine import start_group
 
-    return LocalWorkerGroup(world_size, worker_kwargs={"device": cfg.parallel.device,
-                                                       "timeout_s": cfg.parallel.timeout_s},
-                            timeout_s=cfg.parallel.timeout_s)
+    return start_group(cfg, world_size, launcher="local")  # verify compares local processes with the reference
 
 
 def _check_methods(names: list[str]) -> None:
@@ -138,7 +136,7 @@ def _check_methods(names: list[str]) -> None:
 
 
 def cmd_verify(cfg, args) -> int:
-    from apb.verify import expand_methods, format_table, verify, write_json
+    from apb.tools.verify import expand_methods, format_table, verify, write_json
 
     methods = expand_methods(_csv(args.methods))
     world = args.world_size or cfg.parallel.world_size
@@ -187,7 +185,7 @@ def cmd_run(cfg, args) -> int:
 
 
 def _run_torchrun(cfg, args) -> int:
-    """Start torchrun on this machine with the same engine code (apb.torchrun_main)."""
+    """Start torchrun on this machine with the same engine code (apb.cli.torchrun_main)."""
     import subprocess
 
     from apb.parallel.rendezvous import free_port
@@ -195,7 +193,7 @@ def _run_torchrun(cfg, args) -> int:
     config = args.config or _default_config_path()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
            "--nproc-per-node", str(cfg.parallel.world_size), "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "apb.torchrun_main", "--input", args.input,
+           "--master-port", str(free_port()), "-m", "apb.cli.torchrun_main", "--input", args.input,
            "--output", args.output, "--config", config]
     for item in _run_overrides(args):
         cmd += ["--set", item]
@@ -236,7 +234,7 @@ def _fmt_s(x) -> str:
 
 
 def cmd_eval(cfg, args) -> int:
-    from apb import evaluate
+    from apb.tools import evaluate
     from apb.config import load_config
     from apb.engine import Engine
 
@@ -249,7 +247,7 @@ def cmd_eval(cfg, args) -> int:
     if args.data:
         docs = evaluate.read_dataset(args.data)
     else:
-        from apb.tasks import TASKS
+        from apb.tools.tasks import TASKS
 
         tasks = _csv(args.tasks)
         bad = [t for t in tasks if t not in TASKS]
@@ -263,7 +261,7 @@ def cmd_eval(cfg, args) -> int:
 
 
 def cmd_bench(cfg, args) -> int:
-    from apb import bench
+    from apb.tools import bench
     from apb.config import load_config
 
     methods = _csv(args.methods)
@@ -292,7 +290,7 @@ def _cell(row: dict) -> str:
 
 
 def cmd_simulate(cfg, args) -> int:
-    from apb import costmodel as cm
+    from apb.tools import simulate as cm
 
     if args.reference:
         rows = cm.compare_reference()
@@ -330,8 +328,8 @@ def cmd_demo(cfg, args) -> int:
     from apb.config import load_config
     from apb.engine import Engine, start_group
 
-    from apb.models import packaged_path
-    from apb.tasks import score
+    from apb.model.loading import packaged_path
+    from apb.tools.tasks import score
 
     model = args.model
     if model is None:

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from apb.config import Config
-from apb.decode import Sampling
+from apb.runtime.decode import Sampling
 from apb.methods import build_method
-from apb.models import load_model, resolve_model
-from apb.worker import PromptRequest
+from apb.model.loading import load_model, resolve_model
+from apb.runtime.worker import PromptRequest
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 

@@ -1,4 +1,4 @@
-"""Entry point for torchrun: ``torchrun --nproc-per-node N -m apb.torchrun_main --config CFG --input IN
+"""Entry point for torchrun: ``torchrun --nproc-per-node N -m apb.cli.torchrun_main --config CFG --input IN
 --output OUT``. Rank 0 reads the input and writes the output; all ranks compute."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="apb.torchrun_main")
+    ap = argparse.ArgumentParser(prog="apb.cli.torchrun_main")
     ap.add_argument("--config", required=True)
     ap.add_argument("--input", required=True)
     ap.add_argument("--output", required=True)
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     from apb.parallel.rendezvous import under_torchrun
 
     if not under_torchrun():
-        print("apb.torchrun_main: start me with torchrun (RANK/WORLD_SIZE/LOCAL_RANK are not set)", file=sys.stderr)
+        print("apb.cli.torchrun_main: start me with torchrun (RANK/WORLD_SIZE/LOCAL_RANK are not set)", file=sys.stderr)
         return 2
     world = int(os.environ["WORLD_SIZE"])
     try:
@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"apb: {e}", file=sys.stderr)
         return 2
-    from apb.parallel.torchrun_group import TorchrunGroup, control_group, serve
-    from apb.worker import Worker
+    from apb.parallel.groups.torchrun import TorchrunGroup, control_group, serve
+    from apb.runtime.worker import Worker
 
     worker = Worker(None, int(os.environ["RANK"]), world, int(os.environ["LOCAL_RANK"]),
                     device=cfg.parallel.device, timeout_s=cfg.parallel.timeout_s)

@@ -1,20 +1,20 @@
 """Train a small Llama model (and its tokenizer) that retrieves from long contexts.
 
-    python -m apb.train_retrieval --out apb/data/retrieval-model [--stages ...] [--seed 0]
+    python -m apb.tools.train_retrieval --out apb/data/retrieval-model [--stages ...] [--seed 0]
 
 What it does, in order (all seeded; ``--threads`` CPU threads):
 
 1. Trains a byte-level BPE tokenizer with the ``tokenizers`` library on the haystack text (the
-   standard-library source of :mod:`apb.tasks`) plus a drill of task sentences
+   standard-library source of :mod:`apb.tools.tasks`) plus a drill of task sentences
    (:func:`tokenizer_drill`), so each key word, each variable name and each cue word is one
    token, and digits go in pairs (a 5-digit value is always 3 tokens). Specials ``<pad> <s>
    </s>``; saved as a ``PreTrainedTokenizerFast`` with bos/eos/pad set and no chat template.
 2. Builds a ``LlamaConfig`` model (see ``--hidden`` etc.), starts the attention heads that
    retrieval needs (:func:`init_previous_token_heads`, :func:`init_feature_heads`), and trains it with AdamW on *dense*
-   sequences from :func:`apb.tasks.make_training_sequence`: a haystack holding many needles of
+   sequences from :func:`apb.tools.tasks.make_training_sequence`: a haystack holding many needles of
    all three tasks, then many ``\\n\\nQuestion: q\\nAnswer: a</s>`` pairs, with the loss only on
    the answer tokens and eos. The first pair follows the context exactly as
-   :func:`apb.text.encode_document` builds a prompt.
+   :func:`apb.model.text.encode_document` builds a prompt.
 3. Follows a short-to-long curriculum (``--stages LEN:BATCH:MAX_STEPS,...``). Every
    ``--eval-every`` steps it measures held-out accuracy per task at the stage length (teacher
    forced: an example counts as correct when the greedy argmax is right at every answer token
@@ -26,7 +26,7 @@ What it does, in order (all seeded; ``--threads`` CPU threads):
    ``--ckpt-every`` steps (``--resume`` picks it up).
 
 ``--eval-only DIR`` instead measures a saved model with plain ``generate`` (greedy, prompt from
-:func:`apb.text.encode_document`) and records the result under ``final_eval`` in
+:func:`apb.model.text.encode_document`) and records the result under ``final_eval`` in
 ``DIR/training_log.json``.
 """
 
@@ -41,8 +41,8 @@ from pathlib import Path
 
 import torch
 
-from apb import tasks
-from apb.text import ANSWER_CUE, QUESTION_SEP, encode_document
+from apb.tools import tasks
+from apb.model.text import ANSWER_CUE, QUESTION_SEP, encode_document
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
 
@@ -54,7 +54,7 @@ def tokenizer_drill(repeats: int, seed: int = 0) -> str:
     Mixed into the tokenizer's training text so that BPE keeps each key word, each variable
     name and each cue word a single token, and learns every 2-digit number with and without
     a leading space (the haystack alone has too few of them). The sentences restate the
-    formats of :mod:`apb.tasks` rather than calling its generators, whose random draws would
+    formats of :mod:`apb.tools.tasks` rather than calling its generators, whose random draws would
     change the shipped tokenizer's training text; tests/test_retrieval_model.py checks that
     the shipped tokenizer keeps every task word whole.
     """

@@ -20,15 +20,8 @@ import time
 import traceback
 from typing import Any
 
+from apb.parallel.groups import WorkerError
 from apb.parallel.rendezvous import free_port
-
-
-class WorkerError(RuntimeError):
-    """A worker raised, died, or did not answer in time."""
-
-    def __init__(self, message: str, rank: int | None = None):
-        super().__init__(message)
-        self.rank = rank
 
 
 def _serve(worker_cls: str, kwargs: dict, rank: int, world_size: int, init_method: str,
@@ -57,7 +50,7 @@ def _serve(worker_cls: str, kwargs: dict, rank: int, world_size: int, init_metho
 
 
 class LocalWorkerGroup:
-    def __init__(self, world_size: int, worker_cls: str = "apb.worker:Worker", worker_kwargs: dict | None = None,
+    def __init__(self, world_size: int, worker_cls: str = "apb.runtime.worker:Worker", worker_kwargs: dict | None = None,
                  timeout_s: float = 300.0, start_timeout_s: float = 180.0):
         if world_size < 1:
             raise ValueError(f"world_size must be at least 1, got {world_size}")

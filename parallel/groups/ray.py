@@ -1,6 +1,6 @@
 """Workers as Ray actors: one per GPU (or per CPU slot), in one placement group.
 
-The same :class:`apb.worker.Worker` runs inside each actor. Start-up:
+The same :class:`apb.runtime.worker.Worker` runs inside each actor. Start-up:
 
 1. ``ray.init`` joins ``ray.address`` (``auto``: a running cluster) or starts a local instance
    with the dashboard off and nothing listening beyond loopback;
@@ -22,7 +22,7 @@ import os
 import socket
 from typing import Any
 
-from apb.parallel.local_group import WorkerError
+from apb.parallel.groups import WorkerError
 
 
 class _Host:
@@ -78,7 +78,7 @@ def _init_ray(cfg) -> None:
 
 
 class RayWorkerGroup:
-    def __init__(self, world_size: int, ray_cfg, worker_cls: str = "apb.worker:Worker",
+    def __init__(self, world_size: int, ray_cfg, worker_cls: str = "apb.runtime.worker:Worker",
                  worker_kwargs: dict | None = None, timeout_s: float = 300.0):
         import ray
         from ray.exceptions import GetTimeoutError

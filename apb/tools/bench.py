@@ -11,7 +11,7 @@ Two figures per (method, length), labelled everywhere:
   and a fixed latency per collective call.
 
 Per rank it also reports compute and communication seconds and bytes (from the collective
-instrumentation), the slowest host's attention FLOPs (from :mod:`apb.costmodel`), and speedups
+instrumentation), the slowest host's attention FLOPs (from :mod:`apb.tools.simulate`), and speedups
 against ``full`` and ``ring`` at the same length.
 """
 
@@ -23,13 +23,13 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from apb import costmodel
+from apb.tools import simulate as costmodel
 from apb.config import Config
-from apb.decode import Sampling
-from apb.models import resolve_model
-from apb.parallel.local_group import LocalWorkerGroup
-from apb.verify import random_prompt
-from apb.worker import PromptRequest
+from apb.engine import start_group
+from apb.runtime.decode import Sampling
+from apb.model.loading import resolve_model
+from apb.tools.verify import random_prompt
+from apb.runtime.worker import PromptRequest
 
 LATENCY_S = 20e-6  # per collective call, in the projection
 
@@ -69,8 +69,7 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
     bandwidth = bandwidth_gbs * 1e9
     options = cfg.method.model_dump(exclude={"name"})
     rows = []
-    group = LocalWorkerGroup(world, worker_kwargs={"device": cfg.parallel.device, "timeout_s": 3600.0, "threads": 1},
-                             timeout_s=3600.0)
+    group = start_group(cfg, world, launcher="local", timeout_s=3600.0, threads=1)
     from apb.methods import build_method
 
     runnable = []
