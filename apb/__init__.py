@@ -10,7 +10,7 @@ __all__ = ["Engine", "__version__"]
 
 def __getattr__(name):
     if name == "Engine":
-        from apb.engine import Engine
+        from apb.engine import Engine  # lazily: `import apb` must not load torch
 
         return Engine
     raise AttributeError(f"module 'apb' has no attribute {name!r}")

@@ -4,6 +4,8 @@ A config file has one section per concern (``model``, ``parallel``, ``method``, 
 Unknown keys are rejected with the list of valid ones; a wrong value names the field, the value
 and what is allowed. Command-line overrides use dotted keys (``--set method.name=ring``) and go
 through the same validation. :func:`dump_config` writes the resolved config beside outputs.
+Method and compressor names are checked against the registries in :mod:`apb.methods`, which in
+turn never import this module: :func:`apb.methods.build_method` is handed a :class:`MethodConfig`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from apb.methods import check_method_name
+from apb.methods.compressors import compressor_names
 
 
 class ConfigError(ValueError):
@@ -71,16 +76,12 @@ class MethodConfig(_Section):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from apb.methods import check_method_name
-
         check_method_name(v)
         return v
 
     @field_validator("compressor")
     @classmethod
     def _known_compressor(cls, v: str) -> str:
-        from apb.methods.compressors import compressor_names
-
         if v not in compressor_names():
             raise ValueError(f"unknown compressor {v!r}; valid compressors: {', '.join(compressor_names())}")
         return v

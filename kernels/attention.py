@@ -41,24 +41,26 @@ from apb.kernels.merge import merge
 Backend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
 
 _BACKENDS: dict[str, Backend] = {}
+# per backend: whether it can run in this environment (its library imports)
+_AVAILABLE: dict[str, Callable[[], bool]] = {}
 # backends whose causal flag is already bottom-right aligned when keys outnumber queries
 _BOTTOM_RIGHT_NATIVE = {"naive", "flash_attn"}
 _forced: str | None = None
 
 
-def register_backend(name: str) -> Callable[[Backend], Backend]:
+def register_backend(name: str, available: Callable[[], bool] = lambda: True) -> Callable[[Backend], Backend]:
+    """Register a backend under ``name``; ``available()`` says whether it can run here."""
     def deco(fn: Backend) -> Backend:
         _BACKENDS[name] = fn
+        _AVAILABLE[name] = available
         return fn
 
     return deco
 
 
 def available_backends() -> list[str]:
-    names = ["naive", "torch_flash"]
-    if _flash_attn_func() is not None:
-        names.append("flash_attn")
-    return names
+    """The registered backends that can run in this environment, in registration order."""
+    return [name for name in _BACKENDS if _AVAILABLE.get(name, lambda: True)()]
 
 
 @contextlib.contextmanager
@@ -182,14 +184,14 @@ def _torch_flash(q, k, v, causal: bool, scale: float):
 
 
 def _flash_attn_func():
-    try:
+    try:  # imported here so that flash-attn (the optional [gpu] extra) stays optional
         from flash_attn import flash_attn_func  # type: ignore[import-not-found]
     except Exception:  # not installed, or built for another torch/CUDA
         return None
     return flash_attn_func
 
 
-@register_backend("flash_attn")
+@register_backend("flash_attn", available=lambda: _flash_attn_func() is not None)
 def _flash_attn(q, k, v, causal: bool, scale: float):
     fn = _flash_attn_func()
     if fn is None:

@@ -1,6 +1,7 @@
 """Process groups, collectives, layouts and worker groups (installed as ``apb.parallel``).
 
 ``layout`` is pure; ``comm``, ``rendezvous`` and ``state`` talk to torch.distributed; the
-worker groups (``local_group``: local processes, ``ray_group``: Ray actors, ``torchrun_group``:
-the processes torchrun started) start and supervise the hosts.
+worker groups in ``groups/`` (``local``: local processes, ``ray``: Ray actors, ``torchrun``:
+the processes torchrun started) start and supervise the hosts behind one ``WorkerGroup``
+protocol.
 """

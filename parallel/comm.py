@@ -6,14 +6,15 @@ one rank, broadcast, an all-to-all record for libraries that do their own exchan
 (:class:`RingComm`, ``send_recv / commit / wait``) so the overlap of communication and compute
 is visible in the caller's loop.
 
-:class:`CommStats` records calls, bytes and seconds per (phase, layer, op) on this rank, plus
-compute seconds, so verification and benchmarks can assert the communication pattern of a
+:class:`CommStats` records calls, bytes and seconds per (:class:`Phase`, layer, op) on this rank,
+plus compute seconds, so verification and benchmarks can assert the communication pattern of a
 method and split wall time into compute and communication.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -21,6 +22,29 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+
+class Phase(str, enum.Enum):
+    """What the runtime is doing while it communicates: the first key of every :class:`CommStats` record.
+
+    A ``str`` enum, so a phase equals its plain string and stats keep the same JSON keys.
+    """
+
+    CONTEXT = "context"  #: the context pass of prefill (every method)
+    QUERY = "query"  #: the exact second pass of the query over every host's cache (star, apb)
+    LOGITS = "logits"  #: the host holding the last prompt token broadcasts its logits (other methods)
+    GATHER = "gather"  #: the KV cache moves to the decode host (decode mode gather, or verification)
+    DECODE = "decode"  #: distributed decoding steps
+
+    @property
+    def is_prefill(self) -> bool:
+        """Whether this phase's traffic counts as prefill (``bench`` and ``verify`` both use this).
+
+        ``logits`` counts: exact methods broadcast the last-token logits from the host holding
+        that token to every host, which is part of producing the first token, i.e. of prefill
+        (star and apb do the same job in their ``query`` phase).
+        """
+        return self in (Phase.CONTEXT, Phase.QUERY, Phase.LOGITS)
 
 
 @dataclass
@@ -35,11 +59,11 @@ class CommStats:
     """Per-rank counters. ``layer`` and ``phase`` are set by the runtime as the model runs."""
 
     layer: int | None = None
-    phase: str = "context"
-    ops: dict[tuple[str, int | None, str], OpRecord] = field(default_factory=lambda: defaultdict(OpRecord))
+    phase: Phase = Phase.CONTEXT
+    ops: dict[tuple[Phase, int | None, str], OpRecord] = field(default_factory=lambda: defaultdict(OpRecord))
     compute_seconds: float = 0.0
     #: CPU seconds per (phase, layer): from one layer's attention to the next one's
-    layer_cpu: dict[tuple[str, int], float] = field(default_factory=lambda: defaultdict(float))
+    layer_cpu: dict[tuple[Phase, int], float] = field(default_factory=lambda: defaultdict(float))
     _mark: tuple | None = None
 
     def tick(self, layer: int | None) -> None:
@@ -56,27 +80,8 @@ class CommStats:
         rec.bytes += int(nbytes)
         rec.seconds += seconds
 
-    @contextlib.contextmanager
-    def compute(self) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.compute_seconds += time.perf_counter() - t0
-
-    def reset(self) -> None:
-        self.ops.clear()
-        self.layer_cpu.clear()
-        self._mark = None
-        self.compute_seconds = 0.0
-        self.layer = None
-        self.phase = "context"
-
-    def calls(self, op: str | None = None, phase: str | None = None, layer: int | None = None) -> int:
+    def calls(self, op: str | None = None, phase: Phase | None = None, layer: int | None = None) -> int:
         return sum(r.calls for k, r in self._select(op, phase, layer))
-
-    def bytes(self, op: str | None = None, phase: str | None = None, layer: int | None = None) -> int:
-        return sum(r.bytes for k, r in self._select(op, phase, layer))
 
     def comm_seconds(self) -> float:
         return sum(r.seconds for r in self.ops.values())
@@ -87,12 +92,15 @@ class CommStats:
                 and (layer is None or k[1] == layer)]
 
     def to_dict(self) -> dict:
+        """Plain data (phases as their strings), for pickling to the driver and JSON."""
         return {
             "compute_s": self.compute_seconds,
             "comm_s": self.comm_seconds(),
-            "ops": [{"phase": p, "layer": l, "op": o, "calls": r.calls, "bytes": r.bytes, "seconds": r.seconds}
+            "ops": [{"phase": Phase(p).value, "layer": l, "op": o, "calls": r.calls, "bytes": r.bytes,
+                     "seconds": r.seconds}
                     for (p, l, o), r in sorted(self.ops.items(), key=lambda kv: (kv[0][0], kv[0][1] or -1, kv[0][2]))],
-            "layer_cpu": [{"phase": p, "layer": l, "cpu_s": v} for (p, l), v in sorted(self.layer_cpu.items())],
+            "layer_cpu": [{"phase": Phase(p).value, "layer": l, "cpu_s": v}
+                          for (p, l), v in sorted(self.layer_cpu.items())],
         }
 
 
@@ -247,6 +255,7 @@ class RingComm:
         self._reqs: list = []
         self._bytes = 0
         self._recv: torch.Tensor | None = None
+        self._committed = False
 
     def send_recv(self, to_send: torch.Tensor) -> torch.Tensor:
         c = self.comm
@@ -262,16 +271,20 @@ class RingComm:
         return recv
 
     def commit(self) -> None:
-        if self._reqs:
+        if self._committed:
             raise RuntimeError("RingComm.commit called twice without wait")
         self._reqs = dist.batch_isend_irecv(self._ops)
+        self._committed = True
 
     def wait(self) -> torch.Tensor:
+        if not self._committed or self._recv is None:
+            # without commit nothing was sent, and the receive buffer would come back unfilled
+            raise RuntimeError("RingComm.wait called without a committed step: call send_recv(tensor), "
+                               "then commit(), then wait()")
         t0 = time.perf_counter()
         for req in self._reqs:
             req.wait()
         self.comm.stats.record("ring_send_recv", self._bytes, time.perf_counter() - t0)
         recv = self._recv
-        self._ops, self._reqs, self._bytes, self._recv = [], [], 0, None
-        assert recv is not None
+        self._ops, self._reqs, self._bytes, self._recv, self._committed = [], [], 0, None, False
         return recv

@@ -15,17 +15,25 @@ every output (logits, cache). Indices ``>= n`` in a :class:`HostSlice` are paddi
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 import torch
+
+
+class ChunkKind(str, enum.Enum):
+    """What a :class:`Chunk` holds; a ``str`` enum, so a kind equals its plain string."""
+
+    BLOCK = "block"  #: context this host owns
+    ANCHOR = "anchor"  #: a copy of early context (star, apb, spava), with its own position ids
+    QUERY = "query"  #: the question tokens
 
 
 @dataclass(frozen=True)
 class Chunk:
     """A run of consecutive prompt indices ``[start, stop)`` held by one host.
 
-    ``kind`` is ``block`` (context this host owns), ``anchor`` (a copy of early context, with
-    its own position ids) or ``query`` (the question tokens). Position ids run from
+    ``kind`` is a :class:`ChunkKind`: ``block``, ``anchor`` or ``query``. Position ids run from
     ``pos_start`` (default: the index itself). ``cached`` says whether this host keeps the
     tokens' K/V for decoding (default: blocks only). ``chunk_id`` orders blocks globally.
     """
@@ -33,7 +41,7 @@ class Chunk:
     chunk_id: int
     start: int
     stop: int
-    kind: str = "block"
+    kind: ChunkKind = ChunkKind.BLOCK
     pos_start: int | None = None
     cached: bool | None = None
 
@@ -48,7 +56,7 @@ class Chunk:
 
     @property
     def is_cached(self) -> bool:
-        return self.kind == "block" if self.cached is None else self.cached
+        return self.kind == ChunkKind.BLOCK if self.cached is None else self.cached
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,7 @@ class HostSlice:
     def size(self) -> int:
         return sum(c.size for c in self.chunks)
 
-    def rows(self, kind: str) -> slice:
+    def rows(self, kind: ChunkKind) -> slice:
         """The local rows of the chunks of ``kind``; they must be adjacent."""
         offset, start, stop = 0, None, None
         for c in self.chunks:
@@ -93,7 +101,7 @@ class HostSlice:
         return slice(0, 0) if start is None else slice(start, stop)
 
     def blocks(self) -> list[Chunk]:
-        return [c for c in self.chunks if c.kind == "block"]
+        return [c for c in self.chunks if c.kind == ChunkKind.BLOCK]
 
     def chunk_rows(self) -> list[tuple[Chunk, slice]]:
         out, offset = [], 0
@@ -102,7 +110,8 @@ class HostSlice:
             offset += c.size
         return out
 
-    def local_index_of(self, global_index: int, kinds: tuple[str, ...] = ("block", "query")) -> int | None:
+    def local_index_of(self, global_index: int,
+                       kinds: tuple[ChunkKind, ...] = (ChunkKind.BLOCK, ChunkKind.QUERY)) -> int | None:
         """Where prompt token ``global_index`` sits in this host's local sequence, or None.
 
         Anchor copies are skipped by default: their outputs are not the token's own.
@@ -186,10 +195,10 @@ def anchor_chunks(n_ctx: int, n_query: int, anchor_len: int, insert_pos: int | N
     if anchor_len <= 0:
         return ()
     if insert_pos is None or n_query == 0:
-        return (Chunk(-1, 0, anchor_len, "anchor", 0),)
+        return (Chunk(-1, 0, anchor_len, ChunkKind.ANCHOR, 0),)
     s = min(insert_pos, anchor_len)
-    parts = [Chunk(-1, 0, s, "anchor", 0), Chunk(-1, n_ctx, n_ctx + n_query, "anchor", s),
-             Chunk(-1, s, anchor_len, "anchor", s + n_query)]
+    parts = [Chunk(-1, 0, s, ChunkKind.ANCHOR, 0), Chunk(-1, n_ctx, n_ctx + n_query, ChunkKind.ANCHOR, s),
+             Chunk(-1, s, anchor_len, ChunkKind.ANCHOR, s + n_query)]
     return tuple(c for c in parts if c.size > 0)
 
 
@@ -209,7 +218,7 @@ def anchored(n_ctx: int, n_query: int, world_size: int, anchor_len: int, insert_
     for r, (lo, hi) in enumerate(even_split(0, n_ctx, world_size)):
         chunks = (anchor_chunks(n_ctx, n_query, anchor_len, insert_pos) if r > 0 else ()) + (Chunk(r, lo, hi),)
         if r in query_tail_on and n_query:
-            chunks += (Chunk(-1, n_ctx, n, "query", n_ctx, cached=False),)
+            chunks += (Chunk(-1, n_ctx, n, ChunkKind.QUERY, n_ctx, cached=False),)
         slices.append(HostSlice(r, n, chunks))
     return slices
 
@@ -232,13 +241,13 @@ def spava(n_ctx: int, n_query: int, world_size: int, anchor_len: int) -> list[Ho
     slices = []
     for r in range(world_size):
         lo, hi = shares[r]
-        anchor = tuple(c for c in (Chunk(-1, 0, lo, "anchor", 0, cached=False),
-                                   Chunk(-1, lo, hi, "anchor", lo, cached=True),
-                                   Chunk(-1, hi, anchor_len, "anchor", hi, cached=False)) if c.size > 0)
+        anchor = tuple(c for c in (Chunk(-1, 0, lo, ChunkKind.ANCHOR, 0, cached=False),
+                                   Chunk(-1, lo, hi, ChunkKind.ANCHOR, lo, cached=True),
+                                   Chunk(-1, hi, anchor_len, ChunkKind.ANCHOR, hi, cached=False)) if c.size > 0)
         first, second = r, 2 * world_size - 1 - r
         chunks = anchor + (Chunk(first, *blocks[first]), Chunk(second, *blocks[second]))
         if n_query:
-            chunks += (Chunk(-1, n_ctx, n, "query", n_ctx, cached=r == 0),)
+            chunks += (Chunk(-1, n_ctx, n, ChunkKind.QUERY, n_ctx, cached=r == 0),)
         slices.append(HostSlice(r, n, chunks))
     return slices
 

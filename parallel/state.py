@@ -8,6 +8,7 @@ created once here and passed explicitly to whatever communicates.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -22,11 +23,6 @@ class ParallelState:
     sp_size: int
     sp_group: dist.ProcessGroup
     sp_rank: int
-    dp_rank: int
-
-    @property
-    def is_sp_leader(self) -> bool:
-        return self.sp_rank == 0
 
     def comm(self, stats: CommStats | None = None) -> Comm:
         return Comm(self.sp_group, stats)
@@ -52,10 +48,8 @@ def build_parallel_state(env: DistEnv, sp_size: int | None = None) -> ParallelSt
             g = dist.new_group(list(range(start, start + sp_size)), timeout=_timeout(env))
             if start <= env.rank < start + sp_size:
                 group = g
-    return ParallelState(env, sp_size, group, env.rank % sp_size, env.rank // sp_size)
+    return ParallelState(env, sp_size, group, env.rank % sp_size)
 
 
-def _timeout(env: DistEnv):
-    import datetime
-
+def _timeout(env: DistEnv) -> datetime.timedelta:
     return datetime.timedelta(seconds=env.timeout_s)

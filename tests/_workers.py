@@ -38,6 +38,19 @@ class CommWorker:
             seen.append(int(cur.item()))
         return seen, self.comm.stats.calls("ring_send_recv")
 
+    def ring_wait_without_commit(self):
+        """send_recv then wait, skipping commit (must raise); then the step, committed, still runs."""
+        comm = Comm(self.state.sp_group, CommStats())  # own counters: ring_steps counts its calls
+        ring = comm.ring()
+        ring.send_recv(torch.full((4,), float(comm.rank)))
+        try:
+            ring.wait()
+            error = "wait returned"
+        except RuntimeError as e:
+            error = str(e)
+        ring.commit()
+        return error, ring.wait().tolist()
+
     def pid(self):
         return os.getpid()
 

@@ -2,14 +2,16 @@
 
 import pytest
 import torch
+import torch.distributed as dist
+from transformers import AutoConfig
 
 from apb.methods.compressors import random_retaining_heads
 from apb.config import load_config
 from apb.runtime.decode import Sampling
-from apb.model.loading import resolve_model
+from apb.model.catalog import resolve_model
 from apb.parallel.groups.local import LocalWorkerGroup
 from apb.tools.verify import random_prompt, verify
-from apb.runtime.worker import PromptRequest
+from apb.runtime.worker import PromptRequest, Worker
 
 KV_HEADS, HEAD_DIM, LAYERS = 4, 16, 2  # tiny-llama
 
@@ -82,8 +84,6 @@ def test_decode_modes_give_identical_tokens(group3, method):
 
 
 def test_retaining_heads_compressor_runs_from_a_weights_file(group3, tmp_path):
-    from transformers import AutoConfig
-
     path = resolve_model("tiny-llama")
     weights = random_retaining_heads(tmp_path / "heads.safetensors", AutoConfig.from_pretrained(path), hidden=32)
     replies = _run(group3, "apb", compressor="retaining_heads", retaining_heads_path=str(weights), passing_len=12)
@@ -105,11 +105,56 @@ def test_uncompressed_variants_are_exact_with_distributed_decode(group3):
         assert r.passed and r.max_abs_logit_diff <= 1e-4 and r.tokens_match, r
 
 
-def test_ulysses_four_all_to_alls_per_layer(group3):
-    # tiny-llama: 12 query heads, 4 KV heads (not divisible by 3: replicated to 12), 900 tokens -> 300 per host
-    for reply in _run(group3, "ulysses"):
+class WireCountingWorker(Worker):
+    """The engine's worker, also counting the bytes each ``torch.distributed.all_to_all_single`` sends.
+
+    DeepSpeed performs Ulysses' exchanges itself and the method only reports their size to
+    :class:`CommStats` (``record_external``), so this counts at the torch.distributed call instead:
+    every input row except the block addressed to this rank leaves the host.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sent: list[int] = []
+        real = dist.all_to_all_single
+
+        def counting(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+            world, rank = dist.get_world_size(group), dist.get_rank(group)
+            splits = input_split_sizes or [input.shape[0] // world] * world
+            row = input[0].numel() * input.element_size()
+            self.sent.append((sum(splits) - splits[rank]) * row)
+            return real(output, input, output_split_sizes, input_split_sizes, group, async_op)
+
+        dist.all_to_all_single = counting
+
+    def run_prompt(self, req):
+        self.sent.clear()
+        return super().run_prompt(req), list(self.sent)
+
+
+@pytest.fixture(scope="module")
+def wire3():
+    with LocalWorkerGroup(3, "test_approx_methods:WireCountingWorker", {"device": "cpu", "timeout_s": 120},
+                          timeout_s=300) as g:
+        yield g
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-mistral"])  # 4 KV heads (replicated over 3 hosts), 6 (split)
+def test_ulysses_counts_the_bytes_its_four_all_to_alls_send(wire3, model):
+    n, world = 900, 3
+    cfg = AutoConfig.from_pretrained(resolve_model(model))
+    heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    kv_sent = kv_heads if kv_heads % world == 0 else heads  # indivisible KV heads go as one per query head
+    local = -(-n // world)  # tokens per host: the prompt right-padded to a multiple of W
+    itemsize = torch.empty(0, dtype=torch.float32).element_size()  # PromptRequest's default dtype
+    # q, k and v out, the attention output back; each host keeps 1/W of every tensor
+    per_tensor = [local * h * head_dim * itemsize * (world - 1) // world for h in (heads, kv_sent, kv_sent, heads)]
+    req = PromptRequest(str(resolve_model(model)), random_prompt(n, 512, seed=n), "ulysses",
+                        sampling=Sampling(max_new_tokens=2, stop_at_eos=False))
+    for reply, sent in wire3.call("run_prompt", req):
         ops = _ops(reply, "context", "all_to_all")
-        assert sorted(o["layer"] for o in ops) == list(range(LAYERS))
-        for o in ops:
-            assert o["calls"] == 4
-            assert o["bytes"] == 4 * (300 * 12 * HEAD_DIM * 4) * 2 // 3
+        assert {o["layer"]: (o["calls"], o["bytes"]) for o in ops} == \
+            {layer: (4, sum(per_tensor)) for layer in range(cfg.num_hidden_layers)}, ops
+        # what torch.distributed was handed: the same four exchanges per layer, nothing else
+        assert sorted(sent) == sorted(per_tensor * cfg.num_hidden_layers), (sent, per_tensor)
+        assert sum(o["calls"] for o in reply.stats["ops"] if o["op"] == "all_to_all") == len(sent)

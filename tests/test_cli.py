@@ -2,7 +2,9 @@
 
 import json
 import subprocess
+from pathlib import Path
 
+import pytest
 import yaml
 
 
@@ -45,3 +47,85 @@ def test_ulysses_head_mismatch_is_an_error_row(apb_bin, repo):
                            "--world-size", "5", "--prompt-len", "64"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1
     assert "num_attention_heads=12 is not divisible by world_size=5" in proc.stdout
+
+
+# -- error policy: user errors are one line and status 2; a bug keeps its traceback (status 1) --
+
+def test_missing_config_file_is_one_line(apb_bin, tmp_path):
+    proc = subprocess.run([apb_bin, "simulate", "--config", str(tmp_path / "missing.yaml")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("apb: config file") and proc.stderr.count("\n") == 1
+    assert "missing.yaml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unknown_method_in_config_is_a_user_error(apb_bin):
+    proc = subprocess.run([apb_bin, "simulate", "--set", "method.name=nope"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("apb: ") and "nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_lengths_are_rejected_by_the_parser(apb_bin):
+    proc = subprocess.run([apb_bin, "simulate", "--lengths", "4096,0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--lengths: expected comma-separated positive integers, got '4096,0'" in proc.stderr
+
+
+def test_internal_error_keeps_its_traceback(apb_bin):
+    # a bare ValueError from inside a subcommand is a bug, not a user error
+    script = ("import sys, apb.cli.simulate as s\n"
+              "s.run = lambda args: int('not a number')\n"
+              "from apb.cli import main\n"
+              "sys.exit(main(['simulate']))\n")
+    python = str(Path(apb_bin).with_name("python"))
+    proc = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "invalid literal for int()" in proc.stderr
+
+
+def test_main_reports_by_exception_kind(monkeypatch, capsys):
+    import apb.cli.simulate
+    from apb.cli import main
+    from apb.cli.common import UsageError
+    from apb.parallel.groups import WorkerError
+
+    def raising(exc):
+        def run(args):
+            raise exc
+        return run
+
+    monkeypatch.setattr(apb.cli.simulate, "run", raising(UsageError("--lengths: too short")))
+    assert main(["simulate"]) == 2
+    assert capsys.readouterr().err == "apb: --lengths: too short\n"
+    monkeypatch.setattr(apb.cli.simulate, "run", raising(WorkerError("rank 1 died")))
+    assert main(["simulate"]) == 1
+    assert capsys.readouterr().err == "apb: a worker failed, the run was stopped: rank 1 died\n"
+    monkeypatch.setattr(apb.cli.simulate, "run", raising(ValueError("internal")))
+    with pytest.raises(ValueError, match="internal"):
+        main(["simulate"])
+
+
+def test_every_subcommand_module_follows_the_convention():
+    import importlib
+
+    from apb.cli import COMMANDS, build_parser
+
+    for name, module in COMMANDS.items():
+        mod = importlib.import_module(module)
+        assert callable(mod.add_parser) and callable(mod.run), module
+    usage = build_parser().format_usage()
+    assert all(name in usage for name in COMMANDS)
+
+
+def test_help_does_not_import_torch(apb_bin):
+    # `apb --help` builds every subcommand's parser: each module keeps torch inside run()
+    script = ("import argparse, importlib, sys\n"
+              "from apb.cli import COMMANDS\n"
+              "for module in COMMANDS.values():\n"
+              "    importlib.import_module(module).add_parser(argparse.ArgumentParser().add_subparsers())\n"
+              "    if 'torch' in sys.modules:\n"
+              "        sys.exit(f'{module} (its imports or add_parser) imports torch')\n")
+    python = str(Path(apb_bin).with_name("python"))
+    proc = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

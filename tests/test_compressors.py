@@ -17,6 +17,7 @@ from apb.methods.compressors import (
     random_retaining_heads,
     take,
 )
+from apb.config import MethodConfig
 from apb.methods import build_method
 from apb.methods.sizes import resolve_len, resolve_passing
 
@@ -467,7 +468,7 @@ def test_resolve_passing_caps_at_block():
 @pytest.mark.parametrize("n_ctx,n_query,W,layers", [(4096, 64, 8, 3), (1000, 7, 6, 2), (131, 5, 4, 1),
                                                     (51, 0, 1, 2), (8003, 20, 5, 4)])
 def test_apb_default_plan(n_ctx, n_query, W, layers):
-    plan = build_method("apb").plan(n_ctx + n_query, W, n_query, layers)
+    plan = build_method("apb", MethodConfig()).plan(n_ctx + n_query, W, n_query, layers)
     block = math.ceil(n_ctx / W)
     # round half away is avoided in these cases: block/4 and block/8 are never x.5
     assert (block / 4) % 1 != 0.5 and (block / 8) % 1 != 0.5
@@ -477,25 +478,25 @@ def test_apb_default_plan(n_ctx, n_query, W, layers):
 
 @pytest.mark.parametrize("n_ctx,n_query,W", [(4096, 64, 8), (1000, 7, 3), (50, 0, 1)])
 def test_star_default_plan(n_ctx, n_query, W):
-    plan = build_method("star").plan(n_ctx + n_query, W, n_query, 2)
+    plan = build_method("star", MethodConfig()).plan(n_ctx + n_query, W, n_query, 2)
     assert plan.anchor_len == math.ceil(n_ctx / W)
     assert plan.passing == (0, 0)
 
 
 @pytest.mark.parametrize("n_ctx,n_query,W", [(8192, 64, 8), (20100, 10, 4), (5000, 3, 2)])
 def test_spava_default_plan(n_ctx, n_query, W):
-    plan = build_method("spava").plan(n_ctx + n_query, W, n_query, 3)
+    plan = build_method("spava", MethodConfig()).plan(n_ctx + n_query, W, n_query, 3)
     assert (n_ctx / 64) % 1 != 0.5 and (n_ctx / 128) % 1 != 0.5
     assert plan.anchor_len == math.floor(n_ctx / 64 + 0.5)
     assert plan.passing == (math.floor(n_ctx / 128 + 0.5),) * 3
 
 
 def test_spava_plan_rounds_to_unit_and_caps():
-    plan = build_method("spava", round_to=128).plan(100_000 + 50, 4, 50, 2)
+    plan = build_method("spava", MethodConfig(round_to=128)).plan(100_000 + 50, 4, 50, 2)
     assert plan.anchor_len == 1536  # 100000/64 = 1562.5 -> 12.2 units -> 12 * 128
     assert plan.passing == (768, 768)  # 100000/128 = 781.25 -> 6.1 units -> 6 * 128
     # passing is capped by the virtual block, (n_ctx - anchor) / 2W
-    plan = build_method("spava", anchor_len=10, passing_len=10_000).plan(1000, 2, 0, 1)
+    plan = build_method("spava", MethodConfig(anchor_len=10, passing_len=10_000)).plan(1000, 2, 0, 1)
     assert plan.anchor_len == 10
     assert plan.passing == (math.ceil(990 / 4),)
 
@@ -503,23 +504,23 @@ def test_spava_plan_rounds_to_unit_and_caps():
 def test_apb_config_overrides():
     n_ctx, n_query, W = 1000, 10, 4
     block = 250
-    plan = build_method("apb", anchor_len=0.5, passing_len=[10, 20]).plan(n_ctx + n_query, W, n_query, 2)
+    plan = build_method("apb", MethodConfig(anchor_len=0.5, passing_len=[10, 20])).plan(n_ctx + n_query, W, n_query, 2)
     assert plan.anchor_len == block // 2
     assert plan.passing == (10, 20)
-    plan = build_method("apb", anchor_len=40, passing_len=0.2).plan(n_ctx + n_query, W, n_query, 3)
+    plan = build_method("apb", MethodConfig(anchor_len=40, passing_len=0.2)).plan(n_ctx + n_query, W, n_query, 3)
     assert plan.anchor_len == 40
     assert plan.passing == (50, 50, 50)
     # anchor can be no longer than a block
-    plan = build_method("apb", anchor_len=5000).plan(n_ctx + n_query, W, n_query, 1)
+    plan = build_method("apb", MethodConfig(anchor_len=5000)).plan(n_ctx + n_query, W, n_query, 1)
     assert plan.anchor_len == block
     with pytest.raises(ValueError):
-        build_method("apb", passing_len=[10, 20]).plan(n_ctx + n_query, W, n_query, 3)
+        build_method("apb", MethodConfig(passing_len=[10, 20])).plan(n_ctx + n_query, W, n_query, 3)
 
 
 def test_apb_uncompressed_plan():
-    m = build_method("apb:uncompressed")
+    m = build_method("apb:uncompressed", MethodConfig())
     assert m.exact is True
-    assert build_method("apb").exact is False
+    assert build_method("apb", MethodConfig()).exact is False
     for n_ctx, W in [(1000, 4), (1001, 4), (37, 3)]:
         plan = m.plan(n_ctx + 6, W, 6, 2)
         assert plan.anchor_len == 0

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
-from apb.config import Config, ConfigError, dump_config, load_config
-from apb.methods import method_names
+from apb.config import Config, ConfigError, MethodConfig, dump_config, load_config
+from apb.methods import build_method, method_names
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.glob("*.yaml")) + sorted(CONFIG_DIR.glob("*.yml"))
@@ -258,3 +261,20 @@ def test_dump_round_trip_modified(tmp_path, overrides):
     # a real round trip: the overrides survive, not just the defaults
     if overrides:
         assert back != Config()
+
+
+def test_build_method_validates_overrides_with_the_config_class():
+    base = MethodConfig(compressor="stride", pool_width=3)
+    m = build_method("apb:uncompressed", base, anchor_len=7)
+    # the config's own fields stay, overrides join them, the variant's presets win over both
+    assert (m.config.compressor, m.config.pool_width) == ("stride", 3)
+    assert (m.config.name, m.config.anchor_len, m.config.passing_len) == ("apb", 0, "all")
+    with pytest.raises(ValidationError, match="pool_width must be odd"):
+        build_method("apb", base, pool_width=4)
+
+
+def test_the_method_registry_does_not_import_the_config():
+    # apb.config imports apb.methods to check names; the reverse would be a cycle
+    code = "import sys, apb.methods; assert 'apb.config' not in sys.modules, sorted(sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -10,7 +10,7 @@ import torch
 
 from apb.config import load_config
 from apb.runtime.decode import Sampling
-from apb.model.loading import resolve_model
+from apb.model.catalog import resolve_model
 from apb.parallel.groups.local import LocalWorkerGroup
 from apb.tools.verify import expand_methods, random_prompt, verify
 from apb.runtime.worker import PromptRequest

@@ -5,17 +5,59 @@ import subprocess
 
 import pytest
 
+from apb.config import MethodConfig
+from apb.methods import Method, build_method, method_class, method_names
+from apb.methods.cost import Sizes
 from apb.tools import simulate as costmodel
 
+# The APB paper's prefill table (Llama-3.1-8B, 8 x A800, seconds; None = OOM), copied from
+# design.md rather than read from costmodel.REFERENCE, so a refit of either one shows up here.
+PUBLISHED_LENGTHS = [32768, 65536, 131072, 262144, 524288, 1048576]
+PUBLISHED = {
+    "full": [3.46, 9.51, 30.01, None, None, None],
+    "ring": [0.72, 2.00, 6.34, 21.80, 81.62, None],
+    "star": [0.67, 1.43, 3.50, 9.63, 30.43, None],
+    "apb": [0.49, 1.09, 2.79, 5.53, 13.39, 37.6],
+}
 
-def test_reference_prediction_meets_the_bar():
-    rows = costmodel.compare_reference()
-    assert len(rows) == 24
-    hits = [r for r in rows if r["within_tolerance"]]
-    assert len(hits) / len(rows) >= 0.8
-    for r in rows:
-        if r["ratio"] is not None:
-            assert r["ratio"] == pytest.approx(r["predicted_s"] / r["published_s"])
+
+def test_reference_prediction_meets_the_published_table():
+    predicted = {(r["method"], r["length"]): r["predicted_s"] for r in costmodel.compare_reference()}
+    assert len(predicted) == 24
+    hits = 0
+    for method, cells in PUBLISHED.items():
+        for n, published in zip(PUBLISHED_LENGTHS, cells):
+            got = predicted[method, n]
+            if published is None or got is None:  # an OOM cell is met only when both say OOM
+                hits += published is None and got is None
+            else:
+                hits += abs(got / published - 1) <= 0.30
+    assert hits >= 20, f"{hits}/24 cells of the APB paper's table within 30%"
+    # the OOM boundary is the memory model's: one A800 fits 128K tokens, not 256K
+    assert predicted["full", 131072] is not None and predicted["full", 262144] is None
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_every_method_states_its_cost_with_the_sizes_its_plan_uses(name, monkeypatch):
+    cls = method_class(name)
+    assert cls.cost.__func__ is not Method.cost.__func__, f"method {name!r} has no cost formula"
+    shape = costmodel.MODELS["llama-3.1-8b"]
+    n, w, layers = 16384, 4, 3  # block 4096: every default size is a whole number of tokens
+
+    def both():
+        plan = build_method(name, MethodConfig()).plan(n, w, 0, layers)
+        work = cls.cost(n, w, shape, Sizes(query=0))
+        if plan is None:  # a method without sizes
+            assert work.anchor == work.passing == 0
+        else:
+            assert plan.anchor_len == work.anchor and plan.passing == (work.passing,) * layers
+        return work
+
+    default = both()
+    # one rule feeds both: change it and plan() and cost() move together
+    monkeypatch.setattr(cls, "default_sizes", classmethod(lambda c, n_ctx, block: (block / 2, block / 16)))
+    changed = both()
+    assert (changed.anchor != default.anchor) == (default.anchor != 0)
 
 
 def test_cost_model_orders_methods_as_the_algorithms_imply():
@@ -78,6 +120,11 @@ def test_eval_scores_answers_against_a_dataset(apb_bin, repo, tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [(r["method"], r["accuracy"], r["n"], r["task"]) for r in rows] == [("full", 0.5, 2, "mine"),
                                                                                ("ring", 0.5, 2, "mine")]
+    for r in rows:
+        assert r["stderr"] == pytest.approx(0.5 ** 0.5 / 2) and r["errors"] == 0
+        assert 0.0 <= r["agreement_with_full"] <= 1.0
+    per_doc = [json.loads(line) for line in open(f"{out}.docs.jsonl")]
+    assert [(d["id"], sorted(d["answers"])) for d in per_doc] == [("q0", ["full", "ring"]), ("q1", ["full", "ring"])]
 
 
 def test_tasks_module_writes_a_dataset_per_task(tmp_path):

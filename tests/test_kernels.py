@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 
-from apb.kernels import attention, force_backend, merge, merge_many, select_backend
+from apb.kernels import (attention, available_backends, force_backend, merge, merge_many, register_backend,
+                         select_backend)
 
 attn_mod = importlib.import_module("apb.kernels.attention")
 
@@ -219,6 +220,15 @@ def _spy(monkeypatch, name):
 
     monkeypatch.setitem(attn_mod._BACKENDS, name, spy)
     return calls
+
+
+def test_available_backends_follow_the_registry(monkeypatch):
+    monkeypatch.setattr(attn_mod, "_BACKENDS", dict(attn_mod._BACKENDS))
+    monkeypatch.setattr(attn_mod, "_AVAILABLE", dict(attn_mod._AVAILABLE))
+    register_backend("runs_here")(attn_mod._naive)
+    register_backend("cannot_run", available=lambda: False)(attn_mod._naive)
+    names = available_backends()
+    assert names[:2] == BACKENDS and names[-1] == "runs_here" and "cannot_run" not in names
 
 
 def test_default_backend_on_cpu_is_torch_flash():

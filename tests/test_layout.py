@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -219,3 +221,11 @@ def test_chunk_and_empty_host_slice():
     assert s.local_index_of(19) == 5 and s.local_index_of(14) is None
     empty = layout.HostSlice(2, 20)
     assert empty.size == 0 and empty.local_index_of(0) is None
+
+
+def test_chunk_kinds_equal_their_strings():
+    # a str enum: code and JSON that use the plain names keep working
+    s = layout.HostSlice(1, 9, (layout.Chunk(-1, 0, 2, layout.ChunkKind.ANCHOR, 0), layout.Chunk(1, 4, 9)))
+    assert s.chunks[0].kind == "anchor" and s.rows("anchor") == s.rows(layout.ChunkKind.ANCHOR) == slice(0, 2)
+    assert s.rows("block") == slice(2, 7) and layout.Chunk(0, 0, 1).kind is layout.ChunkKind.BLOCK
+    assert json.dumps([k for k in layout.ChunkKind]) == '["block", "anchor", "query"]'

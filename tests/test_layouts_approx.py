@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from apb.config import MethodConfig
 from apb.methods import build_method
 from apb.parallel.layout import anchor_chunks, anchored, even_split, spava
 
@@ -207,7 +208,7 @@ def test_apb_every_scoring_host_has_query_rows_without_anchor():
     # regression: with anchor_len=0 no query is embedded on hosts r > 0; unless they get a query
     # tail, the 'query' compressor there has nothing to score against ("this prompt has no query")
     n_ctx, n_query, W = 400, 8, 4
-    m = build_method("apb", anchor_len=0, passing_len=0.1)
+    m = build_method("apb", MethodConfig(anchor_len=0, passing_len=0.1))
     plan = m.plan(n_ctx + n_query, W, n_query, 1)
     assert 0 < plan.passing[0] < n_ctx // W  # a real selection happens on every host
     for h in m.layout(n_ctx + n_query, W, n_query):

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from apb.parallel.comm import Comm, CommStats, Phase
 from apb.parallel.groups import WorkerError
 from apb.parallel.groups.local import LocalWorkerGroup
 from apb.parallel.state import validate_degrees
@@ -35,6 +36,32 @@ def test_ring_passes_every_rank_in_order(group3):
     for rank, (seen, calls) in enumerate(group3.call("ring_steps")):
         assert seen == [(rank - s) % 3 for s in range(1, 3)]
         assert calls == 2
+
+
+def test_ring_wait_without_commit_raises(group3):
+    for rank, (error, received) in enumerate(group3.call("ring_wait_without_commit")):
+        assert "without a committed step" in error
+        assert received == [float((rank - 1) % 3)] * 4  # the queued step was kept and runs once committed
+
+
+def test_ring_wait_before_any_step_raises():
+    with pytest.raises(RuntimeError, match="send_recv.*commit.*wait"):
+        Comm(None).ring().wait()
+
+
+def test_stats_keep_phases_as_plain_strings():
+    stats = CommStats()
+    stats.record("all_gather", 8)
+    stats.phase = Phase.LOGITS
+    stats.record("broadcast", 4)
+    ops = stats.to_dict()["ops"]
+    assert [(o["phase"], o["op"]) for o in ops] == [("context", "all_gather"), ("logits", "broadcast")]
+    assert all(type(o["phase"]) is str for o in ops)
+    assert stats.calls(phase="logits") == stats.calls(phase=Phase.LOGITS) == 1
+
+
+def test_prefill_phases_include_the_logits_broadcast():
+    assert {p for p in Phase if p.is_prefill} == {Phase.CONTEXT, Phase.QUERY, Phase.LOGITS}
 
 
 def test_failed_rank_is_reported_not_waited_on():

@@ -1,13 +1,17 @@
 """The training script's pieces, without training: supervision layout and the circuit initialisation."""
 
 import argparse
+import json
 import random
+import subprocess
+import sys
 
 import torch
 
 from apb.tools import tasks
 from apb.model.text import byte_tokenizer
-from apb.tools.train_retrieval import build_model, encode_training
+from apb.tools.retrieval.data import encode_training
+from apb.tools.retrieval.init import build_model
 
 
 def test_training_sequence_supervises_exactly_each_answer_and_its_eos():
@@ -77,11 +81,7 @@ def test_layer1_match_heads_look_at_the_earlier_occurrence():
 def test_a_run_resumes_from_its_checkpoint(tmp_path):
     """Two steps, then --resume to four: the resumed run loads the checkpoint (weights_only) and
     continues at step 3 instead of starting over."""
-    import json
-    import subprocess
-    import sys
-
-    common = [sys.executable, "-m", "apb.tools.train_retrieval", "--out", str(tmp_path / "out"), "--ckpt",
+    common = [sys.executable, "-m", "apb.tools.retrieval", "--out", str(tmp_path / "out"), "--ckpt",
               str(tmp_path / "ckpt"), "--ckpt-every", "1", "--eval-every", "100", "--eval-n", "2", "--log-every", "1"]
     first = subprocess.run(common + ["--stages", "64:2:2"], capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr

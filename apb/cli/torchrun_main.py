@@ -1,11 +1,19 @@
 """Entry point for torchrun: ``torchrun --nproc-per-node N -m apb.cli.torchrun_main --config CFG --input IN
---output OUT``. Rank 0 reads the input and writes the output; all ranks compute."""
+--output OUT``. Rank 0 reads the input and writes the output; all ranks compute. Errors follow the
+``apb`` command's policy (:func:`apb.cli.common.report_errors`)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+from apb.cli.common import UsageError, config_from, report_errors
+from apb.batch import summary_line
+from apb.engine import Engine
+from apb.parallel.groups.torchrun import TorchrunGroup, control_group, serve
+from apb.parallel.rendezvous import under_torchrun
+from apb.runtime.worker import Worker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,22 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from apb.config import ConfigError, load_config
-    from apb.parallel.rendezvous import under_torchrun
+    return report_errors(_run, args)
 
+
+def _run(args: argparse.Namespace) -> int:
     if not under_torchrun():
-        print("apb.cli.torchrun_main: start me with torchrun (RANK/WORLD_SIZE/LOCAL_RANK are not set)", file=sys.stderr)
-        return 2
+        raise UsageError("apb.cli.torchrun_main: start me with torchrun (RANK/WORLD_SIZE/LOCAL_RANK are not set)")
     world = int(os.environ["WORLD_SIZE"])
-    try:
-        cfg = load_config(args.config, args.overrides + ["parallel.launcher=torchrun",
-                                                          f"parallel.world_size={world}"])
-    except ConfigError as e:
-        print(f"apb: {e}", file=sys.stderr)
-        return 2
-    from apb.parallel.groups.torchrun import TorchrunGroup, control_group, serve
-    from apb.runtime.worker import Worker
-
+    cfg = config_from(args, ["parallel.launcher=torchrun", f"parallel.world_size={world}"])
     worker = Worker(None, int(os.environ["RANK"]), world, int(os.environ["LOCAL_RANK"]),
                     device=cfg.parallel.device, timeout_s=cfg.parallel.timeout_s)
     ctl = control_group(cfg.parallel.timeout_s)
@@ -39,8 +39,6 @@ def main(argv: list[str] | None = None) -> int:
         serve(worker, ctl)
         worker.close()
         return 0
-    from apb.engine import Engine, summary_line
-
     group = TorchrunGroup(worker, ctl)
     try:
         engine = Engine(cfg, group=group)

@@ -5,18 +5,24 @@ attention layer calls back into :meth:`AttnContext.step`, which records the K/V 
 for decoding and hands the layer's Q/K/V (after RoPE) to :meth:`Method.attention`. A method
 therefore decides only (1) which tokens each host holds, with which position ids
 (:meth:`Method.layout`), and (2) how a host's queries attend, possibly talking to other hosts
-through ``ctx.comm``.
+through ``ctx.comm``. A method class also states what it costs (:meth:`Method.cost`, used by
+``apb simulate`` and ``apb bench``) and its default sizes (:meth:`Method.default_sizes`, used by
+both ``plan()`` and ``cost()``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from apb.methods.cost import AttnShape, HostWork, Sizes
 from apb.parallel.comm import Comm
 from apb.parallel.layout import HostSlice
+
+if TYPE_CHECKING:  # apb.config imports the method registry to validate names, so not at run time
+    from apb.config import MethodConfig
 
 
 class Method:
@@ -29,12 +35,12 @@ class Method:
     variants: ClassVar[dict[str, dict]] = {}
     #: True when the query runs as a second, exact pass over the context caches (star, apb)
     query_phase: ClassVar[bool] = False
+    #: True when host 0 runs the whole prompt alone and the other hosts idle (full)
+    one_host: ClassVar[bool] = False
     variant: str | None = None
 
-    def __init__(self, config=None):
-        from apb.config import MethodConfig
-
-        self.config = config if config is not None else MethodConfig(name=self.name)
+    def __init__(self, config: MethodConfig):
+        self.config = config
 
     @property
     def label(self) -> str:
@@ -59,6 +65,21 @@ class Method:
 
     def check(self, model_config: Any, world_size: int) -> None:
         """Raise a readable error if this method cannot run this model at this world size."""
+
+    @classmethod
+    def default_sizes(cls, n_ctx: float, block: float) -> tuple[float, float]:
+        """(anchor, passing) tokens before rounding when the config leaves them unset.
+
+        The one home of the method's size rule: ``plan()`` calls it with ``block = ceil(n_ctx/W)``
+        and rounds, :meth:`cost` with ``block = n_ctx/W``.
+        """
+        return 0.0, 0.0
+
+    @classmethod
+    def cost(cls, n: float, w: int, shape: AttnShape, sizes: Sizes) -> HostWork:
+        """The slowest host's work prefilling ``n`` context tokens and ``sizes.query`` query tokens
+        over ``w > 1`` hosts, with the default sizes (see ``docs/methods.md`` for each formula)."""
+        raise NotImplementedError(f"method {cls.name!r} has no cost formula")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 _COMPRESSORS: dict[str, type["Compressor"]] = {}
 
@@ -158,8 +159,6 @@ class RetainingHeads(Compressor):
         path = Path(retaining_heads_path)
         if not path.is_file():
             raise FileNotFoundError(f"method.retaining_heads_path={str(path)!r} does not exist")
-        from safetensors.torch import load_file
-
         self.weights = load_file(str(path))
         self.path = path
         self._on: dict[torch.device, dict[str, torch.Tensor]] = {}
@@ -188,8 +187,6 @@ class RetainingHeads(Compressor):
 
 def random_retaining_heads(path: str | Path, model_config, hidden: int = 64, seed: int = 0) -> Path:
     """Write a randomly initialised retaining-heads file for ``model_config`` (tests, smoke runs)."""
-    from safetensors.torch import save_file
-
     g = torch.Generator().manual_seed(seed)
     heads, kv = model_config.num_attention_heads, model_config.num_key_value_heads
     d = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads

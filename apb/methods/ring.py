@@ -13,13 +13,23 @@ from __future__ import annotations
 import torch
 
 from apb.kernels import attention, merge_many
-from apb.methods import register_method
+from apb.methods.registry import register_method
 from apb.methods.base import Method
+from apb.methods.cost import HostWork
 from apb.parallel import layout
 
 
 @register_method("ring")
 class Ring(Method):
+    @classmethod
+    def cost(cls, n, w, shape, sizes):
+        # zigzag: every host n^2/2W pairs; a plain ring's host W-1 does 2W-1 of the W^2 half-blocks.
+        # The K/V sends run behind the attention compute.
+        b = n / w
+        pairs = n * n / 2 / w if sizes.ring_balanced else (2 * w - 1) * b * b / 2
+        kv_tok = 2 * shape.kv_heads * shape.head_dim * shape.bytes_per_param
+        return HostWork(b, pairs, b, steps=w - 1, overlap_bytes=(w - 1) * b * kv_tok)
+
     def layout(self, n_tokens, world_size, n_query=0):
         return layout.zigzag(n_tokens, world_size)
 

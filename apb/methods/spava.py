@@ -22,11 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-from apb.methods.compressors import ScoreInputs, build_compressor, take
 from apb.kernels import attention, merge_many
-from apb.methods import register_method
+from apb.methods.registry import register_method
 from apb.methods.base import Method
 from apb.methods.cache_attention import local_partial, merge_over_hosts
+from apb.methods.compressors import ScoreInputs, build_compressor, take
+from apb.methods.cost import HostWork, merge_bytes
 from apb.methods.sizes import resolve_len, resolve_passing
 from apb.parallel import layout
 
@@ -42,12 +43,30 @@ class Spava(Method):
     exact = False
     variants = {"uncompressed": {"anchor_len": 0, "passing_len": "all"}}
 
-    def __init__(self, config=None):
+    def __init__(self, config):
         super().__init__(config)
         self.compressor = build_compressor(self.config.compressor, **self.config.model_dump(exclude={"name", "compressor"}))
 
+    @classmethod
+    def default_sizes(cls, n_ctx, block):
+        # fractions of the whole context, not of a block: the anchor and the passing blocks of
+        # every virtual block grow with n alone
+        return n_ctx / 64, n_ctx / 128
+
+    @classmethod
+    def cost(cls, n, w, shape, sizes):
+        # host 0 holds the first and last virtual blocks: the last sees 2W-2 passing blocks;
+        # the fused query sees a 1/W share of the anchor and both local blocks
+        q = sizes.query
+        a, p = cls.default_sizes(n, n / w)
+        v = (n - a) / (2 * w)
+        pairs = a * a / 2 + v * a + v * v / 2 + v * (a + v + (2 * w - 2) * p) + v * v / 2 + q * (a / w + 2 * v)
+        return HostWork(a + 2 * v + q, pairs, a / w + 2 * v, comm_bytes=merge_bytes(q, shape), steps=2, anchor=a,
+                        passing=p)
+
     def anchor_len(self, n_ctx: int, world_size: int) -> int:
-        value = resolve_len(self.config.anchor_len, -(-n_ctx // world_size), n_ctx / 64, self.config.round_to,
+        block = -(-n_ctx // world_size)
+        value = resolve_len(self.config.anchor_len, block, self.default_sizes(n_ctx, block)[0], self.config.round_to,
                             "anchor_len")
         return max(0, min(value, n_ctx - 2 * world_size))
 
@@ -55,7 +74,8 @@ class Spava(Method):
         n_ctx = n_tokens - n_query
         anchor = self.anchor_len(n_ctx, world_size)
         vblock = -(-(n_ctx - anchor) // (2 * world_size))
-        passing = resolve_passing(self.config.passing_len, vblock, n_ctx / 128, self.config.round_to, num_layers)
+        default = self.default_sizes(n_ctx, -(-n_ctx // world_size))[1]
+        passing = resolve_passing(self.config.passing_len, vblock, default, self.config.round_to, num_layers)
         return SpavaPlan(anchor, tuple(passing))
 
     def layout(self, n_tokens, world_size, n_query=0):

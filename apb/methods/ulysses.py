@@ -15,8 +15,9 @@ import time
 import torch
 
 from apb.kernels import attention, repeat_kv
-from apb.methods import register_method
+from apb.methods.registry import register_method
 from apb.methods.base import Method
+from apb.methods.cost import HostWork
 from apb.parallel import layout
 
 
@@ -32,6 +33,8 @@ def _local_attention(scale: float, timer: list[float]):
 
 
 def _deepspeed_attention(local, group):
+    # imported on first use: deepspeed takes seconds to import and probes the accelerator, which
+    # every other method (and `import apb.methods`) would otherwise pay for
     import deepspeed.comm as ds_comm
     from deepspeed.sequence.layer import DistributedAttention
 
@@ -51,6 +54,14 @@ def _deepspeed_attention(local, group):
 
 @register_method("ulysses")
 class Ulysses(Method):
+    @classmethod
+    def cost(cls, n, w, shape, sizes):
+        # four all-to-alls (q, k, v, out), each (W-1)/W of a local tensor, all counted at H heads:
+        # an upper bound with GQA, where k and v carry KV heads
+        b = n / w
+        moved = 4 * b * shape.heads * shape.head_dim * shape.bytes_per_param * (w - 1) / w
+        return HostWork(b, n * n / 2 / w, b, comm_bytes=moved, steps=4)
+
     def layout(self, n_tokens, world_size, n_query=0):
         return layout.contiguous(n_tokens, world_size)
 

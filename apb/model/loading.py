@@ -12,9 +12,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from apb.model.hf_bridge import ATTN_IMPLEMENTATION  # importing it registers the "apb" attention
+from apb.model.text import byte_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,16 +45,10 @@ def cache_root() -> Path:
 
 def materialize_preset(name: str, seed: int = 0, root: Path | None = None) -> Path:
     """Write preset ``name`` (random weights from ``seed``) as a checkpoint directory, once."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
     target = (root or cache_root()) / "models" / f"{name}-seed{seed}"
     if (target / "config.json").exists():
-        if not (target / "tokenizer.json").exists():  # made by an older version: add the tokenizer
-            from apb.model.text import byte_tokenizer
-
-            byte_tokenizer().save_pretrained(target)
         return target
     spec = dict(PRESETS[name])
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
@@ -58,8 +57,6 @@ def materialize_preset(name: str, seed: int = 0, root: Path | None = None) -> Pa
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
     model.save_pretrained(tmp, safe_serialization=True)
-    from apb.model.text import byte_tokenizer
-
     byte_tokenizer().save_pretrained(tmp)  # byte-level: any text maps into the 512-token vocabulary
     try:
         os.rename(tmp, target)  # atomic: concurrent makers of the same preset cannot tear it
@@ -68,31 +65,15 @@ def materialize_preset(name: str, seed: int = 0, root: Path | None = None) -> Pa
     return target
 
 
-#: checkpoints shipped inside the package (trained by ``python -m apb.tools.train_retrieval``)
+#: checkpoints shipped inside the package (trained by ``python -m apb.tools.retrieval``)
 PACKAGED = {"apb-retrieval": "retrieval-model"}
 
 
 def packaged_path(name: str) -> Path:
-    from importlib import resources
-
     path = Path(str(resources.files("apb") / "data" / PACKAGED[name]))
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"the packaged model {name!r} is missing from {path}; reinstall the package, or "
-                                "train it with `python -m apb.tools.train_retrieval --out apb/data/retrieval-model`")
-    return path
-
-
-def resolve_model(name_or_path: str, seed: int = 0) -> Path:
-    """A preset name, a packaged model name, or a local checkpoint directory -> a checkpoint directory."""
-    if name_or_path in PRESETS:
-        return materialize_preset(name_or_path, seed)
-    if name_or_path in PACKAGED:
-        return packaged_path(name_or_path)
-    path = Path(name_or_path).expanduser()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model {name_or_path!r} is neither a preset ({', '.join([*PRESETS, *PACKAGED])}) nor a local Hugging Face "
-            f"checkpoint directory with a config.json; set model.name_or_path to a downloaded checkpoint")
+                                "train it with `python -m apb.tools.retrieval --out apb/data/retrieval-model`")
     return path
 
 
@@ -105,10 +86,7 @@ def parse_dtype(name: str) -> torch.dtype:
 def load_model(path: str | Path, dtype: str = "float32", device: torch.device | str = "cpu",
                attn_implementation: str | None = None) -> torch.nn.Module:
     """Load a causal LM from a local directory, wired to our attention unless told otherwise."""
-    import apb.model.hf_bridge  # noqa: F401  (registers the "apb" attention implementation)
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=parse_dtype(dtype), local_files_only=True, trust_remote_code=False,
-        attn_implementation=attn_implementation or apb.model.hf_bridge.ATTN_IMPLEMENTATION)
+        attn_implementation=attn_implementation or ATTN_IMPLEMENTATION)
     return model.to(device).eval()

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
 QUESTION_SEP = "\n\nQuestion: "
 ANSWER_CUE = "\nAnswer:"
 _MARK = "\u2063APB-SPLIT\u2063"
@@ -18,9 +21,6 @@ _MARK = "\u2063APB-SPLIT\u2063"
 
 def byte_tokenizer():
     """A byte-level tokenizer (256 byte symbols + specials): any text, no training."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     specials = ["<pad>", "<s>", "</s>"]
     vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
@@ -31,8 +31,6 @@ def byte_tokenizer():
 
 
 def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from apb.parallel.comm import Comm
 
@@ -58,17 +59,7 @@ def gather_cache(local: KVCache, comm: Comm, dst: int = 0) -> KVCache | None:
 
 def to_hf_cache(cache: KVCache, model_config):
     """A transformers ``DynamicCache`` holding ``cache`` (batch 1), ready for decoding."""
-    from transformers import DynamicCache
-
     hf = DynamicCache(config=model_config)
     for layer in range(cache.keys.shape[0]):
         hf.update(cache.keys[layer][None].contiguous(), cache.values[layer][None].contiguous(), layer)
     return hf
-
-
-def hf_cache_to_kv(hf_cache) -> KVCache:
-    """The reverse, for comparing against a reference forward pass."""
-    layers = hf_cache.layers
-    keys = torch.stack([lay.keys[0] for lay in layers])
-    values = torch.stack([lay.values[0] for lay in layers])
-    return KVCache(torch.arange(keys.shape[2]), keys, values)

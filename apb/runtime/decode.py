@@ -1,5 +1,13 @@
-"""Decoding after a prefill: greedy or seeded sampling, from a gathered cache on one host
-(:func:`decode`) or with every host keeping its cache part (:func:`decode_distributed`)."""
+"""Decoding after a prefill: pick a token (greedy or seeded sampling), feed it back, repeat.
+
+:func:`decode_loop` owns the loop and the stopping rule; two drivers give it a step function:
+
+* :func:`decode` (``decode.mode: gather``): one host, the gathered cache in a transformers
+  cache, plain causal attention;
+* :func:`decode_distributed` (``decode.mode: distributed``): every host keeps its cache part and
+  runs each token through the model; the partial attentions are merged across hosts
+  (:class:`CacheAttnContext`, phase ``decode``) and the decode host's token is broadcast.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,7 @@ from typing import Callable
 import torch
 
 from apb.methods.cache_attention import CacheAttnContext
-from apb.parallel.comm import Comm
+from apb.parallel.comm import Comm, Phase
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,7 @@ def decode_distributed(model, result, comm: Comm, n_past: int, sampling: Samplin
     cache = result.cache
     kv = {i: (cache.keys[i][None], cache.values[i][None]) for i in range(cache.keys.shape[0])}
     ctx = CacheAttnContext(comm, kv, cache.positions, holds_new=comm.rank == decode_rank)
-    comm.stats.phase = "decode"
+    comm.stats.phase = Phase.DECODE
 
     def choose(tok: int) -> int:
         t = torch.tensor([tok], device=device)

@@ -8,8 +8,9 @@ Flow on host ``r`` (all hosts of the sequence-parallel group call :func:`prefill
    attention layer calls back into the method through :class:`AttnContext`, which also keeps
    the layer's K/V for the tokens this host caches;
 3. query phase (star, apb): the query tokens run through the model again, each attending
-   exactly to every host's cache (:class:`CacheAttnContext`); the host holding the last prompt
-   token otherwise provides the logits (only that row goes through the LM head);
+   exactly to every host's cache (:class:`CacheAttnContext`), which leaves the same logits on
+   every host; for other methods the host holding the last prompt token computes them (only that
+   row goes through the LM head) and broadcasts them (phase ``logits``, counted as prefill);
 4. the host's KV part is returned; :func:`apb.runtime.cache.gather_cache` collects the parts for
    decoding, or :func:`apb.runtime.decode.decode_distributed` decodes with the parts left in place.
 """
@@ -22,11 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from apb.runtime.cache import KVCache
 from apb.methods.base import AttnContext, Method
 from apb.methods.cache_attention import CacheAttnContext
-from apb.parallel.comm import Comm
+from apb.parallel.comm import Comm, Phase
 from apb.parallel.layout import owner_of, pad_tokens
+from apb.runtime.cache import KVCache
 
 
 @dataclass
@@ -61,7 +62,7 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
     mine = slices[comm.rank]
     ctx = AttnContext(method, slices, comm, plan=method.plan(n, comm.size, n_query, model.config.num_hidden_layers),
                       n_query=n_query)
-    comm.stats.phase = "context"
+    comm.stats.phase = Phase.CONTEXT
     logits = torch.empty(model.config.vocab_size, dtype=torch.float32, device=device)
     owner, owner_local = (None, None) if method.query_phase else owner_of(slices, n - 1)
     if mine.size > 0:
@@ -79,7 +80,7 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
     positions = mine.positions[mine.valid].to(device)
     kv = ctx.kv if ctx.kv else _empty_kv(model, device)
     if method.query_phase:
-        comm.stats.phase = "query"
+        comm.stats.phase = Phase.QUERY
         qctx = CacheAttnContext(comm, kv, positions, holds_new=comm.rank == 0)
         q_pos = torch.arange(n - n_query, n, device=device)
         qctx.start_step(q_pos)
@@ -90,9 +91,9 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
         kv, positions = qctx.kv, qctx.positions
         comm.stats.layer = None
     else:
-        comm.stats.phase = "logits"
+        comm.stats.phase = Phase.LOGITS
         comm.broadcast(logits, src=owner)
-    comm.stats.phase = "context"
+    comm.stats.phase = Phase.CONTEXT
     cache = KVCache.from_layers(positions, kv)
     seconds = time.perf_counter() - t0
     comm.stats.compute_seconds += max(0.0, seconds - comm.stats.comm_seconds())

@@ -14,14 +14,16 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from transformers.utils import logging as hf_logging
 
-from apb.runtime.cache import KVCache, gather_cache, to_hf_cache
-from apb.runtime.decode import Sampling, decode, decode_distributed
+from apb.config import MethodConfig
 from apb.methods import build_method
 from apb.model.loading import load_model
-from apb.parallel.comm import CommStats
+from apb.parallel.comm import CommStats, Phase
 from apb.parallel.rendezvous import init_distributed, shutdown
 from apb.parallel.state import build_parallel_state
+from apb.runtime.cache import KVCache, gather_cache, to_hf_cache
+from apb.runtime.decode import Sampling, decode, decode_distributed
 from apb.runtime.prefill import prefill
 
 
@@ -55,8 +57,6 @@ class Worker:
                  device: str = "auto", timeout_s: float = 300.0, device_index: int | None = None,
                  threads: int | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()
         if threads:  # benchmarks pin each host to its share of the cores
             torch.set_num_threads(threads)
@@ -65,9 +65,6 @@ class Worker:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise probes and warns
         self.state = build_parallel_state(self.env)
         self._models: dict[tuple[str, str], torch.nn.Module] = {}
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def info(self) -> dict:
         return {"rank": self.env.rank, "world_size": self.env.world_size, "local_rank": self.env.local_rank,
@@ -83,7 +80,7 @@ class Worker:
         if req.decode_mode not in ("gather", "distributed"):
             raise ValueError(f"decode mode {req.decode_mode!r}: valid modes are gather, distributed")
         model = self.model(req.model_path, req.dtype)
-        method = build_method(req.method, **req.method_options)
+        method = build_method(req.method, MethodConfig(**req.method_options))
         comm = self.state.comm(CommStats())
         comm.barrier()  # start the clock together
         res = prefill(model, req.input_ids.to(self.env.device), method, comm, n_query=req.n_query)
@@ -92,7 +89,7 @@ class Worker:
         whole = None
         t0 = time.perf_counter()
         if req.decode_mode == "gather":
-            comm.stats.phase = "gather"
+            comm.stats.phase = Phase.GATHER
             whole = gather_cache(res.cache, comm, dst=0)
             if whole is not None:
                 out.tokens = decode(model, to_hf_cache(whole, model.config), res.last_logits, n, req.sampling,
@@ -102,7 +99,7 @@ class Worker:
             if self.state.sp_rank == 0:
                 out.tokens = tokens
             if req.return_cache:  # verification only: the cache is gathered after decoding
-                comm.stats.phase = "gather"
+                comm.stats.phase = Phase.GATHER
                 whole = gather_cache(res.cache, comm, dst=0)
         if out.tokens is not None:
             out.decode_s = time.perf_counter() - t0

@@ -11,23 +11,28 @@ Two figures per (method, length), labelled everywhere:
   and a fixed latency per collective call.
 
 Per rank it also reports compute and communication seconds and bytes (from the collective
-instrumentation), the slowest host's attention FLOPs (from :mod:`apb.tools.simulate`), and speedups
-against ``full`` and ``ring`` at the same length.
+instrumentation), the slowest host's attention FLOPs (the method's own cost formula, through
+:mod:`apb.tools.simulate`), and speedups against ``full`` and ``ring`` at the same length.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from apb.tools import simulate as costmodel
+from transformers import AutoConfig
+
 from apb.config import Config
 from apb.engine import start_group
+from apb.methods import build_method, method_names
 from apb.runtime.decode import Sampling
-from apb.model.loading import resolve_model
+from apb.model.catalog import resolve_model
+from apb.parallel.comm import Phase
+from apb.tools import simulate as costmodel
 from apb.tools.verify import random_prompt
 from apb.runtime.worker import PromptRequest
 
@@ -44,7 +49,7 @@ def _projected(stats: list[dict], bandwidth: float) -> tuple[float, float, float
     compute = sum(per_layer.values())
     comm = 0.0
     for s in stats:
-        ops = [o for o in s["ops"] if o["phase"] in ("context", "query", "logits")]
+        ops = [o for o in s["ops"] if Phase(o["phase"]).is_prefill]
         comm = max(comm, sum(o["bytes"] for o in ops) / bandwidth + sum(o["calls"] for o in ops) * LATENCY_S)
     return compute + comm, compute, comm
 
@@ -55,27 +60,22 @@ def _attn_gflop(method: str, n: int, world: int, model_config, n_query: int) -> 
                                  getattr(model_config, "head_dim", None) or
                                  model_config.hidden_size // model_config.num_attention_heads,
                                  model_config.intermediate_size, model_config.vocab_size)
-    base = method.split(":")[0]
-    work = costmodel.host_work(base, n, 1 if base == "full" else world, shape, costmodel.Sizes(query=n_query))
+    work = costmodel.host_work(method, n, world, shape, costmodel.Sizes(query=n_query))
     return shape.layers * work.pairs * shape.attn_flops_per_pair() / 1e9
 
 
 def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, repeats: int = 3,
               n_query: int = 32, bandwidth_gbs: float = 100.0, progress=print) -> dict:
-    from transformers import AutoConfig
-
     path = resolve_model(cfg.model.name_or_path, cfg.model.seed)
     model_config = AutoConfig.from_pretrained(path)
     bandwidth = bandwidth_gbs * 1e9
     options = cfg.method.model_dump(exclude={"name"})
     rows = []
     group = start_group(cfg, world, launcher="local", timeout_s=3600.0, threads=1)
-    from apb.methods import build_method
-
     runnable = []
     for method in methods:
         try:
-            build_method(method, **options).check(model_config, world)
+            build_method(method, cfg.method).check(model_config, world)
             runnable.append(method)
         except ValueError as e:  # e.g. ulysses with heads not divisible by W: reported, not fatal
             rows += [{"method": method, "length": n, "world_size": world, "error": str(e)} for n in lengths]
@@ -98,8 +98,10 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
                     "wall_s": median, "wall_all_s": walls, "projected_s": projected,
                     "projected_compute_s": p_compute, "projected_comm_s": p_comm,
                     "rank_compute_cpu_s": [sum(x["cpu_s"] for x in s["layer_cpu"]) for s in stats],
-                    "rank_comm_s": [sum(o["seconds"] for o in s["ops"] if o["phase"] != "gather") for s in stats],
-                    "rank_comm_bytes": [sum(o["bytes"] for o in s["ops"] if o["phase"] != "gather") for s in stats],
+                    "rank_comm_s": [sum(o["seconds"] for o in s["ops"] if Phase(o["phase"]).is_prefill)
+                                    for s in stats],
+                    "rank_comm_bytes": [sum(o["bytes"] for o in s["ops"] if Phase(o["phase"]).is_prefill)
+                                        for s in stats],
                     "attn_gflop_slowest_host": _attn_gflop(method, n, world, model_config, n_query),
                 }
                 rows.append(row)
@@ -120,8 +122,6 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -141,8 +141,6 @@ def format_table(report: dict) -> str:
 
 def _color(method: str) -> str:
     """The same colour for a method in every panel and every plot."""
-    from apb.methods import method_names
-
     names = method_names(with_variants=True)
     base = names.index(method) if method in names else len(names)
     return f"C{base % 10}"
@@ -150,10 +148,11 @@ def _color(method: str) -> str:
 
 def plot(panels: list[tuple[dict, str]], path: str | Path) -> None:
     """One panel per (report, "wall_s" | "projected_s"): time vs length per method, log-log."""
+    # matplotlib is optional (the bench extra); only plotting needs it
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # before pyplot: no display here
+    import matplotlib.pyplot as plt  # optional, as above
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (rep, key) in zip(axes[0], panels):

@@ -1,10 +1,19 @@
-"""``apb eval``: task accuracy per method, RULER-style.
+"""``apb eval``: task accuracy per method, RULER-style, with every answer kept.
 
-For each task and length, ``samples`` examples are generated (:mod:`apb.tools.tasks`, seeded, so
-every method sees the same ones) or read from the user's JSONL (``{id, context, question,
-answer}``). Every method answers them through the same :class:`apb.engine.Engine` path as a
-batch job, on one shared worker group, and an answer counts when it matches exactly after
-stripping whitespace.
+Documents: for each task and length, ``samples`` are generated (:mod:`apb.tools.tasks`, seeded,
+so every method sees the same ones; ``style`` picks the code or the chat haystack and phrasing),
+or read from the user's JSONL (``{id, context, question, answer}``; ``answer`` a string, or a list
+of strings that must all occur).
+
+Flow: one worker group is shared by one :class:`apb.engine.Engine` per method, and each document
+is answered by every method in turn (:func:`answer_documents`), so the per-document file grows
+as the run goes. A worker failure on a document is that method's error on it: it counts as
+wrong, and the group is restarted for the rest of the run. An answer is scored by
+:func:`apb.tools.tasks.score` (RULER's string match, or exact match). :func:`summarise` gives per
+task, length and method the accuracy with its standard error, the failures, and the agreement
+with ``full``: the share of documents whose answer equals full's. The engine's record carries the
+decoded text, not the token ids, so agreement compares text: equal token ids give equal text, and
+different ids rarely decode alike.
 """
 
 from __future__ import annotations
@@ -16,22 +25,24 @@ from pathlib import Path
 
 from apb.config import Config, load_config
 from apb.engine import Engine, start_group
+from apb.parallel.groups import WorkerError
+from apb.tools.tasks import expected, make_example, score
 
 
-def generate(tasks: list[str], lengths: list[int], samples: int, tokenizer, seed: int = 0) -> list[dict]:
-    from apb.tools.tasks import make_example
-
+def generate(tasks: list[str], lengths: list[int], samples: int, tokenizer, seed: int = 0,
+             style: str = "code") -> list[dict]:
     docs = []
     for task in tasks:
         for n in lengths:
             rng = random.Random(f"{seed}-{task}-{n}")
             for i in range(samples):
-                ex = make_example(task, n, tokenizer, rng, idx=i)
-                docs.append(ex | {"task": task, "length": n})
+                ex = make_example(task, n, tokenizer, rng, idx=i, style=style)
+                docs.append(ex | {"task": task, "length": n, "expected": expected(task, ex["answer"])})
     return docs
 
 
 def read_dataset(path: str | Path) -> list[dict]:
+    """The user's documents; ``answer`` is a string, or a list of strings that must all occur."""
     docs = []
     with open(path, encoding="utf-8") as f:
         for no, line in enumerate(f, start=1):
@@ -42,46 +53,124 @@ def read_dataset(path: str | Path) -> list[dict]:
             if missing:
                 raise ValueError(f"{path} line {no}: missing {sorted(missing)}; each line needs id, context, "
                                  "question, answer")
-            docs.append(rec | {"task": Path(path).stem, "length": None})
+            answer = rec["answer"]
+            if not (isinstance(answer, str) or (isinstance(answer, list) and answer
+                                                and all(isinstance(a, str) for a in answer))):
+                raise ValueError(f"{path} line {no}: answer {answer!r} must be a string, or a non-empty list of "
+                                 "strings that must all occur in the prediction")
+            docs.append(rec | {"task": Path(path).stem, "length": None, "expected": answer})
     return docs
 
 
-def evaluate(cfg: Config, methods: list[str], docs: list[dict], config_source=None, overrides=(),
-             progress=print) -> list[dict]:
-    from apb.tools.tasks import score
+def standard_error(p: float, n: int) -> float:
+    """Binomial standard error of an accuracy ``p`` over ``n`` documents: sqrt(p(1-p)/n)."""
+    return (p * (1 - p) / n) ** 0.5 if n else 0.0
 
-    group = start_group(cfg)
-    rows = []
+
+def agreement(answers: list[dict], reference: list[dict]) -> float:
+    """Share of documents where a method's answer equals the reference's (a failed answer agrees with nothing)."""
+    same = [a["error"] is None and r["error"] is None and a["answer"] == r["answer"]
+            for a, r in zip(answers, reference)]
+    return sum(same) / len(same) if same else 0.0
+
+
+def answer_documents(cfg: Config, methods: list[str], docs: list[dict], config_source=None, overrides=(),
+                     scoring: str = "contains", docs_path: str | Path | None = None, progress=print) -> list[dict]:
+    """Every method's answer to every document, one record per document, also written to ``docs_path``.
+
+    A record: ``task, length, id, question, expected`` and ``answers``: per method its ``answer``,
+    ``correct``, ``prefill_s`` and ``error``. Each record is written as soon as every method has
+    answered, so a long run can be read while it goes.
+    """
+    cfgs = {m: load_config(config_source, [*overrides, f"method.name={m}"]) for m in methods}
+    sink = open(docs_path, "w", encoding="utf-8") if docs_path else None  # a bad path fails before any work
+    group = None
+    records = []
     try:
-        for method in methods:
-            engine = Engine(load_config(config_source, list(overrides) + [f"method.name={method}"]), group=group)
-            hits: dict[tuple, list[int]] = defaultdict(list)
-            errors = 0
-            for doc in docs:
-                rec = engine.process_one({k: doc[k] for k in ("id", "context", "question")}
-                                         | {"max_new_tokens": cfg.decode.max_new_tokens})
-                errors += rec["error"] is not None
-                ok = rec["error"] is None and score(rec["answer"], doc["answer"])
-                length = doc["length"] if doc["length"] is not None else "data"
-                hits[(doc["task"], length)].append(int(ok))
-            for (task, length), got in hits.items():
-                rows.append({"task": task, "method": method, "length": length, "world_size": cfg.parallel.world_size,
-                             "accuracy": sum(got) / len(got), "n": len(got)})
-                progress(f"{task:<10} {method:<20} {length!s:>6}  {sum(got)}/{len(got)}")
-            if errors:
-                progress(f"{method}: {errors} documents failed (counted as wrong)")
+        group = start_group(cfg)
+        engines = {m: Engine(c, group=group) for m, c in cfgs.items()}
+        for i, doc in enumerate(docs):
+            rec = {"task": doc["task"], "length": doc["length"], "id": doc["id"], "question": doc["question"],
+                   "expected": doc["answer"], "answers": {}}
+            request = {k: doc[k] for k in ("id", "context", "question")} | {"max_new_tokens": cfg.decode.max_new_tokens}
+            for m in methods:
+                try:
+                    r = engines[m].process_one(request)
+                except WorkerError as e:
+                    # the group is shared, so the engine cannot rebuild it: the document counts as
+                    # wrong, and a fresh group serves the rest of the run
+                    r = {"answer": None, "prefill_s": 0.0, "error": f"worker failure: {e}"}
+                    progress(f"{doc['id']} {m}: worker failure, restarting the worker group ({e})")
+                    group.close(force=True)
+                    group = start_group(cfg)
+                    engines = {k: Engine(c, group=group) for k, c in cfgs.items()}
+                ok = r["error"] is None and score(r["answer"], doc.get("expected", doc["answer"]), scoring)
+                rec["answers"][m] = {"answer": r["answer"], "correct": ok, "prefill_s": r["prefill_s"],
+                                     "error": r["error"]}
+            records.append(rec)
+            if sink:
+                sink.write(json.dumps(rec) + "\n")
+                sink.flush()
+            marks = " ".join(f"{m}={'ok' if a['correct'] else ('ERR' if a['error'] else 'x')}"
+                             for m, a in rec["answers"].items())
+            progress(f"[{i + 1}/{len(docs)}] {doc['id']}: {marks}")
     finally:
-        group.close()
+        if group is not None:
+            group.close()
+        if sink:
+            sink.close()
+    return records
+
+
+def summarise(records: list[dict], methods: list[str], world_size: int) -> list[dict]:
+    """One row per (method, task, length): accuracy, its standard error, failures, agreement with full."""
+    cells: dict[tuple, list[dict]] = defaultdict(list)
+    for rec in records:
+        cells[(rec["task"], rec["length"] if rec["length"] is not None else "data")].append(rec)
+    rows = []
+    for m in methods:
+        for (task, length), recs in cells.items():
+            got = [r["answers"][m] for r in recs]
+            acc = sum(a["correct"] for a in got) / len(got)
+            agree = agreement(got, [r["answers"]["full"] for r in recs]) if "full" in methods else None
+            rows.append({"task": task, "method": m, "length": length, "world_size": world_size, "accuracy": acc,
+                         "n": len(got), "stderr": standard_error(acc, len(got)), "agreement_with_full": agree,
+                         "errors": sum(a["error"] is not None for a in got)})
     return rows
 
 
+def evaluate(cfg: Config, methods: list[str], docs: list[dict], config_source=None, overrides=(),
+             progress=print, scoring: str = "contains", docs_path: str | Path | None = None) -> list[dict]:
+    """Answer ``docs`` with every method (:func:`answer_documents`) and return the rows of :func:`summarise`."""
+    records = answer_documents(cfg, methods, docs, config_source, overrides, scoring, docs_path, progress)
+    return summarise(records, methods, cfg.parallel.world_size)
+
+
 def format_table(rows: list[dict]) -> str:
+    """Accuracy ± standard error per cell, agreement with full in brackets, failed documents flagged."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     keys = list(dict.fromkeys((r["task"], r["length"]) for r in rows))
-    acc = {(r["task"], r["length"], r["method"]): r for r in rows}
-    lines = [f"{'task':<10}{'length':>8}" + "".join(f"{m:>18}" for m in methods)]
+    at = {(r["task"], r["length"], r["method"]): r for r in rows}
+
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return "-"
+        text = f"{r['accuracy']:.3f} ± {r.get('stderr', 0.0):.3f}"
+        if r.get("agreement_with_full") is not None and r["method"] != "full":
+            text += f" ({r['agreement_with_full']:.2f})"
+        if r.get("errors"):
+            text += f" [{r['errors']} failed]"
+        return text
+
+    width = max(22, *(len(m) + 2 for m in methods))
+    lines = [(f"{'task':<10}{'length':>8}{'n':>5}  " + "".join(f"{m:<{width}}" for m in methods)).rstrip()]
     for task, length in keys:
-        cells = "".join(f"{acc[(task, length, m)]['accuracy']:>12.3f} (n={acc[(task, length, m)]['n']})"
-                        if (task, length, m) in acc else f"{'-':>18}" for m in methods)
-        lines.append(f"{task:<10}{length!s:>8}{cells}")
-    return "\n".join(lines)
+        n = next(at[(task, length, m)]["n"] for m in methods if (task, length, m) in at)
+        lines.append(f"{task:<10}{length!s:>8}{n:>5}  "
+                     + "".join(f"{cell(at.get((task, length, m))):<{width}}" for m in methods).rstrip())
+    legend = "accuracy ± standard error"
+    if any(r.get("agreement_with_full") is not None for r in rows):
+        legend += "; (share of documents answered as full answered)"
+    if any(r.get("errors") for r in rows):
+        legend += "; [documents whose run failed, counted wrong]"
+    return "\n".join(lines + [legend])

@@ -17,14 +17,17 @@ constant                    value    meaning
 ``MEM_RESERVE``             0.92     usable fraction of device memory
 ==========================  =======  =================================================================
 
-Sizes follow the methods (``design.md``): block ``b = n/W``; star's anchor is one block; apb's
-anchor is ``b/4`` and its passing block ``b/8`` (with the published runs' cap, see
-:data:`REFERENCE`); spava's anchor is ``n/64`` and passing ``n/128`` per virtual block.
+What a method costs one host (tokens, attended pairs, cached tokens, bytes sent) is the method's
+own formula, :meth:`apb.methods.base.Method.cost`, with its default sizes from the same rule its
+``plan()`` uses; this module adds the device and the model: time, memory and the reference table.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+
+from apb.methods import method_class
+from apb.methods.cost import HostWork, Sizes, single_device
 
 LINEAR_EFF = 0.75
 ATTN_EFF = 0.70
@@ -94,53 +97,17 @@ MODELS = {
 }
 
 
-@dataclass(frozen=True)
-class HostWork:
-    """One host's work for one prefill (all layers)."""
-
-    tokens: float  # tokens through the linear layers
-    pairs: float  # attended (query, key) pairs per layer
-    cached: float  # tokens whose K/V the host holds
-    comm_bytes: float = 0.0  # sent per layer, not hidden behind compute
-    steps: int = 0  # distributed steps per layer (each pays LAYER_OVERHEAD_S)
-    overlap_bytes: float = 0.0  # sent per layer behind the attention compute (exposed only if longer)
-
-
-@dataclass(frozen=True)
-class Sizes:
-    passing_cap: float | None = None  # cap on apb's passing block (tokens)
-    ring_balanced: bool = True  # zigzag ring (ours) or plain ring (host W-1 does 2/W of the work)
-    query: int = 128
-
-
 def host_work(method: str, n: float, w: int, m: ModelShape, sizes: Sizes = Sizes()) -> HostWork:
     """The slowest host's work for ``method`` prefilling ``n`` tokens over ``w`` hosts."""
-    q = sizes.query
-    b = n / w
-    if method == "full" or w == 1:
-        return HostWork(n, n * n / 2, n)
-    if method == "ring":
-        pairs = n * n / 2 / w if sizes.ring_balanced else (2 * w - 1) * b * b / 2
-        kv_tok = 2 * m.kv_heads * m.head_dim * m.bytes_per_param
-        return HostWork(b, pairs, b, steps=w - 1, overlap_bytes=(w - 1) * b * kv_tok)
-    if method == "ulysses":
-        moved = 4 * b * m.heads * m.head_dim * m.bytes_per_param * (w - 1) / w
-        return HostWork(b, n * n / 2 / w, b, comm_bytes=moved, steps=4)
-    if method == "star":
-        a = b
-        return HostWork(a + b, (a + b) ** 2 / 2 + q * n / w, b, comm_bytes=q * m.heads * m.head_dim * 4, steps=1)
-    if method == "apb":
-        a = b / 4
-        p = b / 8 if sizes.passing_cap is None else min(b / 8, sizes.passing_cap)
-        pairs = a * a / 2 + b * ((w - 1) * p + a) + b * b / 2 + q * n / w
-        return HostWork(a + b + q, pairs, b, comm_bytes=q * m.heads * m.head_dim * 4, steps=2)
-    if method == "spava":
-        a, v = n / 64, (n - n / 64) / (2 * w)
-        p = n / 128
-        # host 0 holds the first and last virtual blocks: the last sees 2W-2 passing blocks
-        pairs = a * a / 2 + v * a + v * v / 2 + v * (a + v + (2 * w - 2) * p) + v * v / 2 + q * (a / w + 2 * v)
-        return HostWork(a + 2 * v + q, pairs, a / w + 2 * v, comm_bytes=q * m.heads * m.head_dim * 4, steps=2)
-    raise ValueError(f"unknown method {method!r} for the cost model")
+    cls = method_class(method)
+    if w == 1:  # one host runs the whole prompt as the single-device reference, whatever the method
+        return single_device(n)
+    return cls.cost(n, w, m, sizes)
+
+
+def hosts(method: str, w: int) -> int:
+    """The hosts ``method`` uses out of ``w`` (``full`` runs on one)."""
+    return 1 if method_class(method).one_host else w
 
 
 @dataclass
@@ -196,7 +163,7 @@ def compare_reference(tolerance: float = 0.30) -> list[dict]:
     model, device = MODELS[ref["model"]], DEVICES[ref["device"]]
     rows = []
     for method, published in ref["published"].items():
-        w = 1 if method == "full" else ref["world_size"]
+        w = hosts(method, ref["world_size"])
         for n, pub in zip(ref["lengths"], published):
             pred = predict(method, n, w, model, device, ref["sizes"]).seconds
             if pub is None or pred is None:
@@ -218,12 +185,8 @@ def scenario(methods: list[str], lengths: list[int], world_sizes: list[int], mod
     for w in world_sizes:
         for n in lengths:
             for method in methods:
-                p = predict(method, n, 1 if method == "full" else w, m, d, sizes)
+                p = predict(method, n, hosts(method, w), m, d, sizes)
                 out.append({"method": method, "length": n, "world_size": p.w, "device": d.name, "model": m.name,
                             "predicted_s": p.seconds, "compute_s": p.compute_s, "comm_s": p.comm_s,
                             "memory_gb": round(p.memory_gb, 1), "oom": p.seconds is None})
     return out
-
-
-def with_sizes(**kw) -> Sizes:
-    return replace(Sizes(), **kw)

@@ -1,13 +1,24 @@
-"""Seeded long-context retrieval tasks over a haystack of Python standard-library source.
+"""Seeded long-context retrieval tasks (after RULER), in two styles, and their scoring.
 
 Each generator is pure: it takes a tokenizer, a target prompt length in *tokens* of that
 tokenizer, and a ``random.Random``, and returns a document ``{"id", "context", "question",
-"answer"}`` that :func:`apb.model.text.encode_document` turns into a prompt. The haystack is real
-text present on every machine: a fixed, sorted list of the standard library's own source files
-(a file missing on this Python version is skipped), cut at line boundaries. Needles are
-inserted as lines of their own.
+"answer"}`` that :func:`apb.model.text.encode_document` turns into a prompt. The haystack is
+real text present on every machine (:mod:`apb.tools.haystack`). A style is a haystack and a
+phrasing of needles and questions (:data:`STYLES`):
 
-Tasks, and what each tests:
+``code``
+    Python standard-library source, cut at line boundaries; needles are lines of their own,
+    phrased as the retrieval model trained here (:mod:`apb.tools.retrieval`) learned them. Its
+    documents must not change: that model, ``apb/data/demo.jsonl`` and their tests rely on them.
+    The prompt length counted is bos + context + the plain ``Question:``/``Answer:`` query.
+``chat``
+    English prose (the language reference's topics, which ``pydoc`` ships), cut at sentence
+    boundaries; needles are sentences of their own, phrased as RULER phrases them, and each
+    question says what form the answer takes, so a small instruct model answers in a form that
+    can be scored. The prompt length counted is the whole prompt :func:`encode_document` builds
+    (with the chat template, when the tokenizer has one).
+
+Tasks, and what each tests (code phrasing; chat phrasing in :data:`CHAT`):
 
 ``passkey``
     One needle, ``The pass key is NNNNN.``, at a random depth. Question ``What is the pass
@@ -27,38 +38,27 @@ Tasks, and what each tests:
     lookup per hop, across the whole context. Names are 3 capitals drawn from the fixed list
     :data:`VAR_NAMES`.
 
-:func:`score` is exact match after ``strip()``. :func:`write_dataset` writes JSONL.
-:func:`make_training_sequence` is the dense training mixture (many needles of all three kinds,
-then many question/answer pairs) used by :mod:`apb.tools.train_retrieval`.
+:func:`score` is RULER's string match by default (the expected string occurs in the prediction;
+for ``vt`` every name does, see :func:`expected`), or exact match. :func:`write_dataset` writes
+JSONL. :func:`make_training_sequence` is the dense training mixture (many needles of all three
+kinds, then many question/answer pairs, code style) used by :mod:`apb.tools.retrieval`.
 """
 
 from __future__ import annotations
 
-import functools
+import argparse
 import json
 import random
 import string
-import sysconfig
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
-from apb.model.text import ANSWER_CUE, QUESTION_SEP
+from apb.model.catalog import resolve_model
+from apb.model.text import ANSWER_CUE, QUESTION_SEP, encode_document, load_tokenizer
+from apb.tools.haystack import haystack_for, haystack_lines, haystack_text  # noqa: F401  (re-exported)
 
 TASKS = ("passkey", "niah", "vt")
-
-# A fixed, sorted list of pure-Python stdlib modules (present on CPython 3.10+; any that a
-# version lacks or has turned into a package is skipped).
-HAYSTACK_FILES = tuple(sorted((
-    "argparse.py", "ast.py", "base64.py", "bisect.py", "calendar.py", "cmd.py", "code.py",
-    "codecs.py", "configparser.py", "contextlib.py", "copy.py", "csv.py", "dataclasses.py",
-    "datetime.py", "difflib.py", "dis.py", "enum.py", "fnmatch.py", "fractions.py",
-    "ftplib.py", "functools.py", "getopt.py", "gettext.py", "glob.py", "gzip.py", "heapq.py",
-    "hmac.py", "inspect.py", "ipaddress.py", "locale.py", "mailbox.py", "numbers.py",
-    "operator.py", "optparse.py", "pickle.py", "pprint.py", "queue.py", "random.py", "sched.py",
-    "secrets.py", "selectors.py", "shlex.py", "shutil.py", "socket.py", "statistics.py",
-    "string.py", "subprocess.py", "tarfile.py", "tempfile.py", "textwrap.py", "threading.py",
-    "timeit.py", "tokenize.py", "trace.py", "traceback.py", "typing.py", "uuid.py",
-    "warnings.py", "weakref.py",
-)))
 
 # Keys for ``niah``: plain English nouns.
 KEY_WORDS = tuple(sorted(set("""
@@ -73,6 +73,7 @@ yellow zebra
 """.split())))
 
 PASSKEY_QUESTION = "What is the pass key?"
+
 
 # Names for ``vt``: 3 capital letters, from a fixed list so that the project's tokenizer keeps
 # each one a single token (copying a name is then one token, wherever it occurs).
@@ -89,63 +90,62 @@ def _make_var_names(n: int) -> tuple[str, ...]:
 VAR_NAMES = _make_var_names(160)
 
 
-def stdlib_dir() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
+@dataclass(frozen=True)
+class Phrasing:
+    """How a style words needles and questions: ``{value}``, ``{key}``, ``{name}``, ``{prev}`` are filled in."""
+
+    passkey_needle: str
+    passkey_question: str
+    niah_needle: str
+    niah_question: str
+    vt_first: str
+    vt_link: str
+    vt_question: str
+    #: per task, a paragraph that opens the context (RULER's task instructions); none in ``code``
+    preambles: dict[str, str] = field(default_factory=dict)
 
 
-@functools.lru_cache(maxsize=1)
-def haystack_lines() -> tuple[str, ...]:
-    """Non-blank lines (each ending in ``\\n``) of :data:`HAYSTACK_FILES`, in list order."""
-    root = stdlib_dir()
-    lines: list[str] = []
-    for rel in HAYSTACK_FILES:
-        try:
-            text = (root / rel).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue  # not on this version: skip
-        lines.extend(line.rstrip() + "\n" for line in text.splitlines() if line.strip())
-    if not lines:
-        raise RuntimeError(f"no haystack files found under {root}")
-    return tuple(lines)
+CODE = Phrasing(
+    passkey_needle="The pass key is {value}.",
+    passkey_question=PASSKEY_QUESTION,
+    niah_needle="The value of key {key} is {value}.",
+    niah_question="What is the value of key {key}?",
+    vt_first="VAR {name} = {value}.",
+    vt_link="VAR {name} = VAR {prev}.",
+    vt_question="Which variables are assigned the value {value}?",
+)
+
+CHAT = Phrasing(
+    passkey_needle="The pass key is {value}. Remember it. {value} is the pass key.",
+    passkey_question="What is the pass key? Answer with the number only.",
+    niah_needle="One of the special magic numbers for {key} is: {value}.",
+    niah_question="What is the special magic number for {key} mentioned in the provided text? "
+                  "Answer with the number only.",
+    vt_first="VAR {name} = {value}.",
+    vt_link="VAR {name} = VAR {prev}.",
+    vt_question="Find all variables that are assigned the value {value}. "
+                "Answer with the variable names only, separated by spaces.",
+    preambles={
+        "passkey": "There is an important piece of information hidden inside a lot of irrelevant text. "
+                   "Find it and memorize it. I will quiz you about the important information there.",
+        "niah": "Some special magic numbers are hidden within the following text. Make sure to memorize "
+                "them. I will quiz you about the numbers afterwards.",
+        "vt": "Memorize and track the chain(s) of variable assignment hidden in the following text.",
+    },
+)
+
+#: style -> (haystack source, phrasing)
+STYLES: dict[str, tuple[str, Phrasing]] = {"code": ("code", CODE), "chat": ("prose", CHAT)}
+
+#: tasks whose answer is a set of names, each of which must occur (RULER's "string match all")
+MATCH_ALL_TASKS = frozenset({"vt"})
+
+SCORING = ("contains", "exact")
 
 
-def haystack_text(max_chars: int | None = None) -> str:
-    """The haystack as one string (the tokenizer's training text)."""
-    text = "".join(haystack_lines())
-    return text if max_chars is None else text[:max_chars]
-
-
-class _Haystack:
-    """Haystack lines with their token counts under one tokenizer."""
-
-    def __init__(self, tokenizer):
-        self.lines = haystack_lines()
-        ids = tokenizer(list(self.lines), add_special_tokens=False)["input_ids"]
-        self.counts = [len(x) for x in ids]
-
-    def take(self, n_tokens: int, start: int) -> list[str]:
-        """Consecutive lines from ``start`` (wrapping) totalling about ``n_tokens`` (per-line counts)."""
-        out: list[str] = []
-        i, total = start, 0
-        while total < n_tokens:
-            c = self.counts[i]
-            if total + c > n_tokens and total + c - n_tokens > n_tokens - total:
-                break  # stopping short is closer to the target than taking this line
-            out.append(self.lines[i])
-            total += c
-            i = (i + 1) % len(self.lines)
-        return out
-
-
-_HAYSTACKS: dict[int, tuple[object, _Haystack]] = {}
-
-
-def _haystack_for(tokenizer) -> _Haystack:
-    hit = _HAYSTACKS.get(id(tokenizer))
-    if hit is None or hit[0] is not tokenizer:
-        hit = (tokenizer, _Haystack(tokenizer))
-        _HAYSTACKS[id(tokenizer)] = hit
-    return hit[1]
+def default_style(tokenizer) -> str:
+    """``chat`` when the tokenizer has a chat template (an instruct model), else ``code``."""
+    return "chat" if getattr(tokenizer, "chat_template", None) else "code"
 
 
 def _n_tokens(tokenizer, text: str) -> int:
@@ -170,66 +170,53 @@ def _var_name(rng: random.Random, used: set[str]) -> str:
 
 def _assemble(tokenizer, n_tokens: int, rng: random.Random, needles: list[tuple[float, str]],
               query_tokens: int) -> str:
-    """Haystack sized so bos + context + queries is about ``n_tokens``; needles at their depths.
+    """Code haystack sized so bos + context + queries is about ``n_tokens``; needles at their depths.
 
     ``needles`` are (depth in [0, 1], line text without newline); ``query_tokens`` is the token
     count of everything after the context.
     """
-    target = n_tokens - 1 - query_tokens
-    haystack = _haystack_for(tokenizer)
-    start = rng.randrange(len(haystack.lines))
-    # Tokenised jointly, lines come out a little shorter than their per-line counts (runs of
-    # whitespace merge across line ends), so the haystack budget is corrected twice.
-    budget = target - sum(_n_tokens(tokenizer, text + "\n") for _, text in needles)
-    for _ in range(3):
-        context = _place(haystack.take(budget, start), needles)
-        actual = _n_tokens(tokenizer, context)
-        if abs(actual - target) <= max(2, target // 200) or budget <= 0:
-            break
-        budget += target - actual
-    return context
+    haystack = haystack_for(tokenizer, "code")
+    start = haystack.random_start(rng)
+    return haystack.fit(needles, n_tokens - 1 - query_tokens, lambda text: _n_tokens(tokenizer, text), start)
 
 
-def _place(lines: list[str], needles: list[tuple[float, str]]) -> str:
-    """Haystack lines with each needle inserted before line ``round(depth * len(lines))``.
+def _assemble_prose(tokenizer, n_tokens: int, rng: random.Random, needles: list[tuple[float, str]],
+                    question: str, preamble: str) -> str:
+    """Preamble, then prose with needles at their depths, so the whole prompt is about ``n_tokens``."""
+    haystack = haystack_for(tokenizer, "prose")
+    start = haystack.random_start(rng)
 
-    Positions are computed on the haystack alone, and needles at one position keep their
-    depth order (then list order), so a chain's links always appear in chain order.
-    """
-    at: dict[int, list[tuple[float, int, str]]] = {}
-    for order, (depth, text) in enumerate(needles):
-        at.setdefault(round(depth * len(lines)), []).append((depth, order, text))
-    out: list[str] = []
-    for i in range(len(lines) + 1):
-        out.extend(text + "\n" for _, _, text in sorted(at.get(i, [])))
-        if i < len(lines):
-            out.append(lines[i])
-    return "".join(out).rstrip("\n")
+    def prompt_tokens(context: str) -> int:
+        ctx, query = encode_document(tokenizer, context, question)
+        return len(ctx) + len(query)
+
+    return haystack.fit(needles, n_tokens, prompt_tokens, start, head=preamble + "\n\n" if preamble else "")
 
 
 def _query_tokens(tokenizer, question: str) -> int:
     return _n_tokens(tokenizer, QUESTION_SEP + question + ANSWER_CUE)
 
 
-def passkey_parts(rng: random.Random, used_values: set[int]):
+def passkey_parts(rng: random.Random, used_values: set[int], phrasing: Phrasing = CODE):
     v = _value(rng, used_values)
-    return [(rng.random(), f"The pass key is {v}.")], PASSKEY_QUESTION, str(v)
+    return [(rng.random(), phrasing.passkey_needle.format(value=v))], phrasing.passkey_question, str(v)
 
 
-def niah_parts(rng: random.Random, n_needles: int, used_values: set[int], used_keys: set[str]):
+def niah_parts(rng: random.Random, n_needles: int, used_values: set[int], used_keys: set[str],
+               phrasing: Phrasing = CODE):
     """``n_needles`` key-value needles; returns (needles, [(question, answer) for each key])."""
     needles, qa = [], []
     for _ in range(n_needles):
         key = rng.choice([k for k in KEY_WORDS if k not in used_keys])
         used_keys.add(key)
         v = _value(rng, used_values)
-        needles.append((rng.random(), f"The value of key {key} is {v}."))
-        qa.append((f"What is the value of key {key}?", str(v)))
+        needles.append((rng.random(), phrasing.niah_needle.format(key=key, value=v)))
+        qa.append((phrasing.niah_question.format(key=key), str(v)))
     return needles, qa
 
 
 def vt_parts(rng: random.Random, n_vars: int, used_values: set[int], used_names: set[str],
-             spread: bool = True):
+             spread: bool = True, phrasing: Phrasing = CODE):
     """One chain of ``n_vars`` variables holding a fresh value; returns (needles, question, answer).
 
     With ``spread`` link i lies in the i-th of ``n_vars`` equal slices of the context; otherwise
@@ -241,26 +228,33 @@ def vt_parts(rng: random.Random, n_vars: int, used_values: set[int], used_names:
         depths = [(i + rng.random()) / n_vars for i in range(n_vars)]
     else:
         depths = sorted(rng.random() for _ in range(n_vars))
-    texts = [f"VAR {names[0]} = {v}."] + [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, n_vars)]
-    return list(zip(depths, texts)), f"Which variables are assigned the value {v}?", " ".join(names)
+    texts = [phrasing.vt_first.format(name=names[0], value=v)]
+    texts += [phrasing.vt_link.format(name=names[i], prev=names[i - 1]) for i in range(1, n_vars)]
+    return list(zip(depths, texts)), phrasing.vt_question.format(value=v), " ".join(names)
 
 
-def make_example(task: str, n_tokens: int, tokenizer, rng: random.Random, idx: int = 0) -> dict:
-    """One document of ``task`` whose prompt is about ``n_tokens`` tokens of ``tokenizer``."""
+def make_example(task: str, n_tokens: int, tokenizer, rng: random.Random, idx: int = 0, style: str = "code") -> dict:
+    """One document of ``task`` in ``style`` whose prompt is about ``n_tokens`` tokens of ``tokenizer``."""
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; styles: {', '.join(STYLES)}")
+    source, phrasing = STYLES[style]
     values: set[int] = set()
     if task == "passkey":
-        needles, question, answer = passkey_parts(rng, values)
+        needles, question, answer = passkey_parts(rng, values, phrasing)
     elif task == "niah":
-        needles, qa = niah_parts(rng, rng.randint(4, 8), values, set())
+        needles, qa = niah_parts(rng, rng.randint(4, 8), values, set(), phrasing)
         question, answer = rng.choice(qa)
     elif task == "vt":
         names: set[str] = set()
-        needles, question, answer = vt_parts(rng, 4, values, names, spread=True)
-        distractor, _, _ = vt_parts(rng, 4, values, names, spread=False)
+        needles, question, answer = vt_parts(rng, 4, values, names, spread=True, phrasing=phrasing)
+        distractor, _, _ = vt_parts(rng, 4, values, names, spread=False, phrasing=phrasing)
         needles = needles + distractor
     else:
         raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
-    context = _assemble(tokenizer, n_tokens, rng, needles, _query_tokens(tokenizer, question))
+    if source == "code":
+        context = _assemble(tokenizer, n_tokens, rng, needles, _query_tokens(tokenizer, question))
+    else:
+        context = _assemble_prose(tokenizer, n_tokens, rng, needles, question, phrasing.preambles.get(task, ""))
     return {"id": f"{task}-{n_tokens}-{idx}", "context": context, "question": question, "answer": answer}
 
 
@@ -269,7 +263,7 @@ def make_training_sequence(n_tokens: int, tokenizer, rng: random.Random,
     """A dense training document: needles of all three tasks, then all their questions.
 
     Returns (context, [(question, answer), ...]); the questions come in random order after the
-    context, each followed by its answer and eos (see :mod:`apb.tools.train_retrieval`). Needles and
+    context, each followed by its answer and eos (see :mod:`apb.tools.retrieval`). Needles and
     question/answer pairs take about ``needle_fraction`` of the ``n_tokens``; haystack fills the
     rest. Cost estimates per item (tokens of the project's tokenizer): a key-value needle and its
     Q/A ~25, a passkey ~22, a 2-5 variable chain and its Q/A ~7 per variable + 20.
@@ -307,7 +301,8 @@ def make_training_sequence(n_tokens: int, tokenizer, rng: random.Random,
     return context, qa
 
 
-def write_dataset(path: str | Path, task_names: list[str], n: int, n_tokens: int, tokenizer, seed: int = 0) -> Path:
+def write_dataset(path: str | Path, task_names: list[str], n: int, n_tokens: int, tokenizer, seed: int = 0,
+                  style: str = "code") -> Path:
     """Write ``n`` documents of each task at about ``n_tokens`` tokens as JSONL."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -315,22 +310,36 @@ def write_dataset(path: str | Path, task_names: list[str], n: int, n_tokens: int
         for task in task_names:
             rng = random.Random(f"{task}:{n_tokens}:{seed}")
             for i in range(n):
-                f.write(json.dumps(make_example(task, n_tokens, tokenizer, rng, idx=i)) + "\n")
+                f.write(json.dumps(make_example(task, n_tokens, tokenizer, rng, idx=i, style=style)) + "\n")
     return path
 
 
-def score(pred: str, answer: str) -> bool:
-    """Exact match after stripping surrounding whitespace."""
-    return pred.strip() == answer.strip()
+def expected(task: str, answer: str | Sequence[str]) -> str | list[str]:
+    """What :func:`score` looks for: for a :data:`MATCH_ALL_TASKS` task, each name on its own."""
+    return answer.split() if task in MATCH_ALL_TASKS and isinstance(answer, str) else answer
+
+
+def score(pred: str, answer: str | Sequence[str], mode: str = "contains") -> bool:
+    """Whether the prediction ``pred`` gives ``answer``.
+
+    ``contains`` (RULER's string match): the expected string occurs in the prediction, case and
+    surrounding whitespace ignored, so "The pass key is 86638." answers ``86638``. A list of
+    strings counts when every one occurs (RULER's "string match all", all or nothing; vt's
+    names via :func:`expected`). An empty expected string matches only an empty prediction.
+    ``exact``: equal after stripping surrounding whitespace (a list: its items joined by spaces).
+    """
+    if mode == "exact":
+        want = answer if isinstance(answer, str) else " ".join(answer)
+        return pred.strip() == want.strip()
+    if mode != "contains":
+        raise ValueError(f"unknown scoring mode {mode!r}; modes: {', '.join(SCORING)}")
+    wants = [answer] if isinstance(answer, str) else list(answer)
+    got = pred.strip().casefold()
+    return bool(wants) and all((w.strip().casefold() in got) if w.strip() else not got for w in wants)
 
 
 def main(argv=None) -> None:
     """``python -m apb.tools.tasks --out FILE`` writes a dataset (this is how apb/data/demo.jsonl is made)."""
-    import argparse
-
-    from apb.model.loading import resolve_model
-    from apb.model.text import load_tokenizer
-
     p = argparse.ArgumentParser(description="write generated task documents as JSONL")
     p.add_argument("--out", required=True)
     p.add_argument("--tasks", default=",".join(TASKS))
@@ -338,13 +347,16 @@ def main(argv=None) -> None:
     p.add_argument("--length", type=int, default=2048, help="prompt tokens, under the model's tokenizer")
     p.add_argument("--model", default="apb-retrieval", help="whose tokenizer measures the length")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--style", choices=("auto", *STYLES), default="auto",
+                   help="haystack and phrasing; auto: chat if the tokenizer has a chat template, else code")
     args = p.parse_args(argv)
     names = [t for t in args.tasks.split(",") if t]
     bad = [t for t in names if t not in TASKS]
     if bad:
         raise SystemExit(f"--tasks: unknown {', '.join(bad)}; valid tasks: {', '.join(TASKS)}")
     tok = load_tokenizer(resolve_model(args.model))
-    print(write_dataset(args.out, names, args.n, args.length, tok, args.seed))
+    style = default_style(tok) if args.style == "auto" else args.style
+    print(write_dataset(args.out, names, args.n, args.length, tok, args.seed, style))
 
 
 if __name__ == "__main__":

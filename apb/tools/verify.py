@@ -8,6 +8,7 @@ worker group (W processes, gloo on CPU): prefill, cache gather, decode on rank 0
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -16,9 +17,11 @@ from pathlib import Path
 import torch
 
 from apb.config import Config
+from apb.methods import build_method, check_method_name, method_names
+from apb.model.catalog import resolve_model
+from apb.model.loading import load_model
+from apb.parallel.comm import Phase
 from apb.runtime.decode import Sampling
-from apb.methods import build_method
-from apb.model.loading import load_model, resolve_model
 from apb.runtime.worker import PromptRequest
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
@@ -58,8 +61,12 @@ def reference_run(model, input_ids: torch.Tensor, n_tokens: int) -> Reference:
     cache = out.past_key_values
     keys = torch.stack([layer.keys[0] for layer in cache.layers])
     values = torch.stack([layer.values[0] for layer in cache.layers])
-    gen = model.generate(input_ids[None], attention_mask=torch.ones_like(input_ids[None]), do_sample=False,
-                         max_new_tokens=n_tokens, min_new_tokens=n_tokens, pad_token_id=0)
+    # the workers decode past EOS (stop_at_eos=False); so must the reference, without min_new_tokens,
+    # which would also forbid EOS where a real model picks it
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = None
+    gen = model.generate(input_ids[None], attention_mask=torch.ones_like(input_ids[None]), generation_config=config,
+                         do_sample=False, max_new_tokens=n_tokens, pad_token_id=0)
     return Reference(out.logits[0, -1].float(), keys, values, gen[0, input_ids.numel():].tolist())
 
 
@@ -75,8 +82,6 @@ def compare(ref: Reference, result) -> tuple[float, float, bool]:
 
 def expand_methods(names: list[str]) -> list[str]:
     """Each method, followed by its ``:uncompressed`` variant where it has one (an exactness check)."""
-    from apb.methods import check_method_name, method_names
-
     out: list[str] = []
     for name in names:
         check_method_name(name)
@@ -105,7 +110,7 @@ def verify(cfg: Config, group, methods: list[str], prompt_lens: list[int], model
             ids = random_prompt(n, ref_model.config.vocab_size, seed + n)
             ref = reference_run(ref_model, ids, n_tokens)
             for name in methods:
-                method = build_method(name, **options)
+                method = build_method(name, cfg.method)
                 base = dict(model=model_name, method=name, world_size=world, prompt_len=n,
                             exact_expected=method.exact)
                 try:
@@ -129,10 +134,10 @@ def verify(cfg: Config, group, methods: list[str], prompt_lens: list[int], model
 
 
 def prefill_comm_mb(stats: list | None) -> float:
-    """Most bytes any rank sent during prefill (context + query phases), in MiB."""
+    """Most bytes any rank sent during prefill (phases with ``Phase.is_prefill``, as in bench), in MiB."""
     if not stats:
         return math.nan
-    return max(sum(o["bytes"] for o in s["ops"] if o["phase"] in ("context", "query")) for s in stats) / 2**20
+    return max(sum(o["bytes"] for o in s["ops"] if Phase(o["phase"]).is_prefill) for s in stats) / 2**20
 
 
 def format_table(rows: list[VerifyRow]) -> str:

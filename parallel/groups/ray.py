@@ -18,9 +18,15 @@ a failure or a timeout closes the group and raises :class:`WorkerError`.
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from apb.parallel.groups import WorkerError
 
@@ -32,8 +38,6 @@ class _Host:
         self.worker = None
 
     def where(self) -> dict:
-        import ray
-
         return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
                 "pid": os.getpid(), "gpus": ray.get_gpu_ids()}
 
@@ -44,8 +48,6 @@ class _Host:
 
     def setup(self, worker_cls: str, init_method: str, rank: int, world_size: int, local_rank: int,
               kwargs: dict) -> dict:
-        import importlib
-
         module, name = worker_cls.split(":")
         cls = getattr(importlib.import_module(module), name)
         # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so its device is always index 0
@@ -61,8 +63,6 @@ class _Host:
 
 
 def _init_ray(cfg) -> None:
-    import ray
-
     if ray.is_initialized():
         return
     if cfg.address:
@@ -80,10 +80,6 @@ def _init_ray(cfg) -> None:
 class RayWorkerGroup:
     def __init__(self, world_size: int, ray_cfg, worker_cls: str = "apb.runtime.worker:Worker",
                  worker_kwargs: dict | None = None, timeout_s: float = 300.0):
-        import ray
-        from ray.exceptions import GetTimeoutError
-        from ray.util.placement_group import placement_group, remove_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.world_size, self.timeout_s = world_size, timeout_s
         self.closed = False
@@ -129,8 +125,6 @@ class RayWorkerGroup:
         return self._get([a.pid.remote() for a in self.actors], self.timeout_s, "pid")
 
     def _get(self, refs: list, timeout_s: float, what: str) -> list[Any]:
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         try:
             return ray.get(refs, timeout=timeout_s)
@@ -148,8 +142,6 @@ class RayWorkerGroup:
         if self.closed:
             return
         self.closed = True
-        import ray
-        from ray.util.placement_group import remove_placement_group
 
         for a in getattr(self, "actors", []):
             try:

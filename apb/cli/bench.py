@@ -1,0 +1,45 @@
+"""``apb bench``: prefill time per method on local workers, measured wall time and the time
+projected for W devices. Modules that import torch are imported inside run(): `apb --help`
+imports every subcommand module."""
+
+from __future__ import annotations
+
+import argparse
+
+from apb.cli.common import UsageError, add_config_args, check_methods, config_beside, config_from, csv, positive_ints
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="prefill time per method: measured wall time and projected W-device time")
+    add_config_args(p)
+    p.add_argument("--model", default="bench-attn", help="preset or checkpoint (default: bench-attn, attention-bound)")
+    p.add_argument("--methods", default="full,ring,ulysses,star,apb,spava")
+    p.add_argument("--lengths", type=positive_ints, default=[4096, 8192])
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--query-len", type=int, default=32)
+    p.add_argument("--bandwidth-gbs", type=float, default=100.0, help="link bandwidth for the projection")
+    p.add_argument("--json", help="write the report as JSON here")
+    p.add_argument("--plot", help="write a PNG of time vs length per method")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    # imported on use: `apb --help` builds every subcommand's parser and must not load torch
+    from apb.tools import bench
+
+    methods = csv(args.methods)
+    check_methods(methods)
+    if args.repeats < 1 or args.world_size < 1:
+        raise UsageError("--repeats and --world-size must be at least 1")
+    cfg = config_from(args, [f"model.name_or_path={args.model}"])
+    report = bench.run_bench(cfg, methods, args.lengths, args.world_size, args.repeats, args.query_len,
+                             args.bandwidth_gbs)
+    print(bench.format_table(report))
+    if args.json:
+        bench.write_json(report, args.json)
+        config_beside(args.json, cfg)
+    if args.plot:
+        bench.plot([(report, "wall_s"), (report, "projected_s")], args.plot)
+        print(f"wrote {args.plot}")
+    return 0

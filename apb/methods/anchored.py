@@ -1,0 +1,97 @@
+"""What ``star`` and ``apb`` share: anchored context blocks, then an exact query phase.
+
+Context phase, host ``r`` (contiguous block ``B_r``; hosts ``r > 0`` prepend an anchor ``A``)::
+
+    rows \\ keys   P_0..P_{r-1}   A          B_r
+    A             -              causal     -
+    B_r           all (apb)      all        causal
+
+:class:`Anchored` owns the layout, the plan and this attention step; a subclass adds passing
+blocks through two hooks (:meth:`Anchored._share_passing`, :meth:`Anchored._received`) and sets
+its default sizes (:meth:`~apb.methods.base.Method.default_sizes`). Anchors go through every
+layer but are dropped from outputs and caches. Afterwards the query runs as a second pass in
+which each token attends exactly to every host's cache (:mod:`apb.methods.cache_attention`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from apb.kernels import attention, merge
+from apb.methods.base import Method
+from apb.methods.sizes import resolve_len, resolve_passing
+from apb.parallel import layout
+
+
+@dataclass(frozen=True)
+class AnchorPlan:
+    anchor_len: int  # context tokens in the anchor (the embedded query comes on top)
+    passing: tuple[int, ...]  # per layer, tokens per host (capped by each host's block)
+
+
+class Anchored(Method):
+    exact = False
+    query_phase = True
+    #: True when hosts share passing blocks (apb); the plan then resolves ``passing_len``
+    uses_passing = False
+    #: True when the anchor embeds the query after ``query_insert_pos`` context tokens (apb)
+    embeds_query = False
+
+    def anchor_len(self, n_ctx: int, world_size: int) -> int:
+        block = -(-n_ctx // world_size)
+        # the anchor copies the start of host 0's block, so it can be no longer than that block
+        value = resolve_len(self.config.anchor_len, block, self.default_sizes(n_ctx, block)[0], self.config.round_to,
+                            "anchor_len")
+        return min(value, block)
+
+    def plan(self, n_tokens, world_size, n_query, num_layers):
+        n_ctx = n_tokens - n_query
+        block = -(-n_ctx // world_size)
+        passing = resolve_passing(self.config.passing_len, block, self.default_sizes(n_ctx, block)[1],
+                                  self.config.round_to, num_layers) if self.uses_passing else [0] * num_layers
+        return AnchorPlan(self.anchor_len(n_ctx, world_size), tuple(passing))
+
+    def tail_hosts(self, n_query: int, world_size: int, anchor_len: int) -> tuple[int, ...]:
+        """Hosts that append the query after their block (to score it): none unless a subclass says."""
+        return ()
+
+    def layout(self, n_tokens, world_size, n_query=0):
+        n_ctx = n_tokens - n_query
+        anchor = self.anchor_len(n_ctx, world_size)
+        return layout.anchored(n_ctx, n_query, world_size, anchor,
+                               self.config.query_insert_pos if self.embeds_query else None,
+                               self.tail_hosts(n_query, world_size, anchor))
+
+    def attention(self, ctx, module, q, k, v, scale):
+        mine, layer = ctx.mine, int(module.layer_idx)
+        a, b, t = mine.rows("anchor"), mine.rows("block"), mine.rows("query")
+        pending = self._share_passing(ctx, layer, q, k, v, scale, b)
+        out = torch.empty_like(q)
+        if a.stop > a.start:
+            out[:, :, a] = attention(q[:, :, a], k[:, :, a], v[:, :, a], causal=True, scale=scale)[0]
+        if t.stop > t.start:  # scoring-only query rows on host 0: they follow the block
+            keys = slice(b.start, t.stop)
+            out[:, :, t] = attention(q[:, :, t], k[:, :, keys], v[:, :, keys], causal=True, scale=scale)[0]
+        qb = q[:, :, b]
+        own, own_lse = attention(qb, k[:, :, b], v[:, :, b], causal=True, scale=scale)
+        extra_k, extra_v = [], []
+        if pending is not None:
+            extra_k, extra_v = self._received(ctx, layer, pending)
+        if a.stop > a.start:
+            extra_k.append(k[:, :, a])
+            extra_v.append(v[:, :, a])
+        if extra_k:
+            part, part_lse = attention(qb, torch.cat(extra_k, 2), torch.cat(extra_v, 2), causal=False, scale=scale)
+            own = merge(own, own_lse, part, part_lse)[0]
+        out[:, :, b] = own.to(q.dtype)
+        return out
+
+    def _share_passing(self, ctx, layer, q, k, v, scale, b):
+        """Start sending this host's passing block; a handle to wait on, or None if nothing is sent."""
+        return None
+
+    def _received(self, ctx, layer, pending) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The K and V of the passing blocks this host's block sees, once ``pending`` has arrived."""
+        raise NotImplementedError

@@ -1,0 +1,100 @@
+"""``apb``: anchored blocks with the query embedded in the anchor, plus compressed passing blocks.
+
+``A`` embeds the query after ``query_insert_pos`` context tokens; each layer, every host picks
+``P_r`` (``passing_len`` K/V per KV head, by the compressor) from its block and one all-gather
+shares them; host ``r`` sees ``P_0..P_{r-1}``. Host 0, which has no anchor, appends the query
+after its block when the compressor needs query vectors; those rows are used for scoring only.
+The shared layout, mask and query phase are in :mod:`apb.methods.anchored`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from apb.methods.registry import register_method
+from apb.methods.anchored import Anchored
+from apb.methods.compressors import ScoreInputs, build_compressor, take
+from apb.methods.cost import HostWork, merge_bytes
+from apb.parallel import layout
+
+
+@register_method("apb")
+class APB(Anchored):
+    uses_passing = True
+    embeds_query = True
+    variants = {"uncompressed": {"anchor_len": 0, "passing_len": "all"}}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.compressor = build_compressor(self.config.compressor,
+                                           **self.config.model_dump(exclude={"name", "compressor"}))
+
+    @classmethod
+    def default_sizes(cls, n_ctx, block):
+        return block / 4, block / 8
+
+    @classmethod
+    def cost(cls, n, w, shape, sizes):
+        # host W-1: anchor causally; its block over W-1 passing blocks, the anchor and itself
+        # causally; then the query over its block in the query phase
+        q, b = sizes.query, n / w
+        a, p = cls.default_sizes(n, b)
+        if sizes.passing_cap is not None:
+            p = min(p, sizes.passing_cap)
+        pairs = a * a / 2 + b * ((w - 1) * p + a) + b * b / 2 + q * n / w
+        return HostWork(a + b + q, pairs, b, comm_bytes=merge_bytes(q, shape), steps=2, anchor=a, passing=p)
+
+    def tail_hosts(self, n_query: int, world_size: int, anchor_len: int) -> tuple[int, ...]:
+        """Hosts that must append the query to score their block: those whose anchor lacks it."""
+        if not (self.compressor.needs_query and n_query and world_size > 1):
+            return ()
+        if self.config.passing_len == "all":  # nothing is chosen, so nothing is scored
+            return ()
+        return tuple(range(world_size)) if anchor_len == 0 else (0,)
+
+    def capture_pre_rope(self) -> bool:
+        return self.compressor.needs_pre_rope
+
+    def _share_passing(self, ctx, layer, q, k, v, scale, b):
+        if ctx.comm.size == 1:
+            return None
+        p = ctx.plan.passing[layer]
+        if p <= 0:
+            return None
+        kb, vb = k[:, :, b], v[:, :, b]
+        x = ScoreInputs(layer, kb, vb, q_query=self._query_rows(ctx, q), scale=scale,
+                        pre_rope=_pre_rope_rows(ctx, layer, b))
+        idx = self.compressor.select(x, min(p, kb.shape[2]))
+        packed = torch.stack([take(kb, idx), take(vb, idx)])
+        # blocks differ in size by at most one, so with p = 'all' the shares may too: pad to one shape
+        width = max(_share(s, p) for s in ctx.slices)
+        if packed.shape[3] < width:
+            packed = torch.cat([packed, packed.new_zeros(*packed.shape[:3], width - packed.shape[3],
+                                                         packed.shape[4])], 3)
+        return ctx.comm.all_gather_start(packed)
+
+    def _received(self, ctx, layer, pending):
+        parts = pending.wait()
+        ks, vs = [], []
+        p = ctx.plan.passing[layer]
+        for src in layout.apb_passing_sources(ctx.rank):
+            size = _share(ctx.slices[src], p)
+            ks.append(parts[src][0][:, :, :size])
+            vs.append(parts[src][1][:, :, :size])
+        return ks, vs
+
+    def _query_rows(self, ctx, q):
+        if not self.compressor.needs_query:
+            return None
+        rows = (ctx.mine.indices >= ctx.n_ctx).nonzero().flatten().to(q.device)
+        return q[:, :, rows]
+
+
+def _share(host, p: int) -> int:
+    """Passing tokens host ``host`` sends: ``p``, or its whole block if that is smaller."""
+    return min(p, host.blocks()[0].size)
+
+
+def _pre_rope_rows(ctx, layer, rows):
+    pre = ctx.scratch.get(("pre_rope", layer))
+    return None if pre is None else tuple(t[:, rows] for t in pre)

