@@ -42,6 +42,9 @@ class ParallelConfig(_Section):
     launcher: Literal["local", "ray", "torchrun"] = Field(
         "local", description="local: worker processes on this machine; ray: one actor per GPU (or CPU slot) in a "
                              "placement group; torchrun: the processes torchrun started")
+    threads: Optional[int] = Field(
+        None, ge=1, description="CPU threads per worker process; unset: local workers split this machine's cores "
+                                "between them (at least one each), Ray and torchrun workers keep torch's default")
 
 
 class RayConfig(_Section):
@@ -71,6 +74,10 @@ class MethodConfig(_Section):
     pool_width: int = Field(5, ge=1, description="max-pool width over token scores (odd; 1 disables)")
     snapkv_window: int = Field(16, ge=1, description="snapkv: query tokens whose attention scores the block")
     retaining_heads_path: Optional[str] = Field(None, description="retaining_heads: safetensors weights file")
+    query_positions: Literal["true", "anchor"] = Field(
+        "true", description="apb: positions at which the anchor's copy of the query scores block keys: 'true' (as "
+                            "the real query at the end of the prompt) or 'anchor' (its copy's own positions, the "
+                            "behaviour before the fix, kept for comparison)")
     round_to: int = Field(1, ge=1, description="round anchor/passing sizes to a multiple of this (spava: 128)")
 
     @field_validator("name")

@@ -17,6 +17,7 @@ JSONL files (reading, resume, progress) are :mod:`apb.batch`'s job.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -187,14 +188,23 @@ class Engine:
         return batch.process_file(self, in_path, out_path, progress)
 
 
+def local_threads(world_size: int) -> int:
+    """Threads per local worker: the cores this process may use, split evenly (W processes each at
+    torch's default would run W x cores threads on the cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // world_size)
+
+
 def start_group(cfg: Config, world_size: int | None = None, launcher: str | None = None, timeout_s: float | None = None,
                 **worker_kwargs):
     """Start the worker group the config asks for (local processes or Ray actors); the arguments
     override the config's world size, launcher and timeout, ``worker_kwargs`` the worker's options."""
     timeout_s = timeout_s or cfg.parallel.timeout_s
-    kwargs = {"device": cfg.parallel.device, "timeout_s": timeout_s} | worker_kwargs
+    launcher = launcher or cfg.parallel.launcher
+    world_size = world_size or cfg.parallel.world_size
+    kwargs = {"device": cfg.parallel.device, "timeout_s": timeout_s,
+              "threads": cfg.parallel.threads or (local_threads(world_size) if launcher == "local" else None)}
     try:
-        return groups.start_group(launcher or cfg.parallel.launcher, world_size or cfg.parallel.world_size, kwargs,
-                                  timeout_s, ray_config=cfg.ray)
+        return groups.start_group(launcher, world_size, kwargs | worker_kwargs, timeout_s, ray_config=cfg.ray)
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -100,3 +100,20 @@ def test_from_config_rejects_unknown_shortcut(repo):
 def test_method_that_cannot_run_the_model_fails_at_load(repo):
     with pytest.raises(ConfigError, match="num_attention_heads=12 is not divisible by world_size=5"):
         Engine.from_config(repo / "configs/tiny-cpu.yaml", method="ulysses", world_size=5)
+
+
+def test_local_workers_split_the_cores(monkeypatch):
+    from apb import engine
+    from apb.config import load_config
+
+    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert [engine.local_threads(w) for w in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+    seen = {}
+    monkeypatch.setattr(engine.groups, "start_group", lambda launcher, world, kwargs, timeout, ray_config: seen.update(
+        {launcher: kwargs["threads"]}))
+    engine.start_group(load_config(None, {"parallel.world_size": 4}))
+    engine.start_group(load_config(None, {"parallel.world_size": 4, "parallel.launcher": "ray"}))
+    engine.start_group(load_config(None, {"parallel.world_size": 4, "parallel.threads": 3}), launcher="local")
+    assert seen == {"local": 3, "ray": None}
+    engine.start_group(load_config(None, {"parallel.world_size": 4}))
+    assert seen["local"] == 2  # 8 cores over 4 local workers

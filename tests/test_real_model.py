@@ -171,3 +171,20 @@ def test_models_command_lists_and_fetches(smol, capsys):
     assert main(["models", "fetch", "no-such-model"]) == 2  # a user error: one line, no traceback
     err = capsys.readouterr().err
     assert err.startswith("apb: model 'no-such-model' is neither") and "Traceback" not in err
+
+
+def test_demo_answers_with_the_real_model_beside_full(smol, apb_bin, repo, tmp_path):
+    import json
+    import subprocess
+
+    docs = tmp_path / "docs.jsonl"
+    context = FILLER * 6 + f"The pass key is {PASSKEY}. Remember it. {PASSKEY} is the pass key. " + FILLER * 6
+    docs.write_text(json.dumps({"id": "pk", "context": context, "question": "What is the pass key? Answer with the "
+                                "number only.", "answer": str(PASSKEY)}) + "\n")
+    proc = subprocess.run([apb_bin, "demo", "--config", str(repo / "configs/tiny-cpu.yaml"), "--input", str(docs)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert f"model {MODEL}" in out and "1 worker with" in out
+    assert "right answers: apb 1/1, full 1/1" in out, out
+    assert "x faster than full (median over 1 documents" in out, out

@@ -85,8 +85,8 @@ def test_runtime_answers_match_expected_with_full_and_apb(repo, tmp_path):
 
 
 def test_demo_answers_are_right(apb_bin, repo):
-    proc = subprocess.run([apb_bin, "demo", "--config", str(repo / "configs/tiny-cpu.yaml")], capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([apb_bin, "demo", "--config", str(repo / "configs/tiny-cpu.yaml"), "--model", "apb-retrieval"],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "model apb-retrieval" in proc.stdout
     line = next(x for x in proc.stdout.splitlines() if x.startswith("right answers:"))

@@ -33,7 +33,7 @@ def _run(args: argparse.Namespace) -> int:
     world = int(os.environ["WORLD_SIZE"])
     cfg = config_from(args, ["parallel.launcher=torchrun", f"parallel.world_size={world}"])
     worker = Worker(None, int(os.environ["RANK"]), world, int(os.environ["LOCAL_RANK"]),
-                    device=cfg.parallel.device, timeout_s=cfg.parallel.timeout_s)
+                    device=cfg.parallel.device, timeout_s=cfg.parallel.timeout_s, threads=cfg.parallel.threads)
     ctl = control_group(cfg.parallel.timeout_s)
     if worker.env.rank != 0:
         serve(worker, ctl)

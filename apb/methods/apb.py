@@ -65,6 +65,8 @@ class APB(Anchored):
         x = ScoreInputs(layer, kb, vb, q_query=self._query_rows(ctx, q), scale=scale,
                         pre_rope=_pre_rope_rows(ctx, layer, b))
         idx = self.compressor.select(x, min(p, kb.shape[2]))
+        if ctx.diagnostics:  # block-local rows -> global prompt indices
+            ctx.scratch[("passing", layer)] = ctx.mine.indices[b].to(idx.device)[idx[0]]
         packed = torch.stack([take(kb, idx), take(vb, idx)])
         # blocks differ in size by at most one, so with p = 'all' the shares may too: pad to one shape
         width = max(_share(s, p) for s in ctx.slices)
@@ -84,10 +86,18 @@ class APB(Anchored):
         return ks, vs
 
     def _query_rows(self, ctx, q):
+        """The query's vectors for scoring, moved to the real query's positions (hosts r > 0 hold a
+        copy at anchor positions; see :mod:`apb.model.rope`)."""
         if not self.compressor.needs_query:
             return None
-        rows = (ctx.mine.indices >= ctx.n_ctx).nonzero().flatten().to(q.device)
-        return q[:, :, rows]
+        rows = (ctx.mine.indices >= ctx.n_ctx).nonzero().flatten()
+        q_rows = q[:, :, rows.to(q.device)]
+        if rows.numel() == 0 or self.config.query_positions == "anchor" or ctx.rope is None:
+            return q_rows
+        deltas = (ctx.mine.indices - ctx.mine.positions)[rows]
+        if not bool((deltas == deltas[0]).all()):  # the layout keeps the query contiguous
+            raise RuntimeError(f"the query's rows sit at uneven offsets from their true positions: {deltas.tolist()}")
+        return ctx.rope.shift(q_rows, int(deltas[0]))
 
 
 def _share(host, p: int) -> int:

@@ -94,6 +94,11 @@ class AttnContext:
     plan: Any = None
     n_query: int = 0
     scratch: dict[Any, Any] = field(default_factory=dict)
+    #: record what the method chose (``scratch[("passing", layer)]``: global prompt indices per KV
+    #: head) for ``apb diagnose``; off in every other run, where it costs nothing
+    diagnostics: bool = False
+    #: moves a rotary-embedded vector to another position (None: the model's RoPE cannot be moved)
+    rope: Any = None
 
     @property
     def rank(self) -> int:

@@ -132,18 +132,22 @@ class Spava(Method):
         if world == 1 or p <= 0:
             return None
         width = max(min(p, c.size) for s in ctx.slices for c in s.blocks())
-        shares = []
+        shares, chosen = [], []
         for rows in block_rows:
             kb, vb = k[:, :, rows], v[:, :, rows]
             pre = ctx.scratch.get(("pre_rope", layer))
             x = ScoreInputs(layer, kb, vb, q_query=q_query, scale=scale,
                             pre_rope=None if pre is None else tuple(t[:, rows] for t in pre))
             idx = self.compressor.select(x, min(p, kb.shape[2]))
+            if ctx.diagnostics:  # block-local rows -> global prompt indices
+                chosen.append(ctx.mine.indices[rows].to(idx.device)[idx[0]])
             share = torch.stack([take(kb, idx), take(vb, idx)])
             if share.shape[3] < width:
                 share = torch.cat([share, share.new_zeros(*share.shape[:3], width - share.shape[3],
                                                           share.shape[4])], 3)
             shares.append(share)
+        if chosen:  # both virtual blocks, side by side: (kv_heads, p_first + p_second)
+            ctx.scratch[("passing", layer)] = torch.cat(chosen, -1)
         return ctx.comm.all_gather_start(torch.stack(shares))
 
     def _remote(self, q, rows, block_id, received, ctx, layer, scale):

@@ -25,6 +25,7 @@ import torch
 
 from apb.methods.base import AttnContext, Method
 from apb.methods.cache_attention import CacheAttnContext
+from apb.model.rope import rope_shift
 from apb.parallel.comm import Comm, Phase
 from apb.parallel.layout import owner_of, pad_tokens
 from apb.runtime.cache import KVCache
@@ -35,6 +36,8 @@ class PrefillResult:
     last_logits: torch.Tensor  # (vocab,), float32, on every host
     cache: KVCache  # this host's part
     seconds: float
+    #: with ``diagnostics``: per layer, the global prompt indices this host passed, (kv_heads, p)
+    passing: dict[int, torch.Tensor] | None = None
 
 
 def _device(model) -> torch.device:
@@ -43,9 +46,9 @@ def _device(model) -> torch.device:
 
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query: int = 0,
-            pad_id: int = 0) -> PrefillResult:
+            pad_id: int = 0, diagnostics: bool = False) -> PrefillResult:
     """Prefill the 1-D prompt ``input_ids`` (identical on every host) whose last ``n_query``
-    tokens are the query."""
+    tokens are the query; ``diagnostics`` also returns what the method chose (``apb diagnose``)."""
     if input_ids.dim() != 1 or input_ids.numel() == 0:
         raise ValueError(f"prefill takes a non-empty 1-D tensor of token ids, got shape {tuple(input_ids.shape)}")
     n = int(input_ids.numel())
@@ -61,7 +64,7 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
     slices = method.layout(n, comm.size, n_query)
     mine = slices[comm.rank]
     ctx = AttnContext(method, slices, comm, plan=method.plan(n, comm.size, n_query, model.config.num_hidden_layers),
-                      n_query=n_query)
+                      n_query=n_query, rope=rope_shift(model), diagnostics=diagnostics)
     comm.stats.phase = Phase.CONTEXT
     logits = torch.empty(model.config.vocab_size, dtype=torch.float32, device=device)
     owner, owner_local = (None, None) if method.query_phase else owner_of(slices, n - 1)
@@ -97,7 +100,8 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
     cache = KVCache.from_layers(positions, kv)
     seconds = time.perf_counter() - t0
     comm.stats.compute_seconds += max(0.0, seconds - comm.stats.comm_seconds())
-    return PrefillResult(logits, cache, seconds)
+    passing = {key[1]: idx.cpu() for key, idx in ctx.scratch.items() if key[0] == "passing"} if diagnostics else None
+    return PrefillResult(logits, cache, seconds, passing)
 
 
 def _empty_kv(model, device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

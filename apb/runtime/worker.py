@@ -39,6 +39,7 @@ class PromptRequest:
     sampling: Sampling = Sampling()
     eos_ids: tuple[int, ...] = ()
     return_cache: bool = False  # ship the gathered cache back (verification)
+    diagnostics: bool = False  # also return what the method chose on each host (apb diagnose)
 
 
 @dataclass
@@ -50,6 +51,8 @@ class PromptResult:
     tokens: list[int] | None = None
     decode_s: float = 0.0  # gather mode: includes moving the cache to the decode host
     cache: KVCache | None = None
+    #: with ``diagnostics``: {"passing": {layer: global prompt indices this host passed, (kv_heads, p)}}
+    diagnostics: dict | None = None
 
 
 class Worker:
@@ -83,8 +86,10 @@ class Worker:
         method = build_method(req.method, MethodConfig(**req.method_options))
         comm = self.state.comm(CommStats())
         comm.barrier()  # start the clock together
-        res = prefill(model, req.input_ids.to(self.env.device), method, comm, n_query=req.n_query)
-        out = PromptResult(rank=self.env.rank, stats={}, prefill_s=res.seconds)
+        res = prefill(model, req.input_ids.to(self.env.device), method, comm, n_query=req.n_query,
+                      diagnostics=req.diagnostics)
+        out = PromptResult(rank=self.env.rank, stats={}, prefill_s=res.seconds,
+                           diagnostics={"passing": res.passing} if req.diagnostics else None)
         n = int(req.input_ids.numel())
         whole = None
         t0 = time.perf_counter()

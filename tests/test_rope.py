@@ -1,0 +1,108 @@
+"""Moving rotary-embedded vectors (apb.model.rope), and apb scoring with the query at its true positions."""
+
+import threading
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from apb.config import MethodConfig
+from apb.methods import build_method
+from apb.methods.base import AttnContext
+from apb.model.catalog import resolve_model
+from apb.model.loading import load_model
+from apb.model.rope import rope_shift
+from test_masks import ThreadComm
+
+
+def naive_rope(x, position, inv_freq, scaling=1.0):
+    """RoPE written out: pairs (i, i + d/2) rotated by position * inv_freq[i] (rotate-half layout)."""
+    angles = position * inv_freq.double()
+    cos, sin = torch.cos(angles) * scaling, torch.sin(angles) * scaling
+    half = x.shape[-1] // 2
+    a, b = x[..., :half].double(), x[..., half:].double()
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).float()
+
+
+def tiny(rope_scaling=None):
+    cfg = AutoConfig.for_model("llama", vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                               max_position_embeddings=4096, rope_scaling=rope_scaling)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 4.0},
+                                     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}])
+def test_shift_moves_a_vector_as_naive_rope_would(scaling):
+    model = tiny(scaling)
+    shift = rope_shift(model)
+    assert shift is not None
+    inv_freq, att = shift.rotary.inv_freq, float(getattr(shift.rotary, "attention_scaling", 1.0))
+    x = torch.randn(1, 2, 5, 32, generator=torch.Generator().manual_seed(1))
+    at_p = naive_rope(x, 37, inv_freq, att)
+    moved = shift.shift(at_p, 2000)
+    assert torch.allclose(moved, naive_rope(x, 2037, inv_freq, att), atol=1e-4)
+    assert not torch.allclose(at_p, naive_rope(x, 2037, inv_freq, att), atol=1e-2)  # the shift did something
+
+
+def test_length_dependent_rope_is_not_shifted():
+    model = tiny({"rope_type": "dynamic", "factor": 2.0})
+    assert rope_shift(model) is None
+
+
+def _layer0_scoring_queries(query_positions: str):
+    """Run apb's context phase of tiny-llama with threads as 3 hosts; record, per host, the query
+    vectors its compressor scored with at layer 0."""
+    model = load_model(resolve_model("tiny-llama"))
+    world, n_ctx, n_query = 3, 150, 7
+    n = n_ctx + n_query
+    ids = torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(0))
+    method = build_method("apb", MethodConfig(name="apb", anchor_len=24, passing_len=8,
+                                              query_positions=query_positions))
+    seen = {}
+    real_select = method.compressor.select
+
+    def select(x, p, _seen=seen):
+        if x.layer == 0:
+            _seen[threading.current_thread().name] = x.q_query.clone()
+        return real_select(x, p)
+
+    method.compressor.select = select
+    slices = method.layout(n, world, n_query)
+    plan = method.plan(n, world, n_query, model.config.num_hidden_layers)
+    shared = {"slots": [None] * world, "barrier": threading.Barrier(world)}
+    errors = []
+
+    def host(r):
+        try:
+            mine = slices[r]
+            ctx = AttnContext(method, slices, ThreadComm(r, world, shared), plan=plan, n_query=n_query,
+                              rope=rope_shift(model))
+            with torch.no_grad():
+                model(input_ids=ids[mine.indices][None], position_ids=mine.positions[None], use_cache=False,
+                      apb_ctx=ctx)
+        except BaseException as e:
+            errors.append(e)
+            shared["barrier"].abort()
+
+    threads = [threading.Thread(target=host, args=(r,), name=str(r)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return slices, seen
+
+
+def test_apb_scores_with_the_query_at_its_true_positions():
+    # at layer 0 a token's q depends only on the token and its position: host 0 appends the real
+    # query at its true positions, hosts 1 and 2 hold a copy in their anchors; shifted, they agree
+    slices, seen = _layer0_scoring_queries("true")
+    assert slices[1].positions.tolist() != slices[1].indices.tolist()  # the copy does sit elsewhere
+    for r in ("1", "2"):
+        assert torch.allclose(seen[r], seen["0"], atol=1e-5), f"host {r}"
+
+
+def test_anchor_positions_keep_the_old_behaviour():
+    _, seen = _layer0_scoring_queries("anchor")
+    assert not torch.allclose(seen["1"], seen["0"], atol=1e-3)
