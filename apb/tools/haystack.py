@@ -76,8 +76,11 @@ _EMPHASIS = re.compile(r"(?<![\w*])\*{1,2}(?=[^\s*])([^*\n]+?)(?<=[^\s*])\*{1,2}
 # a sentence ends at . ! or ? followed by space and a capital (so "e.g. the" does not split)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"“(])")
 _UNDERLINE = re.compile(r"^\s*([*=\-^~])\1{2,}\s*$")
-# sentences that could pass for a needle or an answer: 5+ digit numbers, the needles' words
-_NEEDLE_LIKE = re.compile(r"\d{5}|pass key|magic number|\bVAR\b")
+# sentences that could pass for a needle or an answer, or lure a small model into one: numbers,
+# the needles' and questions' words, and code (SmolLM2-135M answered "The pass key is "pass"."
+# and "... is "def __call__(" from Python's own prose about its ``pass`` statement and methods)
+_NEEDLE_LIKE = re.compile(r"\bpass(es|ed|ing)?\b|\bkeys?\b|\bNone\b|\bspecial\b|\bmagic\b|\bVAR\b|\bdef\b"
+                          r"|[0-9_\"'`]", re.IGNORECASE)
 _MIN_PARAGRAPH = 40  # characters: shorter blocks are notes ("New in version 3.5.", "For example:")
 # a longer sentence (a list of attributes) is dropped: a unit this long would make lengths coarse
 _MAX_WORDS = 60
@@ -94,7 +97,8 @@ def _prose_paragraphs(text: str) -> list[tuple[str, ...]]:
     unwrapped, with bullet marks and emphasis asterisks removed. A closing sentence that
     introduced an example (ending ``:``) ends with ``.`` instead, or is dropped when short
     ("For example:"); so are short notes ("New in version 3.5."), sentences that look like a
-    needle (a 5-digit number, "pass key") and sentences too long to be a fine unit of length.
+    needle or lure toward a wrong answer (``_NEEDLE_LIKE``) and sentences too long to be a fine unit
+    of length.
     """
     out = []
     for block in re.split(r"\n[ \t]*\n", text):
