@@ -3,10 +3,13 @@ every record of a file, resumably.
 
 Data flow: :func:`read_jsonl` parses the input line by line (a line that is not UTF-8 JSON
 becomes a :class:`DocumentError`, answered as an error record, so the batch goes
-on); :func:`resume` keeps the answered records already in the output, drops the failed ones so
-they are retried, and refuses an output written with another config (its ``.config.yaml``
-sidecar); each new record is appended and fsynced as it finishes, so a crash loses at most the
-document in flight. The run is tallied in a :class:`Summary`.
+on); :func:`resume` keeps the records already in the output that are settled (answers, and
+``final`` errors: the document itself is at fault, so trying again would fail again), drops the
+``transient`` ones (a worker failed) so they are retried, and refuses an output written with
+another config (its ``.config.yaml`` sidecar) or with no sidecar at all; each new record is
+appended and fsynced as it finishes, so a crash loses at most the document in flight. Every
+input is filed under its id (:func:`record_id`; ``line-N`` when it has none), so a re-run
+answers each input once. The run is tallied in a :class:`Summary`.
 """
 
 from __future__ import annotations
@@ -28,15 +31,30 @@ if TYPE_CHECKING:  # the engine drives batches and imports this module; types on
     from apb.engine import Engine
 
 
+#: ``error_kind`` of a record whose document is at fault (kept on resume) ...
+FINAL = "final"
+#: ... and of one whose workers failed (retried on resume; so is an error record without a kind)
+TRANSIENT = "transient"
+
+
 class DocumentError(ValueError):
     """What is wrong with one input record (a bad line of a file, or a bad field of a record)."""
+
+
+def record_id(doc: Any, fallback: str) -> str:
+    """The id a result is filed under: the record's own (a non-empty string), else ``fallback``."""
+    key = doc.get("id") if isinstance(doc, dict) else None
+    return key if isinstance(key, str) and key else fallback
 
 
 @dataclass
 class Summary:
     documents: int = 0
     errors: int = 0
+    #: inputs whose record was already in the output (answers and kept final errors)
     skipped: int = 0
+    #: of those, final error records kept from an earlier run (``retry_errors`` tries them again)
+    skipped_errors: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
     prompt_tokens: int = 0
@@ -50,7 +68,8 @@ class Summary:
         self.prompt_tokens += rec["prompt_tokens"]
 
     def __str__(self) -> str:
-        return (f"{self.documents} documents ({self.errors} errors, {self.skipped} already done), "
+        kept = f", {self.skipped_errors} of them final errors" if self.skipped_errors else ""
+        return (f"{self.documents} documents ({self.errors} errors, {self.skipped} already done{kept}), "
                 f"{self.prompt_tokens} prompt tokens, prefill {self.prefill_s:.2f}s, decode {self.decode_s:.2f}s")
 
 
@@ -59,30 +78,33 @@ def summary_line(summary: Summary) -> str:
     return f"{summary}; {rate:.0f} prompt tokens/s"
 
 
-def process_file(engine: Engine, in_path: str | Path, out_path: str | Path, progress: bool = True) -> Summary:
+def process_file(engine: Engine, in_path: str | Path, out_path: str | Path, progress: bool = True,
+                 retry_errors: bool = False) -> Summary:
     """Answer every record of a JSONL file into another, resumably.
 
-    Each result is written and flushed as it finishes. Re-running with the same output
-    keeps the answered records, retries the failed ones, and refuses a different config.
+    Each result is written and flushed as it finishes. Re-running with the same output keeps the
+    answered records and the final errors (all errors are tried again with ``retry_errors``),
+    retries the transient ones, and refuses a different config.
     """
     in_path, out_path = Path(in_path), Path(out_path)
     if not in_path.is_file():
         raise FileNotFoundError(f"input file {str(in_path)!r} does not exist")
-    done = resume(out_path, engine.cfg)
+    done = resume(out_path, engine.cfg, retry_errors)
     records = list(read_jsonl(in_path))
     summary = Summary()
     bar = tqdm(total=len(records), unit="doc", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     with out_path.open("a", encoding="utf-8") as out:
-        for i, (line_no, doc) in enumerate(records):
-            key = doc.get("id") if isinstance(doc, dict) else None
-            if isinstance(key, str) and key in done:
+        for line_no, doc in records:
+            key = record_id(doc, f"line-{line_no}")
+            if key in done:
                 summary.skipped += 1
+                summary.skipped_errors += done[key]["error"] is not None
                 bar.update(1)
                 continue
             if isinstance(doc, DocumentError):
-                rec = engine.record(f"line-{line_no}", error=str(doc))
+                rec = engine.record(key, error=str(doc))
             else:
-                rec = engine.process_one(doc, index=i)
+                rec = engine.process_one(doc, fallback_id=key)
             _append(out, rec)
             summary.add(rec)
             bar.update(1)
@@ -115,30 +137,44 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                 yield no, DocumentError(f"line {no} is not valid JSON: {e.msg} at column {e.colno}")
 
 
-def resume(out_path: Path, cfg: Config) -> set[str]:
-    """Ids already answered in ``out_path``; failed records are dropped so they are retried.
+def resume(out_path: Path, cfg: Config, retry_errors: bool = False) -> dict[str, dict]:
+    """The records of ``out_path`` that stay, by id: answers, and final errors unless
+    ``retry_errors``. The others (transient errors, and errors written before records had an
+    ``error_kind``, to be safe) are dropped from the file so their documents are tried again.
 
-    Refuses an output whose sidecar (``OUT.config.yaml``) holds a different config, then writes
-    ``cfg`` there.
+    Refuses an output whose sidecar (``OUT.config.yaml``) holds a different config, or that holds
+    records but no sidecar, then writes ``cfg`` there.
     """
     sidecar = Path(f"{out_path}.config.yaml")
-    if out_path.exists() and sidecar.exists():
+    lines = out_path.read_text(encoding="utf-8").splitlines() if out_path.exists() else []
+    if sidecar.exists() and out_path.exists():
         before = yaml.safe_load(sidecar.read_text())
         now = Config.model_validate(before).fingerprint() if before else None
         if now != cfg.fingerprint():
             raise ConfigError(f"{out_path} was written with a different config ({sidecar}); the answers would "
                               "mix two configs. Write to a new output file, or delete both files to start over")
-    done: dict[str, str] = {}
+    elif any(line.strip() for line in lines):
+        raise ConfigError(f"{out_path} holds records but no resolved config beside it ({sidecar}), so there is no "
+                          "telling which config wrote them; pass a new output path, or delete "
+                          f"{out_path} to start over")
+    kept: dict[str, tuple[str, dict]] = {}
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        if isinstance(rec, dict) and isinstance(rec.get("id"), str) and _settled(rec, retry_errors):
+            kept[rec["id"]] = (line, rec)
     if out_path.exists():
-        for line in out_path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
-            if isinstance(rec, dict) and rec.get("error") is None and isinstance(rec.get("id"), str):
-                done[rec["id"]] = line
         tmp = out_path.with_name(out_path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in done.values()), encoding="utf-8")
+        tmp.write_text("".join(line + "\n" for line, _ in kept.values()), encoding="utf-8")
         os.replace(tmp, out_path)
     dump_config(cfg, sidecar)
-    return set(done)
+    return {key: rec for key, (_, rec) in kept.items()}
+
+
+def _settled(rec: dict, retry_errors: bool) -> bool:
+    """Whether a record already written stays: an answer, or a final error unless errors are retried."""
+    if rec.get("error") is None:
+        return True
+    return rec.get("error_kind") == FINAL and not retry_errors

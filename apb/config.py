@@ -45,6 +45,10 @@ class ParallelConfig(_Section):
     threads: Optional[int] = Field(
         None, ge=1, description="CPU threads per worker process; unset: local workers split this machine's cores "
                                 "between them (at least one each), Ray and torchrun workers keep torch's default")
+    max_retries: int = Field(
+        1, ge=0, description="times a document is tried again, on a freshly started worker group, after a "
+                             "transient failure (a worker died, timed out or ran out of memory) before its error "
+                             "record is written; 0: never. A group passed in (torchrun) is never rebuilt")
 
 
 class RayConfig(_Section):

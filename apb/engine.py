@@ -10,9 +10,14 @@
 The engine checks and tokenises each document on the driver (:func:`check_document`,
 :func:`encode_prompt`), sends the prompt to a worker group (local processes, Ray actors, or the
 processes torchrun started) and turns the decoded tokens back into text, one record of
-:data:`RESULT_KEYS` per document. A bad document becomes an error record and the batch goes on;
-a worker that dies fails only the document in flight, and the group is rebuilt for the next one.
-JSONL files (reading, resume, progress) are :mod:`apb.batch`'s job.
+:data:`RESULT_KEYS` per document, followed by the input record's own extra fields.
+
+Failures become error records and the batch goes on. Each says its ``error_kind``: ``final``
+when the document itself is at fault (a bad field, a prompt too long for the model or too short
+for the method's layout on W hosts: all checked on the driver, so no worker sees it), or
+``transient`` when the workers failed (one died, timed out or ran out of memory): the document
+is then tried again on a fresh group up to ``parallel.max_retries`` times before its record is
+written. JSONL files (reading, resume, progress) are :mod:`apb.batch`'s job.
 """
 
 from __future__ import annotations
@@ -26,18 +31,23 @@ import torch
 from transformers import AutoConfig
 
 from apb import batch
-from apb.batch import DocumentError, Summary
+from apb.batch import FINAL, TRANSIENT, DocumentError, Summary, record_id
 from apb.config import Config, ConfigError, load_config
 from apb.methods import build_method
 from apb.model.catalog import resolve_model
+from apb.model.features import check_supported
 from apb.model.text import encode_document, eos_ids, load_tokenizer
 from apb.parallel import groups
 from apb.runtime.decode import Sampling
 from apb.runtime.worker import PromptRequest
 
 
-RESULT_KEYS = ("id", "answer", "method", "world_size", "prompt_tokens", "prefill_s", "decode_s", "error")
+RESULT_KEYS = ("id", "answer", "method", "world_size", "prompt_tokens", "prefill_s", "decode_s", "error",
+               "error_kind")
 DOCUMENT_FIELDS = ("id", "context", "question")
+#: the fields an input record may carry that are not copied into its result: ``answer`` (the
+#: reference of an eval data set) is accepted and ignored, although it names a result key
+INPUT_FIELDS = (*DOCUMENT_FIELDS, "max_new_tokens", "answer")
 _SHORTCUTS = {"method": "method.name", "world_size": "parallel.world_size", "launcher": "parallel.launcher",
               "model": "model.name_or_path", "dtype": "model.dtype", "max_new_tokens": "decode.max_new_tokens",
               "decode_mode": "decode.mode"}
@@ -46,7 +56,13 @@ _SHORTCUTS = {"method": "method.name", "world_size": "parallel.world_size", "lau
 # -- documents ----------------------------------------------------------------------------------
 def check_document(doc: Any, default_max_new_tokens: int) -> int:
     """Check one input record's fields and return its ``max_new_tokens``; :class:`DocumentError` says
-    which field is wrong."""
+    which field is wrong.
+
+    Fields beyond :data:`INPUT_FIELDS` (metadata such as ``source`` or ``depth``) are allowed and
+    copied into the result (:func:`extra_fields`), unless one is named like a result key, which
+    would overwrite it: that is an error. ``answer`` is the exception: a reference answer is
+    accepted and ignored, as eval data sets carry one.
+    """
     if not isinstance(doc, dict):
         raise DocumentError(f"a record must be a JSON object with id, context, question; got {type(doc).__name__}")
     for key in DOCUMENT_FIELDS:
@@ -55,10 +71,10 @@ def check_document(doc: Any, default_max_new_tokens: int) -> int:
                                 "(and optionally max_new_tokens)")
         if not isinstance(doc[key], str):
             raise DocumentError(f"field {key!r} must be a string, got {type(doc[key]).__name__}")
-    extra = set(doc) - {*DOCUMENT_FIELDS, "max_new_tokens", "answer"}
-    if extra:
-        raise DocumentError(f"unknown field(s) {sorted(extra)}; valid: id, context, question, max_new_tokens "
-                            "(and answer, which is ignored)")
+    clash = [k for k in doc if k not in INPUT_FIELDS and k in RESULT_KEYS]
+    if clash:
+        raise DocumentError(f"field(s) {clash} would overwrite the result key(s) of that name: extra fields are "
+                            f"copied into the result, whose keys are {', '.join(RESULT_KEYS)}; rename the field(s)")
     if not doc["id"]:
         raise DocumentError("field 'id' is empty")
     if not doc["context"].strip():
@@ -67,6 +83,15 @@ def check_document(doc: Any, default_max_new_tokens: int) -> int:
     if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
         raise DocumentError(f"field 'max_new_tokens' must be a positive integer, got {max_new!r}")
     return max_new
+
+
+def extra_fields(doc: Any) -> dict:
+    """The fields of an input record copied unchanged into its result: all but :data:`INPUT_FIELDS`.
+    Empty when they cannot be (not an object, or a field named like a result key)."""
+    if not isinstance(doc, dict):
+        return {}
+    extra = {k: v for k, v in doc.items() if k not in INPUT_FIELDS}
+    return {} if set(extra) & set(RESULT_KEYS) else extra
 
 
 def encode_prompt(tokenizer, doc: dict, max_new: int, max_tokens: int, needs_query: bool) -> tuple[torch.Tensor, int]:
@@ -99,6 +124,10 @@ class Engine:
                               f"{self.model_path} ({e}); the checkpoint needs its tokenizer files") from None
         self.max_tokens = int(getattr(self.model_config, "max_position_embeddings", 0) or sys.maxsize)
         self.eos = eos_ids(self.tokenizer, self.model_config)
+        try:  # a layer kind the runtime cannot run exactly is refused here, before any worker starts
+            check_supported(self.model_config)
+        except ValueError as e:
+            raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: {e}") from None
         self.method = build_method(cfg.method.name, cfg.method)  # validates method options now, not in a worker
         try:
             self.method.check(self.model_config, cfg.parallel.world_size)
@@ -148,25 +177,43 @@ class Engine:
         for i, doc in enumerate(docs):
             yield self.process_one(doc, index=i)
 
-    def process_one(self, doc: Any, index: int = 0) -> dict:
-        doc_id = doc.get("id") if isinstance(doc, dict) and isinstance(doc.get("id"), str) else f"#{index}"
+    def process_one(self, doc: Any, index: int = 0, fallback_id: str | None = None) -> dict:
+        """One result record; a document without a usable id is named ``fallback_id`` (default ``#index``)."""
+        doc_id = record_id(doc, fallback_id or f"#{index}")
+        extra = extra_fields(doc)
         try:
             max_new = check_document(doc, self.cfg.decode.max_new_tokens)
             ids, n_query = encode_prompt(self.tokenizer, doc, max_new, self.max_tokens, self.method.query_phase)
+            self.check_sizes(int(ids.numel()), n_query)
         except DocumentError as e:
-            return self.record(doc_id, error=str(e))
-        group = self.group  # a group that cannot start is not one document's failure: it propagates
-        try:
-            result = group.call("run_prompt", self._request(ids, n_query, max_new))[0]
-        except groups.WorkerError as e:
-            if not self._owns_group:
-                raise  # a group we did not start (torchrun) cannot be rebuilt
-            self._drop_group()  # the next document starts a fresh group
-            return self.record(doc_id, prompt_tokens=int(ids.numel()), error=f"worker failure: {e}")
+            return self.record(doc_id, error=str(e), extra=extra)
+        request, tries = self._request(ids, n_query, max_new), self.cfg.parallel.max_retries + 1
+        for _ in range(tries):
+            group = self.group  # a group that cannot start is not one document's failure: it propagates
+            try:
+                result = group.call("run_prompt", request)[0]
+                break
+            except groups.WorkerError as e:
+                if not self._owns_group:
+                    raise  # a group we did not start (torchrun) cannot be rebuilt
+                self._drop_group()  # the next try, or the next document, starts a fresh group
+                failure = e
+        else:
+            times = "once" if tries == 1 else f"{tries} times, each on a fresh worker group"
+            return self.record(doc_id, prompt_tokens=int(ids.numel()), error=f"worker failure (tried {times}): "
+                               f"{failure}", transient=True, extra=extra)
         tokens = [t for t in result.tokens if t not in self.eos]
         answer = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         return self.record(doc_id, answer=answer, prompt_tokens=int(ids.numel()), prefill_s=result.prefill_s,
-                           decode_s=result.decode_s)
+                           decode_s=result.decode_s, extra=extra)
+
+    def check_sizes(self, n_tokens: int, n_query: int) -> None:
+        """:class:`DocumentError` when the method cannot lay this prompt out over the configured W
+        hosts (:meth:`~apb.methods.base.Method.check_sizes`): refused here, not in a worker."""
+        try:
+            self.method.check_sizes(n_tokens, n_query, self.cfg.parallel.world_size)
+        except ValueError as e:
+            raise DocumentError(str(e)) from None
 
     def _request(self, ids: torch.Tensor, n_query: int, max_new: int) -> PromptRequest:
         d = self.cfg.decode
@@ -176,16 +223,23 @@ class Engine:
                              sampling=Sampling(max_new_tokens=max_new, temperature=d.temperature, top_p=d.top_p,
                                                seed=d.seed))
 
-    def record(self, doc_id: str, answer=None, prompt_tokens=0, prefill_s=0.0, decode_s=0.0, error=None) -> dict:
-        """One result record, keys in :data:`RESULT_KEYS` order."""
+    def record(self, doc_id: str, answer=None, prompt_tokens=0, prefill_s=0.0, decode_s=0.0, error=None,
+               transient: bool = False, extra: dict | None = None) -> dict:
+        """One result record, keys in :data:`RESULT_KEYS` order, then ``extra`` (the input's own fields).
+
+        An error is ``final`` (the document is at fault: resume keeps it) unless ``transient``
+        (the workers failed: resume tries it again).
+        """
+        kind = None if error is None else TRANSIENT if transient else FINAL
         return {"id": doc_id, "answer": answer, "method": self.method.label, "world_size": self.cfg.parallel.world_size,
                 "prompt_tokens": prompt_tokens, "prefill_s": round(prefill_s, 6), "decode_s": round(decode_s, 6),
-                "error": error}
+                "error": error, "error_kind": kind} | (extra or {})
 
-    def process_file(self, in_path: str | Path, out_path: str | Path, progress: bool = True) -> "Summary":
+    def process_file(self, in_path: str | Path, out_path: str | Path, progress: bool = True,
+                     retry_errors: bool = False) -> "Summary":
         """Answer every record of a JSONL file into another, resumably (:func:`apb.batch.process_file`)."""
 
-        return batch.process_file(self, in_path, out_path, progress)
+        return batch.process_file(self, in_path, out_path, progress, retry_errors)
 
 
 def local_threads(world_size: int) -> int:

@@ -11,10 +11,28 @@ them:
 * grouped-query attention: flash-attn takes fewer KV heads natively; the torch CPU kernel
   needs them repeated.
 
-Shapes: ``q`` is (batch, heads, q_len, dim), ``k``/``v`` are (batch, kv_heads, kv_len, dim)
-with ``heads % kv_heads == 0``. Returns ``out`` (batch, heads, q_len, dim) in ``q``'s dtype
-and ``lse`` (batch, heads, q_len) in float32. A query that sees no key gets ``out = 0`` and
-``lse = -inf`` so that merging it with anything is the identity.
+Shapes: ``q`` is (batch, heads, q_len, dim), ``k`` is (batch, kv_heads, kv_len, dim) and ``v``
+is (batch, kv_heads, kv_len, v_dim) with ``heads % kv_heads == 0``; ``v_dim`` may differ from
+``dim`` (multi-head latent attention: DeepSeek-V3). Returns ``out`` (batch, heads, q_len, v_dim)
+in ``q``'s dtype and ``lse`` (batch, heads, q_len) in float32. A query that sees no key gets
+``out = 0`` and ``lse = -inf`` so that merging it with anything is the identity.
+
+Beyond the scale, two things a layer may do to its scores (both keep the LSE a true one, so
+every merge of partials stays exact):
+
+* ``softcap``: scores become ``softcap * tanh(scores / softcap)`` before the softmax (Gemma 2);
+  the LSE is that of the capped scores. Backends without it (``torch_flash``: torch's kernels
+  have no soft-capping) hand the call to ``naive``, which is exact and returns a true LSE;
+* ``sinks``: one logit per query head added to the softmax denominator (gpt-oss), i.e. one more
+  key whose value is zero. A sink belongs to each query's softmax once, however its keys are
+  split over calls and hosts, so it joins the one call that holds the query's *own* key: the
+  causal call (bottom-right, query ``i`` is key ``kv_len - q_len + i``). Non-causal calls hold
+  only keys before their queries (that is how every caller here uses them) and ignore it, so
+  passing the same ``sinks`` to every call adds each exactly once.
+
+Backends that need equal key and value head sizes (all but ``naive``) get zero-padded inputs:
+zeros appended to ``v`` (or to ``q`` and ``k``, which adds nothing to ``q . k``) and the output
+cut back; exact.
 
 Backends, chosen by :func:`select_backend` (``APB_ATTN_BACKEND`` or :func:`force_backend`
 override the automatic choice):
@@ -38,13 +56,18 @@ import torch
 
 from apb.kernels.merge import merge
 
-Backend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
+#: ``fn(q, k, v, causal, scale)``, plus ``softcap`` as a sixth argument for backends in ``_SOFTCAP_NATIVE``
+Backend = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 _BACKENDS: dict[str, Backend] = {}
 # per backend: whether it can run in this environment (its library imports)
 _AVAILABLE: dict[str, Callable[[], bool]] = {}
 # backends whose causal flag is already bottom-right aligned when keys outnumber queries
 _BOTTOM_RIGHT_NATIVE = {"naive", "flash_attn"}
+# backends that apply a softcap themselves; the others' softcapped calls go to "naive"
+_SOFTCAP_NATIVE = {"naive", "flash_attn"}
+# backends that take a value head size different from the key's; the others get padded inputs
+_UNEQUAL_DIMS_NATIVE = {"naive"}
 _forced: str | None = None
 
 
@@ -94,55 +117,99 @@ def attention(
     causal: bool = True,
     scale: float | None = None,
     backend: str | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of ``q`` over ``k``/``v``; returns ``(out, lse)`` (see module doc)."""
-    _check_shapes(q, k, v)
+    """Softmax attention of ``q`` over ``k``/``v``; returns ``(out, lse)`` (see module doc).
+
+    ``softcap`` caps the scores; ``sinks`` (heads,) adds one logit per query head to the
+    denominator of the rows whose own key is in this call (causal calls only).
+    """
+    _check_shapes(q, k, v, sinks)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q_len, kv_len = q.shape[2], k.shape[2]
     name = backend or select_backend(q)
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; valid: {sorted(_BACKENDS)}")
+    if softcap is not None and name not in _SOFTCAP_NATIVE:
+        name = "naive"
     if q_len == 0 or kv_len == 0:
-        return _empty(q)
-    fn = _BACKENDS[name]
+        return _empty(q, v.shape[-1])
+    fn = _kernel(name, scale, softcap)
+    v_dim = v.shape[-1]
+    if v_dim != q.shape[-1] and name not in _UNEQUAL_DIMS_NATIVE:
+        q, k, v = _pad_to_equal_dims(q, k, v)
     if not causal:
-        return fn(q, k, v, False, scale)
-    if kv_len < q_len:
-        return _causal_fewer_keys(fn, q, k, v, scale)
-    if kv_len == q_len or name in _BOTTOM_RIGHT_NATIVE:
-        return fn(q, k, v, True, scale)
-    # top-left kernel, kv_len > q_len: the first kv_len - q_len keys are visible to every query
-    prefix = kv_len - q_len
-    out1, lse1 = fn(q, k[:, :, :prefix], v[:, :, :prefix], False, scale)
-    out2, lse2 = fn(q, k[:, :, prefix:], v[:, :, prefix:], True, scale)
-    out, lse = merge(out1, lse1, out2, lse2)
-    return out.to(q.dtype), lse
+        out, lse = fn(q, k, v, False)
+    elif kv_len < q_len:
+        out, lse = _causal_fewer_keys(fn, q, k, v)
+    elif kv_len == q_len or name in _BOTTOM_RIGHT_NATIVE:
+        out, lse = fn(q, k, v, True)
+    else:
+        # top-left kernel, kv_len > q_len: the first kv_len - q_len keys are visible to every query
+        prefix = kv_len - q_len
+        out1, lse1 = fn(q, k[:, :, :prefix], v[:, :, :prefix], False)
+        out2, lse2 = fn(q, k[:, :, prefix:], v[:, :, prefix:], True)
+        out, lse = merge(out1, lse1, out2, lse2)
+        out = out.to(q.dtype)
+    out = out[..., :v_dim]
+    if sinks is not None and causal:
+        out, lse = _add_sinks(out, lse, sinks, first=max(0, q_len - kv_len))
+    return out, lse
 
 
-def _causal_fewer_keys(fn: Backend, q, k, v, scale):
+def _kernel(name: str, scale: float, softcap: float | None):
+    """Backend ``name`` as ``fn(q, k, v, causal)``."""
+    fn = _BACKENDS[name]
+    if softcap is None:
+        return lambda q, k, v, causal: fn(q, k, v, causal, scale)
+    return lambda q, k, v, causal: fn(q, k, v, causal, scale, float(softcap))
+
+
+def _causal_fewer_keys(fn, q, k, v):
     """Bottom-right causal with kv_len < q_len: the first q_len - kv_len queries see nothing."""
     blind = q.shape[2] - k.shape[2]
-    out_blind, lse_blind = _empty(q[:, :, :blind])
-    out, lse = fn(q[:, :, blind:], k, v, True, scale)
+    out_blind, lse_blind = _empty(q[:, :, :blind], v.shape[-1])
+    out, lse = fn(q[:, :, blind:], k, v, True)
     return torch.cat([out_blind, out], dim=2), torch.cat([lse_blind, lse], dim=2)
 
 
-def _empty(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    out = torch.zeros_like(q)
+def _pad_to_equal_dims(q, k, v):
+    """Zero-pad ``v``, or ``q`` and ``k``, to one head size: ``q . k`` and the weighted sum of the
+    first ``v_dim`` value columns are unchanged (the scale is already fixed)."""
+    d, dv = q.shape[-1], v.shape[-1]
+    if dv < d:
+        return q, k, torch.nn.functional.pad(v, (0, d - dv))
+    pad = (0, dv - d)
+    return torch.nn.functional.pad(q, pad), torch.nn.functional.pad(k, pad), v
+
+
+def _add_sinks(out, lse, sinks, first: int):
+    """Merge rows ``first:`` with one more partial, ``out = 0`` and ``lse = sink`` of their head."""
+    rows = slice(first, None)
+    sink = sinks.float().to(lse.device).view(1, -1, 1).expand_as(lse[:, :, rows])
+    o, l = merge(out[:, :, rows], lse[:, :, rows], torch.zeros_like(out[:, :, rows]), sink)
+    return torch.cat([out[:, :, :first], o.to(out.dtype)], 2), torch.cat([lse[:, :, :first], l], 2)
+
+
+def _empty(q: torch.Tensor, v_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    out = q.new_zeros(*q.shape[:3], q.shape[-1] if v_dim is None else v_dim)
     lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float32, device=q.device)
     return out, lse
 
 
-def _check_shapes(q, k, v) -> None:
+def _check_shapes(q, k, v, sinks) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention expects 4-D (batch, heads, seq, dim) tensors, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"key and value shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"key and value differ in batch, heads or length: {tuple(k.shape)} vs {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"query {tuple(q.shape)} and key {tuple(k.shape)} disagree in batch or head dim")
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if sinks is not None and tuple(sinks.shape) != (q.shape[1],):
+        raise ValueError(f"sinks must hold one logit per query head, shape ({q.shape[1]},), got {tuple(sinks.shape)}")
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -153,21 +220,34 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
 
+#: score elements per naive chunk (float32): bounds its memory at long lengths (softcap fallback)
+_NAIVE_CHUNK = 1 << 26
+
+
 @register_backend("naive")
-def _naive(q, k, v, causal: bool, scale: float):
+def _naive(q, k, v, causal: bool, scale: float, softcap: float | None = None):
     rep = q.shape[1] // k.shape[1]
     kf, vf = repeat_kv(k, rep).float(), repeat_kv(v, rep).float()
+    q_len, kv_len = q.shape[2], k.shape[2]
+    rows = max(1, _NAIVE_CHUNK // max(1, q.shape[0] * q.shape[1] * kv_len))
+    parts = [_naive_rows(q[:, :, s:s + rows], kf, vf, causal, scale, softcap, s + kv_len - q_len)
+             for s in range(0, q_len, rows)]
+    return torch.cat([o for o, _ in parts], 2).to(q.dtype), torch.cat([l for _, l in parts], 2)
+
+
+def _naive_rows(q, kf, vf, causal, scale, softcap, offset):
+    """Rows of the naive softmax; row ``i`` sees keys ``0 .. offset + i`` when causal."""
     scores = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if causal:
-        q_len, kv_len = q.shape[2], k.shape[2]
-        qi = torch.arange(q_len, device=q.device)[:, None]
-        kj = torch.arange(kv_len, device=q.device)[None, :]
-        scores = scores.masked_fill(kj > qi + (kv_len - q_len), -math.inf)
+        qi = torch.arange(q.shape[2], device=q.device)[:, None]
+        kj = torch.arange(kf.shape[2], device=q.device)[None, :]
+        scores = scores.masked_fill(kj > qi + offset, -math.inf)
     lse = torch.logsumexp(scores, dim=-1)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     probs = torch.exp(scores - safe[..., None])
-    out = torch.matmul(probs, vf)
-    return out.to(q.dtype), lse
+    return torch.matmul(probs, vf), lse
 
 
 @register_backend("torch_flash")
@@ -192,12 +272,20 @@ def _flash_attn_func():
 
 
 @register_backend("flash_attn", available=lambda: _flash_attn_func() is not None)
-def _flash_attn(q, k, v, causal: bool, scale: float):
+def _flash_attn(q, k, v, causal: bool, scale: float, softcap: float | None = None):
     fn = _flash_attn_func()
     if fn is None:
         raise RuntimeError("attention backend 'flash_attn' was requested but flash-attn is not importable; "
                            "install the [gpu] extra or use APB_ATTN_BACKEND=torch_flash")
+    # softcap only when set: flash-attn before 2.6 has no such argument, and uncapped calls need none
+    extra = {} if softcap is None else {"softcap": softcap}
     # flash-attn takes (batch, seq, heads, dim), handles GQA itself, and aligns causal bottom-right
-    out, lse, _ = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
-                     causal=causal, return_attn_probs=True)
+    try:
+        out, lse, _ = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
+                         causal=causal, return_attn_probs=True, **extra)
+    except TypeError as e:
+        if not extra:
+            raise
+        raise RuntimeError(f"this flash-attn has no attention softcap ({e}); install flash-attn >= 2.6, or use "
+                           "APB_ATTN_BACKEND=naive for models with attn_logit_softcapping") from e
     return out.transpose(1, 2), lse.float()

@@ -1,6 +1,7 @@
 """The apb command as a user runs it (subprocesses)."""
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -25,6 +26,26 @@ def test_verify_json_and_exit_status(apb_bin, repo, tmp_path):
     assert "3/3 rows passed" in proc.stdout
     resolved = yaml.safe_load((tmp_path / "rows.json.config.yaml").read_text())
     assert resolved["model"]["name_or_path"] == "tiny-llama"
+
+
+def test_verify_fails_a_method_whose_logits_are_not_finite(apb_bin, repo, tmp_path):
+    # the workers are the real ones except that method 'apb' returns NaN logits
+    # (tests/_faulty_workers.py); apb:uncompressed runs untouched beside it
+    out_json = tmp_path / "rows.json"
+    script = ("import sys\n"
+              "from apb.parallel import groups\n"
+              "groups.LAUNCHERS['local'] = '_faulty_workers:NaNLogitsGroup'\n"
+              "from apb.cli import main\n"
+              f"sys.exit(main(['verify', '--config', {str(repo / 'configs/tiny-cpu.yaml')!r}, '--methods', 'apb', "
+              f"'--prompt-len', '200', '--tokens', '4', '--json', {str(out_json)!r}]))\n")
+    python = str(Path(apb_bin).with_name("python"))
+    proc = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=600,
+                          env=os.environ | {"PYTHONPATH": str(repo / "tests")})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAIL (non-finite logits)" in proc.stdout and "1/2 rows passed" in proc.stdout
+    rows = {r["method"]: r for r in json.loads(out_json.read_text())["results"]}
+    assert not rows["apb"]["passed"] and not rows["apb"]["finite_logits"] and not rows["apb"]["exact_expected"]
+    assert rows["apb:uncompressed"]["passed"] and rows["apb:uncompressed"]["token_agreement"] == 1.0
 
 
 def test_unknown_method_is_rejected_before_any_work(apb_bin):

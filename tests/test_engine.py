@@ -36,9 +36,9 @@ def test_results_in_order_with_error_records_for_bad_input(engine):
     assert [r["id"] for r in out[:3]] == ["doc-0", "no-question", "doc-1"]
     assert out[-1]["id"] == "doc-2" and out[7]["id"] == "#7"
     for rec, (_, msg) in zip(out[1:2] + out[3:8], BAD):
-        assert rec["answer"] is None and msg in rec["error"], rec
+        assert rec["answer"] is None and msg in rec["error"] and rec["error_kind"] == "final", rec
     for rec in (out[0], out[2], out[8]):
-        assert rec["error"] is None and isinstance(rec["answer"], str)
+        assert rec["error"] is None and rec["error_kind"] is None and isinstance(rec["answer"], str)
         assert rec["method"] == "apb" and rec["world_size"] == 2 and rec["prompt_tokens"] > 100
         assert rec["prefill_s"] > 0
 
@@ -69,8 +69,12 @@ def test_process_file_resume_and_config_guard(engine, tmp_path, repo):
     answered = {r["id"]: r["answer"] for r in recs if r["error"] is None}
 
     again = engine.process_file(src, dst, progress=False)
+    assert again.skipped == 5 and again.skipped_errors == 3 and again.documents == 0  # final errors are kept
+    assert [json.loads(x) for x in dst.read_text().splitlines()] == recs
+
+    retried = engine.process_file(src, dst, progress=False, retry_errors=True)
     recs2 = [json.loads(x) for x in dst.read_text().splitlines()]
-    assert again.skipped == 2 and again.documents == 3  # only the failed ones are retried
+    assert retried.skipped == 2 and retried.documents == 3  # only the failed ones are retried
     assert len(recs2) == 5 and len({r["id"] for r in recs2}) == 5  # nothing duplicated
     assert {r["id"]: r["answer"] for r in recs2 if r["error"] is None} == answered
 
@@ -80,16 +84,28 @@ def test_process_file_resume_and_config_guard(engine, tmp_path, repo):
 
 
 def test_killed_worker_fails_only_the_document_in_flight(repo):
-    with Engine.from_config(repo / "configs/tiny-cpu.yaml", method="ring", max_new_tokens=3) as e:
+    # no retry: the document in flight gets a transient error record, the next a fresh group
+    with Engine.from_config(repo / "configs/tiny-cpu.yaml", method="ring", max_new_tokens=3,
+                            overrides={"parallel.max_retries": 0}) as e:
         results = []
-        for i, rec in enumerate(e.process(GOOD)):
+        for i, rec in enumerate(e.process(GOOD[:3])):
             results.append(rec)
             if i == 0:
                 os.kill(e.group.pids()[1], signal.SIGKILL)
     assert results[0]["error"] is None
     assert results[1]["error"] is not None and "worker rank 1 died" in results[1]["error"]
-    assert [r["error"] for r in results[2:]] == [None, None]
-    assert all(isinstance(r["answer"], str) for r in results[2:])
+    assert results[1]["error_kind"] == "transient"
+    assert results[2]["error"] is None and isinstance(results[2]["answer"], str)
+
+
+def test_killed_worker_is_retried_on_a_fresh_group(repo):
+    with Engine.from_config(repo / "configs/tiny-cpu.yaml", method="ring", max_new_tokens=3) as e:
+        first = e.process_one(GOOD[0])
+        pids = e.group.pids()
+        os.kill(pids[1], signal.SIGKILL)
+        second = e.process_one(GOOD[1])  # fails on the dead group, then runs on a new one
+        assert e.group.pids() != pids and not set(e.group.pids()) & set(pids)
+    assert first["error"] is None and second["error"] is None and isinstance(second["answer"], str)
 
 
 def test_from_config_rejects_unknown_shortcut(repo):

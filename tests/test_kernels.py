@@ -1,4 +1,5 @@
-"""apb.kernels: attention with LSE on every CPU backend, and the LSE merge.
+"""apb.kernels: attention with LSE on every CPU backend, and the LSE merge; softcap, sinks and a
+value head size different from the key's (MLA), alone and split into merged partials.
 
 Everything is compared with an independent float64 reference written here (dense scores, an
 explicit boolean mask, bottom-right causal alignment). ``flash_attn`` exists only on CUDA and is
@@ -25,17 +26,18 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2
 # ----------------------------------------------------------------------------- reference
 
 
-def ref_attention(q, k, v, causal, scale=None):
+def ref_attention(q, k, v, causal, scale=None, softcap=None, sinks=None):
     """Dense float64 softmax attention. Query i sees key j iff (not causal) or j <= i + kv - q.
 
-    Returns out (b, h, s, d) float64 and lse (b, h, s) float64; rows that see no key give
-    out 0 and lse -inf.
+    Returns out (b, h, s, v_dim) float64 and lse (b, h, s) float64; rows that see no key give
+    out 0 and lse -inf. ``softcap`` caps the scores (c * tanh(s / c)); ``sinks`` (h,) adds
+    exp(sink) to the denominator of every row that sees a key.
     """
     b, h, q_len, d = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     scale = d ** -0.5 if scale is None else scale
     group = h // kv_heads
-    out = torch.zeros(b, h, q_len, d, dtype=torch.float64)
+    out = torch.zeros(b, h, q_len, v.shape[-1], dtype=torch.float64)
     lse = torch.full((b, h, q_len), -math.inf, dtype=torch.float64)
     mask = torch.ones(q_len, kv_len, dtype=torch.bool)
     if causal:
@@ -45,23 +47,30 @@ def ref_attention(q, k, v, causal, scale=None):
     head_of = torch.tensor([hi // group for hi in range(h)])  # query head hi uses kv head hi // group
     kk, vv = k.double()[:, head_of], v.double()[:, head_of]
     scores = torch.einsum("bhid,bhjd->bhij", q.double(), kk) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = torch.where(mask, scores, torch.tensor(-math.inf, dtype=torch.float64))
     seen = mask.any(dim=-1)  # (q_len,) rows with at least one visible key
     if bool(seen.any()):
         s = scores[:, :, seen]
         m = s.max(dim=-1, keepdim=True).values
+        if sinks is not None:
+            sink = sinks.double().view(1, h, 1, 1).expand(b, h, s.shape[2], 1)
+            m = torch.maximum(m, sink)
         e = torch.exp(s - m)
         total = e.sum(dim=-1, keepdim=True)
+        if sinks is not None:
+            total = total + torch.exp(sink - m)
         lse[:, :, seen] = (m + torch.log(total)).squeeze(-1)
         out[:, :, seen] = (e / total) @ vv
     return out, lse
 
 
-def make_qkv(b, h, kv_heads, q_len, kv_len, d=16, dtype=torch.float32, seed=0):
+def make_qkv(b, h, kv_heads, q_len, kv_len, d=16, dtype=torch.float32, seed=0, v_dim=None):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, h, q_len, d, generator=g).to(dtype)
     k = torch.randn(b, kv_heads, kv_len, d, generator=g).to(dtype)
-    v = torch.randn(b, kv_heads, kv_len, d, generator=g).to(dtype)
+    v = torch.randn(b, kv_heads, kv_len, v_dim or d, generator=g).to(dtype)
     return q, k, v
 
 
@@ -479,13 +488,13 @@ def test_merge_many_three_causal_blocks():
     assert_matches(out, lse, ref_out, ref_lse, torch.float32)
 
 
-def _causal_block(q, k, v, s, e):
+def _causal_block(q, k, v, s, e, **kw):
     """Global-causal attention of all queries to keys [s, e): query i sees key j iff j <= i."""
     q_len = q.shape[2]
     # queries before s see nothing; queries in [s, e) are causal (square); later ones see all
-    o_blind, l_blind = attention(q[:, :, :s], k[:, :, :0], v[:, :, :0], causal=False)
-    o_diag, l_diag = attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], causal=True)
-    o_after, l_after = attention(q[:, :, e:q_len], k[:, :, s:e], v[:, :, s:e], causal=False)
+    o_blind, l_blind = attention(q[:, :, :s], k[:, :, :0], v[:, :, :0], causal=False, **kw)
+    o_diag, l_diag = attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], causal=True, **kw)
+    o_after, l_after = attention(q[:, :, e:q_len], k[:, :, s:e], v[:, :, s:e], causal=False, **kw)
     return torch.cat([o_blind, o_diag, o_after], dim=2), torch.cat([l_blind, l_diag, l_after], dim=2)
 
 
@@ -515,3 +524,126 @@ def test_lse_shape_and_dtype(backend, dtype, q_len, kv_len):
         fin = torch.isfinite(lse)
         torch.testing.assert_close(m_lse[fin], lse[fin] + math.log(2.0), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(m_out, out.float(), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- softcap, sinks, MLA
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("q_len,kv_len", [(9, 9), (5, 13), (11, 4)])
+def test_softcap_matches_reference(backend, causal, q_len, kv_len):
+    q, k, v = make_qkv(1, 12, 4, q_len, kv_len, seed=q_len + kv_len)
+    q = q * 4  # scores of a few units, so that a cap of 2 really bends them
+    out, lse = attention(q, k, v, causal=causal, backend=backend, softcap=2.0)
+    ref_out, ref_lse = ref_attention(q, k, v, causal, softcap=2.0)
+    assert_matches(out, lse, ref_out, ref_lse, torch.float32)
+    plain, _ = ref_attention(q, k, v, causal)
+    assert not torch.allclose(ref_out, plain, atol=1e-2), "the cap should change the answer"
+
+
+def test_softcap_on_torch_flash_runs_the_exact_fallback(monkeypatch):
+    q, k, v = make_qkv(1, 4, 2, 5, 5)
+    calls = {n: _spy(monkeypatch, n) for n in BACKENDS}
+    attention(q, k, v, causal=True, backend="torch_flash", softcap=3.0)
+    assert calls == {"naive": ["naive"], "torch_flash": []}
+    attention(q, k, v, causal=True, backend="torch_flash")
+    assert calls["torch_flash"] == ["torch_flash"]
+
+
+def test_naive_chunks_rows_without_changing_the_answer(monkeypatch):
+    q, k, v = make_qkv(1, 4, 2, 37, 50, seed=8)
+    whole = attention(q, k, v, causal=True, backend="naive", softcap=2.0)
+    monkeypatch.setattr(attn_mod, "_NAIVE_CHUNK", 4 * 50 * 6)  # 6 rows per chunk
+    chunked = attention(q, k, v, causal=True, backend="naive", softcap=2.0)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcapped_partials_merge_exactly(backend):
+    """Ring-style causal blocks with a softcap: the merged LSE is the capped scores' LSE."""
+    q, k, v = make_qkv(1, 12, 4, 12, 12, seed=4)
+    q = q * 4
+    parts = [_causal_block(q, k, v, s, e, backend=backend, softcap=2.0) for s, e in [(0, 5), (5, 9), (9, 12)]]
+    out, lse = merge_many(parts)
+    ref_out, ref_lse = ref_attention(q, k, v, True, softcap=2.0)
+    assert_matches(out, lse, ref_out, ref_lse, torch.float32)
+
+
+def _sinks(h, seed=0):
+    return torch.randn(h, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("q_len,kv_len", [(9, 9), (5, 13), (1, 12)])
+def test_sinks_in_a_causal_call(backend, q_len, kv_len):
+    q, k, v = make_qkv(1, 12, 4, q_len, kv_len, seed=3)
+    sinks = _sinks(12)
+    out, lse = attention(q, k, v, causal=True, backend=backend, sinks=sinks)
+    ref_out, ref_lse = ref_attention(q, k, v, True, sinks=sinks)
+    assert_matches(out, lse, ref_out, ref_lse, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sinks_skip_non_causal_calls_and_blind_rows(backend):
+    q, k, v = make_qkv(1, 4, 2, 9, 3, seed=6)
+    sinks = _sinks(4)
+    for causal in (True, False):
+        with_sinks = attention(q, k, v, causal=causal, backend=backend, sinks=sinks)
+        without = attention(q, k, v, causal=causal, backend=backend)
+        if causal:  # rows 0..5 see no key (their own key is not in the call): untouched
+            torch.testing.assert_close(with_sinks[1][:, :, :6], without[1][:, :, :6])
+            assert not torch.allclose(with_sinks[1][:, :, 6:], without[1][:, :, 6:])
+        else:
+            torch.testing.assert_close(with_sinks, without)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_sinks_count_once_across_partials(backend, softcap):
+    """Every partial gets the same sinks, as the methods pass them; the merge has each once."""
+    q, k, v = make_qkv(1, 12, 4, 12, 12, seed=12)
+    sinks = _sinks(12, seed=1)
+    parts = [_causal_block(q, k, v, s, e, backend=backend, softcap=softcap, sinks=sinks)
+             for s, e in [(0, 4), (4, 7), (7, 12)]]
+    out, lse = merge_many(parts)
+    ref_out, ref_lse = ref_attention(q, k, v, True, softcap=softcap, sinks=sinks)
+    assert_matches(out, lse, ref_out, ref_lse, torch.float32)
+    # the queries of the last block over all earlier keys at once, then themselves (query phase style)
+    rows = slice(7, 12)
+    o1, l1 = attention(q[:, :, rows], k[:, :, :7], v[:, :, :7], causal=False, backend=backend, softcap=softcap,
+                       sinks=sinks)
+    o2, l2 = attention(q[:, :, rows], k[:, :, rows], v[:, :, rows], causal=True, backend=backend, softcap=softcap,
+                       sinks=sinks)
+    out, lse = merge(o1, l1, o2, l2)
+    assert_matches(out, lse, ref_out[:, :, rows], ref_lse[:, :, rows], torch.float32)
+
+
+def test_sinks_shape_is_checked():
+    q, k, v = make_qkv(1, 4, 2, 3, 3)
+    with pytest.raises(ValueError, match="one logit per query head"):
+        attention(q, k, v, sinks=torch.zeros(2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("v_dim", [12, 24])
+@pytest.mark.parametrize("q_len,kv_len", [(7, 7), (5, 13), (11, 4)])
+def test_value_head_size_differs_from_the_key(backend, causal, v_dim, q_len, kv_len):
+    """Multi-head latent attention: v_dim != dim, with the default scale from the key's size."""
+    q, k, v = make_qkv(1, 8, 8, q_len, kv_len, d=16, v_dim=v_dim, seed=v_dim + q_len)
+    out, lse = attention(q, k, v, causal=causal, backend=backend)
+    assert out.shape == (1, 8, q_len, v_dim)
+    ref_out, ref_lse = ref_attention(q, k, v, causal)
+    assert_matches(out, lse, ref_out, ref_lse, torch.float32)
+    empty_out, _ = attention(q, k[:, :, :0], v[:, :, :0], causal=causal, backend=backend)
+    assert empty_out.shape == (1, 8, q_len, v_dim)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_value_head_size_differs_merged_across_blocks(backend):
+    q, k, v = make_qkv(1, 8, 8, 12, 12, d=16, v_dim=10, seed=5)
+    parts = [_causal_block(q, k, v, s, e, backend=backend) for s, e in [(0, 5), (5, 12)]]
+    out, lse = merge_many(parts)
+    ref_out, ref_lse = ref_attention(q, k, v, True)
+    assert_matches(out, lse, ref_out, ref_lse, torch.float32)

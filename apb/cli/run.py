@@ -20,7 +20,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("run", help="answer a JSONL file of documents (resumable)")
     add_config_args(p)
     p.add_argument("--input", required=True, help="JSONL: {id, context, question, max_new_tokens?} per line")
-    p.add_argument("--output", required=True, help="JSONL results; re-running skips ids already answered")
+    p.add_argument("--output", required=True, help="JSONL results; re-running skips ids already answered and "
+                                                   "documents that failed for good (error_kind final)")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="on a re-run, try again the documents whose error was final too (e.g. after fixing them)")
     p.add_argument("--launcher", choices=["local", "ray", "torchrun"], help="default: parallel.launcher")
     p.add_argument("--world-size", type=int, help="default: parallel.world_size")
     p.add_argument("--method", help="default: method.name")
@@ -37,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from apb.engine import Engine
 
     with Engine(cfg) as engine:
-        summary = engine.process_file(args.input, args.output, progress=not args.no_progress)
+        summary = engine.process_file(args.input, args.output, progress=not args.no_progress,
+                                      retry_errors=args.retry_errors)
     print(f"apb: {summary_line(summary)}; wrote {args.output}")
     return 0
 
@@ -66,6 +70,8 @@ def _run_torchrun(cfg, args: argparse.Namespace) -> int:
            "--output", args.output, "--config", config]
     for item in [*args.overrides, *_own_overrides(args)]:
         cmd += ["--set", item]
+    if args.retry_errors:
+        cmd.append("--retry-errors")
     try:
         return subprocess.run(cmd).returncode
     finally:

@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input", required=True)
     ap.add_argument("--output", required=True)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--retry-errors", action="store_true", help="retry final error records too (see apb run)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return report_errors(_run, args)
@@ -42,7 +43,7 @@ def _run(args: argparse.Namespace) -> int:
     group = TorchrunGroup(worker, ctl)
     try:
         engine = Engine(cfg, group=group)
-        summary = engine.process_file(args.input, args.output)
+        summary = engine.process_file(args.input, args.output, retry_errors=args.retry_errors)
         print(f"apb: {summary_line(summary)}; wrote {args.output}", file=sys.stderr)
     finally:
         group.close()

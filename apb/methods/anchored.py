@@ -65,17 +65,17 @@ class Anchored(Method):
                                self.tail_hosts(n_query, world_size, anchor))
 
     def attention(self, ctx, module, q, k, v, scale):
-        mine, layer = ctx.mine, int(module.layer_idx)
+        mine, layer, opts = ctx.mine, int(module.layer_idx), ctx.score_opts
         a, b, t = mine.rows("anchor"), mine.rows("block"), mine.rows("query")
         pending = self._share_passing(ctx, layer, q, k, v, scale, b)
-        out = torch.empty_like(q)
+        out = q.new_empty(*q.shape[:3], v.shape[-1])
         if a.stop > a.start:
-            out[:, :, a] = attention(q[:, :, a], k[:, :, a], v[:, :, a], causal=True, scale=scale)[0]
+            out[:, :, a] = attention(q[:, :, a], k[:, :, a], v[:, :, a], causal=True, scale=scale, **opts)[0]
         if t.stop > t.start:  # scoring-only query rows on host 0: they follow the block
             keys = slice(b.start, t.stop)
-            out[:, :, t] = attention(q[:, :, t], k[:, :, keys], v[:, :, keys], causal=True, scale=scale)[0]
+            out[:, :, t] = attention(q[:, :, t], k[:, :, keys], v[:, :, keys], causal=True, scale=scale, **opts)[0]
         qb = q[:, :, b]
-        own, own_lse = attention(qb, k[:, :, b], v[:, :, b], causal=True, scale=scale)
+        own, own_lse = attention(qb, k[:, :, b], v[:, :, b], causal=True, scale=scale, **opts)
         extra_k, extra_v = [], []
         if pending is not None:
             extra_k, extra_v = self._received(ctx, layer, pending)
@@ -83,13 +83,14 @@ class Anchored(Method):
             extra_k.append(k[:, :, a])
             extra_v.append(v[:, :, a])
         if extra_k:
-            part, part_lse = attention(qb, torch.cat(extra_k, 2), torch.cat(extra_v, 2), causal=False, scale=scale)
+            part, part_lse = attention(qb, torch.cat(extra_k, 2), torch.cat(extra_v, 2), causal=False, scale=scale,
+                                       **opts)
             own = merge(own, own_lse, part, part_lse)[0]
         out[:, :, b] = own.to(q.dtype)
         return out
 
     def _share_passing(self, ctx, layer, q, k, v, scale, b):
-        """Start sending this host's passing block; a handle to wait on, or None if nothing is sent."""
+        """Start sending this host's passing block; what :meth:`_received` waits on, or None if nothing is sent."""
         return None
 
     def _received(self, ctx, layer, pending) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

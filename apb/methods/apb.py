@@ -67,22 +67,24 @@ class APB(Anchored):
         idx = self.compressor.select(x, min(p, kb.shape[2]))
         if ctx.diagnostics:  # block-local rows -> global prompt indices
             ctx.scratch[("passing", layer)] = ctx.mine.indices[b].to(idx.device)[idx[0]]
-        packed = torch.stack([take(kb, idx), take(vb, idx)])
+        # keys and values side by side in the last dim (their head sizes may differ: MLA)
+        packed = torch.cat([take(kb, idx), take(vb, idx)], -1)
         # blocks differ in size by at most one, so with p = 'all' the shares may too: pad to one shape
         width = max(_share(s, p) for s in ctx.slices)
-        if packed.shape[3] < width:
-            packed = torch.cat([packed, packed.new_zeros(*packed.shape[:3], width - packed.shape[3],
-                                                         packed.shape[4])], 3)
-        return ctx.comm.all_gather_start(packed)
+        if packed.shape[2] < width:
+            packed = torch.cat([packed, packed.new_zeros(*packed.shape[:2], width - packed.shape[2],
+                                                         packed.shape[3])], 2)
+        return ctx.comm.all_gather_start(packed), k.shape[-1]
 
     def _received(self, ctx, layer, pending):
-        parts = pending.wait()
+        handle, dk = pending
+        parts = handle.wait()
         ks, vs = [], []
         p = ctx.plan.passing[layer]
         for src in layout.apb_passing_sources(ctx.rank):
             size = _share(ctx.slices[src], p)
-            ks.append(parts[src][0][:, :, :size])
-            vs.append(parts[src][1][:, :, :size])
+            ks.append(parts[src][:, :, :size, :dk])
+            vs.append(parts[src][:, :, :size, dk:])
         return ks, vs
 
     def _query_rows(self, ctx, q):

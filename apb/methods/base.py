@@ -66,6 +66,44 @@ class Method:
     def check(self, model_config: Any, world_size: int) -> None:
         """Raise a readable error if this method cannot run this model at this world size."""
 
+    def min_context(self, world_size: int, n_query: int = 0) -> int:
+        """The fewest context tokens (the prompt before its ``n_query`` query tokens) this method's
+        layout accepts on ``world_size`` hosts: star and apb need W, spava 2W, the padded layouts
+        (full, ring, ulysses) one.
+
+        Found by asking :meth:`layout` itself (pure and cheap), so the figure can never disagree
+        with what a worker would refuse: doubling, then bisecting, on the fact that a layout that
+        takes a context also takes every longer one.
+        """
+        def fits(n_ctx: int) -> bool:
+            try:
+                self.layout(n_ctx + n_query, world_size, n_query)
+                return True
+            except ValueError:
+                return False
+
+        lo, hi = 0, 1  # lo does not fit (or is 0), hi is the candidate
+        while not fits(hi):
+            lo, hi = hi, hi * 2
+            if hi > 1 << 40:
+                raise ValueError(f"method {self.label!r} lays out no context length on {world_size} hosts")
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+        return hi
+
+    def check_sizes(self, n_tokens: int, n_query: int, world_size: int) -> None:
+        """Raise ``ValueError`` naming the context length, this method's minimum, W and the fix when
+        the prompt cannot be laid out over ``world_size`` hosts: the driver refuses exactly what a
+        worker's :meth:`layout` would, before any worker sees the prompt."""
+        try:
+            self.layout(n_tokens, world_size, n_query)
+        except ValueError as e:
+            need = self.min_context(world_size, n_query)
+            raise ValueError(f"the context is {n_tokens - n_query} tokens, but method {self.label!r} needs at least "
+                             f"{need} context tokens on W={world_size} hosts ({e}); use a longer context, a smaller "
+                             "parallel.world_size or another method") from None
+
     @classmethod
     def default_sizes(cls, n_ctx: float, block: float) -> tuple[float, float]:
         """(anchor, passing) tokens before rounding when the config leaves them unset.
@@ -89,7 +127,8 @@ class AttnContext:
     method: Method
     slices: list[HostSlice]
     comm: Comm
-    #: per layer, the (k, v) of this host's real (non-pad) tokens, in local order
+    #: per layer, what this host caches for its real (non-pad) tokens, in local order: (k, v), or
+    #: for a multi-head latent attention layer its (latent, rotated key) pair (apb.model.mla)
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     plan: Any = None
     n_query: int = 0
@@ -99,6 +138,9 @@ class AttnContext:
     diagnostics: bool = False
     #: moves a rotary-embedded vector to another position (None: the model's RoPE cannot be moved)
     rope: Any = None
+    #: the current layer's score options for :func:`apb.kernels.attention` (``softcap``, ``sinks``);
+    #: set by :meth:`step`, passed by the methods to every kernel call as ``**ctx.score_opts``
+    score_opts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
@@ -117,14 +159,35 @@ class AttnContext:
         return self.n_tokens - self.n_query
 
     def step(self, module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             scale: float, sliding_window: int | None = None) -> torch.Tensor:
+             scale: float, sliding_window: int | None = None, softcap: float | None = None,
+             sinks: torch.Tensor | None = None, latent: tuple[torch.Tensor, torch.Tensor] | None = None,
+             expand: Any = None) -> torch.Tensor:
+        """Run the method on this layer; ``latent`` is what an MLA layer caches instead of (k, v)
+        (``expand``, which rebuilds k and v from it, only matters where a cache is attended)."""
         layer = int(module.layer_idx)
-        if sliding_window is not None and self.n_tokens > sliding_window:
-            raise ValueError(f"prompt of {self.n_tokens} tokens exceeds the model's sliding_window={sliding_window}; "
-                             "sliding-window attention is not supported by the distributed methods, "
-                             "use a shorter prompt or a model without sliding_window")
+        check_window(layer, sliding_window, self.n_tokens)
         self.comm.stats.layer = layer
         self.comm.stats.tick(layer)
         valid = self.mine.valid.to(k.device)
-        self.kv[layer] = (k[:, :, valid], v[:, :, valid])
+        self.kv[layer] = tuple(t[:, :, valid] for t in (latent or (k, v)))
+        self.score_opts = score_options(softcap, sinks)
         return self.method.attention(self, module, q, k, v, scale)
+
+
+def score_options(softcap: float | None, sinks: torch.Tensor | None) -> dict[str, Any]:
+    """The kernel keywords for a layer's softcap and sinks (empty for plain softmax attention)."""
+    opts: dict[str, Any] = {}
+    if softcap is not None:
+        opts["softcap"] = softcap
+    if sinks is not None:
+        opts["sinks"] = sinks
+    return opts
+
+
+def check_window(layer: int, window: int | None, n_tokens: int) -> None:
+    """Refuse a sliding-window layer whose window is shorter than the sequence it must attend."""
+    if window is not None and n_tokens > window:
+        raise ValueError(f"layer {layer} slides over {window} tokens and the sequence has {n_tokens}: "
+                         "sliding-window attention past the window is not supported by the distributed methods "
+                         f"yet (planned); use a prompt of at most {window} tokens or a model without "
+                         "sliding-window layers")

@@ -5,6 +5,11 @@ star/apb, the fused query of spava, and distributed decoding. Each host attends 
 queries to its own cache (no mask: all of it lies before them); the host that holds the new
 tokens also attends them to themselves, causally. The partial outputs and their LSEs are
 all-gathered and merged in rank order, so every host ends with the same exact result.
+
+A layer's softcap and sinks reach every kernel call as score options; the sink rides on the
+holder's causal call (the one with each new token's own key), so it counts once in the merge.
+An MLA layer caches its latent pair, which ``expand`` (the layer's ``expand_kv``) turns back
+into keys and values before attending.
 """
 
 from __future__ import annotations
@@ -12,18 +17,19 @@ from __future__ import annotations
 import torch
 
 from apb.kernels import attention, merge_many
+from apb.methods.base import check_window, score_options
 from apb.parallel.comm import Comm
 
 
-def local_partial(q, cache_k, cache_v, new_k, new_v, scale, holds_new: bool):
+def local_partial(q, cache_k, cache_v, new_k, new_v, scale, holds_new: bool, **score_opts):
     """This host's share: (out, lse) of ``q`` over its cache, plus the new tokens if it holds them."""
     parts = []
     if cache_k is not None and cache_k.shape[2] > 0:
-        parts.append(attention(q, cache_k, cache_v, causal=False, scale=scale))
+        parts.append(attention(q, cache_k, cache_v, causal=False, scale=scale, **score_opts))
     if holds_new:
-        parts.append(attention(q, new_k, new_v, causal=True, scale=scale))
+        parts.append(attention(q, new_k, new_v, causal=True, scale=scale, **score_opts))
     if not parts:  # a host with nothing to contribute: the merge's identity
-        return torch.zeros(q.shape, dtype=torch.float32, device=q.device), \
+        return torch.zeros(*q.shape[:3], new_v.shape[-1], dtype=torch.float32, device=q.device), \
             torch.full(q.shape[:3], float("-inf"), device=q.device)
     return merge_many(parts)
 
@@ -38,8 +44,9 @@ def merge_over_hosts(comm: Comm, out: torch.Tensor, lse: torch.Tensor, op: str =
 class CacheAttnContext:
     """Attention context for tokens that come after a distributed cache (query phase, decoding).
 
-    ``kv`` maps layer -> this host's cached (k, v); ``positions`` are their global positions.
-    The host with ``holds_new`` appends the new tokens' K/V to its cache as they are computed.
+    ``kv`` maps layer -> this host's cached (k, v) (an MLA layer: its latent pair); ``positions``
+    are their global positions. The host with ``holds_new`` appends the new tokens' entries to its
+    cache as they are computed.
     """
 
     def __init__(self, comm: Comm, kv: dict, positions: torch.Tensor, holds_new: bool):
@@ -52,17 +59,23 @@ class CacheAttnContext:
     def start_step(self, positions: torch.Tensor) -> None:
         self._new_positions = positions
 
-    def step(self, module, q, k, v, scale, sliding_window=None) -> torch.Tensor:
+    def step(self, module, q, k, v, scale, sliding_window=None, softcap=None, sinks=None, latent=None,
+             expand=None) -> torch.Tensor:
         layer = int(module.layer_idx)
         self.comm.stats.layer = layer
         self.comm.stats.tick(layer)
-        if sliding_window is not None:
-            raise ValueError("sliding-window attention is not supported with distributed caches")
-        cache_k, cache_v = self.kv.get(layer, (None, None))
-        out, lse = local_partial(q, cache_k, cache_v, k, v, scale, self.holds_new)
+        if sliding_window is not None:  # the new tokens come last: the sequence ends at their last position
+            last = self._new_positions
+            check_window(layer, sliding_window, sliding_window + 1 if last is None else int(last.max()) + 1)
+        cached = self.kv.get(layer)
+        cache_k, cache_v = (None, None) if cached is None else cached
+        if expand is not None and cache_k is not None and cache_k.shape[2] > 0:
+            cache_k, cache_v = expand(cache_k, cache_v)
+        out, lse = local_partial(q, cache_k, cache_v, k, v, scale, self.holds_new, **score_options(softcap, sinks))
         merged = merge_over_hosts(self.comm, out, lse)
         if self.holds_new:
-            self.kv[layer] = (k, v) if cache_k is None else (torch.cat([cache_k, k], 2), torch.cat([cache_v, v], 2))
+            new = latent or (k, v)
+            self.kv[layer] = new if cached is None else tuple(torch.cat([c, t], 2) for c, t in zip(cached, new))
             if layer == 0 and self._new_positions is not None:
                 self.positions = torch.cat([self.positions, self._new_positions.to(self.positions.device)])
         return merged.to(q.dtype)

@@ -21,4 +21,4 @@ class Full(Method):
         return layout.single(n_tokens, world_size)
 
     def attention(self, ctx, module, q, k, v, scale):
-        return attention(q, k, v, causal=True, scale=scale)[0]
+        return attention(q, k, v, causal=True, scale=scale, **ctx.score_opts)[0]

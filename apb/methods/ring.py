@@ -39,7 +39,8 @@ class Ring(Method):
         size = mine.chunks[0].size
         q_parts = [(c.chunk_id, q[:, :, i * size:(i + 1) * size]) for i, c in enumerate(mine.chunks)]
         partials: list[list] = [[] for _ in q_parts]
-        kv = torch.stack([k, v])
+        # keys and values travel as one tensor, side by side in the last dim (their head sizes may differ: MLA)
+        kv, dk = torch.cat([k, v], dim=-1), k.shape[-1]
         ring = comm.ring()
         for step in range(world):
             last = step == world - 1
@@ -52,8 +53,8 @@ class Ring(Method):
                     if kc.chunk_id > q_chunk:
                         continue
                     sl = slice(kj * size, (kj + 1) * size)
-                    partials[qi].append(attention(q_part, kv[0][:, :, sl], kv[1][:, :, sl],
-                                                  causal=kc.chunk_id == q_chunk, scale=scale))
+                    partials[qi].append(attention(q_part, kv[:, :, sl, :dk], kv[:, :, sl, dk:],
+                                                  causal=kc.chunk_id == q_chunk, scale=scale, **ctx.score_opts))
             if not last:
                 kv = ring.wait()
         outs = [merge_many(p)[0] for p in partials]

@@ -86,7 +86,7 @@ class Spava(Method):
         return self.compressor.needs_pre_rope
 
     def attention(self, ctx, module, q, k, v, scale):
-        comm, mine, layer = ctx.comm, ctx.mine, int(module.layer_idx)
+        comm, mine, layer, opts = ctx.comm, ctx.mine, int(module.layer_idx), ctx.score_opts
         rows = {(c.kind, c.chunk_id): r for c, r in mine.chunk_rows()}
         a, qr = mine.rows("anchor"), mine.rows("query")
         first, second = mine.blocks()
@@ -94,21 +94,21 @@ class Spava(Method):
         q_query = q[:, :, qr]
         pending = self._share_passing(ctx, layer, q_query, k, v, scale, (r1, r2))
 
-        out = torch.empty_like(q)
+        out = q.new_empty(*q.shape[:3], v.shape[-1])
         has_anchor = a.stop > a.start
         if has_anchor:
-            out[:, :, a] = attention(q[:, :, a], k[:, :, a], v[:, :, a], causal=True, scale=scale)[0]
+            out[:, :, a] = attention(q[:, :, a], k[:, :, a], v[:, :, a], causal=True, scale=scale, **opts)[0]
         q_part = None
         if qr.stop > qr.start:
             share = [r for c, r in mine.chunk_rows() if c.is_cached and c.kind != "query"]
             keys = torch.cat([k[:, :, r] for r in share], 2)
             vals = torch.cat([v[:, :, r] for r in share], 2)
-            q_part = local_partial(q_query, keys, vals, k[:, :, qr], v[:, :, qr], scale, holds_new=ctx.rank == 0)
+            q_part = local_partial(q_query, keys, vals, k[:, :, qr], v[:, :, qr], scale, ctx.rank == 0, **opts)
         # local parts of each block: what precedes it here, in full, then itself causally
         before1 = a if has_anchor else None
         before2 = slice(a.start if has_anchor else r1.start, r1.stop)
-        parts1 = self._local(q, k, v, r1, before1, scale)
-        parts2 = self._local(q, k, v, r2, before2, scale)
+        parts1 = self._local(q, k, v, r1, before1, scale, opts)
+        parts2 = self._local(q, k, v, r2, before2, scale, opts)
         if pending is not None:
             received = pending.wait()
             parts1 += self._remote(q, r1, first.chunk_id, received, ctx, layer, scale)
@@ -120,10 +120,11 @@ class Spava(Method):
         return out
 
     @staticmethod
-    def _local(q, k, v, rows, before, scale):
-        parts = [attention(q[:, :, rows], k[:, :, rows], v[:, :, rows], causal=True, scale=scale)]
+    def _local(q, k, v, rows, before, scale, opts):
+        parts = [attention(q[:, :, rows], k[:, :, rows], v[:, :, rows], causal=True, scale=scale, **opts)]
         if before is not None and before.stop > before.start:
-            parts.append(attention(q[:, :, rows], k[:, :, before], v[:, :, before], causal=False, scale=scale))
+            parts.append(attention(q[:, :, rows], k[:, :, before], v[:, :, before], causal=False, scale=scale,
+                                   **opts))
         return parts
 
     def _share_passing(self, ctx, layer, q_query, k, v, scale, block_rows):
@@ -141,22 +142,24 @@ class Spava(Method):
             idx = self.compressor.select(x, min(p, kb.shape[2]))
             if ctx.diagnostics:  # block-local rows -> global prompt indices
                 chosen.append(ctx.mine.indices[rows].to(idx.device)[idx[0]])
-            share = torch.stack([take(kb, idx), take(vb, idx)])
-            if share.shape[3] < width:
-                share = torch.cat([share, share.new_zeros(*share.shape[:3], width - share.shape[3],
-                                                          share.shape[4])], 3)
+            # keys and values side by side in the last dim (their head sizes may differ: MLA)
+            share = torch.cat([take(kb, idx), take(vb, idx)], -1)
+            if share.shape[2] < width:
+                share = torch.cat([share, share.new_zeros(*share.shape[:2], width - share.shape[2],
+                                                          share.shape[3])], 2)
             shares.append(share)
         if chosen:  # both virtual blocks, side by side: (kv_heads, p_first + p_second)
             ctx.scratch[("passing", layer)] = torch.cat(chosen, -1)
         return ctx.comm.all_gather_start(torch.stack(shares))
 
     def _remote(self, q, rows, block_id, received, ctx, layer, scale):
-        p = ctx.plan.passing[layer]
+        p, dk = ctx.plan.passing[layer], q.shape[-1]
         ks, vs = [], []
         for host, slot in layout.spava_passing_sources(block_id, ctx.comm.size):
             size = min(p, ctx.slices[host].blocks()[slot].size)
-            ks.append(received[host][slot, 0, :, :, :size])
-            vs.append(received[host][slot, 1, :, :, :size])
+            ks.append(received[host][slot, :, :, :size, :dk])
+            vs.append(received[host][slot, :, :, :size, dk:])
         if not ks:
             return []
-        return [attention(q[:, :, rows], torch.cat(ks, 2), torch.cat(vs, 2), causal=False, scale=scale)]
+        return [attention(q[:, :, rows], torch.cat(ks, 2), torch.cat(vs, 2), causal=False, scale=scale,
+                          **ctx.score_opts)]

@@ -21,11 +21,12 @@ from apb.methods.cost import HostWork
 from apb.parallel import layout
 
 
-def _local_attention(scale: float, timer: list[float]):
+def _local_attention(call: dict, timer: list[float]):
+    """The local step; ``call`` holds the current layer's ``scale`` and score options (this host's heads)."""
     def run(q, k, v, *args, **kwargs):
         t0 = time.perf_counter()
         # DeepSpeed hands over (batch, seq, heads, dim); the kernel wants (batch, heads, seq, dim)
-        out, _ = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, scale=scale)
+        out, _ = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, **call)
         timer[0] += time.perf_counter() - t0
         return out.transpose(1, 2)
 
@@ -52,6 +53,13 @@ def _deepspeed_attention(local, group):
     return DistributedAttention(local, group, scatter_idx=2, gather_idx=1)
 
 
+def _my_heads(opts: dict, rank: int, world: int) -> dict:
+    """Score options for the heads this host attends: the all-to-all hands host ``r`` the ``r``-th
+    of ``W`` equal runs of heads, so it takes the same run of the per-head sinks."""
+    sinks = opts.get("sinks")
+    return opts if sinks is None else {**opts, "sinks": sinks.view(world, -1)[rank]}
+
+
 @register_method("ulysses")
 class Ulysses(Method):
     @classmethod
@@ -74,19 +82,21 @@ class Ulysses(Method):
     def attention(self, ctx, module, q, k, v, scale):
         world = ctx.comm.size
         if world == 1:
-            return attention(q, k, v, causal=True, scale=scale)[0]
+            return attention(q, k, v, causal=True, scale=scale, **ctx.score_opts)[0]
         heads, kv_heads = q.shape[1], k.shape[1]
         if kv_heads % world != 0:
             k, v = repeat_kv(k, heads // kv_heads), repeat_kv(v, heads // kv_heads)
         if "ulysses" not in ctx.scratch:
-            timer = [0.0]
-            ctx.scratch["ulysses"] = (_deepspeed_attention(_local_attention(scale, timer), ctx.comm.group), timer)
-        dist_attn, timer = ctx.scratch["ulysses"]
+            timer, call = [0.0], {}
+            ctx.scratch["ulysses"] = (_deepspeed_attention(_local_attention(call, timer), ctx.comm.group), timer, call)
+        dist_attn, timer, call = ctx.scratch["ulysses"]
+        call.clear()
+        call.update(scale=scale, **_my_heads(ctx.score_opts, ctx.rank, world))
         t0, local0 = time.perf_counter(), timer[0]
         out = dist_attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0)
         # DeepSpeed does its own four exchanges (q, k, v, output); count each here: (W-1)/W of
         # the tensor leaves each host. The time is what the call took beyond the local attention.
         exchange_s = time.perf_counter() - t0 - (timer[0] - local0)
-        for t in (q, k, v, q):
+        for t in (q, k, v, out):
             ctx.comm.record_external("all_to_all", t.numel() * t.element_size() * (world - 1) // world, exchange_s / 4)
         return out.transpose(1, 2)

@@ -2,38 +2,152 @@
 
 We register one attention implementation, ``"apb"``, in transformers' ``AttentionInterface``
 and deliberately no mask function: transformers then builds no mask for it (our kernels apply
-causality themselves, and a dense n x n mask would not fit at these lengths). When a forward call carries ``apb_ctx=`` the layer's
-Q/K/V go to that context's method; without it (ordinary decoding after a gathered prefill) the
-layer runs plain bottom-right causal attention over its cache.
+causality themselves, and a dense n x n mask would not fit at these lengths). When a forward
+call carries ``apb_ctx=`` the layer's Q/K/V go to that context's method; without it (ordinary
+decoding after a gathered prefill) the layer runs plain bottom-right causal attention over its
+cache.
+
+Every keyword a layer passes is either applied (:data:`APPLIED`: the scale, soft-capping, sinks,
+the sliding window, which is refused past the prompt length for now), known not to change the
+attention (:data:`HARMLESS`), or an error naming the layer and the keyword: a model feature we do
+not implement must never be dropped silently.
+
+:func:`prompt_length` makes every host build its rotary embedding for the whole prompt, as one
+device would, for the RoPE variants whose frequencies depend on the sequence length.
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 from transformers import AttentionInterface
 
 from apb.kernels import attention
+from apb.model import mla
 
 ATTN_IMPLEMENTATION = "apb"
 
+#: keywords the bridge applies: scale, score options, sliding window, and our own context
+APPLIED = frozenset({"scaling", "softcap", "s_aux", "sliding_window", "dropout", "is_causal", "apb_ctx"})
+#: keywords that models pass down to every layer and that do not change what attention computes
+HARMLESS = frozenset({"position_ids", "cache_position", "use_cache", "output_attentions", "output_hidden_states",
+                      "output_router_logits", "return_dict"})
+
 
 def apb_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                          **kwargs) -> tuple[torch.Tensor, None]:
+                          attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
+    layer = getattr(module, "layer_idx", "?")
     if attention_mask is not None:
         raise ValueError("apb attention takes no attention_mask (padding inside a batch is not supported); "
                          "pass one unpadded prompt at a time")
+    _check_kwargs(module, kwargs)
+    scaling = kwargs.get("scaling")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     window = kwargs.get("sliding_window")
+    scores = {"softcap": kwargs.get("softcap"), "sinks": kwargs.get("s_aux")}
     ctx = kwargs.get("apb_ctx")
     if ctx is not None:
-        out = ctx.step(module, query, key, value, scale, sliding_window=window)
+        pair = mla.latent(module, key, value)
+        extra = {} if pair is None else {"latent": pair, "expand": module.expand_kv}
+        out = ctx.step(module, query, key, value, scale, sliding_window=window, **scores, **extra)
     else:
+        mla.discard(module)
         if window is not None and key.shape[2] > window:
-            raise ValueError(f"sequence of {key.shape[2]} tokens exceeds the model's sliding_window={window}, "
-                             "which is not supported")
-        out, _ = attention(query, key, value, causal=True, scale=scale)
+            raise ValueError(f"layer {layer} slides over {window} tokens and the sequence has {key.shape[2]}: "
+                             "sliding-window attention past the window is not supported yet (planned); use a "
+                             f"sequence of at most {window} tokens or a model without sliding-window layers")
+        out, _ = attention(query, key, value, causal=True, scale=scale, **scores)
     return out.transpose(1, 2).contiguous(), None
 
 
+def _check_kwargs(module: torch.nn.Module, kwargs: dict) -> None:
+    layer = f"layer {getattr(module, 'layer_idx', '?')} ({type(module).__name__})"
+    unknown = sorted(set(kwargs) - APPLIED - HARMLESS)
+    if unknown:
+        shown = ", ".join(f"{k}={_short(kwargs[k])}" for k in unknown)
+        raise ValueError(f"{layer} passes attention argument(s) {shown}, which the apb attention does not "
+                         "implement; its results would silently differ from the model's. Applied: "
+                         f"{', '.join(sorted(APPLIED))}; known harmless: {', '.join(sorted(HARMLESS))}")
+    if kwargs.get("dropout"):
+        raise ValueError(f"{layer} passes attention dropout={kwargs['dropout']}: the model is in training mode; "
+                         "call model.eval() (apb runs inference only)")
+    if kwargs.get("is_causal") is False:
+        raise ValueError(f"{layer} asks for bidirectional attention (is_causal=False); apb runs causal decoders only")
+
+
+def _short(value) -> str:
+    return f"<tensor {tuple(value.shape)}>" if isinstance(value, torch.Tensor) else repr(value)[:40]
+
+
 AttentionInterface.register(ATTN_IMPLEMENTATION, apb_attention_forward)
+
+
+# ----------------------------------------------------------------------------- length-dependent RoPE
+
+
+def _length_types(rotary: torch.nn.Module) -> dict[str | None, str]:
+    """{layer_type or None: rope type} for the rope types transformers picks by sequence length."""
+    kind = getattr(rotary, "rope_type", None)
+    if kind is None or next(rotary.buffers(recurse=False), None) is None:  # not a rotary embedding
+        return {}
+    kinds = kind if isinstance(kind, dict) else {None: kind}
+    return {t: k for t, k in kinds.items() if isinstance(k, str) and ("dynamic" in k or k == "longrope")}
+
+
+@contextlib.contextmanager
+def prompt_length(model: torch.nn.Module, n_tokens: int) -> Iterator[None]:
+    """Inside the block, rotary embeddings choose their length-dependent frequencies for ``n_tokens``.
+
+    transformers' ``dynamic_rope_update`` takes the sequence length as ``max(position_ids) + 1``,
+    so a host holding tokens 0..199 of a 600-token prompt would rotate with other frequencies than
+    the host holding 400..599 (dynamic NTK, longrope). A pre-hook appends the prompt's last
+    position to every call (and clamps padding positions beyond it) and a post-hook drops the
+    extra cos/sin row again, so the choice is the one a single device makes for the whole prompt.
+    Dynamic NTK also keeps state from earlier calls (it only grows, or resets below the original
+    length): it is reset first, as in a freshly loaded model. Decoding, outside the block,
+    continues as transformers does.
+    """
+    handles = []
+    for rotary in model.modules():
+        types = _length_types(rotary)
+        if not types:
+            continue
+        _reset_dynamic(rotary, types)
+        handles.append(rotary.register_forward_pre_hook(_with_last_position(n_tokens - 1), with_kwargs=True))
+        handles.append(rotary.register_forward_hook(_drop_last_position, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _reset_dynamic(rotary: torch.nn.Module, types: dict[str | None, str]) -> None:
+    """Run the rotary once at position 0: dynamic NTK then returns to its original frequencies."""
+    buffer = next(rotary.buffers())
+    x = torch.zeros(1, 1, 1, device=buffer.device)
+    for layer_type, kind in types.items():
+        if "dynamic" in kind:
+            extra = {} if layer_type is None else {"layer_type": layer_type}
+            rotary(x, torch.zeros(1, 1, dtype=torch.long, device=buffer.device), **extra)
+
+
+def _with_last_position(last: int):
+    def hook(_module, args, kwargs):
+        args = list(args)
+        in_args = len(args) > 1
+        pos = args[1] if in_args else kwargs["position_ids"]
+        # padding past the prompt (ring, ulysses) is clamped to its last position: no real token sees it
+        pos = torch.cat([pos.clamp(max=last), pos.new_full((pos.shape[0], 1), last)], dim=1)
+        if in_args:
+            args[1] = pos
+        else:
+            kwargs["position_ids"] = pos
+        return tuple(args), kwargs
+    return hook
+
+
+def _drop_last_position(_module, _args, _kwargs, output):
+    return tuple(t[:, :-1] for t in output)

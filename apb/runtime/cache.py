@@ -1,7 +1,9 @@
 """KV caches: this host's part, the gather to the decode host, and conversion to a HF cache.
 
 A :class:`KVCache` stores all layers stacked, ``keys``/``values`` of shape
-(layers, kv_heads, tokens, head_dim), with each token's global position. Gathering sends every
+(layers, kv_heads, tokens, head_dim), with each token's global position (a multi-head latent
+attention model stores what transformers caches for it instead: its latent and rotated-key
+parts, one "head" each, of different sizes; see :mod:`apb.model.mla`). Gathering sends every
 host's part to the decode host in one variable-length gather, orders tokens by position and
 checks that every position 0..n-1 appears exactly once.
 """
@@ -31,7 +33,10 @@ class KVCache:
         """From per-layer (k, v) of shape (1, kv_heads, tokens, head_dim)."""
         layers = sorted(kv)
         if layers != list(range(len(layers))):
-            raise ValueError(f"cache is missing layers: got {layers}")
+            missing = sorted(set(range(max(layers, default=-1) + 1)) - set(layers))
+            raise ValueError(f"cache is missing layers {missing or [len(layers)]} (got {layers}): those layers never "
+                             "called the attention, so they are not softmax attention; "
+                             "apb.model.features.check_supported should have refused this model")
         keys = torch.stack([kv[i][0][0] for i in layers])
         values = torch.stack([kv[i][1][0] for i in layers])
         return cls(positions.to(torch.long), keys, values)
@@ -43,13 +48,15 @@ class KVCache:
 
 def gather_cache(local: KVCache, comm: Comm, dst: int = 0) -> KVCache | None:
     """Send every host's cache to ``dst``; returns the whole cache, in position order, on ``dst``."""
-    packed = torch.stack([local.keys, local.values])  # (2, L, H, t, D)
-    parts = comm.gather_varlen(packed, dst=dst, dim=3)
+    # keys and values side by side in the last dim: their sizes may differ (an MLA layer's latent pair)
+    dk = local.keys.shape[-1]
+    packed = torch.cat([local.keys, local.values], dim=-1)  # (L, H, t, Dk + Dv)
+    parts = comm.gather_varlen(packed, dst=dst, dim=2)
     pos = comm.gather_varlen(local.positions.to(packed.device), dst=dst, dim=0)
     if parts is None or pos is None:
         return None
-    whole = torch.cat(parts, dim=3)
-    cache = KVCache(torch.cat(pos), whole[0], whole[1]).sorted()
+    whole = torch.cat(parts, dim=2)
+    cache = KVCache(torch.cat(pos), whole[..., :dk].contiguous(), whole[..., dk:].contiguous()).sorted()
     expected = torch.arange(cache.n_tokens, device=cache.positions.device)
     if not torch.equal(cache.positions, expected):
         raise RuntimeError("gathered cache does not hold each position 0..n-1 exactly once: "

@@ -2,6 +2,10 @@
 
 Flow on host ``r`` (all hosts of the sequence-parallel group call :func:`prefill` together):
 
+0. the model is checked (:func:`apb.model.features.check_supported`: layers that are not softmax
+   attention are refused here, before any work), MLA layers get their latent recorded
+   (:mod:`apb.model.mla`), and every rotary embedding takes the whole prompt's length
+   (:func:`apb.model.hf_bridge.prompt_length`);
 1. the method's layout says which prompt tokens ``r`` holds and their position ids; the last
    ``n_query`` prompt tokens are the query (exact methods treat the prompt as one sequence);
 2. context phase: the unmodified HF model runs on those tokens (``use_cache=False``); each
@@ -25,6 +29,9 @@ import torch
 
 from apb.methods.base import AttnContext, Method
 from apb.methods.cache_attention import CacheAttnContext
+from apb.model import mla
+from apb.model.features import check_supported
+from apb.model.hf_bridge import prompt_length
 from apb.model.rope import rope_shift
 from apb.parallel.comm import Comm, Phase
 from apb.parallel.layout import owner_of, pad_tokens
@@ -60,7 +67,21 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
     t0 = time.perf_counter()
     device = _device(model)
     input_ids = input_ids.to(device)
+    check_supported(model.config)
     method.check(model.config, comm.size)
+    mla.install(model)
+    # every host's rotary embedding sees the whole prompt's length (dynamic NTK, longrope)
+    with prompt_length(model, n):
+        logits, kv, positions, passing = _run(model, input_ids, method, comm, n, n_query, pad_id, diagnostics)
+    cache = KVCache.from_layers(positions, kv)
+    seconds = time.perf_counter() - t0
+    comm.stats.compute_seconds += max(0.0, seconds - comm.stats.comm_seconds())
+    return PrefillResult(logits, cache, seconds, passing)
+
+
+def _run(model, input_ids, method, comm, n, n_query, pad_id, diagnostics):
+    """Context phase, then the query phase or the logits broadcast; (logits, kv, positions, passing)."""
+    device = input_ids.device
     slices = method.layout(n, comm.size, n_query)
     mine = slices[comm.rank]
     ctx = AttnContext(method, slices, comm, plan=method.plan(n, comm.size, n_query, model.config.num_hidden_layers),
@@ -97,19 +118,20 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
         comm.stats.phase = Phase.LOGITS
         comm.broadcast(logits, src=owner)
     comm.stats.phase = Phase.CONTEXT
-    cache = KVCache.from_layers(positions, kv)
-    seconds = time.perf_counter() - t0
-    comm.stats.compute_seconds += max(0.0, seconds - comm.stats.comm_seconds())
     passing = {key[1]: idx.cpu() for key, idx in ctx.scratch.items() if key[0] == "passing"} if diagnostics else None
-    return PrefillResult(logits, cache, seconds, passing)
+    return logits, kv, positions, passing
 
 
 def _empty_kv(model, device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """A host holding no tokens still has a (zero-length) cache of the right shape."""
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    empty = torch.zeros(1, cfg.num_key_value_heads, 0, head_dim, dtype=model.dtype, device=device)
-    return {i: (empty, empty) for i in range(cfg.num_hidden_layers)}
+    if mla.install(model):  # the latent pair an MLA layer caches (apb.model.mla)
+        shapes = [(1, cfg.kv_lora_rank), (1, cfg.qk_rope_head_dim)]
+    else:
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        shapes = [(cfg.num_key_value_heads, head_dim)] * 2
+    k, v = (torch.zeros(1, h, 0, d, dtype=model.dtype, device=device) for h, d in shapes)
+    return {i: (k, v) for i in range(cfg.num_hidden_layers)}
 
 
 @contextlib.contextmanager

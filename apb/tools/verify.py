@@ -4,6 +4,12 @@ The reference is independent of everything in this project: the same checkpoint 
 transformers' own ``eager`` attention, one forward pass over the whole prompt (last-token
 logits, KV cache) and ``generate`` for the greedy continuation. Each method runs through the
 worker group (W processes, gloo on CPU): prefill, cache gather, decode on rank 0.
+
+:func:`judge` decides a row. Non-finite logits fail any row. An exact method must match the
+reference within its dtype's :data:`TOLERANCE` (logits, KV cache) and choose the same greedy
+tokens. An approximate one (star, apb, spava) is reported with its top-1 token agreement and the
+KL divergence of its last-token distribution from the reference's, and is held to
+:class:`Gates` only when the user gives them (``--max-logit-diff``, ``--min-token-agreement``).
 """
 
 from __future__ import annotations
@@ -38,6 +44,13 @@ class VerifyRow:
     tokens_match: bool
     exact_expected: bool
     passed: bool
+    #: share of the reference's greedy tokens the method chose at the same step (top-1 agreement)
+    token_agreement: float = math.nan
+    #: KL(reference || method) of the last-token distributions, in nats
+    kl_div: float = math.nan
+    finite_logits: bool = True
+    #: why the row failed (None when it passed, or could not run: see ``error``)
+    reason: str | None = None
     prefill_s: float = math.nan
     error: str | None = None
     stats: list | None = field(default=None, repr=False)  # per-rank communication counters
@@ -80,6 +93,59 @@ def compare(ref: Reference, result) -> tuple[float, float, bool]:
     return logit_diff, kv_diff, result.tokens == ref.tokens
 
 
+@dataclass(frozen=True)
+class Gates:
+    """Thresholds for approximate rows, each applied only when given (None: reported, not judged).
+    Exact rows are judged by :data:`TOLERANCE` alone."""
+
+    max_logit_diff: float | None = None
+    min_token_agreement: float | None = None
+
+
+def token_agreement(reference: list[int], tokens: list[int] | None) -> float:
+    """Top-1 agreement: the share of the reference's greedy tokens that the method chose at the
+    same step (a missing token counts as a disagreement)."""
+    if not reference:
+        return math.nan
+    return sum(a == b for a, b in zip(reference, tokens or [])) / len(reference)
+
+
+def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """KL(P_ref || P) in nats between the softmax distributions of two logit vectors, in float64
+    (differences of nearly equal fp32 log-probabilities would otherwise round to noise)."""
+    log_p = torch.log_softmax(ref_logits.double(), -1)
+    log_q = torch.log_softmax(logits.double(), -1)
+    return float((log_p.exp() * (log_p - log_q)).sum())
+
+
+def judge(ref: Reference, result, exact: bool, dtype: str, gates: Gates = Gates()) -> dict:
+    """Every measure of one row (the :class:`VerifyRow` fields from ``max_abs_logit_diff`` to
+    ``reason``) and ``passed``. Comparisons are written ``not x <= limit`` so that NaN fails."""
+    logits = result.last_logits
+    finite = logits is not None and bool(torch.isfinite(logits).all())
+    logit_diff, kv_diff, same = compare(ref, result)
+    agree = token_agreement(ref.tokens, result.tokens)
+    failures = []
+    if not finite:
+        failures.append("non-finite logits")
+    elif exact:
+        tol = TOLERANCE[dtype]
+        if not logit_diff <= tol:
+            failures.append(f"max|dlogit| {logit_diff:.2e} > {tol:g}")
+        if not kv_diff <= tol:
+            failures.append(f"max|dKV| {kv_diff:.2e} > {tol:g}")
+        if not same:
+            failures.append("greedy tokens differ")
+    else:
+        if gates.max_logit_diff is not None and not logit_diff <= gates.max_logit_diff:
+            failures.append(f"max|dlogit| {logit_diff:.2e} > --max-logit-diff {gates.max_logit_diff:g}")
+        if gates.min_token_agreement is not None and not agree >= gates.min_token_agreement:
+            failures.append(f"top-1 agreement {agree:.2f} < --min-token-agreement {gates.min_token_agreement:g}")
+    return dict(max_abs_logit_diff=logit_diff, kv_max_abs_diff=kv_diff, tokens_match=same, passed=not failures,
+                token_agreement=agree, kl_div=kl_divergence(ref.logits, logits) if finite else math.nan,
+                finite_logits=finite, reason="; ".join(failures) or None)
+
+
 def expand_methods(names: list[str]) -> list[str]:
     """Each method, followed by its ``:uncompressed`` variant where it has one (an exactness check)."""
     out: list[str] = []
@@ -93,8 +159,9 @@ def expand_methods(names: list[str]) -> list[str]:
 
 def verify(cfg: Config, group, methods: list[str], prompt_lens: list[int], models: list[str] | None = None,
            dtype: str | None = None, n_tokens: int = 16, seed: int = 0, query_len: int = 32,
-           decode_mode: str | None = None) -> list[VerifyRow]:
-    """Run every (model, prompt length, method) on ``group`` (a started worker group).
+           decode_mode: str | None = None, gates: Gates = Gates()) -> list[VerifyRow]:
+    """Run every (model, prompt length, method) on ``group`` (a started worker group), each row
+    decided by :func:`judge` (``gates`` for the approximate methods).
 
     The last ``query_len`` prompt tokens are the query for the methods that treat it apart.
     """
@@ -124,12 +191,8 @@ def verify(cfg: Config, group, methods: list[str], prompt_lens: list[int], model
                                     decode_mode=decode_mode, return_cache=True)
                 replies = group.call("run_prompt", req)
                 result = replies[0]
-                logit_diff, kv_diff, same = compare(ref, result)
-                tol = TOLERANCE[dtype]
-                ok = (logit_diff <= tol and kv_diff <= tol and same) if method.exact else True
-                rows.append(VerifyRow(**base, max_abs_logit_diff=logit_diff, kv_max_abs_diff=kv_diff,
-                                      tokens_match=same, passed=ok, prefill_s=result.prefill_s,
-                                      stats=[r.stats for r in replies]))
+                rows.append(VerifyRow(**base, **judge(ref, result, method.exact, dtype, gates),
+                                      prefill_s=result.prefill_s, stats=[r.stats for r in replies]))
     return rows
 
 
@@ -141,14 +204,15 @@ def prefill_comm_mb(stats: list | None) -> float:
 
 
 def format_table(rows: list[VerifyRow]) -> str:
-    head = ["model", "method", "W", "n", "max|dlogit|", "max|dKV|", "tokens", "exact", "prefill s", "comm MiB",
-            "result"]
+    head = ["model", "method", "W", "n", "max|dlogit|", "max|dKV|", "tokens", "top-1", "KL", "exact", "prefill s",
+            "comm MiB", "result"]
     lines = [head]
     for r in rows:
         lines.append([r.model, r.method, str(r.world_size), str(r.prompt_len), f"{r.max_abs_logit_diff:.2e}",
-                      f"{r.kv_max_abs_diff:.2e}", "same" if r.tokens_match else "differ",
-                      "yes" if r.exact_expected else "no", f"{r.prefill_s:.3f}", f"{prefill_comm_mb(r.stats):.3f}",
-                      "PASS" if r.passed else ("ERROR: " + r.error if r.error else "FAIL")])
+                      f"{r.kv_max_abs_diff:.2e}", "same" if r.tokens_match else "differ", f"{r.token_agreement:.2f}",
+                      f"{r.kl_div:.2e}", "yes" if r.exact_expected else "no", f"{r.prefill_s:.3f}",
+                      f"{prefill_comm_mb(r.stats):.3f}",
+                      "PASS" if r.passed else ("ERROR: " + r.error if r.error else f"FAIL ({r.reason})")])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1] for line in lines)
 

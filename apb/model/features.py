@@ -1,0 +1,64 @@
+"""Which model features the runtime reproduces, and refusing the others before any work is done.
+
+Every method here runs the model's softmax attention layers through :mod:`apb.model.hf_bridge`;
+a layer that is not softmax attention (a convolution, a state-space or linear-attention mixer)
+never reaches it, and a distributed prefill cannot split its recurrent state. Such models are
+refused by :func:`check_supported` when they are loaded (by the Engine in the driver and by the
+prefill on every host), with the layer and its kind named, instead of failing after a whole
+prefill. The per-layer kind comes from the config's ``layer_types`` (transformers' convention,
+e.g. ``full_attention``, ``sliding_attention``, ``conv``, ``linear_attention``, ``hybrid``), or
+from the family when its config has none.
+
+Sliding-window layers pass here: they are exact while the prompt fits the window and refused,
+with the layer named, once it does not (:func:`apb.methods.base.check_window`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: layer kinds the bridge runs exactly (sliding ones while the prompt fits the window)
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+#: what the refused layer kinds are, for the message
+LAYER_KINDS = {
+    "conv": "a short convolution (LFM2)",
+    "linear_attention": "linear attention or a state-space (Mamba) mixer",
+    "mamba": "a Mamba state-space mixer",
+    "hybrid": "attention in parallel with a state-space mixer (Falcon-H1, Zamba)",
+    "hybrid_sliding": "sliding attention in parallel with a linear-attention state",
+    "chunked_attention": "chunked local attention (Llama 4)",
+    "indexed_attention": "sparse attention chosen by an indexer (DeepSeek-V3.2)",
+    "compressed_sparse_attention": "compressed sparse attention",
+    "heavily_compressed_attention": "heavily compressed attention",
+    "window_attention": "non-overlapping window attention",
+    "minimax_m3_sparse": "lightning-index sparse attention",
+    "reference_sliding_attention": "a ring-buffered sliding window over generated tokens",
+    "moe": "a mixture-of-experts block without attention",
+    "mlp": "an MLP block without attention",
+}
+
+#: families without softmax attention whose configs carry no ``layer_types``
+NON_ATTENTION_FAMILIES = {
+    "rwkv": "RWKV time mixing",
+    "xlstm": "xLSTM cells",
+    "mamba": "a Mamba state-space mixer",
+    "mamba2": "a Mamba-2 state-space mixer",
+    "falcon_mamba": "a Mamba state-space mixer",
+}
+
+
+def check_supported(model_config: Any) -> None:
+    """Raise ``ValueError`` naming the first layer whose kind the runtime cannot run exactly."""
+    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    family = getattr(cfg, "model_type", "?")
+    if family in NON_ATTENTION_FAMILIES:
+        raise ValueError(f"model type {family!r}: layer 0 is {NON_ATTENTION_FAMILIES[family]}, not softmax attention; "
+                         "apb runs decoders whose layers are all softmax attention")
+    for i, kind in enumerate(getattr(cfg, "layer_types", None) or ()):
+        if kind not in SUPPORTED_LAYER_TYPES:
+            what = LAYER_KINDS.get(kind, "not softmax attention")
+            raise ValueError(f"model type {family!r}: layer {i} is {kind!r} ({what}); apb runs only "
+                             f"{' and '.join(SUPPORTED_LAYER_TYPES)} layers, so this model is not supported")
+    if getattr(cfg, "use_bidirectional_attention", False):
+        raise ValueError(f"model type {family!r} has use_bidirectional_attention=True; apb runs causal decoders only")

@@ -1,0 +1,263 @@
+"""Model features beyond plain softmax attention: exact, or refused with the layer named.
+
+Tiny random checkpoints of today's families (built with transformers' own configs and saved with
+``save_pretrained``) run through real worker processes and are compared with one eager
+transformers forward and ``generate`` (``apb.tools.verify.reference_run``): Gemma 2's soft-capped
+scores, gpt-oss's attention sinks (MoE included), DeepSeek-V3's multi-head latent attention, and
+RoPE whose frequencies depend on the prompt length (dynamic NTK, longrope) with prompts past the
+model's original length. Layers that are not softmax attention, and attention arguments the
+bridge does not implement, are refused with the layer named.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from apb.config import MethodConfig
+from apb.methods import build_method
+from apb.model.features import check_supported
+from apb.model.hf_bridge import apb_attention_forward, prompt_length
+from apb.model.loading import load_model
+from apb.parallel.comm import CommStats
+from apb.parallel.groups.local import LocalWorkerGroup
+from apb.runtime.decode import Sampling
+from apb.runtime.prefill import prefill
+from apb.runtime.worker import PromptRequest
+from apb.tools.verify import compare, random_prompt, reference_run
+
+WORLD = 3
+N_NEW = 4  # greedy tokens compared after the prompt
+EXACT = ["full", "ring", "ulysses", "apb:uncompressed", "spava:uncompressed"]
+# 6 heads split over 3 hosts (ulysses); 2 KV heads are replicated there
+SMALL = dict(vocab_size=256, hidden_size=96, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+             num_key_value_heads=2, head_dim=16, pad_token_id=0, tie_word_embeddings=False)
+
+
+# per family, what SMALL lacks; DeepSeek-V3: value heads of 12 for keys of 24 (16 + 8 rotated, the
+# rotary's head_dim), a 32-wide latent
+FAMILY_EXTRA = {
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=4096),
+    "deepseek_v3": dict(num_key_value_heads=6, head_dim=8, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8,
+                        qk_nope_head_dim=16, v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                        topk_group=1, first_k_dense_replace=1, moe_intermediate_size=32),
+    "gemma2": dict(sliding_window=4096), "gemma3_text": dict(sliding_window=4096), "mistral": dict(sliding_window=4096),
+}
+
+
+def save_tiny(path, model_type, seed=0, tweak=None, **overrides):
+    """A random-weight checkpoint of ``model_type`` (``SMALL`` sizes, then ``overrides``) at ``path``."""
+    cfg = AutoConfig.for_model(model_type, **{**SMALL, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if tweak is not None:
+        tweak(model)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def group():
+    with LocalWorkerGroup(WORLD, worker_kwargs={"device": "cpu", "timeout_s": 120}, timeout_s=300) as g:
+        yield g
+
+
+def run_methods(group, path, n, methods, decode_mode="gather", n_query=17, seed=1):
+    """Every method on ``group`` against one eager forward; returns {method: (logit, kv, tokens same)}."""
+    ref_model = load_model(path, attn_implementation="eager")
+    ids = random_prompt(n, ref_model.config.vocab_size, seed)
+    ref = reference_run(ref_model, ids, N_NEW)
+    rows = {}
+    for name in methods:
+        req = PromptRequest(str(path), ids, name, n_query=n_query, decode_mode=decode_mode, return_cache=True,
+                            sampling=Sampling(max_new_tokens=N_NEW, stop_at_eos=False))
+        rows[name] = compare(ref, group.call("run_prompt", req)[0])
+    return ref_model, ids, rows
+
+
+def assert_exact(rows, what):
+    for name, (logit_diff, kv_diff, same) in rows.items():
+        assert logit_diff <= 1e-4 and kv_diff <= 1e-4 and same, f"{what} {name}: logits {logit_diff:.2e}, " \
+                                                                 f"KV {kv_diff:.2e}, tokens same: {same}"
+
+
+def _differs(model, ids, change) -> float:
+    """How much the eager logits move when ``change(model)`` switches a feature off (it must matter)."""
+    with torch.no_grad():
+        before = model(ids[None]).logits[0, -1]
+        change(model)
+        after = model(ids[None]).logits[0, -1]
+    return float((before - after).abs().max())
+
+
+# ----------------------------------------------------------------------------- exact, end to end
+
+
+def _large_scores(model):
+    """Random projections give scores near 0, where a cap does nothing: scale them up."""
+    for layer in model.model.layers:
+        layer.self_attn.q_proj.weight.data *= 8
+        layer.self_attn.k_proj.weight.data *= 8
+
+
+def test_softcap_is_exact(group, tmp_path):
+    """Gemma 2: softcap 5 over scores large enough to bend; its sliding window is longer than the prompt."""
+    path = save_tiny(tmp_path / "gemma2", "gemma2", tweak=_large_scores, attn_logit_softcapping=5.0,
+                     final_logit_softcapping=None, query_pre_attn_scalar=16, sliding_window=4096)
+    model, ids, rows = run_methods(group, path, 301, EXACT)
+    assert_exact(rows, "gemma2")
+    gap = _differs(model, ids, lambda m: [setattr(l.self_attn, "attn_logit_softcapping", None)
+                                            for l in m.model.layers])
+    assert gap > 1e-2, "the softcap should change this model's logits"
+
+
+def _big_sinks(model):
+    for layer in model.model.layers:
+        layer.self_attn.sinks.data.normal_(0.0, 2.0, generator=torch.Generator().manual_seed(layer.self_attn.layer_idx))
+
+
+@pytest.mark.parametrize("decode_mode", ["gather", "distributed"])
+def test_attention_sinks_count_once(group, tmp_path, decode_mode):
+    """gpt-oss: one sink per head (MoE, sliding window longer than the prompt), in both decode modes."""
+    path = save_tiny(tmp_path / "gpt-oss", "gpt_oss", tweak=_big_sinks, **FAMILY_EXTRA["gpt_oss"])
+    methods = EXACT if decode_mode == "gather" else ["ring", "spava:uncompressed"]
+    model, ids, rows = run_methods(group, path, 301, methods, decode_mode=decode_mode)
+    assert_exact(rows, f"gpt-oss ({decode_mode} decode)")
+    if decode_mode == "gather":
+        gap = _differs(model, ids, lambda m: [l.self_attn.sinks.data.fill_(-1e4) for l in m.model.layers])
+        assert gap > 1e-2, "the sinks should change this model's logits"
+
+
+def test_multi_head_latent_attention(group, tmp_path):
+    """DeepSeek-V3: value heads of 12 for keys of 24 (16 + 8 rotated); the cache holds the latent."""
+    path = save_tiny(tmp_path / "deepseek-v3", "deepseek_v3", **FAMILY_EXTRA["deepseek_v3"])
+    _, _, rows = run_methods(group, path, 301, EXACT)
+    assert_exact(rows, "deepseek-v3")
+    _, _, rows = run_methods(group, path, 301, ["ring", "apb:uncompressed"], decode_mode="distributed")
+    assert_exact(rows, "deepseek-v3 (distributed decode)")
+
+
+@pytest.mark.parametrize("model_type,rope", [
+    ("llama", {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
+    ("phi3", {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+              "long_factor": [1.0 + i for i in range(8)], "original_max_position_embeddings": 256}),
+])
+def test_length_dependent_rope_uses_the_whole_prompt(group, tmp_path, model_type, rope):
+    """A 601-token prompt past the original 256: every host rotates with the whole prompt's frequencies."""
+    extra = dict(max_position_embeddings=256) if rope["rope_type"] == "dynamic" else \
+        dict(max_position_embeddings=4096, original_max_position_embeddings=256)
+    path = save_tiny(tmp_path / model_type, model_type, rope_parameters=rope, **extra)
+    _, _, rows = run_methods(group, path, 601, ["ring", "ulysses", "apb:uncompressed"])
+    assert_exact(rows, f"{model_type} {rope['rope_type']}")
+
+
+# ----------------------------------------------------------------------------- refused, with the layer named
+
+
+@pytest.mark.parametrize("model_type,overrides,message", [
+    ("lfm2", dict(full_attn_idxs=[1]), "layer 0 is 'conv'"),
+    ("qwen3_next", dict(layer_types=["full_attention", "linear_attention"]), "layer 1 is 'linear_attention'"),
+    ("falcon_h1", {}, "layer 0 is 'hybrid'"),
+    ("llama4_text", dict(layer_types=["full_attention", "chunked_attention"]), "layer 1 is 'chunked_attention'"),
+    ("mamba", {}, "not softmax attention"),
+    ("rwkv", {}, "RWKV"),
+])
+def test_layers_that_are_not_softmax_attention_are_refused(model_type, overrides, message):
+    cfg = AutoConfig.for_model(model_type, num_hidden_layers=2, **overrides)
+    with pytest.raises(ValueError, match=message):
+        check_supported(cfg)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma2", "gemma3_text", "gpt_oss", "phi3", "smollm3",
+                                        "deepseek_v3", "mistral", "olmo3"])
+def test_softmax_attention_families_pass(model_type):
+    check_supported(AutoConfig.for_model(model_type))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3_text", "gpt_oss",
+                                        "phi3", "smollm3", "deepseek_v3"])
+def test_every_family_passes_only_known_arguments(tmp_path, model_type):
+    """One host, plain causal attention through the bridge: each family's keywords are all known, and
+    the logits equal eager's (sliding windows longer than the prompt)."""
+    path = save_tiny(tmp_path / model_type, model_type, **FAMILY_EXTRA.get(model_type, {}))
+    ids = random_prompt(40, 256, 0)[None]
+    with torch.no_grad():
+        ours = load_model(path)(ids).logits
+        ref = load_model(path, attn_implementation="eager")(ids).logits
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def _call(**kwargs):
+    module = SimpleNamespace(layer_idx=3)
+    q = torch.randn(1, 2, 4, 8)
+    return apb_attention_forward(module, q, q, q, None, **kwargs)
+
+
+def test_unknown_attention_argument_is_an_error():
+    out, _ = _call(scaling=0.3, position_ids=torch.arange(4)[None], use_cache=False, sliding_window=None)
+    assert out.shape == (1, 4, 2, 8)
+    with pytest.raises(ValueError, match=r"layer 3 \(SimpleNamespace\) passes attention argument\(s\) "
+                                         r"head_mask=<tensor \(2,\)>"):
+        _call(scaling=0.3, head_mask=torch.ones(2))
+    with pytest.raises(ValueError, match="layer 3 .* dropout=0.1"):
+        _call(dropout=0.1)
+
+
+def _host0_of_three():
+    """Rank 0 of 3 as the prefill sees it; enough for what is refused before any communication."""
+    return SimpleNamespace(rank=0, size=3, stats=CommStats())
+
+
+def test_refused_by_the_prefill_before_any_work(tmp_path):
+    path = save_tiny(tmp_path / "lfm2", "lfm2", full_attn_idxs=[1])
+    with pytest.raises(ValueError, match="layer 0 is 'conv'"):
+        prefill(load_model(path), random_prompt(50, 256, 0), build_method("ring", MethodConfig()), _host0_of_three())
+
+
+def test_sliding_window_shorter_than_the_prompt_is_refused_on_every_host(tmp_path):
+    """Gemma 2's layer 0 slides over 128 tokens: host 0 of 3 holds ~100 of the 301, the prompt is what counts."""
+    path = save_tiny(tmp_path / "gemma2-sliding", "gemma2", sliding_window=128)
+    with pytest.raises(ValueError, match="layer 0 slides over 128 tokens and the sequence has 301"):
+        prefill(load_model(path), random_prompt(301, 256, 0), build_method("ring", MethodConfig()), _host0_of_three())
+
+
+def test_sliding_layer_past_its_window_names_the_layer():
+    with pytest.raises(ValueError, match="layer 3 slides over 3 tokens and the sequence has 4.*planned"):
+        _call(sliding_window=3)
+
+
+def test_prompt_length_rotary_equals_the_whole_prompts():
+    """A host's rotary call at positions 100..199 equals rows 100..199 of the whole 600-token call."""
+    cfg = AutoConfig.for_model("llama", **{**SMALL, "max_position_embeddings": 256},
+                               rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    rotary = model.model.rotary_emb
+    x = torch.zeros(1, 1, 1)
+    whole = rotary(x, torch.arange(600)[None])
+    part = rotary(x, torch.arange(100, 200)[None])  # alone it picks the frequencies of 200 tokens
+    assert not torch.allclose(part[0], whole[0][:, 100:200], atol=1e-3)
+    with prompt_length(model, 600):
+        part = rotary(x, torch.arange(100, 200)[None])
+    torch.testing.assert_close(part[0], whole[0][:, 100:200])
+    torch.testing.assert_close(part[1], whole[1][:, 100:200])
+    # state from a longer earlier prompt does not leak into a shorter one (as with a fresh model)
+    rotary(x, torch.arange(900)[None])
+    with prompt_length(model, 600):
+        part = rotary(x, torch.arange(100, 200)[None])
+    torch.testing.assert_close(part[0], whole[0][:, 100:200])
+
+
+def test_engine_refuses_a_model_without_softmax_attention_at_load(tmp_path):
+    from transformers import AutoConfig
+
+    from apb.config import ConfigError
+    from apb.engine import Engine
+    from apb.model.text import byte_tokenizer
+
+    cfg = AutoConfig.for_model("lfm2", vocab_size=300, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, layer_types=["full_attention", "conv"])
+    cfg.save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"layer 1 .*convolution"):
+        Engine.from_config(None, model=str(tmp_path), world_size=2)
