@@ -32,6 +32,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"default: {DEFAULT_MODEL} (fetched once); apb-retrieval: the packaged small model")
     p.add_argument("--input", help="JSONL documents (default: the bundled set for the model)")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="tokens to generate per answer (a chat model's answer is a sentence; default 32)")
     return p
 
 
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from apb.engine import Engine, local_threads, start_group
     from apb.tools.tasks import score
 
-    overrides = [f"model.name_or_path={args.model}"]
+    overrides = [f"model.name_or_path={args.model}", f"decode.max_new_tokens={args.max_new_tokens}"]
     cfg = config_from(args, overrides)
     method = args.method or cfg.method.name
     if method == "full":
