@@ -83,10 +83,11 @@ def test_ray_actor_death_fails_one_document_and_the_batch_goes_on(ray_local, rep
     assert all(r["error"] is None and isinstance(r["answer"], str) and r["prompt_tokens"] > 0 for r in ok), ok
     dead = results[1]
     assert dead["answer"] is None and dead["prompt_tokens"] > 0 and dead["error_kind"] == "transient", dead
-    # only the death of an actor during the document's call says this, and Ray names the process that died
-    assert dead["error"].startswith("worker failure (tried once): a worker actor died during 'run_prompt'"), \
-        dead["error"]
-    assert f"pid: {killed}" in dead["error"], dead["error"]
+    # only the worker-failure path writes this; which rank reports first is a race: the killed actor
+    # (Ray: "actor died", with its pid) or a peer whose collective broke ("a worker failed")
+    assert dead["error"].startswith("worker failure (tried once): a worker"), dead["error"]
+    assert "during 'run_prompt'" in dead["error"], dead["error"]
+    assert f"pid: {killed}" in dead["error"] or "failed during 'run_prompt'" in dead["error"], dead["error"]
     assert killed not in survivors
 
 
