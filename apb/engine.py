@@ -242,11 +242,15 @@ class Engine:
         return batch.process_file(self, in_path, out_path, progress, retry_errors)
 
 
+def available_cores() -> int:
+    """The CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def local_threads(world_size: int) -> int:
     """Threads per local worker: the cores this process may use, split evenly (W processes each at
     torch's default would run W x cores threads on the cores)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // world_size)
+    return max(1, available_cores() // world_size)
 
 
 def start_group(cfg: Config, world_size: int | None = None, launcher: str | None = None, timeout_s: float | None = None,

@@ -106,3 +106,16 @@ def test_apb_scores_with_the_query_at_its_true_positions():
 def test_anchor_positions_keep_the_old_behaviour():
     _, seen = _layer0_scoring_queries("anchor")
     assert not torch.allclose(seen["1"], seen["0"], atol=1e-3)
+
+
+def test_apb_refuses_true_positions_on_length_dependent_rope_at_load():
+    from transformers import AutoConfig
+
+    dynamic = AutoConfig.for_model("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    fixed = AutoConfig.for_model("llama", rope_scaling={"rope_type": "linear", "factor": 2.0})
+    apb = build_method("apb", MethodConfig(name="apb"))
+    apb.check(fixed, 4)
+    with pytest.raises(ValueError, match="query_positions: anchor"):
+        apb.check(dynamic, 4)
+    build_method("apb", MethodConfig(name="apb", query_positions="anchor")).check(dynamic, 4)
+    build_method("apb:uncompressed", MethodConfig(name="apb")).check(dynamic, 4)  # nothing is scored

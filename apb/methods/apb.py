@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from apb.methods.registry import register_method
+from apb.model.rope import shiftable
 from apb.methods.anchored import Anchored
 from apb.methods.compressors import ScoreInputs, build_compressor, take
 from apb.methods.cost import HostWork, merge_bytes
@@ -43,6 +44,18 @@ class APB(Anchored):
             p = min(p, sizes.passing_cap)
         pairs = a * a / 2 + b * ((w - 1) * p + a) + b * b / 2 + q * n / w
         return HostWork(a + b + q, pairs, b, comm_bytes=merge_bytes(q, shape), steps=2, anchor=a, passing=p)
+
+    def check(self, model_config, world_size):
+        super().check(model_config, world_size)
+        copy_scores = self.config.passing_len != "all" and self.config.anchor_len != 0  # else no shift is needed
+        if copy_scores and self._scores_at_true_positions() and not shiftable(model_config):
+            raise ValueError("the query compressor scores with the query moved to its true positions, which needs "
+                             "RoPE with fixed frequencies; this model's RoPE depends on the sequence length or the "
+                             "layer type. Set method.query_positions: anchor (score at the anchor copy's positions) "
+                             "or use a compressor that does not score against the query (stride, retaining_heads)")
+
+    def _scores_at_true_positions(self) -> bool:
+        return self.compressor.needs_query and self.config.query_positions == "true"
 
     def tail_hosts(self, n_query: int, world_size: int, anchor_len: int) -> tuple[int, ...]:
         """Hosts that must append the query to score their block: those whose anchor lacks it."""
@@ -94,11 +107,16 @@ class APB(Anchored):
             return None
         rows = (ctx.mine.indices >= ctx.n_ctx).nonzero().flatten()
         q_rows = q[:, :, rows.to(q.device)]
-        if rows.numel() == 0 or self.config.query_positions == "anchor" or ctx.rope is None:
+        if rows.numel() == 0 or not self._scores_at_true_positions():
             return q_rows
         deltas = (ctx.mine.indices - ctx.mine.positions)[rows]
         if not bool((deltas == deltas[0]).all()):  # the layout keeps the query contiguous
             raise RuntimeError(f"the query's rows sit at uneven offsets from their true positions: {deltas.tolist()}")
+        if int(deltas[0]) == 0:
+            return q_rows
+        if ctx.rope is None:  # check() passed on the config, but the model's rotary could not be moved
+            raise RuntimeError("apb cannot move the query to its true positions with this model's rotary embedding; "
+                               "set method.query_positions: anchor")
         return ctx.rope.shift(q_rows, int(deltas[0]))
 
 

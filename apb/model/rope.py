@@ -9,7 +9,8 @@ same vector at ``p + delta`` by one more rotation by ``delta`` (:meth:`RopeShift
 That holds only when the frequencies do not depend on the sequence (default, linear, llama3 and
 yarn scaling); dynamic NTK and longrope pick frequencies from the length, so for them, and for
 any model whose rotary module or ``apply_rotary_pos_emb`` we cannot find, :func:`rope_shift`
-returns ``None`` and callers keep the unshifted vectors. Every shift is checked once per model
+returns ``None``; apb then refuses to score at true positions (:func:`shiftable` lets it refuse
+on the driver, from the config) rather than silently scoring at the anchor's. Every shift is checked once per model
 against the model's own rotation at ``p + delta``.
 """
 
@@ -47,6 +48,15 @@ class RopeShift:
         """``x`` rotated as the model rotates a vector at ``position`` (used to check :meth:`shift`)."""
         cos, sin = self.rotary(x, torch.tensor([[position]], device=x.device))
         return self.apply(x, x, cos.to(x.dtype), sin.to(x.dtype))[0]
+
+
+def shiftable(model_config) -> bool:
+    """Whether the config's RoPE has fixed frequencies (one rope type, in :data:`COMPOSABLE`), so
+    that :func:`rope_shift` can move vectors; read from the config, before any model is loaded."""
+    params = getattr(model_config, "rope_parameters", None) or getattr(model_config, "rope_scaling", None) or {}
+    if any(isinstance(v, dict) for v in params.values()):  # one rope per layer type (e.g. Gemma 3)
+        return False
+    return params.get("rope_type", params.get("type", "default")) in COMPOSABLE
 
 
 def rope_shift(model: torch.nn.Module) -> RopeShift | None:

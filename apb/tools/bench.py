@@ -18,7 +18,6 @@ instrumentation), the slowest host's attention FLOPs (the method's own cost form
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
 from collections import defaultdict
@@ -27,7 +26,7 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from apb.config import Config
-from apb.engine import start_group
+from apb.engine import available_cores, start_group
 from apb.methods import build_method, method_names
 from apb.runtime.decode import Sampling
 from apb.model.catalog import resolve_model
@@ -116,13 +115,9 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
                 row[f"wall_speedup_vs_{ref}"] = same[ref]["wall_s"] / row["wall_s"]
                 row[f"projected_speedup_vs_{ref}"] = same[ref]["projected_s"] / row["projected_s"]
     return {"results": rows, "model": cfg.model.name_or_path, "bandwidth_gbs": bandwidth_gbs,
-            "latency_s": LATENCY_S, "machine": {"cpus": _cpus(), "platform": platform.platform()},
-            "labels": {"wall_s": f"measured on this machine ({world} processes sharing {_cpus()} cores)",
+            "latency_s": LATENCY_S, "machine": {"cpus": available_cores(), "platform": platform.platform()},
+            "labels": {"wall_s": f"measured on this machine ({world} processes sharing {available_cores()} cores)",
                        "projected_s": f"projected on {world} dedicated cores + links of {bandwidth_gbs} GB/s"}}
-
-
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def format_table(report: dict) -> str:
