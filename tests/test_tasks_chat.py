@@ -1,5 +1,6 @@
 """Chat-style task documents (prose haystack), RULER-style scoring, and what `apb eval` reports per document."""
 
+import argparse
 import json
 import random
 import re
@@ -9,7 +10,7 @@ import pytest
 
 from apb.model.text import byte_tokenizer, encode_document
 from apb.tools import evaluate, tasks
-from apb.tools.haystack import haystack_for, prose_units
+from apb.tools.haystack import _NEEDLE_LIKE, haystack_for, prose_units, story_paragraphs
 
 # SmolLM2-135M-Instruct's chat template: a default system turn, then the user turn, then the
 # assistant header; the byte tokenizer under it counts one token per byte.
@@ -41,6 +42,32 @@ def test_prose_haystack_is_plain_english_in_a_fixed_order():
     assert not re.search(r"\d{5}|pass key|magic number", text)  # nothing that passes for a needle
     assert all(u.endswith((". ", ".\n\n")) for u in units)
     assert prose_units() == (units, starts)
+
+
+def test_story_haystack_is_plain_varied_english_in_a_fixed_order():
+    units, starts = prose_units("story")
+    text = "".join(units)
+    assert len(text) > 100_000 and starts[0] == 0 and list(starts) == sorted(starts)
+    assert not _NEEDLE_LIKE.search(text.replace("'s ", " ")) and not re.search(r"number|pass key", text)
+    assert all(u.endswith((". ", ".\n\n")) and u[0].isupper() for u in units)
+    assert prose_units("story") == (units, starts) and story_paragraphs() == story_paragraphs.__wrapped__()
+    # varied enough that a document is not one sentence repeated: most sentences are distinct
+    assert len(set(units)) > 0.5 * len(units)
+
+
+@pytest.mark.parametrize("style,source", [("chat", "story"), ("chat-docs", "prose"), ("code", "code")])
+def test_each_style_draws_from_its_haystack_and_the_clis_offer_every_style(chat_tok, style, source):
+    from apb.cli import diagnose, eval as eval_cli
+
+    assert tasks.STYLES[style][0] == source
+    doc = tasks.make_example("passkey", 1500, chat_tok, random.Random(5), style=style)
+    hay = haystack_for(chat_tok, source)
+    body = doc["context"].split("\n\n", 1)[-1] if style != "code" else doc["context"]
+    assert sum(u.strip() in body for u in hay.units[:2000]) >= 5  # built from that source's sentences
+    for module in (eval_cli, diagnose):
+        parser = module.add_parser(argparse.ArgumentParser().add_subparsers())
+        choices = next(a.choices for a in parser._actions if a.dest == "style")
+        assert set(choices) == {"auto", *tasks.STYLES}
 
 
 @pytest.mark.parametrize("task", tasks.TASKS)

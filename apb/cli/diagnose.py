@@ -21,7 +21,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=4096, help="generated document: prompt tokens")
     p.add_argument("--seed", type=int, default=0, help="generated document: apb eval's --seed")
     p.add_argument("--index", type=int, default=0, help="generated document: its index among apb eval's samples")
-    p.add_argument("--style", choices=("auto", "code", "chat"), default="auto",
+    p.add_argument("--style", choices=("auto", "code", "chat", "chat-docs"), default="auto",
                    help="generated document: as apb eval --style (auto: chat if the tokenizer has a chat template)")
     p.add_argument("--json", help="write the whole report as JSON here")
     return p

@@ -19,10 +19,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", help="your own JSONL {id, context, question, answer} instead of generated tasks")
-    p.add_argument("--style", choices=("auto", "code", "chat"), default="auto",
-                   help="generated documents: code (stdlib source, the trained model's phrasing) or chat (English "
-                        "prose, questions that say the answer's form); auto: chat if the tokenizer has a chat "
-                        "template, else code")
+    p.add_argument("--style", choices=("auto", "code", "chat", "chat-docs"), default="auto",
+                   help="generated documents: code (stdlib source, the trained model's phrasing), chat (everyday "
+                        "English prose, questions that say the answer's form) or chat-docs (the same over Python's "
+                        "technical prose, harder); auto: chat if the tokenizer has a chat template, else code")
     p.add_argument("--scoring", choices=("contains", "exact"), default="contains",
                    help="contains: the expected answer occurs in the output, case and surrounding whitespace "
                         "ignored (vt: every name; RULER's string match); exact: equal after stripping")

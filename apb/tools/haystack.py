@@ -42,7 +42,7 @@ HAYSTACK_FILES = tuple(sorted((
     "warnings.py", "weakref.py",
 )))
 
-SOURCES = ("code", "prose")
+SOURCES = ("code", "prose", "story")
 
 
 def stdlib_dir() -> Path:
@@ -136,11 +136,83 @@ def prose_paragraphs() -> tuple[tuple[str, ...], ...]:
     return tuple(paras)
 
 
-def prose_units() -> tuple[tuple[str, ...], tuple[int, ...]]:
+# Everyday narrative prose generated from templates: nothing technical for a small chat model to
+# confuse with the question ("The pass key is a Python feature ...", as SmolLM2 answered over
+# Python's own documentation), no digits, and none of the needles' words.
+def _choices(text: str) -> tuple[str, ...]:
+    return tuple(" ".join(x.split()) for x in text.split("|"))
+
+
+_NAMES = tuple("""Anna Ben Clara Daniel Elena Felix Grace Henry Iris Jonah Kate Leo Maya Nora Oscar Paula
+Quinn Rosa Simon Tara Victor Wendy Adam Beth Carl Dora Emil Fiona Hugo Ines Jack Lena Martin Nina
+Owen Petra Rita Samuel Teresa Walter""".split())
+_PLACES = _choices("""the market|the harbor|the old mill|the village square|the bakery|the library|the orchard|
+the train station|the riverbank|the hill above the town|the school yard|the little chapel|the
+bridge|the garden behind the house|the fishing pier|the meadow|the bookshop|the post office|the
+farm lane|the forest path|the lighthouse|the pottery workshop|the town hall|the boathouse""")
+_TIMES = _choices("""Early in the morning|Late in the afternoon|Just before supper|On a cold winter evening|
+At the end of the summer|One quiet Sunday|When the rain finally stopped|After the harvest|On the
+first warm day of spring|Long after sunset|Before the shops opened|During the autumn fair""")
+_THINGS = _choices("""a basket of apples|a wool scarf|an old map|a jar of honey|a bundle of letters|a loaf of
+bread|a pair of boots|a wooden box|a bunch of flowers|a small lantern|a fishing net|a blue umbrella|
+a sketchbook|a bag of flour|a clay pot|a kite|a warm blanket|a fiddle|a pot of soup|a straw hat""")
+_PEOPLE = _choices("""the baker|the fisherman|an old neighbor|the teacher|a traveling musician|the miller's
+daughter|the shopkeeper|a young shepherd|the carpenter|the doctor|a stranger in a grey coat|the
+innkeeper|the gardener|the blacksmith|a group of children|the ferryman""")
+_WEATHER = _choices("""a soft wind moved through the trees|the clouds hung low over the roofs|the sun warmed
+the stone walls|a light snow covered the fields|fog drifted in from the sea|the air smelled of rain|
+the sky turned a deep orange|the river ran high and fast|frost glittered on the grass|the swallows
+flew low over the water""")
+_FEELINGS = _choices("""happy|tired|curious|calm|restless|grateful|worried|hopeful|cheerful|thoughtful""")
+_ACTS = _choices("""mend the fence|paint the kitchen door|bake bread for the neighbors|write a long letter home|
+sort the old photographs|plant beans in the garden|repair the roof of the shed|read by the window|
+walk the dog along the river|tune the old piano|knit a sweater for the winter|clean the attic|cook
+a large dinner for friends|feed the chickens|carve a small wooden bird|learn a new song""")
+_TEMPLATES = (
+    "{time}, {name} went to {place} with {thing}.",
+    "On the way, {name} met {person}, who talked about the weather and the coming season.",
+    "{weather_cap}, and {name} felt {feeling}.",
+    "{name} had promised to {act} before the end of the week.",
+    "At {place}, {person} was already waiting near the door.",
+    "They spoke for a while about {place} and the people who used to live nearby.",
+    "{name} remembered how {friend} once carried {thing} all the way to {place}.",
+    "Nobody in the family could quite explain why {friend} loved {place} so much.",
+    "By evening {name} had decided to {act} the next day.",
+    "{person_cap} laughed and said that {place} had not changed at all in many years.",
+    "{time}, {weather}.",
+    "{friend} arrived a little later, carrying {thing} and a letter from a cousin.",
+    "The two of them sat by the fire and planned to {act} together.",
+    "It was a {feeling} time, and {name} would think of it often.",
+    "{name} left {thing} with {person} and walked slowly back along the road.",
+    "Later, {friend} wrote that {place} looked lovely when {weather}.",
+)
+
+
+@functools.lru_cache(maxsize=1)
+def story_paragraphs(n_paragraphs: int = 400, seed: str = "story") -> tuple[tuple[str, ...], ...]:
+    """``n_paragraphs`` paragraphs of generated everyday narrative, each as its sentences (fixed by ``seed``)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n_paragraphs):
+        name, friend = rng.sample(_NAMES, 2)
+        sentences = []
+        for template in rng.sample(_TEMPLATES, rng.randint(4, 7)):
+            weather = rng.choice(_WEATHER)
+            person = rng.choice(_PEOPLE)
+            s = template.format(name=name, friend=friend, place=rng.choice(_PLACES), time=rng.choice(_TIMES),
+                                thing=rng.choice(_THINGS), person=person, person_cap=person[0].upper() + person[1:],
+                                weather=weather, weather_cap=weather[0].upper() + weather[1:],
+                                feeling=rng.choice(_FEELINGS), act=rng.choice(_ACTS))
+            sentences.append(s)
+        out.append(tuple(sentences))
+    return tuple(out)
+
+
+def prose_units(source: str = "prose") -> tuple[tuple[str, ...], tuple[int, ...]]:
     """(sentences each followed by ``" "`` or, at a paragraph's end, ``"\\n\\n"``; paragraph starts)."""
     units: list[str] = []
     starts: list[int] = []
-    for para in prose_paragraphs():
+    for para in (prose_paragraphs() if source == "prose" else story_paragraphs()):
         starts.append(len(units))
         units.extend(s + " " for s in para[:-1])
         units.append(para[-1] + "\n\n")
@@ -162,8 +234,8 @@ class Haystack:
         if source == "code":
             self.units, self.sep, self.fine = haystack_lines(), "\n", False
             self.starts: tuple[int, ...] | range = range(len(self.units))
-        elif source == "prose":
-            (self.units, self.starts), self.sep, self.fine = prose_units(), " ", True
+        elif source in ("prose", "story"):
+            (self.units, self.starts), self.sep, self.fine = prose_units(source), " ", True
         else:
             raise ValueError(f"unknown haystack source {source!r}; sources: {', '.join(SOURCES)}")
         self.tokenizer = tokenizer

@@ -12,11 +12,17 @@ phrasing of needles and questions (:data:`STYLES`):
     documents must not change: that model, ``apb/data/demo.jsonl`` and their tests rely on them.
     The prompt length counted is bos + context + the plain ``Question:``/``Answer:`` query.
 ``chat``
-    English prose (the language reference's topics, which ``pydoc`` ships), cut at sentence
-    boundaries; needles are sentences of their own, phrased as RULER phrases them, and each
-    question says what form the answer takes, so a small instruct model answers in a form that
-    can be scored. The prompt length counted is the whole prompt :func:`encode_document` builds
-    (with the chat template, when the tokenizer has one).
+    English narrative prose (everyday scenes generated from templates, see
+    :func:`apb.tools.haystack.story_paragraphs`), cut at sentence boundaries; needles are
+    sentences of their own, phrased as RULER phrases them, and each question says what form the
+    answer takes, so a small instruct model answers in a form that can be scored. The prompt
+    length counted is the whole prompt :func:`encode_document` builds (with the chat template,
+    when the tokenizer has one).
+``chat-docs``
+    The same phrasing over technical prose (the language reference's topics, which ``pydoc``
+    ships). Harder for a small model, which reads "pass key" as a Python term there (SmolLM2-135M
+    answered "The pass key is a Python feature ..."); the first accuracy figures in
+    ``docs/accuracy.md`` were measured on it.
 
 Tasks, and what each tests (code phrasing; chat phrasing in :data:`CHAT`):
 
@@ -135,7 +141,7 @@ CHAT = Phrasing(
 )
 
 #: style -> (haystack source, phrasing)
-STYLES: dict[str, tuple[str, Phrasing]] = {"code": ("code", CODE), "chat": ("prose", CHAT)}
+STYLES: dict[str, tuple[str, Phrasing]] = {"code": ("code", CODE), "chat": ("story", CHAT), "chat-docs": ("prose", CHAT)}
 
 #: tasks whose answer is a set of names, each of which must occur (RULER's "string match all")
 MATCH_ALL_TASKS = frozenset({"vt"})
@@ -181,9 +187,9 @@ def _assemble(tokenizer, n_tokens: int, rng: random.Random, needles: list[tuple[
 
 
 def _assemble_prose(tokenizer, n_tokens: int, rng: random.Random, needles: list[tuple[float, str]],
-                    question: str, preamble: str) -> str:
+                    question: str, preamble: str, source: str) -> str:
     """Preamble, then prose with needles at their depths, so the whole prompt is about ``n_tokens``."""
-    haystack = haystack_for(tokenizer, "prose")
+    haystack = haystack_for(tokenizer, source)
     start = haystack.random_start(rng)
 
     def prompt_tokens(context: str) -> int:
@@ -254,7 +260,8 @@ def make_example(task: str, n_tokens: int, tokenizer, rng: random.Random, idx: i
     if source == "code":
         context = _assemble(tokenizer, n_tokens, rng, needles, _query_tokens(tokenizer, question))
     else:
-        context = _assemble_prose(tokenizer, n_tokens, rng, needles, question, phrasing.preambles.get(task, ""))
+        context = _assemble_prose(tokenizer, n_tokens, rng, needles, question, phrasing.preambles.get(task, ""),
+                                  source)
     return {"id": f"{task}-{n_tokens}-{idx}", "context": context, "question": question, "answer": answer}
 
 
