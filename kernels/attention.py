@@ -30,6 +30,15 @@ every merge of partials stays exact):
   only keys before their queries (that is how every caller here uses them) and ignore it, so
   passing the same ``sinks`` to every call adds each exactly once.
 
+Sliding windows (``window=w``): a query sees only the keys less than ``w`` positions before it
+(transformers' convention: key ``j`` is visible to query ``i`` when ``i - w < j <= i``). Without
+positions, the query and key indices are those of the bottom-right causal alignment; with
+``q_pos``/``k_pos`` (the tokens' positions in the prompt), visibility is decided by positions
+alone (``k_pos <= q_pos`` and ``k_pos > q_pos - w``), whatever order the keys come in, which is how
+a host attends a halo of keys received from other hosts. flash-attn applies an aligned window
+itself (``window_size``); every other windowed call runs ``naive`` with the mask, exact, with
+memory bounded by row chunks.
+
 Backends that need equal key and value head sizes (all but ``naive``) get zero-padded inputs:
 zeros appended to ``v`` (or to ``q`` and ``k``, which adds nothing to ``q . k``) and the output
 cut back; exact.
@@ -119,13 +128,20 @@ def attention(
     backend: str | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    window: int | None = None,
+    q_pos: torch.Tensor | None = None,
+    k_pos: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of ``q`` over ``k``/``v``; returns ``(out, lse)`` (see module doc).
 
     ``softcap`` caps the scores; ``sinks`` (heads,) adds one logit per query head to the
-    denominator of the rows whose own key is in this call (causal calls only).
+    denominator of the rows whose own key is in this call (causal calls only). ``window``
+    restricts each query to its last ``window`` positions; ``q_pos``/``k_pos`` (1-D) make the mask
+    one of positions (see module doc).
     """
     _check_shapes(q, k, v, sinks)
+    if q_pos is not None or k_pos is not None or window is not None:
+        return _positional(q, k, v, causal, scale, backend, softcap, sinks, window, q_pos, k_pos)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q_len, kv_len = q.shape[2], k.shape[2]
     name = backend or select_backend(q)
@@ -156,6 +172,43 @@ def attention(
     if sinks is not None and causal:
         out, lse = _add_sinks(out, lse, sinks, first=max(0, q_len - kv_len))
     return out, lse
+
+
+def _positional(q, k, v, causal, scale, backend, softcap, sinks, window, q_pos, k_pos):
+    """A windowed call, or one masked by positions: see :func:`attention`."""
+    if (q_pos is None) != (k_pos is None):
+        raise ValueError("give both q_pos and k_pos (the positions of the queries and of the keys), or neither")
+    if window is not None and window < 1:
+        raise ValueError(f"a sliding window must hold at least one key, got window={window}")
+    q_len, kv_len = q.shape[2], k.shape[2]
+    if q_pos is None:
+        if not causal:
+            raise ValueError("a window without positions is aligned as a causal call: pass causal=True, or "
+                             "q_pos and k_pos")
+        name = backend or select_backend(q)
+        if name == "flash_attn" and q.shape[-1] == v.shape[-1] and window is not None:
+            return _flash_attn_windowed(q, k, v, scale, softcap, sinks, window)
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
+        k_pos = torch.arange(kv_len, device=q.device)
+    if tuple(q_pos.shape) != (q_len,) or tuple(k_pos.shape) != (kv_len,):
+        raise ValueError(f"q_pos and k_pos must hold one position per query and key: {tuple(q_pos.shape)} for "
+                         f"{q_len} queries, {tuple(k_pos.shape)} for {kv_len} keys")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if q_len == 0 or kv_len == 0:
+        return _empty(q, v.shape[-1])
+    out, lse = _naive(q, k, v, False, scale, softcap,
+                      visible=_window_mask(q_pos.to(q.device), k_pos.to(q.device), window))
+    if sinks is not None and causal:
+        out, lse = _add_sinks(out, lse, sinks, first=0)
+    return out, lse
+
+
+def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None):
+    """``visible(rows)``: the (len(rows), kv_len) mask of what queries ``rows`` see."""
+    def visible(rows: slice) -> torch.Tensor:
+        d = q_pos[rows, None] - k_pos[None, :]
+        return (d >= 0) if window is None else (d >= 0) & (d < window)
+    return visible
 
 
 def _kernel(name: str, scale: float, softcap: float | None):
@@ -225,22 +278,26 @@ _NAIVE_CHUNK = 1 << 26
 
 
 @register_backend("naive")
-def _naive(q, k, v, causal: bool, scale: float, softcap: float | None = None):
+def _naive(q, k, v, causal: bool, scale: float, softcap: float | None = None, visible=None):
+    """``visible(rows)``, when given, is the mask of the keys rows ``rows`` see (``causal`` unused)."""
     rep = q.shape[1] // k.shape[1]
     kf, vf = repeat_kv(k, rep).float(), repeat_kv(v, rep).float()
     q_len, kv_len = q.shape[2], k.shape[2]
     rows = max(1, _NAIVE_CHUNK // max(1, q.shape[0] * q.shape[1] * kv_len))
-    parts = [_naive_rows(q[:, :, s:s + rows], kf, vf, causal, scale, softcap, s + kv_len - q_len)
+    parts = [_naive_rows(q[:, :, s:s + rows], kf, vf, causal, scale, softcap, s + kv_len - q_len,
+                         None if visible is None else visible(slice(s, s + rows)))
              for s in range(0, q_len, rows)]
     return torch.cat([o for o, _ in parts], 2).to(q.dtype), torch.cat([l for _, l in parts], 2)
 
 
-def _naive_rows(q, kf, vf, causal, scale, softcap, offset):
-    """Rows of the naive softmax; row ``i`` sees keys ``0 .. offset + i`` when causal."""
+def _naive_rows(q, kf, vf, causal, scale, softcap, offset, visible=None):
+    """Rows of the naive softmax; row ``i`` sees keys ``0 .. offset + i`` when causal, or ``visible``."""
     scores = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    if causal:
+    if visible is not None:
+        scores = scores.masked_fill(~visible, -math.inf)
+    elif causal:
         qi = torch.arange(q.shape[2], device=q.device)[:, None]
         kj = torch.arange(kf.shape[2], device=q.device)[None, :]
         scores = scores.masked_fill(kj > qi + offset, -math.inf)
@@ -269,6 +326,20 @@ def _flash_attn_func():
     except Exception:  # not installed, or built for another torch/CUDA
         return None
     return flash_attn_func
+
+
+def _flash_attn_windowed(q, k, v, scale, softcap, sinks, window: int):
+    """flash-attn's own sliding window (bottom-right aligned, as transformers' is): ``window - 1``
+    keys to the left of each query's own."""
+    fn = _flash_attn_func()
+    extra = {} if softcap is None else {"softcap": softcap}
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, lse, _ = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=True,
+                     window_size=(window - 1, 0), return_attn_probs=True, **extra)
+    out, lse = out.transpose(1, 2), lse.float()
+    if sinks is not None:
+        out, lse = _add_sinks(out, lse, sinks, first=max(0, q.shape[2] - k.shape[2]))
+    return out, lse
 
 
 @register_backend("flash_attn", available=lambda: _flash_attn_func() is not None)

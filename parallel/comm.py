@@ -189,6 +189,30 @@ class Comm:
         self.stats.record("gather", 0, time.perf_counter() - t0)
         return parts
 
+    def exchange(self, sends: dict[int, torch.Tensor], recv_shapes: dict[int, tuple[int, ...]], dtype: torch.dtype,
+                 device: torch.device | None = None, op: str = "exchange") -> dict[int, torch.Tensor]:
+        """Point to point: send ``sends[dst]`` to each ``dst`` and receive a tensor of
+        ``recv_shapes[src]`` from each ``src``, all at once; returns the received tensors by source.
+
+        Both sides must agree on the shapes (callers derive them from the same pure plan). The
+        wait has the group's timeout. Counted as one ``op`` call with the bytes sent.
+        """
+        if device is None:
+            device = next(iter(sends.values())).device if sends else torch.device("cpu")
+        got = {src: torch.empty(shape, dtype=dtype, device=device) for src, shape in recv_shapes.items()}
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self.global_rank(dst), self.group)
+               for dst, t in sends.items() if t.numel()]
+        ops += [dist.P2POp(dist.irecv, buf, self.global_rank(src), self.group) for src, buf in got.items() if buf.numel()]
+        nbytes = sum(_nbytes(t) for t in sends.values())
+        if self.size == 1 or not ops:
+            if self.size > 1:
+                self.stats.record(op, 0, 0.0)
+            return got
+        with self._timed(op, nbytes):
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        return got
+
     def broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
         if self.size == 1:
             return t

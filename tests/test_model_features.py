@@ -215,18 +215,6 @@ def test_refused_by_the_prefill_before_any_work(tmp_path):
         prefill(load_model(path), random_prompt(50, 256, 0), build_method("ring", MethodConfig()), _host0_of_three())
 
 
-def test_sliding_window_shorter_than_the_prompt_is_refused_on_every_host(tmp_path):
-    """Gemma 2's layer 0 slides over 128 tokens: host 0 of 3 holds ~100 of the 301, the prompt is what counts."""
-    path = save_tiny(tmp_path / "gemma2-sliding", "gemma2", sliding_window=128)
-    with pytest.raises(ValueError, match="layer 0 slides over 128 tokens and the sequence has 301"):
-        prefill(load_model(path), random_prompt(301, 256, 0), build_method("ring", MethodConfig()), _host0_of_three())
-
-
-def test_sliding_layer_past_its_window_names_the_layer():
-    with pytest.raises(ValueError, match="layer 3 slides over 3 tokens and the sequence has 4.*planned"):
-        _call(sliding_window=3)
-
-
 def test_prompt_length_rotary_equals_the_whole_prompts():
     """A host's rotary call at positions 100..199 equals rows 100..199 of the whole 600-token call."""
     cfg = AutoConfig.for_model("llama", **{**SMALL, "max_position_embeddings": 256},
@@ -261,3 +249,14 @@ def test_engine_refuses_a_model_without_softmax_attention_at_load(tmp_path):
     byte_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match=r"layer 1 .*convolution"):
         Engine.from_config(None, model=str(tmp_path), world_size=2)
+
+
+@pytest.mark.parametrize("preset,message", [("tiny-lfm2", r"layer 0 is 'conv' \(a short convolution"),
+                                            ("tiny-qwen3-next", r"layer 0 is 'linear_attention'")])
+def test_engine_refuses_the_non_attention_presets_at_once(preset, message):
+    """Refused when the Engine loads the model, before any worker process starts."""
+    from apb.config import ConfigError
+    from apb.engine import Engine
+
+    with pytest.raises(ConfigError, match=message):
+        Engine.from_config(None, model=preset, world_size=2)

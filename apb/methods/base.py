@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from apb.methods.cost import AttnShape, HostWork, Sizes
+from apb.methods.sliding import sliding_attention
 from apb.parallel.comm import Comm
 from apb.parallel.layout import HostSlice
 
@@ -165,12 +166,14 @@ class AttnContext:
         """Run the method on this layer; ``latent`` is what an MLA layer caches instead of (k, v)
         (``expand``, which rebuilds k and v from it, only matters where a cache is attended)."""
         layer = int(module.layer_idx)
-        check_window(layer, sliding_window, self.n_tokens)
         self.comm.stats.layer = layer
         self.comm.stats.tick(layer)
         valid = self.mine.valid.to(k.device)
         self.kv[layer] = tuple(t[:, :, valid] for t in (latent or (k, v)))
         self.score_opts = score_options(softcap, sinks)
+        if sliding_window is not None and self.n_tokens > sliding_window:
+            # exact in every method; a window that covers the prompt makes this a global layer
+            return sliding_attention(self, q, k, v, scale, sliding_window)
         return self.method.attention(self, module, q, k, v, scale)
 
 
@@ -182,12 +185,3 @@ def score_options(softcap: float | None, sinks: torch.Tensor | None) -> dict[str
     if sinks is not None:
         opts["sinks"] = sinks
     return opts
-
-
-def check_window(layer: int, window: int | None, n_tokens: int) -> None:
-    """Refuse a sliding-window layer whose window is shorter than the sequence it must attend."""
-    if window is not None and n_tokens > window:
-        raise ValueError(f"layer {layer} slides over {window} tokens and the sequence has {n_tokens}: "
-                         "sliding-window attention past the window is not supported by the distributed methods "
-                         f"yet (planned); use a prompt of at most {window} tokens or a model without "
-                         "sliding-window layers")

@@ -17,17 +17,30 @@ from __future__ import annotations
 import torch
 
 from apb.kernels import attention, merge_many
-from apb.methods.base import check_window, score_options
+from apb.methods.base import score_options
 from apb.parallel.comm import Comm
 
 
-def local_partial(q, cache_k, cache_v, new_k, new_v, scale, holds_new: bool, **score_opts):
-    """This host's share: (out, lse) of ``q`` over its cache, plus the new tokens if it holds them."""
+def local_partial(q, cache_k, cache_v, new_k, new_v, scale, holds_new: bool, window: int | None = None,
+                  q_pos: torch.Tensor | None = None, cache_pos: torch.Tensor | None = None, **score_opts):
+    """This host's share: (out, lse) of ``q`` over its cache, plus the new tokens if it holds them.
+
+    With a sliding ``window``, ``q_pos`` and ``cache_pos`` (the new tokens' and the cache's
+    positions) decide which cached keys each new token still sees; the new tokens are
+    consecutive, so among themselves the window is aligned.
+    """
     parts = []
     if cache_k is not None and cache_k.shape[2] > 0:
-        parts.append(attention(q, cache_k, cache_v, causal=False, scale=scale, **score_opts))
+        if window is None:
+            parts.append(attention(q, cache_k, cache_v, causal=False, scale=scale, **score_opts))
+        else:
+            near = cache_pos > q_pos.min() - window  # nothing older can be seen: leave it out of the call
+            if bool(near.any()):
+                parts.append(attention(q, cache_k[:, :, near], cache_v[:, :, near], causal=False, scale=scale,
+                                       window=window, q_pos=q_pos, k_pos=cache_pos[near], **score_opts))
     if holds_new:
-        parts.append(attention(q, new_k, new_v, causal=True, scale=scale, **score_opts))
+        extra = {} if window is None or new_k.shape[2] <= window else {"window": window}
+        parts.append(attention(q, new_k, new_v, causal=True, scale=scale, **extra, **score_opts))
     if not parts:  # a host with nothing to contribute: the merge's identity
         return torch.zeros(*q.shape[:3], new_v.shape[-1], dtype=torch.float32, device=q.device), \
             torch.full(q.shape[:3], float("-inf"), device=q.device)
@@ -55,23 +68,30 @@ class CacheAttnContext:
         self.positions = positions
         self.holds_new = holds_new
         self._new_positions: torch.Tensor | None = None
+        self._cache_positions = positions
 
     def start_step(self, positions: torch.Tensor) -> None:
+        """The new tokens' positions; every layer of this step sees the cache as it was before them."""
         self._new_positions = positions
+        self._cache_positions = self.positions
 
     def step(self, module, q, k, v, scale, sliding_window=None, softcap=None, sinks=None, latent=None,
              expand=None) -> torch.Tensor:
         layer = int(module.layer_idx)
         self.comm.stats.layer = layer
         self.comm.stats.tick(layer)
-        if sliding_window is not None:  # the new tokens come last: the sequence ends at their last position
-            last = self._new_positions
-            check_window(layer, sliding_window, sliding_window + 1 if last is None else int(last.max()) + 1)
         cached = self.kv.get(layer)
         cache_k, cache_v = (None, None) if cached is None else cached
         if expand is not None and cache_k is not None and cache_k.shape[2] > 0:
             cache_k, cache_v = expand(cache_k, cache_v)
-        out, lse = local_partial(q, cache_k, cache_v, k, v, scale, self.holds_new, **score_options(softcap, sinks))
+        window = {}
+        if sliding_window is not None:
+            if self._new_positions is None:
+                raise RuntimeError("CacheAttnContext.start_step(positions) must come before a sliding layer")
+            window = dict(window=sliding_window, q_pos=self._new_positions.to(q.device),
+                          cache_pos=self._cache_positions.to(q.device))
+        out, lse = local_partial(q, cache_k, cache_v, k, v, scale, self.holds_new, **window,
+                                 **score_options(softcap, sinks))
         merged = merge_over_hosts(self.comm, out, lse)
         if self.holds_new:
             new = latent or (k, v)

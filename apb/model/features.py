@@ -9,15 +9,14 @@ prefill. The per-layer kind comes from the config's ``layer_types`` (transformer
 e.g. ``full_attention``, ``sliding_attention``, ``conv``, ``linear_attention``, ``hybrid``), or
 from the family when its config has none.
 
-Sliding-window layers pass here: they are exact while the prompt fits the window and refused,
-with the layer named, once it does not (:func:`apb.methods.base.check_window`).
+Sliding-window layers pass here: every method runs them exactly (:mod:`apb.methods.sliding`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-#: layer kinds the bridge runs exactly (sliding ones while the prompt fits the window)
+#: layer kinds the bridge runs exactly
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 #: what the refused layer kinds are, for the message

@@ -8,7 +8,7 @@ decoding after a gathered prefill) the layer runs plain bottom-right causal atte
 cache.
 
 Every keyword a layer passes is either applied (:data:`APPLIED`: the scale, soft-capping, sinks,
-the sliding window, which is refused past the prompt length for now), known not to change the
+the sliding window), known not to change the
 attention (:data:`HARMLESS`), or an error naming the layer and the keyword: a model feature we do
 not implement must never be dropped silently.
 
@@ -38,7 +38,6 @@ HARMLESS = frozenset({"position_ids", "cache_position", "use_cache", "output_att
 
 def apb_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
-    layer = getattr(module, "layer_idx", "?")
     if attention_mask is not None:
         raise ValueError("apb attention takes no attention_mask (padding inside a batch is not supported); "
                          "pass one unpadded prompt at a time")
@@ -54,11 +53,9 @@ def apb_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         out = ctx.step(module, query, key, value, scale, sliding_window=window, **scores, **extra)
     else:
         mla.discard(module)
-        if window is not None and key.shape[2] > window:
-            raise ValueError(f"layer {layer} slides over {window} tokens and the sequence has {key.shape[2]}: "
-                             "sliding-window attention past the window is not supported yet (planned); use a "
-                             f"sequence of at most {window} tokens or a model without sliding-window layers")
-        out, _ = attention(query, key, value, causal=True, scale=scale, **scores)
+        # keys end at the last query (one sequence, or a cache then new tokens): the window aligns there
+        slide = {"window": window} if window is not None and key.shape[2] > window else {}
+        out, _ = attention(query, key, value, causal=True, scale=scale, **slide, **scores)
     return out.transpose(1, 2).contiguous(), None
 
 

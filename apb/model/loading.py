@@ -1,7 +1,9 @@
 """Loading models: a local Hugging Face checkpoint, or a named tiny preset made on first use.
 
 Presets are random-initialised small decoders of the architectures we support (Llama, Qwen2
-with q/k/v bias, Mistral). They are *materialised* once into a checkpoint directory
+with q/k/v bias, Mistral, and one of each of today's families with its distinguishing feature:
+sliding and hybrid layers, softcap, sinks, longrope, NoPE layers, MLA), plus two that are
+refused on load (LFM2 and Qwen3-Next: layers that are not softmax attention). They are *materialised* once into a checkpoint directory
 (``config.json`` + ``model.safetensors``) and then loaded through exactly the same
 ``from_pretrained`` path as a user's checkpoint. Loading is local-only: no hub access, no
 remote code, safetensors preferred (transformers loads any ``.bin`` with ``weights_only=True``).
@@ -28,10 +30,35 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _COMMON = dict(vocab_size=512, hidden_size=192, intermediate_size=384, num_hidden_layers=2,
                num_attention_heads=12, head_dim=16, max_position_embeddings=8192, rope_theta=10000.0,
                tie_word_embeddings=False)
+# families whose default special tokens lie outside the 512-token vocabulary
+_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 PRESETS: dict[str, dict] = {
     "tiny-llama": dict(model_type="llama", num_key_value_heads=4, **_COMMON),
     "tiny-qwen2": dict(model_type="qwen2", num_key_value_heads=2, **_COMMON),
     "tiny-mistral": dict(model_type="mistral", num_key_value_heads=6, sliding_window=None, **_COMMON),
+    # today's families, each with the feature that sets it apart (sliding windows of 64 tokens, so
+    # prompts of a few hundred tokens already slide past them)
+    "tiny-qwen3": dict(model_type="qwen3", num_key_value_heads=4, **_COMMON),
+    "tiny-mistral-sliding": dict(model_type="mistral", num_key_value_heads=6, sliding_window=64, **_COMMON),
+    "tiny-gemma2": dict(model_type="gemma2", num_key_value_heads=4, sliding_window=64, attn_logit_softcapping=20.0,
+                        final_logit_softcapping=None, query_pre_attn_scalar=16, **_COMMON),
+    "tiny-gemma3": dict(model_type="gemma3_text", num_key_value_heads=4, sliding_window=64, query_pre_attn_scalar=16,
+                        **{**_COMMON, "num_hidden_layers": 3},
+                        layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+    "tiny-gpt-oss": dict(model_type="gpt_oss", num_key_value_heads=4, sliding_window=64, num_local_experts=4,
+                         num_experts_per_tok=2, **_COMMON),
+    "tiny-phi3": dict(model_type="phi3", num_key_value_heads=4, **_IDS, **{**_COMMON, "max_position_embeddings": 4096},
+                      original_max_position_embeddings=512,
+                      rope_scaling={"type": "longrope", "short_factor": [1.0 + i / 8 for i in range(8)],
+                                    "long_factor": [1.0 + i / 2 for i in range(8)]}),
+    "tiny-smollm3": dict(model_type="smollm3", num_key_value_heads=4, **_IDS, **_COMMON),
+    "tiny-deepseek-v3": dict(model_type="deepseek_v3", num_key_value_heads=12, kv_lora_rank=32, q_lora_rank=None,
+                             qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, n_routed_experts=4,
+                             num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+                             moe_intermediate_size=32, **{**_COMMON, "head_dim": 8}),
+    # refused when loaded (layers that are not softmax attention), to show the message
+    "tiny-lfm2": dict(model_type="lfm2", num_key_value_heads=4, full_attn_idxs=[1], **_COMMON),
+    "tiny-qwen3-next": dict(model_type="qwen3_next", num_key_value_heads=4, **_COMMON),
     # for benchmarks: wide heads and a thin MLP, so attention dominates the cost at long lengths
     "bench-attn": dict(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, head_dim=64, max_position_embeddings=131072,

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 from apb.config import Config
 from apb.methods import build_method, check_method_name, method_names
@@ -70,7 +71,9 @@ def random_prompt(n: int, vocab_size: int, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def reference_run(model, input_ids: torch.Tensor, n_tokens: int) -> Reference:
-    out = model(input_ids[None], use_cache=True)
+    # a cache without the model's config keeps every position of every layer: transformers' own
+    # would keep only a sliding layer's last window - 1, and the gathered cache holds them all
+    out = model(input_ids[None], use_cache=True, past_key_values=DynamicCache())
     cache = out.past_key_values
     keys = torch.stack([layer.keys[0] for layer in cache.layers])
     values = torch.stack([layer.values[0] for layer in cache.layers])

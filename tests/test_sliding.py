@@ -1,0 +1,251 @@
+"""Sliding-window and hybrid layers, exact under every method.
+
+The kernel's window is checked against an explicit masked softmax; the halo plan (pure) against
+what each host's rows must see, for every layout; and whole models (random weights, windows far
+shorter than the prompt, chunks shorter than the window so halos span several hosts) against one
+eager transformers forward and ``generate``, in both decode modes.
+"""
+
+import math
+
+import pytest
+import torch
+
+from apb.config import MethodConfig
+from apb.kernels import attention, merge_many
+from apb.methods import build_method
+from apb.methods.sliding import halo_plan, real_chunks
+from apb.model.loading import load_model
+from apb.parallel.groups.local import LocalWorkerGroup
+from apb.runtime.decode import Sampling
+from apb.runtime.worker import PromptRequest
+from apb.tools.verify import random_prompt, reference_run
+from test_model_features import N_NEW, assert_exact, run_methods, save_tiny
+
+WORLD = 3
+EXACT = ["full", "ring", "ulysses", "apb:uncompressed", "spava:uncompressed"]
+APPROX = ["star", "apb", "spava"]
+
+
+def _masked_softmax(q, k, v, q_pos, k_pos, window, scale, sinks=None):
+    """Explicit reference: scores, mask by positions, softmax (with a sink column), weighted sum."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1).double(), v.repeat_interleave(rep, 1).double()
+    s = q.double() @ k.transpose(-1, -2) * scale
+    d = q_pos[:, None] - k_pos[None, :]
+    s = s.masked_fill(~((d >= 0) & (d < window)), -math.inf)
+    if sinks is not None:
+        s = torch.cat([s, sinks.double().view(1, -1, 1, 1).expand(*s.shape[:3], 1)], -1)
+        v = torch.cat([v, v.new_zeros(*v.shape[:2], 1, v.shape[-1])], 2)
+    return torch.softmax(s, -1) @ v
+
+
+@pytest.mark.parametrize("window", [1, 3, 7, 40])
+def test_window_kernel_equals_the_masked_softmax(window):
+    torch.manual_seed(window)
+    q, k, v = torch.randn(1, 4, 12, 8), torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
+    sinks = torch.randn(4)
+    # aligned: the 12 queries are the last 12 of the 20 keys
+    out, _ = attention(q, k, v, causal=True, scale=0.3, window=window, sinks=sinks)
+    ref = _masked_softmax(q, k, v, torch.arange(8, 20), torch.arange(20), window, 0.3, sinks)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    # by positions, keys shuffled and split over three calls (as over hosts): merged, the same;
+    # the sink rides on the one causal call
+    perm = torch.randperm(20)
+    parts = [attention(q, k[:, :, p], v[:, :, p], causal=i == 2, scale=0.3, window=window, sinks=sinks,
+                       q_pos=torch.arange(8, 20), k_pos=p)
+             for i, p in enumerate(perm.chunk(3))]
+    torch.testing.assert_close(merge_many(parts)[0].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_window_arguments_are_checked():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="both q_pos and k_pos"):
+        attention(q, q, q, window=2, q_pos=torch.arange(4))
+    with pytest.raises(ValueError, match="at least one key"):
+        attention(q, q, q, window=0)
+    with pytest.raises(ValueError, match="causal=True"):
+        attention(q, q, q, causal=False, window=2)
+
+
+LAYOUTS = {
+    "ring": lambda n, w, q: build_method("ring", MethodConfig()).layout(n, w, q),
+    "ulysses": lambda n, w, q: build_method("ulysses", MethodConfig()).layout(n, w, q),
+    "star": lambda n, w, q: build_method("star", MethodConfig()).layout(n, w, q),
+    "apb": lambda n, w, q: build_method("apb", MethodConfig()).layout(n, w, q),
+    "spava": lambda n, w, q: build_method("spava", MethodConfig(anchor_len=20)).layout(n, w, q),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("n,world,window", [(301, 3, 16), (301, 4, 90), (257, 2, 300), (100, 4, 2)])
+def test_halo_plan_gives_every_real_row_its_whole_window_once(name, n, world, window):
+    n_query = 9
+    slices = LAYOUTS[name](n, world, n_query)
+    plans = [halo_plan(slices, r, window) for r in range(world)]
+    blocks = {i: s.rank for s in slices for c in s.blocks() for i in range(c.start, min(c.stop, n))}
+    for r, (s, plan) in enumerate(zip(slices, plans)):
+        local = set()
+        for c, real in zip(s.chunks, real_chunks(slices, r)):
+            if real:
+                local.update(range(c.start, min(c.stop, n)))
+        received = [int(i) for idx in plan.recv.values() for i in idx]
+        assert len(received) == len(set(received)) and not set(received) & local  # nothing twice, nothing held
+        for src, idx in plan.recv.items():
+            assert all(blocks[int(i)] == src for i in idx)  # from the host holding it as a block
+            assert torch.equal(plans[src].send[r], idx)  # what src sends is what r expects
+            rows = plans[src].send_rows[r]
+            assert torch.equal(slices[src].indices[rows], idx)  # and the rows it sends hold those tokens
+        seen = local | set(received)
+        for i in sorted(local):
+            assert set(range(max(0, i - window + 1), i + 1)) <= seen, f"host {r} row {i}"
+        needed = set()  # nothing beyond the window is sent
+        for i in local:
+            needed.update(range(max(0, i - window + 1), i + 1))
+        assert set(received) <= needed
+
+
+def test_anchor_copies_are_not_real_and_spava_anchors_are():
+    star = LAYOUTS["star"](301, 3, 9)
+    assert real_chunks(star, 1) == [False, True]  # anchor copy, block
+    apb = LAYOUTS["apb"](301, 3, 9)
+    assert [c.kind for c in apb[1].chunks][:3] == ["anchor"] * 3 and not any(real_chunks(apb, 1)[:3])
+    spava = LAYOUTS["spava"](301, 3, 9)
+    kinds = [c.kind for c, real in zip(spava[1].chunks, real_chunks(spava, 1)) if real]
+    assert kinds.count("anchor") == 3 and kinds.count("block") == 2 and kinds.count("query") == 1
+
+
+# ----------------------------------------------------------------------------- whole models
+
+
+@pytest.fixture(scope="module")
+def group():
+    with LocalWorkerGroup(WORLD, worker_kwargs={"device": "cpu", "timeout_s": 120}, timeout_s=300) as g:
+        yield g
+
+
+def _all_sliding(path):
+    return save_tiny(path, "mistral", sliding_window=40)
+
+
+@pytest.mark.parametrize("decode_mode", ["gather", "distributed"])
+def test_all_sliding_model_is_exact_under_every_method(group, tmp_path, decode_mode):
+    """Mistral, every layer sliding over 40 tokens, 301-token prompt (ring's chunks are 51, spava's
+    virtual blocks about 47, so halos come from one or two hosts back): with no global layer, even
+    the approximate methods have nothing to approximate, and all must equal eager."""
+    _, _, rows = run_methods(group, _all_sliding(tmp_path / "m"), 301, EXACT + APPROX, decode_mode=decode_mode)
+    assert_exact(rows, f"mistral sliding 40, {decode_mode}")
+
+
+HYBRIDS = {
+    # Gemma 3: two sliding layers, a global one, a sliding one (its own rope per layer type)
+    "gemma3_text": dict(sliding_window=24, num_hidden_layers=4, query_pre_attn_scalar=16,
+                        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]),
+    # Gemma 2: softcapped scores, sliding and global layers alternating
+    "gemma2": dict(sliding_window=24, attn_logit_softcapping=20.0, final_logit_softcapping=None,
+                   query_pre_attn_scalar=16),
+    # gpt-oss: attention sinks on sliding and global layers, MoE
+    "gpt_oss": dict(sliding_window=24, num_local_experts=4, num_experts_per_tok=2),
+    # Qwen2 with sliding windows on the first layer only (max_window_layers)
+    "qwen2": dict(sliding_window=24, use_sliding_window=True, max_window_layers=1),
+}
+
+
+@pytest.mark.parametrize("family", list(HYBRIDS))
+def test_hybrid_models_are_exact_under_the_exact_methods(group, tmp_path, family):
+    path = save_tiny(tmp_path / family, family, **HYBRIDS[family])
+    _, _, rows = run_methods(group, path, 241, EXACT)
+    assert_exact(rows, family)
+    _, _, rows = run_methods(group, path, 241, ["ring", "spava:uncompressed"], decode_mode="distributed")
+    assert_exact(rows, f"{family} distributed")
+
+
+@pytest.mark.parametrize("name", ["star", "spava"])
+def test_approximate_methods_keep_sliding_layers_exact(group, tmp_path, name):
+    """Gemma 3 (sliding, sliding, global, sliding): the K/V of layers 0-2 come from the inputs of
+    layers 0-2, which only sliding layers computed, so they equal eager's; layer 3's come after the
+    approximated global layer 2, and differ."""
+    path = save_tiny(tmp_path / "g3", "gemma3_text", **HYBRIDS["gemma3_text"])
+    ref_model = load_model(path, attn_implementation="eager")
+    ids = random_prompt(241, ref_model.config.vocab_size, 3)
+    ref = reference_run(ref_model, ids, N_NEW)
+    req = PromptRequest(str(path), ids, name, n_query=17, return_cache=True,
+                        sampling=Sampling(max_new_tokens=N_NEW, stop_at_eos=False))
+    got = group.call("run_prompt", req)[0]
+    for layer in range(3):
+        diff = (got.cache.keys[layer] - ref.keys[layer]).abs().max().item()
+        diff = max(diff, (got.cache.values[layer] - ref.values[layer]).abs().max().item())
+        assert diff <= 1e-4, f"{name} layer {layer}: K/V differ by {diff:.2e} after sliding layers only"
+    diff = (got.cache.keys[3] - ref.keys[3]).abs().max().item()
+    assert diff > 1e-3, f"{name}: layer 3 was expected to see the approximated global layer (K differs by {diff:.2e})"
+
+
+def test_one_host_bridge_slides_as_eager(tmp_path):
+    """The plain path (no context: one host, or decoding) applies the window itself."""
+    path = _all_sliding(tmp_path / "m")
+    ids = random_prompt(150, 256, 0)[None]
+    with torch.no_grad():
+        ours = load_model(path)(ids).logits
+        ref = load_model(path, attn_implementation="eager")(ids).logits
+        flat = load_model(path, attn_implementation="eager")
+        flat.config.sliding_window = None
+        assert (flat(ids).logits - ref).abs().max() > 1e-3  # the window matters at this length
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_halo_bytes_are_only_the_window(group, tmp_path):
+    """Ring at W=3 on an all-sliding model: each sliding layer's exchange moves exactly the halo
+    (window - 1 keys and values before each chunk that another host holds), counted on the wire."""
+    path = _all_sliding(tmp_path / "m")
+    n = 301
+    ids = random_prompt(n, 256, 0)
+    req = PromptRequest(str(path), ids, "ring", n_query=17, sampling=Sampling(max_new_tokens=1))
+    results = group.call("run_prompt", req)
+    slices = build_method("ring", MethodConfig()).layout(n, WORLD, 17)
+    model = load_model(path)
+    cfg = model.config
+    per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # K and V, float32
+    for r, res in enumerate(results):
+        expected = sum(idx.numel() for idx in halo_plan(slices, r, 40).send.values()) * per_token
+        sent = [o for o in res.stats["ops"] if o["op"] == "halo_exchange"]
+        assert len(sent) == cfg.num_hidden_layers
+        assert all(o["bytes"] == expected for o in sent), (r, sent, expected)
+
+
+def test_apb_run_answers_with_a_saved_hybrid_checkpoint(apb_bin, repo, tmp_path):
+    """A Gemma 3-style checkpoint (sliding, sliding, global, sliding; window 32) saved by
+    save_pretrained, through `apb run` at W=2 on documents of 200-700 tokens: ring and spava's
+    exact variant answer as full does, for every document."""
+    import json
+    import subprocess
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from apb.model.text import byte_tokenizer
+
+    ckpt = tmp_path / "hybrid"
+    cfg = AutoConfig.for_model("gemma3_text", vocab_size=512, hidden_size=96, intermediate_size=96,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32,
+                               query_pre_attn_scalar=16, num_hidden_layers=4, tie_word_embeddings=False,
+                               layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                            "sliding_attention"])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(ckpt, safe_serialization=True)
+    byte_tokenizer().save_pretrained(ckpt)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": f"d{i}", "context": "Alpha beta gamma delta. " * (8 + 10 * i),
+                                       "question": "Which word comes first?", "max_new_tokens": 6}) + "\n"
+                           for i in range(3)))
+    answers = {}
+    for method in ("full", "ring", "spava:uncompressed"):
+        dst = tmp_path / f"{method}.jsonl"
+        proc = subprocess.run([apb_bin, "run", "--config", str(repo / "configs/tiny-cpu.yaml"), "--set",
+                               f"model.name_or_path={ckpt}", "--world-size", "2", "--method", method,
+                               "--input", str(src), "--output", str(dst), "--no-progress"],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        recs = [json.loads(x) for x in dst.read_text().splitlines()]
+        assert [r["error"] for r in recs] == [None] * 3 and [r["id"] for r in recs] == ["d0", "d1", "d2"]
+        assert all(r["prompt_tokens"] > 32 for r in recs)
+        answers[method] = [r["answer"] for r in recs]
+    assert answers["ring"] == answers["full"] == answers["spava:uncompressed"]
