@@ -4,7 +4,10 @@ Host ``r`` holds contiguous chunk ``r`` (the prompt is right-padded to a multipl
 DeepSpeed's :class:`DistributedAttention` all-to-alls Q/K/V so each host holds the whole
 sequence for ``H/W`` heads, runs causal attention locally, and all-to-alls the output back.
 When the KV heads do not split evenly over ``W`` they are replicated to one per query head
-(the GQA grouping is then trivially preserved). Communication per layer: four all-to-alls
+(the GQA grouping is then trivially preserved). When the query heads do not split evenly either,
+zero heads are appended up to the next multiple of ``W`` (their outputs are dropped): hosts then
+hold ``ceil(H/W)`` or fewer real heads, and the padding adds ``(H'-H)/H`` to every all-to-all,
+counted in the bytes recorded. Communication per layer: four all-to-alls
 (q, k, v, out), each moving ``(W-1)/W`` of the local tensor.
 """
 
@@ -73,25 +76,25 @@ class Ulysses(Method):
     def layout(self, n_tokens, world_size, n_query=0):
         return layout.contiguous(n_tokens, world_size)
 
-    def check(self, model_config, world_size):
-        heads = model_config.num_attention_heads
-        if heads % world_size != 0:
-            raise ValueError(f"method 'ulysses' shards attention heads over hosts: num_attention_heads={heads} is not "
-                             f"divisible by world_size={world_size}; use a world size dividing {heads} or method 'ring'")
-
     def attention(self, ctx, module, q, k, v, scale):
         world = ctx.comm.size
         if world == 1:
             return attention(q, k, v, causal=True, scale=scale, **ctx.score_opts)[0]
         heads, kv_heads = q.shape[1], k.shape[1]
-        if kv_heads % world != 0:
+        pad = -heads % world
+        opts = ctx.score_opts
+        if kv_heads % world != 0 or pad:
             k, v = repeat_kv(k, heads // kv_heads), repeat_kv(v, heads // kv_heads)
+        if pad:  # DeepSpeed splits heads evenly: zero heads (scores 0 over zero values) fill the last share
+            q, k, v = (torch.cat([t, t.new_zeros(t.shape[0], pad, *t.shape[2:])], 1) for t in (q, k, v))
+            if opts.get("sinks") is not None:
+                opts = {**opts, "sinks": torch.cat([opts["sinks"], opts["sinks"].new_zeros(pad)])}
         if "ulysses" not in ctx.scratch:
             timer, call = [0.0], {}
             ctx.scratch["ulysses"] = (_deepspeed_attention(_local_attention(call, timer), ctx.comm.group), timer, call)
         dist_attn, timer, call = ctx.scratch["ulysses"]
         call.clear()
-        call.update(scale=scale, **_my_heads(ctx.score_opts, ctx.rank, world))
+        call.update(scale=scale, **_my_heads(opts, ctx.rank, world))
         t0, local0 = time.perf_counter(), timer[0]
         out = dist_attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0)
         # DeepSpeed does its own four exchanges (q, k, v, output); count each here: (W-1)/W of
@@ -99,4 +102,4 @@ class Ulysses(Method):
         exchange_s = time.perf_counter() - t0 - (timer[0] - local0)
         for t in (q, k, v, out):
             ctx.comm.record_external("all_to_all", t.numel() * t.element_size() * (world - 1) // world, exchange_s / 4)
-        return out.transpose(1, 2)
+        return out.transpose(1, 2)[:, :heads]
