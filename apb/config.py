@@ -45,6 +45,11 @@ class ParallelConfig(_Section):
     threads: Optional[int] = Field(
         None, ge=1, description="CPU threads per worker process; unset: local workers split this machine's cores "
                                 "between them (at least one each), Ray and torchrun workers keep torch's default")
+    memory_gb: Optional[float] = Field(
+        None, gt=0, description="memory one host may use, in GiB: documents whose estimate (apb.runtime.memory) "
+                                "exceeds it are refused before they run; unset: the CUDA device's total memory, "
+                                "or for local CPU workers this machine's available memory shared among them "
+                                "(Ray/torchrun CPU hosts: no limit checked)")
     max_retries: int = Field(
         1, ge=0, description="times a document is tried again, on a freshly started worker group, after a "
                              "transient failure (a worker died, timed out or ran out of memory) before its error "

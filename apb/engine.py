@@ -38,6 +38,7 @@ from apb.model.catalog import resolve_model
 from apb.model.features import check_supported
 from apb.model.text import encode_document, eos_ids, load_tokenizer
 from apb.parallel import groups
+from apb.runtime import memory
 from apb.runtime.decode import Sampling
 from apb.runtime.worker import PromptRequest
 
@@ -135,6 +136,9 @@ class Engine:
             raise ConfigError(f"method.name={cfg.method.name!r}: {e}") from None
         self._group = group
         self._owns_group = group is None
+        p = cfg.parallel
+        self.memory_budget = memory.device_budget(p.device, p.world_size, p.launcher, p.memory_gb)
+        self._n_params: int | None = None
 
     @classmethod
     def from_config(cls, source: str | Path | dict | None = None, overrides: dict | None = None,
@@ -185,6 +189,7 @@ class Engine:
             max_new = check_document(doc, self.cfg.decode.max_new_tokens)
             ids, n_query = encode_prompt(self.tokenizer, doc, max_new, self.max_tokens, self.method.query_phase)
             self.check_sizes(int(ids.numel()), n_query)
+            self.check_memory(int(ids.numel()), n_query, max_new)
         except DocumentError as e:
             return self.record(doc_id, error=str(e), extra=extra)
         request, tries = self._request(ids, n_query, max_new), self.cfg.parallel.max_retries + 1
@@ -207,6 +212,24 @@ class Engine:
         return self.record(doc_id, answer=answer, prompt_tokens=int(ids.numel()), prefill_s=result.prefill_s,
                            decode_s=result.decode_s, extra=extra)
 
+    def estimate_one(self, doc: Any, fallback_id: str) -> dict:
+        """What :meth:`process_one` would check, without running: the document's id, prompt tokens,
+        each host's estimated memory (:class:`~apb.runtime.memory.HostMemory` as dicts) and the
+        error it would be refused with (None if it would run)."""
+        out = {"id": record_id(doc, fallback_id), "prompt_tokens": 0, "hosts": [], "error": None}
+        try:
+            if isinstance(doc, DocumentError):
+                raise doc
+            max_new = check_document(doc, self.cfg.decode.max_new_tokens)
+            ids, n_query = encode_prompt(self.tokenizer, doc, max_new, self.max_tokens, self.method.query_phase)
+            out["prompt_tokens"] = int(ids.numel())
+            self.check_sizes(int(ids.numel()), n_query)
+            out["hosts"] = [h.as_dict() for h in self.memory_estimate(int(ids.numel()), n_query, max_new)]
+            self.check_memory(int(ids.numel()), n_query, max_new)
+        except DocumentError as e:
+            out["error"] = str(e)
+        return out
+
     def check_sizes(self, n_tokens: int, n_query: int) -> None:
         """:class:`DocumentError` when the method cannot lay this prompt out over the configured W
         hosts (:meth:`~apb.methods.base.Method.check_sizes`): refused here, not in a worker."""
@@ -214,6 +237,24 @@ class Engine:
             self.method.check_sizes(n_tokens, n_query, self.cfg.parallel.world_size)
         except ValueError as e:
             raise DocumentError(str(e)) from None
+
+    def memory_estimate(self, n_tokens: int, n_query: int, max_new: int) -> list[memory.HostMemory]:
+        """Per host, the estimated memory of one prompt (:func:`apb.runtime.memory.estimate`)."""
+        if self._n_params is None:
+            self._n_params = memory.parameter_count(self.model_path)
+        return memory.estimate(self.method, self.model_config, self._n_params, n_tokens, n_query,
+                               self.cfg.parallel.world_size, self.cfg.model.dtype, self.cfg.decode.mode, max_new)
+
+    def check_memory(self, n_tokens: int, n_query: int, max_new: int) -> None:
+        """:class:`DocumentError` (final) when a host's estimate exceeds :attr:`memory_budget`."""
+        if self.memory_budget is None:
+            return
+        hosts = self.memory_estimate(n_tokens, n_query, max_new)
+        if max(h.total for h in hosts) > self.memory_budget:
+            raise DocumentError(f"estimated memory too large: a prompt of {n_tokens} tokens at W="
+                                f"{self.cfg.parallel.world_size}: {memory.describe(hosts)}, over the "
+                                f"{self.memory_budget / memory.GIB:.2f} GiB a host may use (parallel.memory_gb); "
+                                "use more hosts, decode.mode: distributed, a 16-bit model.dtype or a shorter document")
 
     def _request(self, ids: torch.Tensor, n_query: int, max_new: int) -> PromptRequest:
         d = self.cfg.decode

@@ -50,10 +50,10 @@ def test_length_dependent_rope_is_not_shifted():
     assert rope_shift(model) is None
 
 
-def _layer0_scoring_queries(query_positions: str):
-    """Run apb's context phase of tiny-llama with threads as 3 hosts; record, per host, the query
+def _layer0_scoring_queries(query_positions: str, preset: str = "tiny-llama"):
+    """Run apb's context phase of ``preset`` with threads as 3 hosts; record, per host, the query
     vectors its compressor scored with at layer 0."""
-    model = load_model(resolve_model("tiny-llama"))
+    model = load_model(resolve_model(preset))
     world, n_ctx, n_query = 3, 150, 7
     n = n_ctx + n_query
     ids = torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(0))
@@ -119,3 +119,32 @@ def test_apb_refuses_true_positions_on_length_dependent_rope_at_load():
         apb.check(dynamic, 4)
     build_method("apb", MethodConfig(name="apb", query_positions="anchor")).check(dynamic, 4)
     build_method("apb:uncompressed", MethodConfig(name="apb")).check(dynamic, 4)  # nothing is scored
+
+
+def test_shift_of_an_mla_query_turns_only_its_rope_part():
+    """DeepSeek-V3's query is [no-rope part, rope part]: the layer-0 query of the same tokens at
+    positions p and p + 400, as the model computes them, differ by the shift of the rope part alone."""
+    from transformers import AttentionInterface
+
+    from apb.model.hf_bridge import ATTN_IMPLEMENTATION, apb_attention_forward
+
+    model = load_model(resolve_model("tiny-deepseek-v3"))
+    seen = []
+
+    def spy(module, q, k, v, mask, **kw):
+        if module.layer_idx == 0:
+            seen.append(q.clone())
+        return apb_attention_forward(module, q, k, v, mask, **kw)
+
+    ids = torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(1))
+    AttentionInterface.register(ATTN_IMPLEMENTATION, spy)
+    try:
+        with torch.no_grad():
+            for start in (20, 420):
+                model(input_ids=ids, position_ids=torch.arange(start, start + 9)[None], use_cache=False)
+    finally:
+        AttentionInterface.register(ATTN_IMPLEMENTATION, apb_attention_forward)
+    shift = rope_shift(model)
+    assert shift is not None and seen[0].shape[-1] == 24
+    torch.testing.assert_close(shift.shift(seen[0], 400), seen[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(seen[0][..., :16], seen[1][..., :16])

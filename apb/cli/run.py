@@ -13,7 +13,9 @@ import subprocess
 import sys
 import tempfile
 
-from apb.cli.common import add_config_args, config_from
+from pathlib import Path
+
+from apb.cli.common import UsageError, add_config_args, config_from
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -28,11 +30,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, help="default: parallel.world_size")
     p.add_argument("--method", help="default: method.name")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true",
+                   help="start no worker: print each document's prompt length and estimated memory per host "
+                        "(weights, KV cache, activations, transfers, decode), and which would be refused")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from(args, _own_overrides(args))
+    if args.dry_run:
+        return _dry_run(cfg, args)
     if cfg.parallel.launcher == "torchrun":
         return _run_torchrun(cfg, args)
     # imported on use: `apb --help` builds every subcommand's parser and must not load torch
@@ -43,6 +50,40 @@ def run(args: argparse.Namespace) -> int:
         summary = engine.process_file(args.input, args.output, progress=not args.no_progress,
                                       retry_errors=args.retry_errors)
     print(f"apb: {summary_line(summary)}; wrote {args.output}")
+    return 0
+
+
+def _dry_run(cfg, args: argparse.Namespace) -> int:
+    """Estimate every document of the input, run none (no worker group is started)."""
+    # imported on use: `apb --help` builds every subcommand's parser and must not load torch
+    from apb.batch import read_jsonl
+    from apb.engine import Engine
+    from apb.runtime.memory import GIB
+
+    path = Path(args.input)
+    if not path.is_file():
+        raise UsageError(f"--input: {str(path)!r} does not exist")
+    engine = Engine(cfg)
+    budget = engine.memory_budget
+    print(f"method {cfg.method.name} at W={cfg.parallel.world_size}, {cfg.model.dtype}, decode {cfg.decode.mode}; "
+          f"budget per host: " + (f"{budget / GIB:.2f} GiB" if budget is not None else "not known (no check)"))
+    print(f"{'id':<24} {'tokens':>8} {'peak host':>10} {'GiB':>7} {'weights':>8} {'kv':>7} {'activ':>7} "
+          f"{'transfer':>8} {'decode':>7}  verdict")
+    refused = 0
+    for line_no, doc in read_jsonl(path):
+        row = engine.estimate_one(doc, f"line-{line_no}")
+        refused += row["error"] is not None
+        if row["hosts"]:
+            worst = max(row["hosts"], key=lambda h: h["total"])
+            figures = " ".join(f"{worst[k] / GIB:>{w}.3f}" for k, w in
+                               (("total", 7), ("weights", 8), ("kv", 7), ("activations", 7), ("transfer", 8),
+                                ("decode", 7)))
+            host = str(worst["rank"])
+        else:
+            figures, host = " " * 50, "-"
+        verdict = "ok" if row["error"] is None else f"refused: {row['error']}"
+        print(f"{row['id'][:24]:<24} {row['prompt_tokens']:>8} {host:>10} {figures}  {verdict}")
+    print(f"apb: dry run, {refused} document(s) would be refused; nothing was run or written")
     return 0
 
 

@@ -41,12 +41,18 @@ class RopeShift:
         """``x`` (batch, heads, tokens, head_dim), rotated by ``delta`` more positions."""
         if delta == 0:
             return x
-        cos, sin = self._cos_sin(x, delta)
-        return self.apply(x, x, cos.to(x.dtype), sin.to(x.dtype))[0]
+        return self._apply(x, *self._cos_sin(x, delta))
 
     def rotate(self, x: torch.Tensor, position: int) -> torch.Tensor:
         """``x`` rotated as the model rotates a vector at ``position`` (used to check :meth:`shift`)."""
-        cos, sin = self.rotary(x, torch.tensor([[position]], device=x.device))
+        return self._apply(x, *self.rotary(x, torch.tensor([[position]], device=x.device)))
+
+    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # a head wider than the rotary (multi-head latent attention: DeepSeek) rotates only its
+        # last dims, as the model does (its query is [no-rope part, rope part])
+        d = cos.shape[-1]
+        if x.shape[-1] > d:
+            return torch.cat([x[..., :-d], self._apply(x[..., -d:].contiguous(), cos, sin)], -1)
         return self.apply(x, x, cos.to(x.dtype), sin.to(x.dtype))[0]
 
 
@@ -85,7 +91,8 @@ def _find(model: torch.nn.Module) -> RopeShift | None:
 def _composes(shift: RopeShift, model: torch.nn.Module) -> bool:
     """Whether rotating at ``p`` then shifting by ``d`` equals the model's rotation at ``p + d``."""
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = getattr(cfg, "qk_head_dim", None) or getattr(cfg, "head_dim", None) \
+        or cfg.hidden_size // cfg.num_attention_heads
     param = next(model.parameters())
     x = torch.randn(1, 2, 3, head_dim, generator=torch.Generator().manual_seed(0)).to(param.device)
     try:

@@ -1,0 +1,97 @@
+"""The per-host memory estimate: its weights and KV figures against what a real prefill holds, and
+documents refused for memory before any worker starts (Engine and `apb run --dry-run`)."""
+
+import json
+import subprocess
+
+import pytest
+
+from apb.config import MethodConfig
+from apb.engine import Engine
+from apb.methods import build_method
+from apb.model.catalog import resolve_model
+from apb.model.loading import load_model
+from apb.parallel.groups.local import LocalWorkerGroup
+from apb.runtime import memory
+from apb.runtime.decode import Sampling
+from apb.runtime.worker import PromptRequest
+from apb.tools.verify import random_prompt
+
+WORLD = 3
+
+
+def test_weights_are_the_loaded_models_bytes():
+    path = resolve_model("tiny-llama")
+    model = load_model(path)
+    assert memory.parameter_count(path) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-deepseek-v3"])  # GQA; MLA's latent pair
+def test_kv_figure_is_the_cache_each_host_returns(preset):
+    """Every method at W=3: the estimate's KV bytes per host equal the K/V tensors that host returns."""
+    path = resolve_model(preset)
+    cfg = load_model(path).config
+    n, n_query = 301, 17
+    ids = random_prompt(n, cfg.vocab_size, 0)
+    with LocalWorkerGroup(WORLD, worker_kwargs={"device": "cpu", "timeout_s": 120}, timeout_s=300) as group:
+        for name in ["full", "ring", "ulysses", "star", "apb", "spava"]:
+            method = build_method(name, MethodConfig())
+            hosts = memory.estimate(method, cfg, 0, n, n_query, WORLD, "float32", "gather", 1)
+            req = PromptRequest(str(path), ids, name, n_query=n_query, return_cache=True,
+                                sampling=Sampling(max_new_tokens=1))
+            for res, est in zip(group.call("run_prompt", req), hosts):
+                held = res.cache.keys.numel() * 4 + res.cache.values.numel() * 4 if res.cache is not None else 0
+                if res.rank != 0:  # only the decode host returns the gathered cache; others their part's size
+                    continue
+                whole = n * cfg.num_hidden_layers * memory.kv_bytes_per_token(cfg, 4)
+                assert held == whole, (preset, name, held, whole)
+            # each host's own part: the positions its layout caches (the query on host 0 with a query phase)
+            for s, est in zip(method.layout(n, WORLD, n_query), hosts):
+                cached = int(s.valid.sum()) + (n_query if method.query_phase and s.rank == 0 else 0)
+                assert est.kv == cached * cfg.num_hidden_layers * memory.kv_bytes_per_token(cfg, 4), (name, s.rank)
+            assert sum(h.kv for h in hosts) == n * cfg.num_hidden_layers * memory.kv_bytes_per_token(cfg, 4)
+
+
+def test_gather_mode_counts_three_copies_of_the_whole_cache_on_the_decode_host():
+    cfg = load_model(resolve_model("tiny-llama")).config
+    method = build_method("ring", MethodConfig())
+    per = memory.kv_bytes_per_token(cfg, 2) * cfg.num_hidden_layers
+    gather = memory.estimate(method, cfg, 10, 1000, 0, 4, "bfloat16", "gather", 8)
+    dist = memory.estimate(method, cfg, 10, 1000, 0, 4, "bfloat16", "distributed", 8)
+    assert gather[0].decode == 3 * 1000 * per + 8 * per and dist[0].decode == 8 * per
+    assert all(h.decode == 0 for h in gather[1:]) and gather[0].weights == 20
+
+
+def test_a_document_too_large_is_refused_before_any_worker_starts(repo):
+    engine = Engine.from_config(repo / "configs/tiny-cpu.yaml", overrides={"parallel.memory_gb": 0.005},
+                                method="spava")
+    small = engine.process_one({"id": "s", "context": "Alpha beta. " * 3, "question": "Which?",
+                                "max_new_tokens": 2}, 0)
+    assert small["error"] is None or "memory" not in small["error"]
+    engine.close()
+    engine = Engine.from_config(repo / "configs/tiny-cpu.yaml", overrides={"parallel.memory_gb": 0.005},
+                                method="spava")
+    rec = engine.process_one({"id": "big", "context": "Alpha beta gamma delta. " * 300, "question": "Which?"}, 0)
+    assert rec["error_kind"] == "final" and "estimated memory too large: a prompt of" in rec["error"]
+    assert "GiB a host may use (parallel.memory_gb)" in rec["error"] and "decode.mode: distributed" in rec["error"]
+    assert engine._group is None  # refused on the driver: no worker was started for it
+
+
+def test_dry_run_prints_every_document_and_runs_none(apb_bin, repo, tmp_path):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join([json.dumps({"id": "ok", "context": "Alpha beta. " * 40, "question": "Which?"}),
+                              "not json",
+                              json.dumps({"id": "big", "context": "Alpha beta gamma delta. " * 250,
+                                          "question": "Which?"})]) + "\n")
+    proc = subprocess.run([apb_bin, "run", "--config", str(repo / "configs/tiny-cpu.yaml"), "--input", str(src),
+                           "--output", str(dst), "--method", "apb", "--dry-run", "--set", "parallel.memory_gb=0.02"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "budget per host: 0.02 GiB" in lines[0]
+    ok = next(x for x in lines if x.startswith("ok "))
+    assert ok.rstrip().endswith("ok")
+    assert any(x.startswith("line-2") and "not valid JSON" in x for x in lines)
+    big = next(x for x in lines if x.startswith("big "))
+    assert "refused: estimated memory too large" in big
+    assert "2 document(s) would be refused" in lines[-1] and not dst.exists()
