@@ -5,8 +5,12 @@ communication workers there do not need. A test selects a group from here by poi
 ``apb.parallel.groups.LAUNCHERS["local"]`` at it, in its own process.
 """
 
+import os
+import signal
+
 import torch
 
+from apb.methods.base import AttnContext
 from apb.parallel.groups.local import LocalWorkerGroup
 from apb.runtime.worker import Worker
 
@@ -27,3 +31,28 @@ class NaNLogitsGroup(LocalWorkerGroup):
 
     def __init__(self, world_size, worker_kwargs=None, timeout_s=300.0, **kwargs):
         super().__init__(world_size, "_faulty_workers:NaNLogitsWorker", worker_kwargs, timeout_s, **kwargs)
+
+
+class DieMidPrefillWorker(Worker):
+    """Rank 1 SIGKILLs itself at layer 1 of a prefill, once: when the file named by
+    ``APB_DIE_ONCE`` does not exist yet (it is created first, so the retry runs clean). The other
+    ranks are then inside the layer's collectives, as with a host lost mid-prefill."""
+
+    def run_prompt(self, req):
+        marker = os.environ.get("APB_DIE_ONCE")
+        if marker and self.env.rank == 1 and not os.path.exists(marker):
+            open(marker, "w").close()
+            real = AttnContext.step
+
+            def step(ctx, module, *args, **kwargs):
+                if int(module.layer_idx) == 1:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return real(ctx, module, *args, **kwargs)
+
+            AttnContext.step = step
+        return super().run_prompt(req)
+
+
+class DieMidPrefillGroup(LocalWorkerGroup):
+    def __init__(self, world_size, worker_kwargs=None, timeout_s=300.0, **kwargs):
+        super().__init__(world_size, "_faulty_workers:DieMidPrefillWorker", worker_kwargs, timeout_s, **kwargs)
