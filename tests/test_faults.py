@@ -83,3 +83,58 @@ def test_driver_killed_mid_batch_then_resumed(apb_bin, repo, tmp_path):
     assert lines[:len(finished)] == finished  # kept as written: the same prefill times, not recomputed
     assert all(r["error"] is None for r in recs)
     assert f"{len(docs) - len(finished)} documents (0 errors, {len(finished)} already done)" in again.stdout
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        with open(f"/proc/{pid}/stat") as f:
+            pid = int(f.read().rsplit(")", 1)[1].split()[1])  # the parent pid
+    return False
+
+
+def _torchrun_rank(rank: int, ancestor: int) -> int | None:
+    """The pid of torchrun worker ``rank`` started under process ``ancestor`` (from /proc)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+            mine = b"apb.cli.torchrun_main" in cmd and f"RANK={rank}".encode() in env and \
+                _descends_from(int(pid), ancestor)
+        except OSError:
+            continue
+        if mine:
+            return int(pid)
+    return None
+
+
+def test_torchrun_rank_killed_stops_the_batch_and_keeps_what_is_done(apb_bin, repo, tmp_path):
+    """Under torchrun a dead rank cannot be replaced: the run stops with a non-zero status and a
+    message, the records already written stay, and a re-run answers the rest."""
+    docs = [dict(d, id=f"doc-{i}") for i, d in enumerate(DOCS * 3)]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    cmd = [apb_bin, "run", "--config", str(repo / "configs/tiny-cpu.yaml"), "--launcher", "torchrun",
+           "--world-size", "2", "--method", "ring", "--set", "parallel.timeout_s=60", "--input", str(src),
+           "--output", str(dst), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and (not dst.exists() or not dst.read_text().strip()):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    victim = _torchrun_rank(1, proc.pid)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "apb: a worker failed" in err or "ChildFailedError" in err or "failed" in err.lower(), err[-2000:]
+    kept = dst.read_text().splitlines()
+    assert 1 <= len(kept) < len(docs) and all(json.loads(x)["error"] is None for x in kept if x.strip().endswith("}"))
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    recs = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert sorted(r["id"] for r in recs) == sorted(d["id"] for d in docs)
+    assert all(r["error"] is None for r in recs)

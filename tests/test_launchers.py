@@ -11,39 +11,53 @@ from apb.parallel.groups.ray import local_ranks, rank_order
 
 DOCS = [{"id": f"d{i}", "context": "Alpha beta gamma delta. " * (30 + 25 * i), "question": f"Which letter {i}?",
          "max_new_tokens": 5} for i in range(3)]
-BAD = [{"id": "bad", "context": "", "question": "q"}, {"id": "bad2", "question": "q"}]
+# a mixed batch: empty, missing field, too short for spava at W=2 (needs 4 context tokens), too long
+# for the model (8192 positions), not UTF-8, a wrong type; and a good one with metadata to carry
+BAD = [{"id": "bad", "context": "", "question": "q"}, {"id": "bad2", "question": "q"},
+       {"id": "short", "context": "A", "question": "q?"}, {"id": "long", "context": "x" * 9000, "question": "q"},
+       b'{"id": "utf", "context": "\xff\xfe", "question": "q"}', {"id": "type", "context": 42, "question": "q"},
+       dict(DOCS[0], id="meta", source="web", depth=0.5)]
+#: per id, what its error record must name (None: answered)
+CAUSES = {"bad": "empty", "bad2": "missing field 'context'", "short": "needs at least 4", "long": "exceeds the model's limit",
+          "line-7": "not valid UTF-8", "type": "must be a string", "meta": None}
 
 
 def _jsonl(path, recs):
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    path.write_bytes(b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in recs))
 
 
 def _run(apb_bin, repo, launcher, src, dst):
     return subprocess.run([apb_bin, "run", "--config", str(repo / "configs/tiny-cpu.yaml"), "--launcher", launcher,
-                           "--world-size", "2", "--method", "apb", "--input", str(src), "--output", str(dst),
+                           "--world-size", "2", "--method", "spava", "--input", str(src), "--output", str(dst),
                            "--no-progress"], capture_output=True, text=True, timeout=600)
 
 
-def test_ray_and_torchrun_give_the_same_answers(apb_bin, repo, tmp_path):
+def test_every_launcher_gives_the_same_answers_to_a_mixed_batch(apb_bin, repo, tmp_path):
+    """spava at W=2 under local, Ray and torchrun: one record per input, each bad document an error
+    record naming its cause (final: kept on resume), the good ones answered alike everywhere."""
     src = tmp_path / "in.jsonl"
     _jsonl(src, DOCS[:2] + BAD + DOCS[2:])
     outs = {}
-    for launcher in ("ray", "torchrun"):
+    for launcher in ("local", "ray", "torchrun"):
         dst = tmp_path / f"{launcher}.jsonl"
         proc = _run(apb_bin, repo, launcher, src, dst)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         recs = [json.loads(x) for x in dst.read_text().splitlines()]
-        assert [r["id"] for r in recs] == ["d0", "d1", "bad", "bad2", "d2"]
-        assert [r["error"] is None for r in recs] == [True, True, False, False, True]
+        assert [r["id"] for r in recs] == ["d0", "d1", *CAUSES, "d2"], launcher
+        for r in recs:
+            cause = CAUSES.get(r["id"])
+            if cause is None:
+                assert r["error"] is None and isinstance(r["answer"], str), (launcher, r)
+            else:
+                assert r["error_kind"] == "final" and cause in r["error"], (launcher, r)
+        meta = next(r for r in recs if r["id"] == "meta")
+        assert (meta["source"], meta["depth"]) == ("web", 0.5)
         outs[launcher] = {r["id"]: r["answer"] for r in recs}
-    assert outs["ray"] == outs["torchrun"]
-    # re-running processes nothing new and duplicates nothing
-    before = (tmp_path / "torchrun.jsonl").read_text()
-    proc = _run(apb_bin, repo, "torchrun", src, tmp_path / "torchrun.jsonl")
-    assert proc.returncode == 0, proc.stderr
-    after = [json.loads(x) for x in (tmp_path / "torchrun.jsonl").read_text().splitlines()]
-    assert sorted(r["id"] for r in after) == sorted(json.loads(x)["id"] for x in before.splitlines())
-    assert {r["id"]: r["answer"] for r in after} == outs["torchrun"]
+        # a second run adds nothing: every record is settled (answers and final errors)
+        before = dst.read_text()
+        proc = _run(apb_bin, repo, launcher, src, dst)
+        assert proc.returncode == 0 and dst.read_text() == before, proc.stdout + proc.stderr
+    assert outs["local"] == outs["ray"] == outs["torchrun"]
 
 
 @pytest.fixture(scope="module")
