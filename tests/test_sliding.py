@@ -249,3 +249,27 @@ def test_apb_run_answers_with_a_saved_hybrid_checkpoint(apb_bin, repo, tmp_path)
         assert all(r["prompt_tokens"] > 32 for r in recs)
         answers[method] = [r["answer"] for r in recs]
     assert answers["ring"] == answers["full"] == answers["spava:uncompressed"]
+
+
+def test_decoding_drops_what_a_sliding_layer_can_no_longer_see():
+    """One host, a 50-token cache, window 8: decoding position 50 keeps positions 43..50 of that
+    layer (and all of a global one), and attends exactly as over the whole cache with the window."""
+    from types import SimpleNamespace
+
+    from apb.methods.cache_attention import CacheAttnContext
+    from apb.parallel.comm import Comm
+
+    torch.manual_seed(0)
+    k, v = torch.randn(1, 2, 50, 8), torch.randn(1, 2, 50, 8)
+    ctx = CacheAttnContext(Comm(None), {0: (k, v), 1: (k, v)}, torch.arange(50), holds_new=True, trim_windows=True)
+    q, nk, nv = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
+    ctx.start_step(torch.tensor([50]))
+    out = ctx.step(SimpleNamespace(layer_idx=0), q, nk, nv, 0.3, sliding_window=8)
+    ctx.step(SimpleNamespace(layer_idx=1), q, nk, nv, 0.3)
+    assert ctx.kv[0][0].shape[2] == 8 and ctx.kv[1][0].shape[2] == 51
+    whole_k, whole_v = torch.cat([k, nk], 2), torch.cat([v, nv], 2)
+    ref = _masked_softmax(q, whole_k, whole_v, torch.tensor([50]), torch.arange(51), 8, 0.3)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    ctx.start_step(torch.tensor([51]))  # the next token: one more entry out, one in
+    ctx.step(SimpleNamespace(layer_idx=0), q, nk, nv, 0.3, sliding_window=8)
+    assert ctx.kv[0][0].shape[2] == 8 and ctx._layer_positions[0].tolist() == list(range(44, 52))

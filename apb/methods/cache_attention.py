@@ -59,16 +59,20 @@ class CacheAttnContext:
 
     ``kv`` maps layer -> this host's cached (k, v) (an MLA layer: its latent pair); ``positions``
     are their global positions. The host with ``holds_new`` appends the new tokens' entries to its
-    cache as they are computed.
+    cache as they are computed. With ``trim_windows`` (decoding, where the cache is not kept
+    afterwards), a sliding layer drops the entries no later token can see, on every host, and
+    keeps its own positions from then on.
     """
 
-    def __init__(self, comm: Comm, kv: dict, positions: torch.Tensor, holds_new: bool):
+    def __init__(self, comm: Comm, kv: dict, positions: torch.Tensor, holds_new: bool, trim_windows: bool = False):
         self.comm = comm
         self.kv = dict(kv)
         self.positions = positions
         self.holds_new = holds_new
+        self.trim_windows = trim_windows
         self._new_positions: torch.Tensor | None = None
         self._cache_positions = positions
+        self._layer_positions: dict[int, torch.Tensor] = {}  # trimmed layers only
 
     def start_step(self, positions: torch.Tensor) -> None:
         """The new tokens' positions; every layer of this step sees the cache as it was before them."""
@@ -81,21 +85,32 @@ class CacheAttnContext:
         self.comm.stats.layer = layer
         self.comm.stats.tick(layer)
         cached = self.kv.get(layer)
-        cache_k, cache_v = (None, None) if cached is None else cached
-        if expand is not None and cache_k is not None and cache_k.shape[2] > 0:
-            cache_k, cache_v = expand(cache_k, cache_v)
+        cache_pos = self._layer_positions.get(layer, self._cache_positions)
         window = {}
         if sliding_window is not None:
             if self._new_positions is None:
                 raise RuntimeError("CacheAttnContext.start_step(positions) must come before a sliding layer")
-            window = dict(window=sliding_window, q_pos=self._new_positions.to(q.device),
-                          cache_pos=self._cache_positions.to(q.device))
+            new_pos = self._new_positions.to(q.device)
+            cache_pos = cache_pos.to(q.device)
+            if self.trim_windows and cached is not None:
+                seen = cache_pos > new_pos.min() - sliding_window  # positions only grow: the rest is gone for good
+                if not bool(seen.all()):
+                    cached = tuple(t[:, :, seen] for t in cached)
+                    cache_pos = cache_pos[seen]
+                    self.kv[layer], self._layer_positions[layer] = cached, cache_pos
+            window = dict(window=sliding_window, q_pos=new_pos, cache_pos=cache_pos)
+        cache_k, cache_v = (None, None) if cached is None else cached
+        if expand is not None and cache_k is not None and cache_k.shape[2] > 0:
+            cache_k, cache_v = expand(cache_k, cache_v)
         out, lse = local_partial(q, cache_k, cache_v, k, v, scale, self.holds_new, **window,
                                  **score_options(softcap, sinks))
         merged = merge_over_hosts(self.comm, out, lse)
         if self.holds_new:
             new = latent or (k, v)
             self.kv[layer] = new if cached is None else tuple(torch.cat([c, t], 2) for c, t in zip(cached, new))
+            if layer in self._layer_positions:
+                self._layer_positions[layer] = torch.cat([self._layer_positions[layer],
+                                                          self._new_positions.to(cache_pos.device)])
             if layer == 0 and self._new_positions is not None:
                 self.positions = torch.cat([self.positions, self._new_positions.to(self.positions.device)])
         return merged.to(q.dtype)

@@ -88,7 +88,7 @@ def decode_distributed(model, result, comm: Comm, n_past: int, sampling: Samplin
     device = next(model.parameters()).device
     cache = result.cache
     kv = {i: (cache.keys[i][None], cache.values[i][None]) for i in range(cache.keys.shape[0])}
-    ctx = CacheAttnContext(comm, kv, cache.positions, holds_new=comm.rank == decode_rank)
+    ctx = CacheAttnContext(comm, kv, cache.positions, holds_new=comm.rank == decode_rank, trim_windows=True)
     comm.stats.phase = Phase.DECODE
 
     def choose(tok: int) -> int:
