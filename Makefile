@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.apb-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean gpu-check
 
 install: $(STAMP)
 
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q tests
+
+# on a CUDA machine: kernels, apb verify at W=1 (and W=2 with two GPUs), apb bench at 32K-128K
+gpu-check: $(STAMP)
+	$(PY) -m apb.tools.gpu_check --json docs/results/gpu-check.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -79,10 +79,12 @@ def reference_run(model, input_ids: torch.Tensor, n_tokens: int) -> Reference:
     values = torch.stack([layer.values[0] for layer in cache.layers])
     # the workers decode past EOS (stop_at_eos=False); so must the reference, without min_new_tokens,
     # which would also forbid EOS where a real model picks it
+    # (eos_token_id=None would not do: generate() fills unset fields back from the model's defaults,
+    # EOS included, and stopped at a random model's EOS; an empty list stops at nothing)
     config = copy.deepcopy(model.generation_config)
-    config.eos_token_id = None
-    gen = model.generate(input_ids[None], attention_mask=torch.ones_like(input_ids[None]), generation_config=config,
-                         do_sample=False, max_new_tokens=n_tokens, pad_token_id=0)
+    config.eos_token_id = []
+    config.do_sample, config.max_new_tokens, config.min_new_tokens, config.pad_token_id = False, n_tokens, None, 0
+    gen = model.generate(input_ids[None], attention_mask=torch.ones_like(input_ids[None]), generation_config=config)
     return Reference(out.logits[0, -1].float(), keys, values, gen[0, input_ids.numel():].tolist())
 
 
