@@ -11,12 +11,13 @@ apb eval $COMMON --tasks passkey --methods full,star,apb,spava --world-size 4 --
 apb eval $COMMON --tasks passkey --methods full,star,apb,spava --world-size 4 --lengths 8000 --json $OUT/passkey-8000-w4.json
 apb eval $COMMON --tasks niah --methods full,star,apb,spava --world-size 4 --lengths 4096 --json $OUT/niah-4096-w4.json
 apb eval $COMMON --tasks passkey --methods apb,spava --world-size 8 --lengths 8000 --json $OUT/passkey-8000-w8.json
-# spava sizes (anchor_len: a fraction of n/W; passing_len: of a virtual block, about n/2W)
-for size in 0.125 0.25 0.5; do
+# spava sizes (anchor_len: a fraction of n/W; passing_len: of a virtual block, about n/2W; at W=4
+# 0.125 is anchor n/32 and passing n/64, 0.25 n/16 and n/32, 0.5 n/8 and n/16)
+for s in "0.125 a32-p64" "0.25 a16-p32" "0.5 a8-p16"; do set -- $s
   apb eval $COMMON --tasks niah --methods spava --world-size 4 --lengths 4096 \
-    --set method.anchor_len=$size --set method.passing_len=$size --json $OUT/niah-4096-w4-spava-$size.json
+    --set method.anchor_len=$1 --set method.passing_len=$1 --json $OUT/niah-4096-w4-spava-$2.json
 done
-for size in 0.25 0.5; do
+for s in "0.5 a8-p16" "0.25 a16-p32"; do set -- $s
   apb eval $COMMON --tasks passkey --methods spava --world-size 4 --lengths 8000 \
-    --set method.anchor_len=$size --set method.passing_len=$size --json $OUT/passkey-8000-w4-spava-$size.json
+    --set method.anchor_len=$1 --set method.passing_len=$1 --json $OUT/passkey-8000-w4-spava-$2.json
 done
