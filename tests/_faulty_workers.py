@@ -12,6 +12,7 @@ import torch
 
 from apb.methods.base import AttnContext
 from apb.parallel.groups.local import LocalWorkerGroup
+from apb.parallel.groups.ray import RayWorkerGroup
 from apb.runtime.worker import Worker
 
 
@@ -56,3 +57,10 @@ class DieMidPrefillWorker(Worker):
 class DieMidPrefillGroup(LocalWorkerGroup):
     def __init__(self, world_size, worker_kwargs=None, timeout_s=300.0, **kwargs):
         super().__init__(world_size, "_faulty_workers:DieMidPrefillWorker", worker_kwargs, timeout_s, **kwargs)
+
+
+class DieMidPrefillRayGroup(RayWorkerGroup):
+    """A Ray group whose actors run :class:`DieMidPrefillWorker` (tests/ must be on the actors' path)."""
+
+    def __init__(self, world_size, ray_cfg, worker_cls=None, worker_kwargs=None, timeout_s=300.0):
+        super().__init__(world_size, ray_cfg, "_faulty_workers:DieMidPrefillWorker", worker_kwargs, timeout_s)

@@ -138,3 +138,21 @@ def test_torchrun_rank_killed_stops_the_batch_and_keeps_what_is_done(apb_bin, re
     recs = [json.loads(x) for x in dst.read_text().splitlines()]
     assert sorted(r["id"] for r in recs) == sorted(d["id"] for d in docs)
     assert all(r["error"] is None for r in recs)
+
+
+def test_ray_actor_killed_mid_prefill_is_retried_on_a_fresh_group(repo, tmp_path, monkeypatch, clean_answers):
+    """The same fault under Ray: rank 1's actor SIGKILLs itself at layer 1 of the first prefill."""
+    import ray
+
+    marker = tmp_path / "died"
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"PYTHONPATH": str(repo / "tests"), "APB_DIE_ONCE": str(marker)}})
+    try:
+        monkeypatch.setitem(groups.LAUNCHERS, "ray", "_faulty_workers:DieMidPrefillRayGroup")
+        with Engine.from_config(repo / "configs/tiny-cpu.yaml", method="apb", launcher="ray", max_new_tokens=3) as e:
+            recs = list(e.process(DOCS))
+    finally:
+        ray.shutdown()
+    assert marker.exists()
+    assert [r["error"] for r in recs] == [None] * 3
+    assert [r["answer"] for r in recs] == clean_answers
