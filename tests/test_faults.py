@@ -59,7 +59,7 @@ def test_driver_killed_mid_batch_then_resumed(apb_bin, repo, tmp_path):
     """`apb run` SIGKILLed once two records are on disk, a torn half line left after them as a kill
     during a write leaves one; the re-run keeps the finished records as they were (not recomputed),
     drops the torn line, and writes exactly one record per input."""
-    docs = [dict(d, id=f"doc-{i}") for i, d in enumerate(DOCS * 3)]
+    docs = [dict(d, id=f"doc-{i}") for i, d in enumerate(DOCS * 2)]
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps(d) + "\n" for d in docs))
     cmd = [apb_bin, "run", "--config", str(repo / "configs/tiny-cpu.yaml"), "--method", "ring", "--input", str(src),

@@ -17,7 +17,6 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
     assert all(r["max_abs_out_diff"] < 1e-5 and r["max_abs_lse_diff"] < 1e-5 for r in rows.values())
     for world in ("W1", "W2"):
         verify = report["verify"][world]
-        assert verify["exit"] == 0 and {r["method"] for r in verify["rows"]} >= {"full", "ring", "ulysses", "star",
-                                                                                "apb", "spava"}
+        assert verify["exit"] == 0 and {r["method"] for r in verify["rows"]} >= {"full", "ring", "apb"}
         assert all(r["passed"] for r in verify["rows"])
     assert report["bench"]["exit"] == 0 and report["bench"]["report"] is not None

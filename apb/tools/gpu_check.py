@@ -30,6 +30,8 @@ from apb.kernels import attention, available_backends
 
 METHODS = "full,ring,ulysses,star,apb,spava"
 BENCH_METHODS = "full,ring,apb,spava"
+#: with --quick (the CPU plumbing check): fewer methods, one short length
+QUICK_METHODS, QUICK_BENCH_METHODS, QUICK_LENGTHS = "full,ring,apb", "full,apb", "512"
 
 
 def kernels_stage(device: str, quick: bool) -> dict:
@@ -75,7 +77,7 @@ def verify_stage(device: str, quick: bool, work: Path) -> dict:
             out[f"W{world}"] = {"skipped": f"{_ranks(device)} GPU(s): the runtime places one rank per device"}
             continue
         path = work / f"verify-w{world}.json"
-        rc, tail = _apb(["verify", "--methods", METHODS, "--world-size", str(world), "--prompt-len", str(n),
+        rc, tail = _apb(["verify", "--methods", QUICK_METHODS if quick else METHODS, "--world-size", str(world), "--prompt-len", str(n),
                          "--tokens", "4", "--dtype", "bfloat16" if device == "cuda" else "float32",
                          "--set", f"parallel.device={device}", "--json", str(path)], 1200)
         out[f"W{world}"] = {"exit": rc, "rows": json.loads(path.read_text())["results"] if path.exists() else None,
@@ -85,8 +87,8 @@ def verify_stage(device: str, quick: bool, work: Path) -> dict:
 
 def bench_stage(device: str, quick: bool, work: Path) -> dict:
     world = min(2, _ranks(device))
-    methods = BENCH_METHODS if world > 1 else "full"
-    lengths = "1024,2048" if quick else "32768,65536,131072"
+    methods = (QUICK_BENCH_METHODS if quick else BENCH_METHODS) if world > 1 else "full"
+    lengths = QUICK_LENGTHS if quick else "32768,65536,131072"
     path = work / "bench.json"
     rc, tail = _apb(["bench", "--methods", methods, "--lengths", lengths, "--world-size", str(world), "--repeats",
                      "1" if quick else "3", "--set", f"parallel.device={device}", "--set",
