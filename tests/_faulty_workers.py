@@ -64,3 +64,18 @@ class DieMidPrefillRayGroup(RayWorkerGroup):
 
     def __init__(self, world_size, ray_cfg, worker_cls=None, worker_kwargs=None, timeout_s=300.0):
         super().__init__(world_size, ray_cfg, "_faulty_workers:DieMidPrefillWorker", worker_kwargs, timeout_s)
+
+
+class RefusingWorker(Worker):
+    """Refuses (ValueError, on every rank, before any collective) a prompt asking for 7 new tokens,
+    as a model or size check inside the worker would."""
+
+    def run_prompt(self, req):
+        if req.sampling.max_new_tokens == 7:
+            raise ValueError("layer 3 does something this runtime refuses; use another model")
+        return super().run_prompt(req)
+
+
+class RefusingGroup(LocalWorkerGroup):
+    def __init__(self, world_size, worker_kwargs=None, timeout_s=300.0, **kwargs):
+        super().__init__(world_size, "_faulty_workers:RefusingWorker", worker_kwargs, timeout_s, **kwargs)

@@ -156,3 +156,26 @@ def test_ray_actor_killed_mid_prefill_is_retried_on_a_fresh_group(repo, tmp_path
     assert marker.exists()
     assert [r["error"] for r in recs] == [None] * 3
     assert [r["answer"] for r in recs] == clean_answers
+
+
+def test_a_refusal_inside_a_worker_is_final_and_not_retried(repo, monkeypatch, clean_answers):
+    """A ValueError raised in the workers (a deliberate refusal) becomes a final error record at
+    once, without a retry; the group is rebuilt (peers may be inside a collective) and the batch
+    goes on."""
+    monkeypatch.setitem(groups.LAUNCHERS, "local", "_faulty_workers:RefusingGroup")
+    monkeypatch.setenv("PYTHONPATH", str(repo / "tests"))
+    docs = [DOCS[0], dict(DOCS[1], max_new_tokens=7), DOCS[2]]
+    started = []
+    real = groups.start_group
+
+    def counting(*args, **kwargs):
+        started.append(real(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr("apb.engine.groups.start_group", counting, raising=False)
+    with Engine.from_config(repo / "configs/tiny-cpu.yaml", method="apb", max_new_tokens=3) as e:
+        recs = list(e.process(docs))
+    assert recs[1]["error_kind"] == "final" and recs[1]["error"].startswith("refused by a worker: ")
+    assert "layer 3 does something this runtime refuses" in recs[1]["error"]
+    assert [recs[0]["answer"], recs[2]["answer"]] == [clean_answers[0], clean_answers[2]]
+    assert len(started) == 2  # one group up to the refusal, a fresh one after it: no retry in between

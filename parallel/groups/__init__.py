@@ -21,11 +21,23 @@ from typing import Any, Protocol, runtime_checkable
 
 
 class WorkerError(RuntimeError):
-    """A worker raised, died, or did not answer in time."""
+    """A worker raised, died, or did not answer in time.
 
-    def __init__(self, message: str, rank: int | None = None):
+    ``refused`` marks a deliberate refusal: the worker raised a ``ValueError`` (how the runtime
+    refuses a model, a size or an option it cannot run), which would be raised again on any group,
+    so the driver does not retry it. The group is closed all the same: other ranks may be waiting
+    in a collective the refusing rank never joined.
+    """
+
+    def __init__(self, message: str, rank: int | None = None, refused: bool = False):
         super().__init__(message)
         self.rank = rank
+        self.refused = refused
+
+
+def is_refusal(exc: BaseException | None) -> bool:
+    """Whether a worker's exception is a deliberate refusal (see :class:`WorkerError`)."""
+    return isinstance(exc, ValueError)
 
 
 @runtime_checkable

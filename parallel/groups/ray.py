@@ -28,7 +28,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from apb.parallel.groups import WorkerError
+from apb.parallel.groups import WorkerError, is_refusal
 
 
 class _Host:
@@ -133,7 +133,7 @@ class RayWorkerGroup:
             raise WorkerError(f"a worker actor died during {what!r}: {e}") from None
         except RayTaskError as e:
             self.close(force=True)
-            raise WorkerError(f"a worker failed during {what!r}:\n{e}") from None
+            raise WorkerError(f"a worker failed during {what!r}:\n{e}", refused=is_refusal(e.cause)) from None
         except GetTimeoutError:
             self.close(force=True)
             raise WorkerError(f"no reply to {what!r} within {timeout_s:.0f}s") from None

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from apb.parallel.groups import WorkerError
+from apb.parallel.groups import WorkerError, is_refusal
 
 _STOP = "__stop__"
 
@@ -41,7 +41,7 @@ class TorchrunGroup:
             mine = getattr(self.worker, fn)(*args, **kwargs)
         except Exception as e:
             self.closed = True
-            raise WorkerError(f"rank 0 failed during {fn!r}: {e}", rank=0) from e
+            raise WorkerError(f"rank 0 failed during {fn!r}: {e}", rank=0, refused=is_refusal(e)) from e
         return [mine] + [None] * (self.world_size - 1)
 
     def close(self, force: bool = False) -> None:
