@@ -110,3 +110,19 @@ def test_rank_order_groups_by_node_rank0_node_first():
     order = rank_order(where)
     assert order == [0, 2, 1, 3]
     assert local_ranks([where[i] for i in order]) == [0, 1, 0, 1]
+
+
+def test_ray_workers_are_not_restarted_by_bad_documents(ray_local, repo, tmp_path):
+    """The mixed batch through the Python API on Ray: the same actors (pids) before and after it."""
+    from apb.engine import Engine
+
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _jsonl(src, DOCS[:2] + BAD)  # the same lines as above: the UTF-8 one is line 7
+    with Engine.from_config(repo / "configs/tiny-cpu.yaml", method="spava", launcher="ray", world_size=2,
+                            max_new_tokens=3) as e:
+        before = e.group.pids()
+        e.process_file(src, dst, progress=False)
+        assert e.group.pids() == before
+    recs = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert [r["id"] for r in recs] == ["d0", "d1", *CAUSES]
+    assert [r["error"] is None for r in recs] == [True, True] + [c is None for c in CAUSES.values()]
