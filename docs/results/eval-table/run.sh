@@ -17,7 +17,7 @@ for s in "0.125 a32-p64" "0.25 a16-p32" "0.5 a8-p16"; do set -- $s
   apb eval $COMMON --tasks niah --methods spava --world-size 4 --lengths 4096 \
     --set method.anchor_len=$1 --set method.passing_len=$1 --json $OUT/niah-4096-w4-spava-$2.json
 done
-for s in "0.5 a8-p16" "0.25 a16-p32"; do set -- $s
+for s in "0.5 a8-p16" "all a8-pall"; do set -- $s
   apb eval $COMMON --tasks passkey --methods spava --world-size 4 --lengths 8000 \
-    --set method.anchor_len=$1 --set method.passing_len=$1 --json $OUT/passkey-8000-w4-spava-$2.json
+    --set method.anchor_len=0.5 --set method.passing_len=$1 --json $OUT/passkey-8000-w4-spava-$2.json
 done
