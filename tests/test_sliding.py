@@ -214,8 +214,8 @@ def test_halo_bytes_are_only_the_window(group, tmp_path):
 
 def test_apb_run_answers_with_a_saved_hybrid_checkpoint(apb_bin, repo, tmp_path):
     """A Gemma 3-style checkpoint (sliding, sliding, global, sliding; window 32) saved by
-    save_pretrained, through `apb run` at W=2 on documents of 200-700 tokens: ring and spava's
-    exact variant answer as full does, for every document."""
+    save_pretrained, through `apb run` at W=2 on documents of 200-700 tokens: ring answers as
+    full does, for every document."""
     import json
     import subprocess
 
@@ -237,7 +237,7 @@ def test_apb_run_answers_with_a_saved_hybrid_checkpoint(apb_bin, repo, tmp_path)
                                        "question": "Which word comes first?", "max_new_tokens": 6}) + "\n"
                            for i in range(3)))
     answers = {}
-    for method in ("full", "ring", "spava:uncompressed"):
+    for method in ("full", "ring"):
         dst = tmp_path / f"{method}.jsonl"
         proc = subprocess.run([apb_bin, "run", "--config", str(repo / "configs/tiny-cpu.yaml"), "--set",
                                f"model.name_or_path={ckpt}", "--world-size", "2", "--method", method,
@@ -248,7 +248,7 @@ def test_apb_run_answers_with_a_saved_hybrid_checkpoint(apb_bin, repo, tmp_path)
         assert [r["error"] for r in recs] == [None] * 3 and [r["id"] for r in recs] == ["d0", "d1", "d2"]
         assert all(r["prompt_tokens"] > 32 for r in recs)
         answers[method] = [r["answer"] for r in recs]
-    assert answers["ring"] == answers["full"] == answers["spava:uncompressed"]
+    assert answers["ring"] == answers["full"]
 
 
 def test_decoding_drops_what_a_sliding_layer_can_no_longer_see():
