@@ -8,8 +8,9 @@ them:
   (query ``i`` sees keys ``0 .. kv_len - q_len + i``). flash-attn does this natively; torch's
   kernels are top-left aligned, so for them a bottom-right call is split into a non-causal
   part (the keys every query sees) and a square causal part, merged by LSE;
-* grouped-query attention: flash-attn takes fewer KV heads natively; the torch CPU kernel
-  needs them repeated.
+* grouped-query attention: flash-attn, torch's CPU flash kernel (probed once, see
+  :func:`_native_gqa`) and ``naive`` take fewer KV heads as they are; K/V are repeated (a copy)
+  only for a torch kernel that cannot.
 
 Shapes: ``q`` is (batch, heads, q_len, dim), ``k`` is (batch, kv_heads, kv_len, dim) and ``v``
 is (batch, kv_heads, kv_len, v_dim) with ``heads % kv_heads == 0``; ``v_dim`` may differ from
@@ -279,9 +280,10 @@ _NAIVE_CHUNK = 1 << 26
 
 @register_backend("naive")
 def _naive(q, k, v, causal: bool, scale: float, softcap: float | None = None, visible=None):
-    """``visible(rows)``, when given, is the mask of the keys rows ``rows`` see (``causal`` unused)."""
-    rep = q.shape[1] // k.shape[1]
-    kf, vf = repeat_kv(k, rep).float(), repeat_kv(v, rep).float()
+    """``visible(rows)``, when given, is the mask of the keys rows ``rows`` see (``causal`` unused).
+
+    Grouped-query heads are folded into the rows of their KV head, so K/V are never repeated."""
+    kf, vf = k.float(), v.float()
     q_len, kv_len = q.shape[2], k.shape[2]
     rows = max(1, _NAIVE_CHUNK // max(1, q.shape[0] * q.shape[1] * kv_len))
     parts = [_naive_rows(q[:, :, s:s + rows], kf, vf, causal, scale, softcap, s + kv_len - q_len,
@@ -292,25 +294,34 @@ def _naive(q, k, v, causal: bool, scale: float, softcap: float | None = None, vi
 
 def _naive_rows(q, kf, vf, causal, scale, softcap, offset, visible=None):
     """Rows of the naive softmax; row ``i`` sees keys ``0 .. offset + i`` when causal, or ``visible``."""
-    scores = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale
+    b, h, r, _ = q.shape
+    g, rep = kf.shape[1], h // kf.shape[1]
+    # (b, g, rep * r, d): each KV head's query group as one matrix; a (r, kv) mask broadcasts over rep
+    scores = torch.matmul(q.float().reshape(b, g, rep * r, -1), kf.transpose(-1, -2)) * scale
+    scores = scores.view(b, g, rep, r, kf.shape[2])
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     if visible is not None:
         scores = scores.masked_fill(~visible, -math.inf)
     elif causal:
-        qi = torch.arange(q.shape[2], device=q.device)[:, None]
+        qi = torch.arange(r, device=q.device)[:, None]
         kj = torch.arange(kf.shape[2], device=q.device)[None, :]
         scores = scores.masked_fill(kj > qi + offset, -math.inf)
     lse = torch.logsumexp(scores, dim=-1)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    probs = torch.exp(scores - safe[..., None])
-    return torch.matmul(probs, vf), lse
+    probs = torch.exp(scores - safe[..., None]).view(b, g, rep * r, kf.shape[2])
+    return torch.matmul(probs, vf).view(b, h, r, vf.shape[-1]), lse.view(b, h, r)
 
 
 @register_backend("torch_flash")
 def _torch_flash(q, k, v, causal: bool, scale: float):
-    rep = q.shape[1] // k.shape[1]
-    k, v = repeat_kv(k, rep), repeat_kv(v, rep)
+    if not _native_gqa(q.device.type):
+        rep = q.shape[1] // k.shape[1]
+        k, v = repeat_kv(k, rep), repeat_kv(v, rep)
+    return _torch_sdpa(q, k, v, causal, scale)
+
+
+def _torch_sdpa(q, k, v, causal: bool, scale: float):
     if q.is_cuda:
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, None, True, 0.0, causal, scale=scale)[:2]
@@ -318,6 +329,29 @@ def _torch_flash(q, k, v, causal: bool, scale: float):
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, causal, attn_mask=None, scale=scale)
     return out, lse.float()
+
+
+# per device type: whether torch's kernel takes fewer KV heads than query heads itself
+_GQA_NATIVE: dict[str, bool] = {}
+
+
+def _native_gqa(device_type: str) -> bool:
+    """Whether torch's kernel on ``device_type`` does grouped-query attention without repeated K/V.
+
+    Probed once per device type against the repeated call (torch >= 2.5's CPU flash kernel does;
+    older builds raise or differ), so every torch in the supported range gets the copy-free call
+    where it exists and the repeat where it does not."""
+    if device_type not in _GQA_NATIVE:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, h, 5, 8, generator=g).to(device_type) for h in (4, 2, 2))
+        try:
+            out, lse = _torch_sdpa(q, k, v, True, 0.35)
+            ref, ref_lse = _torch_sdpa(q, repeat_kv(k, 2), repeat_kv(v, 2), True, 0.35)
+            _GQA_NATIVE[device_type] = bool(torch.allclose(out, ref, atol=1e-5) and
+                                            torch.allclose(lse, ref_lse, atol=1e-5))
+        except RuntimeError:
+            _GQA_NATIVE[device_type] = False
+    return _GQA_NATIVE[device_type]
 
 
 def _flash_attn_func():

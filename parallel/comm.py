@@ -281,18 +281,27 @@ class RingComm:
         self._recv: torch.Tensor | None = None
         self._committed = False
 
-    def send_recv(self, to_send: torch.Tensor) -> torch.Tensor:
+    def send_recv(self, to_send, into=None):
+        """Queue sending ``to_send`` (a tensor, or a tuple of tensors: one message each) to the next
+        rank and receiving the previous rank's into ``into`` (the same structure and shapes;
+        allocated when None, so a caller can alternate two buffers instead). Returns the receive
+        buffers."""
         c = self.comm
-        to_send = to_send.contiguous()
-        recv = torch.empty_like(to_send)
+        single = isinstance(to_send, torch.Tensor)
+        sends = [t.contiguous() for t in ((to_send,) if single else to_send)]
+        recvs = [torch.empty_like(t) for t in sends] if into is None else list((into,) if single else into)
+        if [(t.shape, t.dtype) for t in recvs] != [(t.shape, t.dtype) for t in sends]:
+            raise ValueError(f"ring receive buffers {[tuple(t.shape) for t in recvs]} do not match what is sent "
+                             f"{[tuple(t.shape) for t in sends]}")
         nxt, prv = (c.rank + 1) % c.size, (c.rank - 1) % c.size
-        # even ranks send first and odd ranks receive first, so blocking transports cannot deadlock
-        send = dist.P2POp(dist.isend, to_send, c.global_rank(nxt), c.group)
-        get = dist.P2POp(dist.irecv, recv, c.global_rank(prv), c.group)
-        self._ops += [send, get] if c.rank % 2 == 0 else [get, send]
-        self._bytes += _nbytes(to_send)
-        self._recv = recv
-        return recv
+        for out, got in zip(sends, recvs):
+            # even ranks send first and odd ranks receive first, so blocking transports cannot deadlock
+            send = dist.P2POp(dist.isend, out, c.global_rank(nxt), c.group)
+            get = dist.P2POp(dist.irecv, got, c.global_rank(prv), c.group)
+            self._ops += [send, get] if c.rank % 2 == 0 else [get, send]
+            self._bytes += _nbytes(out)
+        self._recv = recvs[0] if single else tuple(recvs)
+        return self._recv
 
     def commit(self) -> None:
         if self._committed:

@@ -38,6 +38,22 @@ class CommWorker:
             seen.append(int(cur.item()))
         return seen, self.comm.stats.calls("ring_send_recv")
 
+    def ring_pairs_into_two_buffers(self):
+        """Pass (id, 2 x id) pairs all the way round as two messages, received into two buffers
+        alternated by step (as the ring method does); returns what was seen and whether each step
+        came back in its own buffer."""
+        r = self.comm.rank
+        cur = (torch.tensor([float(r)]), torch.full((2, 3), 2.0 * r))
+        bufs = [tuple(torch.empty_like(t) for t in cur) for _ in range(2)]
+        ring, seen, own = self.comm.ring(), [], []
+        for step in range(self.comm.size - 1):
+            ring.send_recv(cur, into=bufs[step % 2])
+            ring.commit()
+            cur = ring.wait()
+            seen.append((int(cur[0].item()), cur[1].unique().tolist()))
+            own.append(all(a.data_ptr() == b.data_ptr() for a, b in zip(cur, bufs[step % 2])))
+        return seen, own
+
     def ring_wait_without_commit(self):
         """send_recv then wait, skipping commit (must raise); then the step, committed, still runs."""
         comm = Comm(self.state.sp_group, CommStats())  # own counters: ring_steps counts its calls

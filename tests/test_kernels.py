@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from apb.kernels import (attention, available_backends, force_backend, merge, merge_many, register_backend,
+from apb.kernels import (attention, available_backends, force_backend, merge, merge_, merge_many, register_backend,
                          select_backend)
 
 attn_mod = importlib.import_module("apb.kernels.attention")
@@ -119,6 +119,26 @@ def test_attention_matches_reference(backend, causal, b, h, kvh, q_len, kv_len, 
     assert out.dtype == dtype
     ref_out, ref_lse = ref_attention(q, k, v, causal)
     assert_matches(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_grouped_query_attention_never_repeats_kv(backend, causal, monkeypatch):
+    """Where torch's kernel takes grouped heads itself (this torch's CPU kernel does), no K/V copy
+    is made: a repeat would fail the call. Where it cannot, the repeat keeps the result exact."""
+    q, k, v = make_qkv(1, 9, 3, 6, 14, seed=5)
+    ref_out, ref_lse = ref_attention(q, k, v, causal)
+    assert attn_mod._native_gqa("cpu")
+
+    def no_repeat(x, n_rep):
+        raise AssertionError(f"K/V repeated {n_rep}x")
+    with monkeypatch.context() as m:
+        m.setattr(attn_mod, "repeat_kv", no_repeat)
+        out, lse = attention(q, k, v, causal=causal, backend=backend)
+    assert_matches(out, lse, ref_out, ref_lse, torch.float32)
+    monkeypatch.setitem(attn_mod._GQA_NATIVE, "cpu", False)  # a torch whose kernel cannot
+    out, lse = attention(q, k, v, causal=causal, backend=backend)
+    assert_matches(out, lse, ref_out, ref_lse, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -647,3 +667,26 @@ def test_value_head_size_differs_merged_across_blocks(backend):
     out, lse = merge_many(parts)
     ref_out, ref_lse = ref_attention(q, k, v, True)
     assert_matches(out, lse, ref_out, ref_lse, torch.float32)
+
+
+def test_merge_in_place_equals_merge_many_bit_for_bit():
+    """The ring merges partials into one accumulator as they arrive: the same floats as merging
+    the list at the end, empty partials (lse -inf) included."""
+    g = torch.Generator().manual_seed(3)
+    parts = []
+    for i in range(5):
+        out = torch.randn(1, 4, 6, 8, generator=g).to(torch.bfloat16 if i % 2 else torch.float32)
+        lse = torch.randn(1, 4, 6, generator=g) * 3
+        if i == 2:
+            lse[:, :, :3] = -math.inf
+            out[:, :, :3] = 0
+        parts.append((out, lse))
+    ref_out, ref_lse = merge_many(parts)
+    acc_out = torch.zeros(1, 4, 6, 8)
+    acc_lse = torch.full((1, 4, 6), -math.inf)
+    for o, l in parts:
+        merge_(acc_out, acc_lse, o, l)
+    assert torch.equal(acc_out, ref_out) and torch.equal(acc_lse, ref_lse)
+    empty_out, empty_lse = torch.zeros(1, 4, 6, 8), torch.full((1, 4, 6), -math.inf)
+    merge_(empty_out, empty_lse, torch.zeros(1, 4, 6, 8), torch.full((1, 4, 6), -math.inf))
+    assert torch.isneginf(empty_lse).all() and not empty_out.isnan().any()

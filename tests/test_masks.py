@@ -53,7 +53,8 @@ class ThreadComm:
             sh["barrier"].wait()
             return got
 
-        return SimpleNamespace(send_recv=lambda t: sh["slots"].__setitem__(rank, t), commit=lambda: None, wait=wait)
+        return SimpleNamespace(send_recv=lambda t, into=None: sh["slots"].__setitem__(rank, t), commit=lambda: None,
+                               wait=wait)
 
 
 def run_hosts(method, n, n_query, world, vecs):

@@ -38,6 +38,19 @@ def test_ring_passes_every_rank_in_order(group3):
         assert calls == 2
 
 
+def test_ring_moves_pairs_into_alternating_buffers(group3):
+    for rank, (seen, own) in enumerate(group3.call("ring_pairs_into_two_buffers")):
+        prev = [(rank - s) % 3 for s in (1, 2)]
+        assert seen == [(p, [2.0 * p]) for p in prev]
+        assert own == [True, True]
+
+
+def test_ring_refuses_mismatched_buffers():
+    ring = Comm(None).ring()
+    with pytest.raises(ValueError, match="receive buffers"):
+        ring.send_recv((torch.zeros(3), torch.zeros(2)), into=(torch.zeros(3), torch.zeros(3)))
+
+
 def test_ring_wait_without_commit_raises(group3):
     for rank, (error, received) in enumerate(group3.call("ring_wait_without_commit")):
         assert "without a committed step" in error

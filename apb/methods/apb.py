@@ -105,19 +105,30 @@ class APB(Anchored):
         copy at anchor positions; see :mod:`apb.model.rope`)."""
         if not self.compressor.needs_query:
             return None
-        rows = (ctx.mine.indices >= ctx.n_ctx).nonzero().flatten()
-        q_rows = q[:, :, rows.to(q.device)]
-        if rows.numel() == 0 or not self._scores_at_true_positions():
-            return q_rows
-        deltas = (ctx.mine.indices - ctx.mine.positions)[rows]
-        if not bool((deltas == deltas[0]).all()):  # the layout keeps the query contiguous
-            raise RuntimeError(f"the query's rows sit at uneven offsets from their true positions: {deltas.tolist()}")
-        if int(deltas[0]) == 0:
+        rows, delta = self._query_rows_at(ctx)
+        q_rows = q[:, :, rows]
+        if delta == 0 or not self._scores_at_true_positions():
             return q_rows
         if ctx.rope is None:  # check() passed on the config, but the model's rotary could not be moved
             raise RuntimeError("apb cannot move the query to its true positions with this model's rotary embedding; "
                                "set method.query_positions: anchor")
-        return ctx.rope.shift(q_rows, int(deltas[0]))
+        return ctx.rope.shift(q_rows, delta)
+
+    @staticmethod
+    def _query_rows_at(ctx) -> tuple[slice, int]:
+        """(local rows of the query's copy, true position - its position), once per prompt from the
+        layout on the CPU: a slice and an int, so no layer syncs with the device over them."""
+        if "query_rows" not in ctx.scratch:
+            mine = ctx.mine
+            rows = ((mine.indices >= ctx.n_ctx) & (mine.indices < ctx.n_tokens)).nonzero().flatten().tolist()
+            if rows and rows != list(range(rows[0], rows[-1] + 1)):
+                raise RuntimeError(f"the query's rows on host {ctx.rank} are not contiguous: {rows}")
+            deltas = (mine.indices - mine.positions)[rows].tolist()
+            if len(set(deltas)) > 1:  # the layout keeps the query contiguous
+                raise RuntimeError(f"the query's rows sit at uneven offsets from their true positions: {deltas}")
+            ctx.scratch["query_rows"] = (slice(rows[0], rows[-1] + 1) if rows else slice(0, 0),
+                                         deltas[0] if deltas else 0)
+        return ctx.scratch["query_rows"]
 
 
 def _share(host, p: int) -> int:

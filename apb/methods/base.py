@@ -159,6 +159,17 @@ class AttnContext:
     def n_ctx(self) -> int:
         return self.n_tokens - self.n_query
 
+    def kept_rows(self, device: torch.device) -> slice | torch.Tensor:
+        """The local rows this host caches: a slice when they come first (a view, no copy), else an
+        index tensor on ``device``. Built once per prompt from the layout, on the CPU, so that no
+        layer waits on a host-to-device copy or a data-dependent mask (each is a GPU sync)."""
+        key = ("kept_rows", str(device))
+        if key not in self.scratch:
+            valid = self.mine.valid
+            n = int(valid.sum())
+            self.scratch[key] = slice(0, n) if bool(valid[:n].all()) else valid.nonzero().flatten().to(device)
+        return self.scratch[key]
+
     def step(self, module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              scale: float, sliding_window: int | None = None, softcap: float | None = None,
              sinks: torch.Tensor | None = None, latent: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -168,8 +179,8 @@ class AttnContext:
         layer = int(module.layer_idx)
         self.comm.stats.layer = layer
         self.comm.stats.tick(layer)
-        valid = self.mine.valid.to(k.device)
-        self.kv[layer] = tuple(t[:, :, valid] for t in (latent or (k, v)))
+        keep = self.kept_rows(k.device)
+        self.kv[layer] = tuple(t[:, :, keep] for t in (latent or (k, v)))
         self.score_opts = score_options(softcap, sinks)
         if sliding_window is not None and self.n_tokens > sliding_window:
             # exact in every method; a window that covers the prompt makes this a global layer

@@ -2,8 +2,10 @@
 
 Host ``r`` holds zigzag chunks ``r`` and ``2W-1-r``. At step ``s`` it holds the K/V of host
 ``(r - s) mod W`` and sends it on to ``r + 1`` while computing on it (send/commit before the
-compute, wait after). A query chunk ``i`` attends to a key chunk ``j`` fully if ``j < i``,
-causally if ``j == i``, and not at all if ``j > i``; the partials are merged by LSE. Padding
+compute, wait after), alternating two receive buffers kept for the prompt, so nothing is
+allocated or copied per step. A query chunk ``i`` attends to a key chunk ``j`` fully if ``j < i``,
+causally if ``j == i``, and not at all if ``j > i``; each partial is merged by LSE into one
+float32 accumulator per query chunk as soon as it is computed. Padding
 lies only at the global end, so it always falls in a skipped or causally masked position.
 Communication per layer: ``W-1`` ring steps of ``2 x kv_heads x (n/W) x head_dim`` elements.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from apb.kernels import attention, merge_many
+from apb.kernels import attention, merge_
 from apb.methods.registry import register_method
 from apb.methods.base import Method
 from apb.methods.cost import HostWork
@@ -38,24 +40,37 @@ class Ring(Method):
         mine = ctx.mine
         size = mine.chunks[0].size
         q_parts = [(c.chunk_id, q[:, :, i * size:(i + 1) * size]) for i, c in enumerate(mine.chunks)]
-        partials: list[list] = [[] for _ in q_parts]
-        # keys and values travel as one tensor, side by side in the last dim (their head sizes may differ: MLA)
-        kv, dk = torch.cat([k, v], dim=-1), k.shape[-1]
+        acc_out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=torch.float32, device=q.device)
+        acc_lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        # keys and values travel as two messages (their head sizes may differ: MLA), never stacked
+        cur = (k.contiguous(), v.contiguous())
+        bufs = _buffers(ctx, cur) if world > 1 else ()
         ring = comm.ring()
         for step in range(world):
             last = step == world - 1
             if not last:
-                ring.send_recv(kv)
+                # the buffer received into was sent two steps ago: that send has completed
+                ring.send_recv(cur, into=bufs[step % 2])
                 ring.commit()
             src_chunks = ctx.slices[(ctx.rank - step) % world].chunks
             for qi, (q_chunk, q_part) in enumerate(q_parts):
+                rows = slice(qi * size, (qi + 1) * size)
                 for kj, kc in enumerate(src_chunks):
                     if kc.chunk_id > q_chunk:
                         continue
                     sl = slice(kj * size, (kj + 1) * size)
-                    partials[qi].append(attention(q_part, kv[:, :, sl, :dk], kv[:, :, sl, dk:],
-                                                  causal=kc.chunk_id == q_chunk, scale=scale, **ctx.score_opts))
+                    out, lse = attention(q_part, cur[0][:, :, sl], cur[1][:, :, sl], causal=kc.chunk_id == q_chunk,
+                                         scale=scale, **ctx.score_opts)
+                    merge_(acc_out[:, :, rows], acc_lse[:, :, rows], out, lse)
             if not last:
-                kv = ring.wait()
-        outs = [merge_many(p)[0] for p in partials]
-        return torch.cat(outs, dim=2).to(q.dtype)
+                cur = ring.wait()
+        return acc_out.to(q.dtype)
+
+
+def _buffers(ctx, kv: tuple[torch.Tensor, torch.Tensor]):
+    """Two (k, v) receive buffers of ``kv``'s shapes, allocated once per prompt (every layer of a
+    model has the same shapes) and alternated by the ring steps."""
+    key = ("ring_buffers",) + tuple((tuple(t.shape), t.dtype, str(t.device)) for t in kv)
+    if key not in ctx.scratch:
+        ctx.scratch[key] = tuple(tuple(torch.empty_like(t) for t in kv) for _ in range(2))
+    return ctx.scratch[key]

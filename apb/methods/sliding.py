@@ -64,92 +64,173 @@ class HaloPlan:
     send_rows: dict[int, torch.Tensor]
 
 
-def _local_real(slices: list[HostSlice], rank: int) -> dict[int, int]:
-    """{global index: local row} of host ``rank``'s real tokens (padding excluded)."""
-    out, offset = {}, 0
-    for c, real in zip(slices[rank].chunks, real_chunks(slices, rank)):
+Interval = tuple[int, int]  # [lo, hi) of global prompt indices
+
+
+def _union(iv: list[Interval]) -> list[Interval]:
+    out: list[Interval] = []
+    for lo, hi in sorted(i for i in iv if i[0] < i[1]):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _intersect(a: list[Interval], b: list[Interval]) -> list[Interval]:
+    """Sorted, disjoint ``a`` and ``b`` -> their intersection, sorted."""
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo < hi:
+            out.append((lo, hi))
+        i, j = (i + 1, j) if a[i][1] < b[j][1] else (i, j + 1)
+    return out
+
+
+def _subtract(a: list[Interval], b: list[Interval]) -> list[Interval]:
+    """Sorted, disjoint ``a`` minus sorted, disjoint ``b``."""
+    out = []
+    for lo, hi in a:
+        for blo, bhi in b:
+            if bhi <= lo or blo >= hi:
+                continue
+            if blo > lo:
+                out.append((lo, blo))
+            lo = max(lo, bhi)
+            if lo >= hi:
+                break
+        if lo < hi:
+            out.append((lo, hi))
+    return out
+
+
+def _arange(iv: list[Interval]) -> torch.Tensor:
+    return torch.cat([torch.arange(lo, hi) for lo, hi in iv]) if iv else torch.zeros(0, dtype=torch.long)
+
+
+def _real_runs(slices: list[HostSlice], rank: int) -> list[tuple[int, int, int]]:
+    """(lo, hi, local row of lo) of host ``rank``'s real tokens (padding excluded), each global
+    index once (its first chunk)."""
+    s, out, seen, offset = slices[rank], [], [], 0
+    for c, real in zip(s.chunks, real_chunks(slices, rank)):
         if real:
-            for i in range(c.start, min(c.stop, slices[rank].n_tokens)):
-                out.setdefault(i, offset + i - c.start)
+            for lo, hi in _subtract([(c.start, min(c.stop, s.n_tokens))] if c.start < s.n_tokens else [], _union(seen)):
+                out.append((lo, hi, offset + lo - c.start))
+            seen.append((c.start, c.stop))
         offset += c.size
     return out
 
 
-def _needs(slices: list[HostSlice], rank: int, window: int, local: dict[int, int]) -> list[int]:
+def _needs(slices: list[HostSlice], rank: int, window: int) -> list[Interval]:
     """Global indices host ``rank``'s real rows see in the window and do not hold themselves."""
-    need: set[int] = set()
     n = slices[rank].n_tokens
-    for c, real in zip(slices[rank].chunks, real_chunks(slices, rank)):
-        if real and c.start < n:
-            need.update(i for i in range(max(0, c.start - window + 1), c.start) if i not in local)
-    return sorted(need)
+    want = [(max(0, c.start - window + 1), c.start)
+            for c, real in zip(slices[rank].chunks, real_chunks(slices, rank)) if real and c.start < n]
+    return _subtract(_union(want), _union([(lo, hi) for lo, hi, _ in _real_runs(slices, rank)]))
 
 
 def halo_plan(slices: list[HostSlice], rank: int, window: int) -> HaloPlan:
     """The halo exchange of host ``rank`` (pure: every host derives every other host's needs).
 
-    A needed index comes from the host holding it in a block (each index has at most one).
+    A needed index comes from the host holding it in a block (each index has at most one). Works
+    on intervals, so its cost grows with the number of chunks, not with the prompt's length.
     """
-    locals_ = [_local_real(slices, r) for r in range(len(slices))]
-    block_owner = {}
-    for s in slices:
-        for c in s.blocks():
-            for i in range(c.start, min(c.stop, s.n_tokens)):
-                block_owner[i] = s.rank
-    recv: dict[int, list[int]] = {}
-    send: dict[int, list[int]] = {}
+    blocks = {s.rank: _union([(c.start, min(c.stop, s.n_tokens)) for c in s.blocks()]) for s in slices}
+    held = _union([iv for ivs in blocks.values() for iv in ivs])
+    recv: dict[int, torch.Tensor] = {}
+    send: dict[int, torch.Tensor] = {}
+    send_rows: dict[int, torch.Tensor] = {}
+    mine = _real_runs(slices, rank)
     for r in range(len(slices)):
-        for i in _needs(slices, r, window, locals_[r]):
-            src = block_owner.get(i)
-            if src is None:
-                raise RuntimeError(f"sliding window: token {i}, needed by host {r}, is held by no host as a block "
-                                   "(a layout this exchange does not know)")
-            if r == rank:
-                recv.setdefault(src, []).append(i)
-            if src == rank:
-                send.setdefault(r, []).append(i)
-    mine = locals_[rank]
-    return HaloPlan(window,
-                    {s: torch.tensor(ix, dtype=torch.long) for s, ix in sorted(recv.items())},
-                    {d: torch.tensor(ix, dtype=torch.long) for d, ix in sorted(send.items())},
-                    {d: torch.tensor([mine[i] for i in ix], dtype=torch.long) for d, ix in sorted(send.items())})
+        need = _needs(slices, r, window)
+        orphan = _subtract(need, held)
+        if orphan:
+            raise RuntimeError(f"sliding window: token {orphan[0][0]}, needed by host {r}, is held by no host as a "
+                               "block (a layout this exchange does not know)")
+        if r == rank:
+            for src, ivs in blocks.items():
+                got = _intersect(need, ivs)
+                if got:
+                    recv[src] = _arange(got)
+        if r != rank:
+            out = _intersect(need, blocks[rank])
+            if out:
+                send[r] = _arange(out)
+                send_rows[r] = _rows_of(out, mine)
+    return HaloPlan(window, dict(sorted(recv.items())), dict(sorted(send.items())), dict(sorted(send_rows.items())))
 
 
-def sliding_attention(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                      window: int) -> torch.Tensor:
-    """This host's rows of one sliding layer, exact (see module doc); ``ctx`` is its AttnContext."""
-    mine, opts = ctx.mine, ctx.score_opts
-    key = ("halo", window)
-    if key not in ctx.scratch:
-        ctx.scratch[key] = halo_plan(ctx.slices, ctx.rank, window)
-    plan: HaloPlan = ctx.scratch[key]
-    dk = k.shape[-1]
-    kv = torch.cat([k, v], dim=-1)[0]  # (kv_heads, local_len, dk + dv): one message per peer
-    sends = {dst: kv[:, rows.to(kv.device)] for dst, rows in plan.send_rows.items()}
-    shapes = {src: (kv.shape[0], idx.numel(), kv.shape[2]) for src, idx in plan.recv.items()}
-    got = ctx.comm.exchange(sends, shapes, kv.dtype, kv.device, op="halo_exchange")
+def _rows_of(iv: list[Interval], runs: list[tuple[int, int, int]]) -> torch.Tensor:
+    """Local rows of the global indices ``iv`` (ascending) on a host whose real tokens are ``runs``."""
+    parts = []
+    for a, b in iv:
+        for lo, hi, row in sorted(runs):
+            lo2, hi2 = max(a, lo), min(b, hi)
+            if lo2 < hi2:
+                parts.append(torch.arange(lo2, hi2) - lo + row)
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
-    positions = mine.positions.to(q.device)
+
+@dataclass(frozen=True)
+class _Tiles:
+    """One host's index work for one window, done once per prompt on the CPU and moved to the
+    device once, so a sliding layer indexes with device tensors and never syncs with the host."""
+
+    send_rows: dict[int, torch.Tensor]
+    real_rows: list[slice]
+    pool_pos: torch.Tensor
+    #: (query rows, their positions, the pool entries they may see, those entries' positions)
+    tiles: list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]
+    copy_rows: torch.Tensor | None
+    copy_pos: torch.Tensor | None
+
+
+def _tiles(ctx, plan: HaloPlan, device) -> _Tiles:
+    mine, window = ctx.mine, plan.window
+    positions = mine.positions
     real = real_chunks(ctx.slices, ctx.rank)
     rows = mine.chunk_rows()
     real_rows = [r for (c, r), is_real in zip(rows, real) if is_real]
     copy_rows = [r for (c, r), is_real in zip(rows, real) if not is_real]
     # the pool of real keys: this host's real rows (padding included: it lies after every real
     # query, so the causal mask hides it) and the halo, each with its position
-    pool_pos = torch.cat([positions[r] for r in real_rows] + [idx.to(q.device) for idx in plan.recv.values()])
-    pool = torch.cat([kv[:, r] for r in real_rows] + [got[src] for src in plan.recv], dim=1)
-    out = q.new_empty(*q.shape[:3], v.shape[-1])
+    pool_pos = torch.cat([positions[r] for r in real_rows] + list(plan.recv.values()))
     tile = max(window, _TILE)  # rows per call: each call sees at most tile + window keys
+    tiles = []
     for chunk in real_rows:
         for lo in range(chunk.start, chunk.stop, tile):
             r = slice(lo, min(lo + tile, chunk.stop))
             q_pos = positions[r]
-            near = (pool_pos > q_pos.min() - window) & (pool_pos <= q_pos.max())
-            keys = pool[:, near][None]
-            out[:, :, r] = attention(q[:, :, r], keys[..., :dk], keys[..., dk:], causal=True, scale=scale,
-                                     window=window, q_pos=q_pos, k_pos=pool_pos[near], **opts)[0]
-    if copy_rows:
-        cr = torch.cat([torch.arange(r.start, r.stop) for r in copy_rows]).to(q.device)
+            near = ((pool_pos > q_pos.min() - window) & (pool_pos <= q_pos.max())).nonzero().flatten()
+            tiles.append((r, q_pos.to(device), near.to(device), pool_pos[near].to(device)))
+    cr = torch.cat([torch.arange(r.start, r.stop) for r in copy_rows]) if copy_rows else None
+    return _Tiles({d: rows.to(device) for d, rows in plan.send_rows.items()}, real_rows, pool_pos, tiles,
+                  None if cr is None else cr.to(device), None if cr is None else positions[cr].to(device))
+
+
+def sliding_attention(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      window: int) -> torch.Tensor:
+    """This host's rows of one sliding layer, exact (see module doc); ``ctx`` is its AttnContext."""
+    opts = ctx.score_opts
+    key = ("halo", window, str(q.device))
+    if key not in ctx.scratch:
+        plan = halo_plan(ctx.slices, ctx.rank, window)
+        ctx.scratch[key] = (plan, _tiles(ctx, plan, q.device))
+    plan, t = ctx.scratch[key]
+    dk = k.shape[-1]
+    kv = torch.cat([k, v], dim=-1)[0]  # (kv_heads, local_len, dk + dv): one message per peer
+    sends = {dst: kv.index_select(1, rows) for dst, rows in t.send_rows.items()}
+    shapes = {src: (kv.shape[0], idx.numel(), kv.shape[2]) for src, idx in plan.recv.items()}
+    got = ctx.comm.exchange(sends, shapes, kv.dtype, kv.device, op="halo_exchange")
+    pool = torch.cat([kv[:, r] for r in t.real_rows] + [got[src] for src in plan.recv], dim=1)
+    out = q.new_empty(*q.shape[:3], v.shape[-1])
+    for r, q_pos, near, k_pos in t.tiles:
+        keys = pool.index_select(1, near)[None]
+        out[:, :, r] = attention(q[:, :, r], keys[..., :dk], keys[..., dk:], causal=True, scale=scale,
+                                 window=window, q_pos=q_pos, k_pos=k_pos, **opts)[0]
+    if t.copy_rows is not None:
+        cr = t.copy_rows
         out[:, :, cr] = attention(q[:, :, cr], k[:, :, cr], v[:, :, cr], causal=True, scale=scale, window=window,
-                                  q_pos=positions[cr], k_pos=positions[cr], **opts)[0]
+                                  q_pos=t.copy_pos, k_pos=t.copy_pos, **opts)[0]
     return out
