@@ -18,7 +18,7 @@ import enum
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -62,13 +62,34 @@ class CommStats:
     phase: Phase = Phase.CONTEXT
     ops: dict[tuple[Phase, int | None, str], OpRecord] = field(default_factory=lambda: defaultdict(OpRecord))
     compute_seconds: float = 0.0
-    #: CPU seconds per (phase, layer): from one layer's attention to the next one's
+    #: compute seconds per (phase, layer): from one layer's attention to the next one's; layer
+    #: ``-1`` is the forward before the first attention (embedding, layer 0's projections), and the
+    #: last layer runs to the end of the forward (final norm, logits)
     layer_cpu: dict[tuple[Phase, int], float] = field(default_factory=lambda: defaultdict(float))
+    #: waits for the device (``torch.cuda.synchronize``) before a clock is read: CUDA kernels run
+    #: asynchronously, so without it a clock measures their launch. Set for benchmarks only: each
+    #: sync stalls the pipeline, so ordinary runs leave it None and their per-op seconds are
+    #: launch times on CUDA (bytes and calls are exact either way)
+    sync: Callable[[], None] | None = None
     _mark: tuple | None = None
 
+    def now(self) -> float:
+        """Wall clock for communication timings, after the device has caught up (see ``sync``)."""
+        if self.sync is not None:
+            self.sync()
+        return time.perf_counter()
+
+    def compute_clock(self) -> float:
+        """The per-layer clock: this process's CPU time on a CPU host (time spent waiting for a
+        core is not its work), the synced wall clock on a device."""
+        if self.sync is not None:
+            self.sync()
+            return time.perf_counter()
+        return time.process_time()
+
     def tick(self, layer: int | None) -> None:
-        """Close the running layer's CPU clock and start ``layer``'s (None: stop)."""
-        now = time.process_time()
+        """Close the running layer's clock and start ``layer``'s (None: stop)."""
+        now = self.compute_clock()
         if self._mark is not None:
             phase, prev, t = self._mark
             self.layer_cpu[(phase, prev)] += now - t
@@ -122,9 +143,9 @@ class Comm:
 
     @contextlib.contextmanager
     def _timed(self, op: str, nbytes: int) -> Iterator[None]:
-        t0 = time.perf_counter()
+        t0 = self.stats.now()
         yield
-        self.stats.record(op, nbytes, time.perf_counter() - t0)
+        self.stats.record(op, nbytes, self.stats.now() - t0)
 
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         """Same-shape tensors from every rank, in rank order."""
@@ -167,11 +188,11 @@ class Comm:
         if self.size == 1:
             return [t]
         sizes = self._sizes(t, dim)
-        t0 = time.perf_counter()
+        t0 = self.stats.now()
         if self.rank != dst:
             if sizes[self.rank] > 0:
                 dist.send(t.contiguous(), dst=self.global_rank(dst), group=self.group)
-            self.stats.record("gather", _nbytes(t), time.perf_counter() - t0)
+            self.stats.record("gather", _nbytes(t), self.stats.now() - t0)
             return None
         parts, reqs = [], []
         for r, size in enumerate(sizes):
@@ -186,7 +207,7 @@ class Comm:
                 reqs.append(dist.irecv(buf, src=self.global_rank(r), group=self.group))
         for req in reqs:
             req.wait()
-        self.stats.record("gather", 0, time.perf_counter() - t0)
+        self.stats.record("gather", 0, self.stats.now() - t0)
         return parts
 
     def exchange(self, sends: dict[int, torch.Tensor], recv_shapes: dict[int, tuple[int, ...]], dtype: torch.dtype,
@@ -212,6 +233,25 @@ class Comm:
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
         return got
+
+    def p2p(self, sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]],
+            op: str = "p2p") -> None:
+        """One batch of point-to-point messages, received in place: each ``(dst, t)`` of ``sends``
+        goes to ``dst``; each ``(src, buf)`` of ``recvs`` (contiguous, e.g. a slice of a larger
+        preallocated tensor) is filled from ``src``. Two ranks list their messages to each other in
+        the same order. Waits with the group's timeout; one ``op`` call, counting the bytes sent."""
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self.global_rank(dst), self.group) for dst, t in sends if t.numel()]
+        for src, buf in recvs:
+            if not buf.is_contiguous():
+                raise ValueError(f"a p2p receive buffer must be contiguous (from rank {src}, shape {tuple(buf.shape)})")
+            if buf.numel():
+                ops.append(dist.P2POp(dist.irecv, buf, self.global_rank(src), self.group))
+        nbytes = sum(_nbytes(t) for _, t in sends)
+        if self.size == 1 or not ops:
+            return
+        with self._timed(op, nbytes):
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
 
     def broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
         if self.size == 1:
@@ -249,12 +289,12 @@ class Pending:
     result: list[torch.Tensor]
 
     def wait(self) -> list[torch.Tensor]:
-        t0 = time.perf_counter()
+        t0 = self.comm.stats.now()
         if self.work is not None:
             self.work.wait()
             self.work = None
         if self.comm.size > 1:
-            self.comm.stats.record(self.op, self.nbytes, time.perf_counter() - t0)
+            self.comm.stats.record(self.op, self.nbytes, self.comm.stats.now() - t0)
         return self.result
 
 
@@ -314,10 +354,10 @@ class RingComm:
             # without commit nothing was sent, and the receive buffer would come back unfilled
             raise RuntimeError("RingComm.wait called without a committed step: call send_recv(tensor), "
                                "then commit(), then wait()")
-        t0 = time.perf_counter()
+        t0 = self.comm.stats.now()
         for req in self._reqs:
             req.wait()
-        self.comm.stats.record("ring_send_recv", self._bytes, time.perf_counter() - t0)
+        self.comm.stats.record("ring_send_recv", self._bytes, self.comm.stats.now() - t0)
         recv = self._recv
         self._ops, self._reqs, self._bytes, self._recv, self._committed = [], [], 0, None, False
         return recv

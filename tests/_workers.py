@@ -54,6 +54,25 @@ class CommWorker:
             own.append(all(a.data_ptr() == b.data_ptr() for a, b in zip(cur, bufs[step % 2])))
         return seen, own
 
+    def gather_caches(self, overlap: bool):
+        """Each rank holds two runs of positions (zigzag-like) of a 2-layer cache whose entries
+        encode (layer, head, position); returns what rank 0 gathered, or the error it raised.
+        With ``overlap`` rank 1 repeats one of rank 0's positions."""
+        from apb.runtime.cache import KVCache, gather_cache
+
+        r, w = self.comm.rank, self.comm.size
+        pos = torch.tensor([2 * r, 2 * r + 1, 4 * w - 2 * r - 2, 4 * w - 2 * r - 1])
+        if overlap and r == 1:
+            pos[0] = 0
+        code = (torch.arange(2)[:, None, None] * 1000 + torch.arange(3)[None, :, None] * 100
+                + pos[None, None, :]).float()
+        keys, values = code[..., None].expand(2, 3, 4, 5), -code[..., None].expand(2, 3, 4, 2)
+        try:
+            got = gather_cache(KVCache(pos, keys.contiguous(), values.contiguous()), self.comm, dst=0)
+        except RuntimeError as e:
+            return str(e)
+        return None if got is None else (got.positions.tolist(), got.keys.contiguous(), got.values.contiguous())
+
     def ring_wait_without_commit(self):
         """send_recv then wait, skipping commit (must raise); then the step, committed, still runs."""
         comm = Comm(self.state.sp_group, CommStats())  # own counters: ring_steps counts its calls

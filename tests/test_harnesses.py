@@ -98,6 +98,11 @@ def test_bench_harness_on_a_tiny_run(apb_bin, repo, tmp_path):
     assert min(ring["rank_comm_bytes"]) >= 2 * (2 * 128 * 4 * 16 * 4)
     full = next(r for r in rows if r["method"] == "full" and r["length"] == 256)
     assert full["projected_speedup_vs_full"] == pytest.approx(1.0)
+    # the cost model's ideal: ring halves the slowest host's FLOPs (a bit less: the zigzag's diagonals)
+    assert full["ideal_speedup_vs_full"] == pytest.approx(1.0) and 1.7 < ring["ideal_speedup_vs_full"] <= 2.0
+    assert ring["efficiency_vs_full"] == pytest.approx(ring["projected_speedup_vs_full"] / ring["ideal_speedup_vs_full"])
+    for r in rows:  # a worker process holding torch and a model: tens of MiB at least
+        assert len(r["rank_peak_mem_mib"]) == 2 and all(p > 20 for p in r["rank_peak_mem_mib"])
     assert "projected on 2 dedicated cores" in report["labels"]["projected_s"]
     assert png.stat().st_size > 1000
 

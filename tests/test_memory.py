@@ -5,6 +5,7 @@ import json
 import subprocess
 
 import pytest
+import torch
 
 from apb.config import MethodConfig
 from apb.engine import Engine
@@ -53,13 +54,13 @@ def test_kv_figure_is_the_cache_each_host_holds(preset):
                 assert rest == 0 and hosts[res.rank].kv == tokens * per_token, (preset, name, res.rank, sent)
 
 
-def test_gather_mode_counts_three_copies_of_the_whole_cache_on_the_decode_host():
+def test_gather_mode_counts_two_copies_of_the_whole_cache_on_the_decode_host():
     cfg = load_model(resolve_model("tiny-llama")).config
     method = build_method("ring", MethodConfig())
     per = memory.kv_bytes_per_token(cfg, 2) * cfg.num_hidden_layers
     gather = memory.estimate(method, cfg, 10, 1000, 0, 4, "bfloat16", "gather", 8)
     dist = memory.estimate(method, cfg, 10, 1000, 0, 4, "bfloat16", "distributed", 8)
-    assert gather[0].decode == 3 * 1000 * per + 8 * per and dist[0].decode == 8 * per
+    assert gather[0].decode == 2 * 1000 * per + 8 * per and dist[0].decode == 8 * per
     assert all(h.decode == 0 for h in gather[1:]) and gather[0].weights == 20
 
 
@@ -96,3 +97,19 @@ def test_dry_run_prints_every_document_and_runs_none(apb_bin, repo, tmp_path):
     big = next(x for x in lines if x.startswith("big "))
     assert "refused: estimated memory too large" in big
     assert "2 document(s) would be refused" in lines[-1] and not dst.exists()
+
+
+def test_peak_memory_follows_what_was_allocated_and_resets():
+    """The bench's per-host peak: 256 MiB touched after a reset shows in the peak; the next reset
+    forgets it."""
+    from apb.runtime import measure
+
+    cpu = torch.device("cpu")
+    assert measure.reset_peak(cpu)  # Linux: /proc/self/clear_refs
+    base = measure.peak_bytes(cpu)
+    big = torch.ones(64 << 20)  # 256 MiB, written, so resident
+    high = measure.peak_bytes(cpu)
+    assert high - base >= 250 << 20
+    del big
+    measure.reset_peak(cpu)
+    assert measure.peak_bytes(cpu) < high - (200 << 20)

@@ -275,3 +275,26 @@ def test_ulysses_pads_heads_that_do_not_divide_by_the_world_size(group, tmp_path
     for reply in group.call("run_prompt", req):
         ops = [o for o in reply.stats["ops"] if o["op"] == "all_to_all" and o["phase"] == "context"]
         assert {o["layer"]: (o["calls"], o["bytes"]) for o in ops} == {0: (4, 4 * per_tensor), 1: (4, 4 * per_tensor)}
+
+
+def test_pre_rope_captures_are_freed_once_their_layer_has_run():
+    """A compressor's pre-RoPE projections live for their own layer only (the hooks store them
+    just before it): no host keeps them for every layer through the prefill."""
+    from apb.methods.base import AttnContext, Method
+    from apb.parallel import layout
+
+    seen = []
+
+    class Recorder(Method):
+        def attention(self, ctx, module, q, k, v, scale):
+            seen.append(sorted(key[1] for key in ctx.scratch if key[0] == "pre_rope"))
+            return q
+
+    ctx = AttnContext(Recorder(MethodConfig()), layout.contiguous(4, 1), SimpleNamespace(rank=0, size=1,
+                                                                                         stats=CommStats()))
+    q, kv = torch.zeros(1, 2, 4, 8), torch.zeros(1, 1, 4, 8)
+    for layer in range(3):
+        ctx.scratch[("pre_rope", layer)] = (torch.zeros(1, 4, 16),) * 3
+        ctx.step(SimpleNamespace(layer_idx=layer), q, kv, kv, 1.0)
+    assert seen == [[0], [1], [2]]
+    assert not [key for key in ctx.scratch if key[0] == "pre_rope"]

@@ -51,6 +51,28 @@ def test_ring_refuses_mismatched_buffers():
         ring.send_recv((torch.zeros(3), torch.zeros(2)), into=(torch.zeros(3), torch.zeros(3)))
 
 
+def test_gathered_cache_lands_in_position_order_in_one_buffer(group3):
+    """Every host's runs of positions go straight to their places: entry (layer, head, position)
+    of the gathered keys is the code its sender wrote there; the value head size differs (MLA)."""
+    got = group3.call("gather_caches", False)
+    assert got[1] is None and got[2] is None
+    positions, keys, values = got[0]
+    n = 4 * 3
+    assert positions == list(range(n))
+    want = (torch.arange(2)[:, None, None] * 1000 + torch.arange(3)[None, :, None] * 100
+            + torch.arange(n)[None, None, :]).float()
+    assert torch.equal(keys, want[..., None].expand(2, 3, n, 5))
+    assert torch.equal(values, -want[..., None].expand(2, 3, n, 2))
+
+
+def test_gathered_cache_with_a_repeated_position_is_an_error_not_a_hang(group3):
+    got = group3.call("gather_caches", True)
+    assert "does not hold each position 0..n-1 exactly once" in got[0]
+    assert got[1] is None and got[2] is None
+    # the group still works afterwards: nothing was left unreceived
+    assert group3.call("gather_caches", False)[0][0] == list(range(12))
+
+
 def test_ring_wait_without_commit_raises(group3):
     for rank, (error, received) in enumerate(group3.call("ring_wait_without_commit")):
         assert "without a committed step" in error

@@ -182,10 +182,15 @@ class AttnContext:
         keep = self.kept_rows(k.device)
         self.kv[layer] = tuple(t[:, :, keep] for t in (latent or (k, v)))
         self.score_opts = score_options(softcap, sinks)
-        if sliding_window is not None and self.n_tokens > sliding_window:
-            # exact in every method; a window that covers the prompt makes this a global layer
-            return sliding_attention(self, q, k, v, scale, sliding_window)
-        return self.method.attention(self, module, q, k, v, scale)
+        try:
+            if sliding_window is not None and self.n_tokens > sliding_window:
+                # exact in every method; a window that covers the prompt makes this a global layer
+                return sliding_attention(self, q, k, v, scale, sliding_window)
+            return self.method.attention(self, module, q, k, v, scale)
+        finally:
+            # a compressor's pre-RoPE projections serve their own layer only: keeping them for every
+            # layer would hold 3 x hidden per token per layer on each host through the prefill
+            self.scratch.pop(("pre_rope", layer), None)
 
 
 def score_options(softcap: float | None, sinks: torch.Tensor | None) -> dict[str, Any]:

@@ -112,8 +112,12 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def load_model(path: str | Path, dtype: str = "float32", device: torch.device | str = "cpu",
                attn_implementation: str | None = None) -> torch.nn.Module:
-    """Load a causal LM from a local directory, wired to our attention unless told otherwise."""
+    """Load a causal LM from a local directory, wired to our attention unless told otherwise.
+
+    The weights are read straight into ``dtype`` on ``device`` (one device, so transformers needs
+    no accelerate for it): no float32 or host-RAM copy of the whole model on the way."""
+    device = torch.device(device)
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=parse_dtype(dtype), local_files_only=True, trust_remote_code=False,
-        attn_implementation=attn_implementation or ATTN_IMPLEMENTATION)
+        attn_implementation=attn_implementation or ATTN_IMPLEMENTATION, device_map=device)
     return model.to(device).eval()

@@ -5,7 +5,8 @@ A :class:`KVCache` stores all layers stacked, ``keys``/``values`` of shape
 attention model stores what transformers caches for it instead: its latent and rotated-key
 parts, one "head" each, of different sizes; see :mod:`apb.model.mla`). Gathering sends every
 host's part to the decode host in one variable-length gather, orders tokens by position and
-checks that every position 0..n-1 appears exactly once.
+checks that every position 0..n-1 appears exactly once; the decode host receives every part
+straight into its place in one preallocated buffer.
 """
 
 from __future__ import annotations
@@ -46,22 +47,58 @@ class KVCache:
         return KVCache(self.positions[order], self.keys[:, :, order], self.values[:, :, order])
 
 
+def position_runs(positions: torch.Tensor) -> list[tuple[int, int]]:
+    """``[lo, hi)`` ranges of local rows whose positions are consecutive (a host's chunks)."""
+    p = positions.tolist()
+    runs, lo = [], 0
+    for i in range(1, len(p) + 1):
+        if i == len(p) or p[i] != p[i - 1] + 1:
+            runs.append((lo, i))
+            lo = i
+    return runs
+
+
 def gather_cache(local: KVCache, comm: Comm, dst: int = 0) -> KVCache | None:
-    """Send every host's cache to ``dst``; returns the whole cache, in position order, on ``dst``."""
-    # keys and values side by side in the last dim: their sizes may differ (an MLA layer's latent pair)
-    dk = local.keys.shape[-1]
-    packed = torch.cat([local.keys, local.values], dim=-1)  # (L, H, t, Dk + Dv)
-    parts = comm.gather_varlen(packed, dst=dst, dim=2)
-    pos = comm.gather_varlen(local.positions.to(packed.device), dst=dst, dim=0)
-    if parts is None or pos is None:
+    """Send every host's cache to ``dst``; returns the whole cache, in position order, on ``dst``.
+
+    The positions travel first, so ``dst`` can check that every position 0..n-1 comes exactly once
+    and allocate the whole cache once, token-major; then each run of consecutive positions of a
+    host is one message, received straight into its place. The returned keys and values are views
+    of that one buffer: no concatenation or sort copies on the decode host.
+    """
+    pos = comm.gather_varlen(local.positions.to(local.keys.device), dst=dst, dim=0)
+    layers, heads, t, dk = local.keys.shape
+    dv = local.values.shape[-1]
+    # keys and values side by side in the last dim (their sizes may differ: an MLA layer's latent
+    # pair); token-major, so a run of positions is one contiguous slice
+    packed = local.keys.new_empty(t, layers, heads, dk + dv)
+    packed[..., :dk] = local.keys.permute(2, 0, 1, 3)
+    packed[..., dk:] = local.values.permute(2, 0, 1, 3)
+    mine = position_runs(local.positions)
+    if pos is None:  # not the decode host: send each run
+        comm.p2p([(dst, packed[lo:hi]) for lo, hi in mine], [], op="gather")
         return None
-    whole = torch.cat(parts, dim=2)
-    cache = KVCache(torch.cat(pos), whole[..., :dk].contiguous(), whole[..., dk:].contiguous()).sorted()
-    expected = torch.arange(cache.n_tokens, device=cache.positions.device)
-    if not torch.equal(cache.positions, expected):
+    cpu = [p.cpu() for p in pos]
+    n = sum(int(p.numel()) for p in cpu)
+    every = torch.sort(torch.cat(cpu)).values if n else torch.zeros(0, dtype=torch.long)
+    if not torch.equal(every, torch.arange(n)):
+        comm.p2p([], [(r, packed.new_empty(hi - lo, layers, heads, dk + dv)) for r, p in enumerate(cpu)
+                      if r != comm.rank for lo, hi in position_runs(p)], op="gather")  # drain the sends
         raise RuntimeError("gathered cache does not hold each position 0..n-1 exactly once: "
-                           f"first positions {cache.positions[:8].tolist()}, total {cache.n_tokens}")
-    return cache
+                           f"first positions {every[:8].tolist()}, total {n}")
+    whole = packed.new_empty(n, layers, heads, dk + dv)
+    recvs = []
+    for r, p in enumerate(cpu):
+        for lo, hi in position_runs(p):
+            start = int(p[lo])
+            if r == comm.rank:
+                whole[start:start + hi - lo] = packed[lo:hi]
+            else:
+                recvs.append((r, whole[start:start + hi - lo]))
+    del packed
+    comm.p2p([], recvs, op="gather")
+    return KVCache(torch.arange(n, device=whole.device), whole[..., :dk].permute(1, 2, 0, 3),
+                   whole[..., dk:].permute(1, 2, 0, 3))
 
 
 def to_hf_cache(cache: KVCache, model_config):

@@ -17,9 +17,9 @@ figures for a whole file). Per host:
     in flight), apb's and spava's gathered passing blocks, the all-to-all buffers of Ulysses
     (the whole sequence for this host's heads), a sliding layer's halo;
 ``decode``
-    on the decode host only: with ``decode.mode: gather``, the gathered cache three times over
-    (the received parts, their concatenation in position order, and transformers' cache built
-    from it); with ``distributed``, the new tokens' K/V.
+    on the decode host only: with ``decode.mode: gather``, the gathered cache twice over (the one
+    buffer every part is received into, in position order, and transformers' cache built from
+    it); with ``distributed``, the new tokens' K/V.
 
 What it does not count: the allocator's fragmentation and the framework's own workspace (CUDA
 context, NCCL buffers: leave a margin), and attention score matrices, which the fused kernels
@@ -126,7 +126,7 @@ def estimate(method, model_config: Any, n_params: int, n_tokens: int, n_query: i
         decode = 0
         if s.rank == 0:
             new = max_new_tokens * layers * per_tok
-            decode = 3 * n_tokens * layers * per_tok + new if decode_mode == "gather" else new
+            decode = 2 * n_tokens * layers * per_tok + new if decode_mode == "gather" else new
         hosts.append(HostMemory(s.rank, n_params * b, cached * layers * per_tok, act, transfer, decode))
     return hosts
 

@@ -35,6 +35,7 @@ from apb.model.hf_bridge import prompt_length
 from apb.model.rope import rope_shift
 from apb.parallel.comm import Comm, Phase
 from apb.parallel.layout import owner_of, pad_tokens
+from apb.runtime import measure
 from apb.runtime.cache import KVCache
 
 
@@ -64,8 +65,9 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
     if method.query_phase and n_query == 0:
         raise ValueError(f"method {method.label!r} answers a query after the context: give the prompt's "
                          "query length (n_query >= 1)")
-    t0 = time.perf_counter()
     device = _device(model)
+    measure.sync(device)  # the clock starts when the device is idle, and stops when it is again
+    t0 = time.perf_counter()
     input_ids = input_ids.to(device)
     check_supported(model.config)
     method.check(model.config, comm.size)
@@ -74,6 +76,7 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
     with prompt_length(model, n):
         logits, kv, positions, passing = _run(model, input_ids, method, comm, n, n_query, pad_id, diagnostics)
     cache = KVCache.from_layers(positions, kv)
+    measure.sync(device)
     seconds = time.perf_counter() - t0
     comm.stats.compute_seconds += max(0.0, seconds - comm.stats.comm_seconds())
     return PrefillResult(logits, cache, seconds, passing)
@@ -93,6 +96,7 @@ def _run(model, input_ids, method, comm, n, n_query, pad_id, diagnostics):
         total = max(max(c.stop for s in slices for c in s.chunks), n)
         ids = pad_tokens(input_ids[None], total, pad_id)[0, mine.indices.to(device)]
         keep = torch.tensor([owner_local], device=device) if comm.rank == owner else 1
+        comm.stats.tick(-1)  # the embedding and layer 0's projections count too
         with _pre_rope_capture(model, ctx) if method.capture_pre_rope() else contextlib.nullcontext():
             out = model(input_ids=ids[None], position_ids=mine.positions.to(device)[None], use_cache=False,
                         logits_to_keep=keep, apb_ctx=ctx)
@@ -108,6 +112,7 @@ def _run(model, input_ids, method, comm, n, n_query, pad_id, diagnostics):
         qctx = CacheAttnContext(comm, kv, positions, holds_new=comm.rank == 0)
         q_pos = torch.arange(n - n_query, n, device=device)
         qctx.start_step(q_pos)
+        comm.stats.tick(-1)
         out = model(input_ids=input_ids[None, n - n_query:], position_ids=q_pos[None], use_cache=False,
                     logits_to_keep=1, apb_ctx=qctx)
         comm.stats.tick(None)

@@ -22,6 +22,7 @@ from apb.model.loading import load_model
 from apb.parallel.comm import CommStats, Phase
 from apb.parallel.rendezvous import init_distributed, shutdown
 from apb.parallel.state import build_parallel_state
+from apb.runtime import measure
 from apb.runtime.cache import KVCache, gather_cache, to_hf_cache
 from apb.runtime.decode import Sampling, decode, decode_distributed
 from apb.runtime.prefill import prefill
@@ -40,6 +41,8 @@ class PromptRequest:
     eos_ids: tuple[int, ...] = ()
     return_cache: bool = False  # ship the gathered cache back (verification)
     diagnostics: bool = False  # also return what the method chose on each host (apb diagnose)
+    #: benchmarks: synchronize the device before every clock read (see CommStats.sync)
+    timed: bool = False
 
 
 @dataclass
@@ -53,6 +56,9 @@ class PromptResult:
     cache: KVCache | None = None
     #: with ``diagnostics``: {"passing": {layer: global prompt indices this host passed, (kv_heads, p)}}
     diagnostics: dict | None = None
+    #: this host's peak memory through the prefill (max allocated on CUDA, peak RSS on a CPU host;
+    #: None where the peak cannot be reset per prompt)
+    peak_prefill_bytes: int | None = None
 
 
 class Worker:
@@ -84,12 +90,15 @@ class Worker:
             raise ValueError(f"decode mode {req.decode_mode!r}: valid modes are gather, distributed")
         model = self.model(req.model_path, req.dtype)
         method = build_method(req.method, MethodConfig(**req.method_options))
-        comm = self.state.comm(CommStats())
+        device = self.env.device
+        comm = self.state.comm(CommStats(sync=measure.syncer(device) if req.timed else None))
+        peak_known = measure.reset_peak(device)
         comm.barrier()  # start the clock together
-        res = prefill(model, req.input_ids.to(self.env.device), method, comm, n_query=req.n_query,
+        res = prefill(model, req.input_ids.to(device), method, comm, n_query=req.n_query,
                       diagnostics=req.diagnostics)
         out = PromptResult(rank=self.env.rank, stats={}, prefill_s=res.seconds,
-                           diagnostics={"passing": res.passing} if req.diagnostics else None)
+                           diagnostics={"passing": res.passing} if req.diagnostics else None,
+                           peak_prefill_bytes=measure.peak_bytes(device) if peak_known else None)
         n = int(req.input_ids.numel())
         whole = None
         t0 = time.perf_counter()

@@ -7,8 +7,14 @@ Two figures per (method, length), labelled everywhere:
   than cores this is *not* the time W devices would take.
 * ``projected_s`` — the time on ``W`` dedicated cores: for each layer the slowest rank's CPU
   time (measured per rank with ``time.process_time``, which does not count time spent waiting
-  for a core), summed over layers, plus every byte the slowest rank sent at ``bandwidth_gbs``
-  and a fixed latency per collective call.
+  for a core; the clock covers the whole forward: the embedding, every layer, the logits),
+  summed over layers, plus every byte the slowest rank sent at ``bandwidth_gbs`` and a fixed
+  latency per collective call. On CUDA the same clocks are read after a synchronize.
+
+Every row also reports each host's peak memory through the prefill (``rank_peak_mem_mib``: peak
+RSS on a CPU host, max allocated on CUDA), and, against ``full`` and ``ring``, the ideal speedup
+the cost model gives for the same shape (the slowest host's FLOPs, linear and attention, at one
+rate) beside the projected one; their ratio is the efficiency.
 
 Per rank it also reports compute and communication seconds and bytes (from the collective
 instrumentation), the slowest host's attention FLOPs (the method's own cost formula, through
@@ -53,14 +59,15 @@ def _projected(stats: list[dict], bandwidth: float) -> tuple[float, float, float
     return compute + comm, compute, comm
 
 
-def _attn_gflop(method: str, n: int, world: int, model_config, n_query: int) -> float:
+def _model_flop(method: str, n: int, world: int, model_config, n_query: int) -> tuple[float, float]:
+    """(attention, linear) GFLOP of the slowest host, from the method's own cost formula."""
     shape = costmodel.ModelShape("bench", model_config.num_hidden_layers, model_config.hidden_size,
                                  model_config.num_attention_heads, model_config.num_key_value_heads,
                                  getattr(model_config, "head_dim", None) or
                                  model_config.hidden_size // model_config.num_attention_heads,
                                  model_config.intermediate_size, model_config.vocab_size)
     work = costmodel.host_work(method, n, world, shape, costmodel.Sizes(query=n_query))
-    return shape.layers * work.pairs * shape.attn_flops_per_pair() / 1e9
+    return shape.layers * work.pairs * shape.attn_flops_per_pair() / 1e9, shape.linear_flops(work.tokens) / 1e9
 
 
 def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, repeats: int = 3,
@@ -84,7 +91,7 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
             ids = random_prompt(n, model_config.vocab_size, seed=n)
             for method in runnable:
                 req = PromptRequest(str(path), ids, method, method_options=options, n_query=n_query,
-                                    dtype=cfg.model.dtype, sampling=Sampling(max_new_tokens=1))
+                                    dtype=cfg.model.dtype, sampling=Sampling(max_new_tokens=1), timed=True)
                 group.call("run_prompt", req)  # warm-up: first-call allocations, imports
                 runs = [group.call("run_prompt", req) for _ in range(repeats)]
                 walls = [r[0].prefill_s for r in runs]
@@ -92,6 +99,7 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
                 mid = runs[walls.index(sorted(walls)[len(walls) // 2])]
                 stats = [r.stats for r in mid]
                 projected, p_compute, p_comm = _projected(stats, bandwidth)
+                attn_gf, linear_gf = _model_flop(method, n, world, model_config, n_query)
                 row = {
                     "method": method, "length": n, "world_size": world, "repeats": repeats,
                     "wall_s": median, "wall_all_s": walls, "projected_s": projected,
@@ -101,7 +109,10 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
                                     for s in stats],
                     "rank_comm_bytes": [sum(o["bytes"] for o in s["ops"] if Phase(o["phase"]).is_prefill)
                                         for s in stats],
-                    "attn_gflop_slowest_host": _attn_gflop(method, n, world, model_config, n_query),
+                    "attn_gflop_slowest_host": attn_gf,
+                    "linear_gflop_slowest_host": linear_gf,
+                    "rank_peak_mem_mib": [None if r.peak_prefill_bytes is None else r.peak_prefill_bytes / 2**20
+                                          for r in mid],
                 }
                 rows.append(row)
                 progress(f"{method:<20} n={n:<7} wall {median:8.3f}s  projected {projected:8.3f}s")
@@ -114,15 +125,23 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
             if ref in same:
                 row[f"wall_speedup_vs_{ref}"] = same[ref]["wall_s"] / row["wall_s"]
                 row[f"projected_speedup_vs_{ref}"] = same[ref]["projected_s"] / row["projected_s"]
+                # the cost model's ideal: the slowest host's FLOPs alone, at one rate for every FLOP
+                ideal = _flop(same[ref]) / _flop(row)
+                row[f"ideal_speedup_vs_{ref}"] = ideal
+                row[f"efficiency_vs_{ref}"] = row[f"projected_speedup_vs_{ref}"] / ideal
     return {"results": rows, "model": cfg.model.name_or_path, "bandwidth_gbs": bandwidth_gbs,
             "latency_s": LATENCY_S, "machine": {"cpus": available_cores(), "platform": platform.platform()},
             "labels": {"wall_s": f"measured on this machine ({world} processes sharing {available_cores()} cores)",
                        "projected_s": f"projected on {world} dedicated cores + links of {bandwidth_gbs} GB/s"}}
 
 
+def _flop(row: dict) -> float:
+    return row["attn_gflop_slowest_host"] + row["linear_gflop_slowest_host"]
+
+
 def format_table(report: dict) -> str:
     lines = [f"{'method':<20}{'n':>8}{'W':>4}{'wall s':>10}{'proj s':>10}{'proj vs full':>14}{'proj vs ring':>14}"
-             f"{'comm MiB':>10}{'attn GFLOP':>12}"]
+             f"{'ideal vs ring':>15}{'eff':>6}{'comm MiB':>10}{'attn GFLOP':>12}{'peak MiB':>10}"]
     for r in report["results"]:
         if "error" in r:
             lines.append(f"{r['method']:<20}{r['length']:>8}{r['world_size']:>4}  not run: {r['error']}")
@@ -130,8 +149,16 @@ def format_table(report: dict) -> str:
         lines.append(f"{r['method']:<20}{r['length']:>8}{r['world_size']:>4}{r['wall_s']:>10.3f}{r['projected_s']:>10.3f}"
                      f"{r.get('projected_speedup_vs_full', float('nan')):>14.2f}"
                      f"{r.get('projected_speedup_vs_ring', float('nan')):>14.2f}"
-                     f"{max(r['rank_comm_bytes']) / 2**20:>10.2f}{r['attn_gflop_slowest_host']:>12.2f}")
+                     f"{r.get('ideal_speedup_vs_ring', float('nan')):>15.2f}{r.get('efficiency_vs_ring', float('nan')):>6.2f}"
+                     f"{max(r['rank_comm_bytes']) / 2**20:>10.2f}{r['attn_gflop_slowest_host']:>12.2f}"
+                     f"{_peak(r):>10}")
     return "\n".join(lines) + f"\n(wall: {report['labels']['wall_s']}; proj: {report['labels']['projected_s']})"
+
+
+def _peak(row: dict) -> str:
+    """The largest host's peak memory through the prefill, MiB ("?" where it could not be read)."""
+    peaks = [p for p in row.get("rank_peak_mem_mib", []) if p is not None]
+    return f"{max(peaks):.0f}" if peaks else "?"
 
 
 def _color(method: str) -> str:
