@@ -71,6 +71,10 @@ class CommStats:
     #: sync stalls the pipeline, so ordinary runs leave it None and their per-op seconds are
     #: launch times on CUDA (bytes and calls are exact either way)
     sync: Callable[[], None] | None = None
+    #: with a list: every layer's span and every communication call, as timeline events
+    #: (``name, cat, phase, layer, start`` in seconds since the epoch, comparable across local
+    #: processes, ``dur`` in seconds); None: nothing recorded
+    trace: list[dict] | None = None
     _mark: tuple | None = None
 
     def now(self) -> float:
@@ -90,16 +94,24 @@ class CommStats:
     def tick(self, layer: int | None) -> None:
         """Close the running layer's clock and start ``layer``'s (None: stop)."""
         now = self.compute_clock()
+        wall = time.time()
         if self._mark is not None:
-            phase, prev, t = self._mark
+            phase, prev, t, w0 = self._mark
             self.layer_cpu[(phase, prev)] += now - t
-        self._mark = None if layer is None else (self.phase, layer, now)
+            if self.trace is not None:
+                self.trace.append({"name": "embed" if prev < 0 else f"layer {prev}", "cat": "compute",
+                                   "phase": Phase(phase).value, "layer": prev, "start": w0, "dur": wall - w0,
+                                   "cpu_s": now - t})
+        self._mark = None if layer is None else (self.phase, layer, now, wall)
 
     def record(self, op: str, nbytes: int, seconds: float = 0.0) -> None:
         rec = self.ops[(self.phase, self.layer, op)]
         rec.calls += 1
         rec.bytes += int(nbytes)
         rec.seconds += seconds
+        if self.trace is not None:  # recorded when the call ends, so it started ``seconds`` before
+            self.trace.append({"name": op, "cat": "comm", "phase": Phase(self.phase).value, "layer": self.layer,
+                               "start": time.time() - seconds, "dur": seconds, "bytes": int(nbytes)})
 
     def calls(self, op: str | None = None, phase: Phase | None = None, layer: int | None = None) -> int:
         return sum(r.calls for k, r in self._select(op, phase, layer))
@@ -122,6 +134,7 @@ class CommStats:
                     for (p, l, o), r in sorted(self.ops.items(), key=lambda kv: (kv[0][0], kv[0][1] or -1, kv[0][2]))],
             "layer_cpu": [{"phase": Phase(p).value, "layer": l, "cpu_s": v}
                           for (p, l), v in sorted(self.layer_cpu.items())],
+            **({} if self.trace is None else {"trace": list(self.trace)}),
         }
 
 

@@ -81,15 +81,32 @@ def test_simulate_cli_json(apb_bin, tmp_path):
 
 
 def test_bench_harness_on_a_tiny_run(apb_bin, repo, tmp_path):
-    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    out, png, trace = tmp_path / "bench.json", tmp_path / "bench.png", tmp_path / "trace.json"
     proc = subprocess.run([apb_bin, "bench", "--config", str(repo / "configs/tiny-cpu.yaml"), "--model", "tiny-llama",
                            "--methods", "full,ring,apb", "--lengths", "256,512", "--world-size", "2", "--repeats", "1",
-                           "--json", str(out), "--plot", str(png)], capture_output=True, text=True, timeout=600)
+                           "--hf-baseline", "--json", str(out), "--plot", str(png), "--trace", str(trace)],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     rows = report["results"]
-    assert [(r["method"], r["length"]) for r in rows] == [(m, n) for n in (256, 512) for m in ("full", "ring", "apb")]
-    for r in rows:
+    assert [(r["method"], r["length"]) for r in rows] == [(m, n) for n in (256, 512)
+                                                          for m in ("full", "ring", "apb", "hf-sdpa")]
+    hf = next(r for r in rows if r["method"] == "hf-sdpa" and r["length"] == 512)
+    assert hf["wall_s"] > 0 and hf["world_size"] == 1 and hf["projected_speedup_vs_full"] > 0
+    events = json.loads(trace.read_text())["traceEvents"]
+    named = {e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert named == {f"{m} n={n} W=2" for m in ("full", "ring", "apb") for n in (256, 512)}
+    pid = next(e["pid"] for e in events if e["name"] == "process_name" and e["args"]["name"] == "ring n=256 W=2")
+    ring_row = next(r for r in rows if r["method"] == "ring" and r["length"] == 256)
+    for rank in (0, 1):
+        spans = [e for e in events if e.get("pid") == pid and e.get("tid") == 2 * rank and e["ph"] == "X"]
+        # the embedding, then each of the 2 layers, one after the other
+        assert [e["name"] for e in spans] == ["embed", "layer 0", "layer 1"]
+        assert all(a["ts"] + a["dur"] <= b["ts"] + 1 for a, b in zip(spans, spans[1:]))
+        calls = [e for e in events if e.get("pid") == pid and e.get("tid") == 2 * rank + 1 and e["ph"] == "X"]
+        assert sum(1 for e in calls if e["name"] == "ring_send_recv") == 2  # one step per layer at W=2
+        assert sum(e["args"]["bytes"] for e in calls) == ring_row["rank_comm_bytes"][rank]
+    for r in (r for r in rows if r["method"] != "hf-sdpa"):
         assert r["wall_s"] > 0 and r["projected_s"] > 0 and len(r["rank_comm_bytes"]) == 2
         assert r["projected_speedup_vs_full"] > 0 and r["projected_speedup_vs_ring"] > 0
     ring = next(r for r in rows if r["method"] == "ring" and r["length"] == 256)
@@ -101,7 +118,7 @@ def test_bench_harness_on_a_tiny_run(apb_bin, repo, tmp_path):
     # the cost model's ideal: ring halves the slowest host's FLOPs (a bit less: the zigzag's diagonals)
     assert full["ideal_speedup_vs_full"] == pytest.approx(1.0) and 1.7 < ring["ideal_speedup_vs_full"] <= 2.0
     assert ring["efficiency_vs_full"] == pytest.approx(ring["projected_speedup_vs_full"] / ring["ideal_speedup_vs_full"])
-    for r in rows:  # a worker process holding torch and a model: tens of MiB at least
+    for r in (r for r in rows if r["method"] != "hf-sdpa"):  # a worker holding torch and a model: tens of MiB
         assert len(r["rank_peak_mem_mib"]) == 2 and all(p > 20 for p in r["rank_peak_mem_mib"])
     assert "projected on 2 dedicated cores" in report["labels"]["projected_s"]
     assert png.stat().st_size > 1000

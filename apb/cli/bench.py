@@ -19,6 +19,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--query-len", type=int, default=32)
     p.add_argument("--bandwidth-gbs", type=float, default=100.0, help="link bandwidth for the projection")
+    p.add_argument("--hf-baseline", action="store_true",
+                   help="also time transformers' own forward (sdpa, one thread) per length: row hf-sdpa")
+    p.add_argument("--trace", help="write a Chrome trace (Perfetto, chrome://tracing) of each method's median "
+                                   "run: per rank and layer, compute and communication intervals")
     p.add_argument("--json", help="write the report as JSON here")
     p.add_argument("--plot", help="write a PNG of time vs length per method")
     return p
@@ -34,11 +38,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--repeats and --world-size must be at least 1")
     cfg = config_from(args, [f"model.name_or_path={args.model}"])
     report = bench.run_bench(cfg, methods, args.lengths, args.world_size, args.repeats, args.query_len,
-                             args.bandwidth_gbs)
+                             args.bandwidth_gbs, hf_baseline=args.hf_baseline, trace=bool(args.trace))
     print(bench.format_table(report))
     if args.json:
         bench.write_json(report, args.json)
         config_beside(args.json, cfg)
+    if args.trace:
+        bench.write_trace(report, args.trace)
+        print(f"wrote {args.trace}")
     if args.plot:
         bench.plot([(report, "wall_s"), (report, "projected_s")], args.plot)
         print(f"wrote {args.plot}")

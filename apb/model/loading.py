@@ -63,6 +63,15 @@ PRESETS: dict[str, dict] = {
     "bench-attn": dict(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, head_dim=64, max_position_embeddings=131072,
                        rope_theta=500000.0, tie_word_embeddings=False),
+    # real shapes with random weights (speed only): SmolLM2-135M as it is, and Llama-3.1-8B's
+    # layer cut to 2 layers with a 512-token vocabulary (the attention and MLP shapes are the
+    # 8B's; 0.9 GB in bfloat16, so 8 local hosts fit in this machine's memory)
+    "bench-smollm2": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                          max_position_embeddings=131072, rope_theta=100000.0, tie_word_embeddings=True),
+    "bench-llama8b-2layer": dict(model_type="llama", vocab_size=512, hidden_size=4096, intermediate_size=14336,
+                                 num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                 max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False),
 }
 
 

@@ -43,6 +43,8 @@ class PromptRequest:
     diagnostics: bool = False  # also return what the method chose on each host (apb diagnose)
     #: benchmarks: synchronize the device before every clock read (see CommStats.sync)
     timed: bool = False
+    #: benchmarks: record a timeline of every layer and communication call (CommStats.trace)
+    trace: bool = False
 
 
 @dataclass
@@ -91,7 +93,8 @@ class Worker:
         model = self.model(req.model_path, req.dtype)
         method = build_method(req.method, MethodConfig(**req.method_options))
         device = self.env.device
-        comm = self.state.comm(CommStats(sync=measure.syncer(device) if req.timed else None))
+        comm = self.state.comm(CommStats(sync=measure.syncer(device) if req.timed else None,
+                                         trace=[] if req.trace else None))
         peak_known = measure.reset_peak(device)
         comm.barrier()  # start the clock together
         res = prefill(model, req.input_ids.to(device), method, comm, n_query=req.n_query,

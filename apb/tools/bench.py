@@ -70,8 +70,38 @@ def _model_flop(method: str, n: int, world: int, model_config, n_query: int) -> 
     return shape.layers * work.pairs * shape.attn_flops_per_pair() / 1e9, shape.linear_flops(work.tokens) / 1e9
 
 
+def hf_forward_seconds(path, dtype: str, ids, repeats: int) -> list[float]:
+    """Wall seconds of transformers' own prefill (``sdpa`` attention, one forward filling its cache,
+    last-token logits only) on this process with one thread, as each bench worker has: the
+    single-device baseline ``full`` is compared with."""
+    import time
+
+    import torch
+
+    from apb.model.loading import load_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = load_model(path, dtype, "cpu", attn_implementation="sdpa")
+        with torch.no_grad():
+            model(ids[None], use_cache=True, logits_to_keep=1)  # warm-up
+            walls = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                model(ids[None], use_cache=True, logits_to_keep=1)
+                walls.append(time.perf_counter() - t0)
+        return walls
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, repeats: int = 3,
-              n_query: int = 32, bandwidth_gbs: float = 100.0, progress=print) -> dict:
+              n_query: int = 32, bandwidth_gbs: float = 100.0, progress=print, hf_baseline: bool = False,
+              trace: bool = False) -> dict:
+    """Every method at every length (see module doc); ``hf_baseline`` adds a row ``hf-sdpa``:
+    transformers' own forward on one thread (:func:`hf_forward_seconds`), wall = projected;
+    ``trace`` keeps each row's median run as a timeline (``trace_events``, see :func:`write_trace`)."""
     path = resolve_model(cfg.model.name_or_path, cfg.model.seed)
     model_config = AutoConfig.from_pretrained(path)
     bandwidth = bandwidth_gbs * 1e9
@@ -91,7 +121,8 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
             ids = random_prompt(n, model_config.vocab_size, seed=n)
             for method in runnable:
                 req = PromptRequest(str(path), ids, method, method_options=options, n_query=n_query,
-                                    dtype=cfg.model.dtype, sampling=Sampling(max_new_tokens=1), timed=True)
+                                    dtype=cfg.model.dtype, sampling=Sampling(max_new_tokens=1), timed=True,
+                                    trace=trace)
                 group.call("run_prompt", req)  # warm-up: first-call allocations, imports
                 runs = [group.call("run_prompt", req) for _ in range(repeats)]
                 walls = [r[0].prefill_s for r in runs]
@@ -114,8 +145,24 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
                     "rank_peak_mem_mib": [None if r.peak_prefill_bytes is None else r.peak_prefill_bytes / 2**20
                                           for r in mid],
                 }
+                if trace:
+                    row["trace_events"] = [[e for e in s.pop("trace", []) if Phase(e["phase"]).is_prefill]
+                                           for s in stats]
+                else:
+                    for s in stats:
+                        s.pop("trace", None)
                 rows.append(row)
                 progress(f"{method:<20} n={n:<7} wall {median:8.3f}s  projected {projected:8.3f}s")
+            if hf_baseline:
+                walls = hf_forward_seconds(path, cfg.model.dtype, ids, repeats)
+                median = statistics.median(walls)
+                attn_gf, linear_gf = _model_flop("full", n, 1, model_config, n_query)
+                rows.append({"method": "hf-sdpa", "length": n, "world_size": 1, "repeats": repeats, "wall_s": median,
+                             "wall_all_s": walls, "projected_s": median, "projected_compute_s": median,
+                             "projected_comm_s": 0.0, "rank_compute_cpu_s": [median], "rank_comm_s": [0.0],
+                             "rank_comm_bytes": [0], "attn_gflop_slowest_host": attn_gf,
+                             "linear_gflop_slowest_host": linear_gf, "rank_peak_mem_mib": [None]})
+                progress(f"{'hf-sdpa':<20} n={n:<7} wall {median:8.3f}s  (transformers' forward, one thread)")
     finally:
         group.close()
     measured = [r for r in rows if "error" not in r]
@@ -197,4 +244,32 @@ def plot(panels: list[tuple[dict, str]], path: str | Path) -> None:
 
 
 def write_json(report: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(report, indent=2))
+    """The report without its timelines (:func:`write_trace` writes those)."""
+    rows = [{k: v for k, v in r.items() if k != "trace_events"} for r in report["results"]]
+    Path(path).write_text(json.dumps({**report, "results": rows}, indent=2))
+
+
+def trace_events(report: dict) -> list[dict]:
+    """Chrome trace events (the JSON format Perfetto and chrome://tracing open): one process per
+    (method, length), one thread per rank for compute (each layer's span) and one for
+    communication (each call), times in microseconds from the start of that run."""
+    events = []
+    for pid, row in enumerate(r for r in report["results"] if r.get("trace_events")):
+        ranks = row["trace_events"]
+        t0 = min((e["start"] for evs in ranks for e in evs), default=0.0)
+        events.append({"ph": "M", "name": "process_name", "pid": pid,
+                       "args": {"name": f"{row['method']} n={row['length']} W={row['world_size']}"}})
+        for rank, evs in enumerate(ranks):
+            for tid, what in ((2 * rank, "compute"), (2 * rank + 1, "comm")):
+                events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid,
+                               "args": {"name": f"rank {rank} {what}"}})
+            for e in evs:
+                args = {k: e[k] for k in ("phase", "layer", "cpu_s", "bytes") if k in e}
+                events.append({"ph": "X", "name": e["name"], "cat": e["cat"], "pid": pid,
+                               "tid": 2 * rank + (e["cat"] == "comm"), "ts": (e["start"] - t0) * 1e6,
+                               "dur": e["dur"] * 1e6, "args": args})
+    return events
+
+
+def write_trace(report: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps({"traceEvents": trace_events(report), "displayTimeUnit": "ms"}))
