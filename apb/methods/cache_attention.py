@@ -49,9 +49,20 @@ def local_partial(q, cache_k, cache_v, new_k, new_v, scale, holds_new: bool, win
 
 def merge_over_hosts(comm: Comm, out: torch.Tensor, lse: torch.Tensor, op: str = "partial_merge") -> torch.Tensor:
     """All-gather (out, lse) partials and merge them; float32 result, identical on every host."""
+    return merge_over_hosts_start(comm, out, lse, op)()
+
+
+def merge_over_hosts_start(comm: Comm, out: torch.Tensor, lse: torch.Tensor, op: str = "partial_merge"):
+    """:func:`merge_over_hosts` with the all-gather started now: returns ``finish()``, which waits
+    and merges, so the caller can compute in between."""
     packed = torch.cat([out.float(), lse.float()[..., None]], dim=-1)
-    parts = comm.all_gather_start(packed, op=op).wait()
-    return merge_many([(p[..., :-1], p[..., -1]) for p in parts])[0]
+    pending = comm.all_gather_start(packed, op=op)
+
+    def finish() -> torch.Tensor:
+        parts = pending.wait()
+        return merge_many([(p[..., :-1], p[..., -1]) for p in parts])[0]
+
+    return finish
 
 
 class CacheAttnContext:

@@ -25,7 +25,7 @@ import torch
 from apb.kernels import attention, merge_many
 from apb.methods.registry import register_method
 from apb.methods.base import Method
-from apb.methods.cache_attention import local_partial, merge_over_hosts
+from apb.methods.cache_attention import local_partial, merge_over_hosts_start
 from apb.methods.compressors import ScoreInputs, build_compressor, take
 from apb.methods.cost import HostWork, merge_bytes
 from apb.methods.sizes import resolve_len, resolve_passing
@@ -104,6 +104,8 @@ class Spava(Method):
             keys = torch.cat([k[:, :, r] for r in share], 2)
             vals = torch.cat([v[:, :, r] for r in share], 2)
             q_part = local_partial(q_query, keys, vals, k[:, :, qr], v[:, :, qr], scale, ctx.rank == 0, **opts)
+            # the fused query's merge travels while the blocks are attended
+            q_part = merge_over_hosts_start(comm, *q_part)
         # local parts of each block: what precedes it here, in full, then itself causally
         before1 = a if has_anchor else None
         before2 = slice(a.start if has_anchor else r1.start, r1.stop)
@@ -116,7 +118,7 @@ class Spava(Method):
         out[:, :, r1] = merge_many(parts1)[0].to(q.dtype)
         out[:, :, r2] = merge_many(parts2)[0].to(q.dtype)
         if q_part is not None:
-            out[:, :, qr] = merge_over_hosts(comm, *q_part).to(q.dtype)
+            out[:, :, qr] = q_part().to(q.dtype)
         return out
 
     @staticmethod
