@@ -31,7 +31,11 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     name_or_path: str = Field("tiny-llama", description="a preset (tiny-llama, tiny-qwen2, tiny-mistral) or a "
                                                        "local Hugging Face checkpoint directory")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and activations")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights and activations; auto: float32 for the presets and packaged models, bfloat16 "
+                            "for a real checkpoint where this machine computes it natively (a CUDA device with "
+                            "bfloat16, a CPU with AMX or AVX512-BF16), else float32. Decided when the config is "
+                            "loaded, so results and the config written beside them name the dtype used")
     seed: int = Field(0, description="seed for a preset's random weights")
 
 
@@ -147,6 +151,16 @@ class Config(_Section):
     method: MethodConfig = MethodConfig()
     decode: DecodeConfig = DecodeConfig()
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _concrete_dtype(self):
+        if self.model.dtype == "auto":
+            # imported here: the catalog imports transformers, which `apb --help` must not pay for
+            from apb.model.catalog import default_dtype
+
+            dtype = default_dtype(self.model.name_or_path, self.parallel.device)
+            object.__setattr__(self, "model", self.model.model_copy(update={"dtype": dtype}))
+        return self
 
     def fingerprint(self) -> dict:
         """The fields that decide the answers; a re-run on an output file must keep them."""

@@ -12,6 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from apb.config import Config, ConfigError, MethodConfig, dump_config, load_config
+from apb.model.catalog import default_dtype
 from apb.methods import build_method, method_names
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -47,6 +48,8 @@ def test_shipped_config_loads(path):
     # every value written in the file is what the Config holds
     for section, values in raw.items():
         for key, value in (values or {}).items():
+            if (section, key, value) == ("model", "dtype", "auto"):  # resolved when loaded
+                value = default_dtype(cfg.model.name_or_path, cfg.parallel.device)
             assert getattr(getattr(cfg, section), key) == value, f"{path.name}: {section}.{key}"
     assert cfg.method.name in method_names()
 
@@ -278,3 +281,27 @@ def test_the_method_registry_does_not_import_the_config():
     code = "import sys, apb.methods; assert 'apb.config' not in sys.modules, sorted(sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_auto_dtype_is_bfloat16_for_real_checkpoints_where_the_machine_has_it(monkeypatch, tmp_path):
+    from apb.model import catalog
+
+    assert load_config(None).model.dtype == "float32"  # a preset
+    assert load_config(None, ["model.name_or_path=apb-retrieval"]).model.dtype == "float32"
+    real = ["model.name_or_path=smollm2-135m-instruct", "parallel.device=cpu"]
+    monkeypatch.setattr(catalog, "bf16_native", lambda device="auto": True)
+    assert load_config(None, real).model.dtype == "bfloat16"
+    assert load_config(None, [f"model.name_or_path={tmp_path}", "parallel.device=cpu"]).model.dtype == "bfloat16"
+    assert load_config(None, [*real, "model.dtype=float32"]).model.dtype == "float32"  # asked for: kept
+    monkeypatch.setattr(catalog, "bf16_native", lambda device="auto": False)
+    assert load_config(None, real).model.dtype == "float32"
+
+
+def test_bf16_native_reads_the_cpu_flags(monkeypatch):
+    from apb.model import catalog
+
+    flags = {"amx": "flags\t: fpu sse2 amx_bf16 amx_tile\n", "avx512": "flags\t: fpu avx512_bf16\n",
+             "none": "flags\t: fpu sse2 avx2\n"}
+    for name, text in flags.items():
+        monkeypatch.setattr(catalog.Path, "read_text", lambda self, text=text: text)
+        assert catalog.bf16_native("cpu") == (name != "none"), name

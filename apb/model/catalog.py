@@ -145,6 +145,30 @@ def format_models(rows: list[ModelRow]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1] for line in table)
 
 
+def default_dtype(name_or_path: str, device: str = "auto") -> str:
+    """``model.dtype: auto``: float32 for the presets and packaged models (random or trained here,
+    small, and verified at float32's tolerance); for a real checkpoint bfloat16 where ``device``
+    computes it natively, else float32 (emulated bfloat16 is slower than float32)."""
+    if name_or_path in PRESETS or name_or_path in PACKAGED:
+        return "float32"
+    return "bfloat16" if bf16_native(device) else "float32"
+
+
+def bf16_native(device: str = "auto") -> bool:
+    """Whether ``device`` ("cpu", "cuda" or "auto": CUDA when present) has bfloat16 arithmetic in
+    hardware: a CUDA device that reports it, or a CPU with AMX-BF16 or AVX512-BF16 (Linux flags)."""
+    import torch
+
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def resolve_model(name_or_path: str, seed: int = 0) -> Path:
     """A preset, packaged or real model name, a local checkpoint directory, or a GGUF file -> a checkpoint directory.
 
