@@ -37,13 +37,13 @@ def merge_many(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Te
 
 def merge_(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
     """In place: the float32 accumulator ``(acc_out, acc_lse)`` becomes its :func:`merge` with
-    ``(out, lse)`` (the same arithmetic, so a fold of ``merge_`` equals :func:`merge_many`'s):
-    partials can be merged as they arrive, with one buffer per query block."""
+    ``(out, lse)``, equal to :func:`merge_many`'s fold to float rounding: partials can be merged as
+    they arrive, with one buffer per query block and no temporaries of the output's size."""
     lse = lse.float()
     m = torch.maximum(acc_lse, lse)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     w1, w2 = torch.exp(acc_lse - m), torch.exp(lse - m)
     total = w1 + w2
     denom = torch.where(total == 0, torch.ones_like(total), total)
-    acc_out.mul_((w1 / denom)[..., None]).add_(out.float() * (w2 / denom)[..., None])
+    acc_out.mul_((w1 / denom)[..., None]).addcmul_(out, (w2 / denom)[..., None])
     acc_lse.copy_(m + torch.log(total))

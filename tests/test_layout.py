@@ -229,3 +229,18 @@ def test_chunk_kinds_equal_their_strings():
     assert s.chunks[0].kind == "anchor" and s.rows("anchor") == s.rows(layout.ChunkKind.ANCHOR) == slice(0, 2)
     assert s.rows("block") == slice(2, 7) and layout.Chunk(0, 0, 1).kind is layout.ChunkKind.BLOCK
     assert json.dumps([k for k in layout.ChunkKind]) == '["block", "anchor", "query"]'
+
+
+def test_ring_fuses_adjacent_earlier_chunks_into_one_call():
+    """A query chunk sees every earlier chunk whole: two adjacent ones held by the same host are
+    one kernel call; its own chunk is causal; later ones are skipped."""
+    from apb.methods.ring import _calls
+    from apb.parallel import layout as L
+
+    slices = L.zigzag(64, 2)  # host 0: chunks 0 and 3, host 1: chunks 1 and 2, 16 tokens each
+    host0, host1 = slices[0].chunks, slices[1].chunks
+    assert _calls(host1, 3, 16) == [(slice(0, 32), False)]  # chunks 1 and 2 for query chunk 3: one call
+    assert _calls(host0, 3, 16) == [(slice(0, 16), False), (slice(16, 32), True)]
+    assert _calls(host0, 0, 16) == [(slice(0, 16), True)]
+    assert _calls(host1, 0, 16) == []
+    assert _calls(host0, 2, 16) == [(slice(0, 16), False)]

@@ -40,8 +40,9 @@ class Ring(Method):
         mine = ctx.mine
         size = mine.chunks[0].size
         q_parts = [(c.chunk_id, q[:, :, i * size:(i + 1) * size]) for i, c in enumerate(mine.chunks)]
-        acc_out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=torch.float32, device=q.device)
-        acc_lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        acc_out = torch.empty(*q.shape[:3], v.shape[-1], dtype=torch.float32, device=q.device)
+        acc_lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        first = [True] * len(q_parts)  # every query chunk sees at least its own chunk, causally
         # keys and values travel as two messages (their head sizes may differ: MLA), never stacked
         cur = (k.contiguous(), v.contiguous())
         bufs = _buffers(ctx, cur) if world > 1 else ()
@@ -55,16 +56,35 @@ class Ring(Method):
             src_chunks = ctx.slices[(ctx.rank - step) % world].chunks
             for qi, (q_chunk, q_part) in enumerate(q_parts):
                 rows = slice(qi * size, (qi + 1) * size)
-                for kj, kc in enumerate(src_chunks):
-                    if kc.chunk_id > q_chunk:
-                        continue
-                    sl = slice(kj * size, (kj + 1) * size)
-                    out, lse = attention(q_part, cur[0][:, :, sl], cur[1][:, :, sl], causal=kc.chunk_id == q_chunk,
-                                         scale=scale, **ctx.score_opts)
-                    merge_(acc_out[:, :, rows], acc_lse[:, :, rows], out, lse)
+                for sl, causal in _calls(src_chunks, q_chunk, size):
+                    out, lse = attention(q_part, cur[0][:, :, sl], cur[1][:, :, sl], causal=causal, scale=scale,
+                                         **ctx.score_opts)
+                    if first[qi]:  # the first partial is the accumulator: nothing to merge with yet
+                        acc_out[:, :, rows].copy_(out)
+                        acc_lse[:, :, rows].copy_(lse)
+                        first[qi] = False
+                    else:
+                        merge_(acc_out[:, :, rows], acc_lse[:, :, rows], out, lse)
             if not last:
                 cur = ring.wait()
         return acc_out.to(q.dtype)
+
+
+def _calls(src_chunks, q_chunk: int, size: int) -> list[tuple[slice, bool]]:
+    """The kernel calls of query chunk ``q_chunk`` over one host's chunks: (local rows, causal).
+    Earlier chunks are seen whole, so adjacent ones go in one call (fewer, larger calls and merges);
+    its own chunk is causal; later ones are not seen."""
+    calls: list[tuple[slice, bool]] = []
+    for kj, kc in enumerate(src_chunks):
+        if kc.chunk_id > q_chunk:
+            continue
+        causal = kc.chunk_id == q_chunk
+        sl = slice(kj * size, (kj + 1) * size)
+        if calls and not causal and not calls[-1][1] and calls[-1][0].stop == sl.start:
+            calls[-1] = (slice(calls[-1][0].start, sl.stop), False)
+        else:
+            calls.append((sl, causal))
+    return calls
 
 
 def _buffers(ctx, kv: tuple[torch.Tensor, torch.Tensor]):

@@ -22,6 +22,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from apb.model.gguf import convert_gguf, converted_dir, is_converted, is_gguf_source, require_gguf
@@ -157,8 +158,6 @@ def default_dtype(name_or_path: str, device: str = "auto") -> str:
 def bf16_native(device: str = "auto") -> bool:
     """Whether ``device`` ("cpu", "cuda" or "auto": CUDA when present) has bfloat16 arithmetic in
     hardware: a CUDA device that reports it, or a CPU with AMX-BF16 or AVX512-BF16 (Linux flags)."""
-    import torch
-
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     try:

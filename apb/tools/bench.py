@@ -26,9 +26,11 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import time
 from collections import defaultdict
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig
 
 from apb.config import Config
@@ -36,6 +38,7 @@ from apb.engine import available_cores, start_group
 from apb.methods import build_method, method_names
 from apb.runtime.decode import Sampling
 from apb.model.catalog import resolve_model
+from apb.model.loading import load_model
 from apb.parallel.comm import Phase
 from apb.tools import simulate as costmodel
 from apb.tools.verify import random_prompt
@@ -74,12 +77,6 @@ def hf_forward_seconds(path, dtype: str, ids, repeats: int) -> list[float]:
     """Wall seconds of transformers' own prefill (``sdpa`` attention, one forward filling its cache,
     last-token logits only) on this process with one thread, as each bench worker has: the
     single-device baseline ``full`` is compared with."""
-    import time
-
-    import torch
-
-    from apb.model.loading import load_model
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

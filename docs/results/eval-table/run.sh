@@ -21,3 +21,14 @@ for s in "0.5 a8-p16" "all a8-pall"; do set -- $s
   apb eval $COMMON --tasks passkey --methods spava --world-size 4 --lengths 8000 \
     --set method.anchor_len=0.5 --set method.passing_len=$1 --json $OUT/passkey-8000-w4-spava-$2.json
 done
+# session 16: the 6K passkey cell issue 10 names, niah at 8K, and the sizes that close the 6K gap
+apb eval $COMMON --tasks passkey --methods full,star,apb,spava --world-size 4 --lengths 6144 --json $OUT/passkey-6144-w4.json
+apb eval $COMMON --tasks niah --methods full,star,apb,spava --world-size 4 --lengths 8000 --json $OUT/niah-8000-w4.json
+for s in "0.25 0.25 a4-p4" "0.5 0.125 a2-p8" "0.5 0.25 a2-p4"; do set -- $s
+  apb eval $COMMON --tasks passkey --methods apb --world-size 4 --lengths 6144 \
+    --set method.anchor_len=$1 --set method.passing_len=$2 --json $OUT/passkey-6144-w4-apb-$3.json
+done
+for s in "0.25 0.25 a16-p32" "0.5 0.5 a8-p16" "1.0 0.5 a4-p16"; do set -- $s
+  apb eval $COMMON --tasks passkey --methods spava --world-size 4 --lengths 6144 \
+    --set method.anchor_len=$1 --set method.passing_len=$2 --json $OUT/passkey-6144-w4-spava-$3.json
+done
