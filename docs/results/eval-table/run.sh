@@ -32,3 +32,9 @@ for s in "0.25 0.25 a16-p32" "0.5 0.5 a8-p16" "1.0 0.5 a4-p16"; do set -- $s
   apb eval $COMMON --tasks passkey --methods spava --world-size 4 --lengths 6144 \
     --set method.anchor_len=$1 --set method.passing_len=$2 --json $OUT/passkey-6144-w4-spava-$3.json
 done
+# the two host-0 needles of the 6K cell (documents 2 and 29, the same documents): exact passing, and an anchor covering them
+D="--data $OUT/passkey-6144-host0-needles.jsonl"
+apb eval $COMMON $D --methods apb --world-size 4 --set method.passing_len=all --json $OUT/host0-needles-apb-pall.json
+apb eval $COMMON $D --methods apb,star --world-size 4 --set method.anchor_len=0.6 --json $OUT/host0-needles-anchor06.json
+# niah 8K: the three entries that timed out while this session starved the run, again alone
+apb eval $COMMON --methods full,star,apb,spava --world-size 4 --data $OUT/niah-8000-w4-rerun-input.jsonl --json $OUT/niah-8000-w4-rerun.json
