@@ -283,3 +283,18 @@ def pad_tokens(input_ids: torch.Tensor, total: int, pad_id: int) -> torch.Tensor
         return input_ids
     pad = torch.full((*input_ids.shape[:-1], total - n), pad_id, dtype=input_ids.dtype, device=input_ids.device)
     return torch.cat([input_ids, pad], dim=-1)
+
+
+def rows_of(mask: torch.Tensor, device: torch.device | str) -> slice | torch.Tensor:
+    """The rows a CPU boolean ``mask`` selects: a slice when they are one run (indexing with it
+    is a view, no copy), else an index tensor moved to ``device`` without waiting on it. Deciding
+    this on the CPU is what keeps a data-dependent selection from syncing with a GPU."""
+    if mask.device.type != "cpu":
+        raise ValueError(f"rows_of decides on the CPU; got a mask on {mask.device}")
+    idx = mask.nonzero().flatten()
+    if idx.numel() == 0:
+        return slice(0, 0)
+    first, last = int(idx[0]), int(idx[-1])
+    if last - first + 1 == idx.numel():
+        return slice(first, last + 1)
+    return idx.to(device, non_blocking=True)

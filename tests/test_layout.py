@@ -244,3 +244,14 @@ def test_ring_fuses_adjacent_earlier_chunks_into_one_call():
     assert _calls(host0, 0, 16) == [(slice(0, 16), True)]
     assert _calls(host1, 0, 16) == []
     assert _calls(host0, 2, 16) == [(slice(0, 16), False)]
+
+
+def test_rows_of_gives_a_view_for_one_run_and_an_index_otherwise():
+    from apb.parallel.layout import rows_of
+
+    assert rows_of(torch.tensor([False, True, True, False]), "cpu") == slice(1, 3)
+    assert rows_of(torch.zeros(4, dtype=torch.bool), "cpu") == slice(0, 0)
+    idx = rows_of(torch.tensor([True, False, True]), "cpu")
+    assert isinstance(idx, torch.Tensor) and idx.tolist() == [0, 2]
+    with pytest.raises(ValueError, match="on the CPU"):
+        rows_of(torch.ones(3, dtype=torch.bool, device="meta"), "cpu")

@@ -272,4 +272,37 @@ def test_decoding_drops_what_a_sliding_layer_can_no_longer_see():
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     ctx.start_step(torch.tensor([51]))  # the next token: one more entry out, one in
     ctx.step(SimpleNamespace(layer_idx=0), q, nk, nv, 0.3, sliding_window=8)
-    assert ctx.kv[0][0].shape[2] == 8 and ctx._layer_positions[0].tolist() == list(range(44, 52))
+    assert ctx.kv[0][0].shape[2] == 8 and ctx._layer_positions[0][0].tolist() == list(range(44, 52))
+
+
+def test_decoding_appends_into_one_buffer_and_decides_windows_without_reading_the_device():
+    """The holder's cache grows in place (one buffer for ``room`` steps, no per-step copy of the
+    cache), a leading cut is a view, and which entries a sliding layer sees is decided from the
+    CPU positions: with the cache and its device positions on the meta device (whose values
+    cannot be read), the decision still comes out."""
+    from apb.methods.cache_attention import CacheAttnContext, _Appendable
+    from apb.parallel.comm import Comm
+
+    torch.manual_seed(0)
+    k, v = torch.randn(1, 2, 10, 4), torch.randn(1, 2, 10, 4)
+    buf = _Appendable((k, v), room=3)
+    first = buf.bufs[0].data_ptr()
+    steps = [(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4)) for _ in range(5)]
+    for i, new in enumerate(steps):
+        buf.append(new)
+        if i < 3:
+            assert buf.bufs[0].data_ptr() == first  # within the room: written in place
+    torch.testing.assert_close(buf.view()[0], torch.cat([k] + [s[0] for s in steps], 2))
+    buf.keep(slice(4, 15))  # a leading cut: the start moves, nothing is copied
+    assert buf.start == 4 and buf.view()[1].shape[2] == 11
+    torch.testing.assert_close(buf.view()[1], torch.cat([v] + [s[1] for s in steps], 2)[:, :, 4:])
+    buf.keep(torch.tensor([0, 2]))
+    torch.testing.assert_close(buf.view()[0], torch.cat([k] + [s[0] for s in steps], 2)[:, :, [4, 6]])
+
+    meta = (torch.empty(1, 2, 50, 4, device="meta"),) * 2
+    ctx = CacheAttnContext(Comm(None), {0: meta}, torch.arange(50, device="meta"), holds_new=False,
+                           trim_windows=True, positions_cpu=torch.arange(50))
+    ctx.start_step(torch.tensor([50]))
+    cached, window = ctx._in_window(0, meta, 8, torch.device("meta"))
+    assert cached[0].shape[2] == 7 and window["cache_pos"].shape == (7,)  # 43..49, and 50 itself
+    assert ctx._layer_positions[0][0].tolist() == list(range(43, 50)) and ctx.kv[0][0].shape[2] == 7

@@ -20,7 +20,7 @@ import torch
 from apb.methods.cost import AttnShape, HostWork, Sizes
 from apb.methods.sliding import sliding_attention
 from apb.parallel.comm import Comm
-from apb.parallel.layout import HostSlice
+from apb.parallel.layout import HostSlice, rows_of
 
 if TYPE_CHECKING:  # apb.config imports the method registry to validate names, so not at run time
     from apb.config import MethodConfig
@@ -165,9 +165,7 @@ class AttnContext:
         layer waits on a host-to-device copy or a data-dependent mask (each is a GPU sync)."""
         key = ("kept_rows", str(device))
         if key not in self.scratch:
-            valid = self.mine.valid
-            n = int(valid.sum())
-            self.scratch[key] = slice(0, n) if bool(valid[:n].all()) else valid.nonzero().flatten().to(device)
+            self.scratch[key] = rows_of(self.mine.valid, device)
         return self.scratch[key]
 
     def step(self, module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -88,7 +88,8 @@ def decode_distributed(model, result, comm: Comm, n_past: int, sampling: Samplin
     device = next(model.parameters()).device
     cache = result.cache
     kv = {i: (cache.keys[i][None], cache.values[i][None]) for i in range(cache.keys.shape[0])}
-    ctx = CacheAttnContext(comm, kv, cache.positions, holds_new=comm.rank == decode_rank, trim_windows=True)
+    ctx = CacheAttnContext(comm, kv, cache.positions, holds_new=comm.rank == decode_rank, trim_windows=True,
+                           room=sampling.max_new_tokens)
     comm.stats.phase = Phase.DECODE
 
     def choose(tok: int) -> int:
@@ -96,7 +97,7 @@ def decode_distributed(model, result, comm: Comm, n_past: int, sampling: Samplin
         return int(comm.broadcast(t, src=decode_rank).item())
 
     def step(tok: int, pos: int) -> torch.Tensor:
-        ctx.start_step(torch.tensor([pos], device=device))
+        ctx.start_step(torch.tensor([pos]))
         out = model(input_ids=torch.tensor([[tok]], device=device), position_ids=torch.tensor([[pos]], device=device),
                     use_cache=False, apb_ctx=ctx)
         comm.stats.tick(None)

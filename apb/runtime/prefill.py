@@ -105,15 +105,16 @@ def _run(model, input_ids, method, comm, n, n_query, pad_id, diagnostics):
             logits.copy_(out.logits[0, -1].float())
         del out
     comm.stats.layer = None
-    positions = mine.positions[mine.valid].to(device)
+    positions_cpu = mine.positions[mine.valid]
+    positions = positions_cpu.to(device)
     kv = ctx.kv if ctx.kv else _empty_kv(model, device)
     if method.query_phase:
         comm.stats.phase = Phase.QUERY
-        qctx = CacheAttnContext(comm, kv, positions, holds_new=comm.rank == 0)
-        q_pos = torch.arange(n - n_query, n, device=device)
+        qctx = CacheAttnContext(comm, kv, positions, holds_new=comm.rank == 0, positions_cpu=positions_cpu)
+        q_pos = torch.arange(n - n_query, n)
         qctx.start_step(q_pos)
         comm.stats.tick(-1)
-        out = model(input_ids=input_ids[None, n - n_query:], position_ids=q_pos[None], use_cache=False,
+        out = model(input_ids=input_ids[None, n - n_query:], position_ids=q_pos.to(device)[None], use_cache=False,
                     logits_to_keep=1, apb_ctx=qctx)
         comm.stats.tick(None)
         logits.copy_(out.logits[0, -1].float())
