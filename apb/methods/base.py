@@ -114,6 +114,14 @@ class Method:
         """
         return 0.0, 0.0
 
+    def transfer_bytes(self, local: int, n_tokens: int, world: int, per_tok: int, passing: int, model_config: Any,
+                       dtype_bytes: int) -> int:
+        """Bytes a host holds in communication buffers at once, for the memory estimate: by
+        default every host's passing share (``passing`` K/V tokens per host, two buffers),
+        nothing for methods that pass none. ``local``: tokens this host runs; ``per_tok``: K/V
+        bytes per token and layer."""
+        return 2 * world * passing * per_tok if world > 1 else 0
+
     @classmethod
     def cost(cls, n: float, w: int, shape: AttnShape, sizes: Sizes) -> HostWork:
         """The slowest host's work prefilling ``n`` context tokens and ``sizes.query`` query tokens

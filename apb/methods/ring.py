@@ -32,6 +32,9 @@ class Ring(Method):
         kv_tok = 2 * shape.kv_heads * shape.head_dim * shape.bytes_per_param
         return HostWork(b, pairs, b, steps=w - 1, overlap_bytes=(w - 1) * b * kv_tok)
 
+    def transfer_bytes(self, local, n_tokens, world, per_tok, passing, model_config, dtype_bytes):
+        return 2 * local * per_tok if world > 1 else 0  # the chunk in flight and the one being attended
+
     def layout(self, n_tokens, world_size, n_query=0):
         return layout.zigzag(n_tokens, world_size)
 

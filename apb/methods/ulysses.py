@@ -73,6 +73,14 @@ class Ulysses(Method):
         moved = 4 * b * shape.heads * shape.head_dim * shape.bytes_per_param * (w - 1) / w
         return HostWork(b, n * n / 2 / w, b, comm_bytes=moved, steps=4)
 
+    def transfer_bytes(self, local, n_tokens, world, per_tok, passing, model_config, dtype_bytes):
+        if world == 1:
+            return 0
+        heads = model_config.num_attention_heads
+        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+        share = -(-heads // world)  # heads are padded to equal shares
+        return 4 * -(-n_tokens // world) * world * share * head_dim * dtype_bytes  # q, k, v, out of this host's heads
+
     def layout(self, n_tokens, world_size, n_query=0):
         return layout.contiguous(n_tokens, world_size)
 

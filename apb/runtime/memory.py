@@ -120,7 +120,7 @@ def estimate(method, model_config: Any, n_params: int, n_tokens: int, n_query: i
         if method.query_phase and s.rank == 0:
             cached += n_query  # the query phase appends the query's K/V on host 0
         act = local * (3 * hidden + attn + mlp) * b
-        transfer = _transfer(method.name, local, n_tokens, world_size, per_tok, passing, cfg, b)
+        transfer = method.transfer_bytes(local, n_tokens, world_size, per_tok, passing, cfg, b)
         if window and window < n_tokens:
             transfer += min(window, n_tokens) * 2 * per_tok  # a halo per chunk (at most two chunks)
         decode = 0
@@ -129,21 +129,6 @@ def estimate(method, model_config: Any, n_params: int, n_tokens: int, n_query: i
             decode = 2 * n_tokens * layers * per_tok + new if decode_mode == "gather" else new
         hosts.append(HostMemory(s.rank, n_params * b, cached * layers * per_tok, act, transfer, decode))
     return hosts
-
-
-def _transfer(name: str, local: int, n_tokens: int, world: int, per_tok: int, passing: int, cfg, b: int) -> int:
-    if world == 1:
-        return 0
-    if name == "ring":
-        return 2 * local * per_tok  # the chunk in flight and the one being attended
-    if name == "ulysses":
-        heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        share = -(-heads // world)
-        return 4 * -(-n_tokens // world) * world * share * head_dim * b  # q, k, v, out for this host's heads
-    if name in ("apb", "spava", "star"):
-        return 2 * world * passing * per_tok  # every host's passing share (spava: two virtual blocks)
-    return 0
 
 
 def device_budget(device: str, world_size: int, launcher: str, override_gb: float | None) -> int | None:

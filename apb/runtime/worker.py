@@ -41,7 +41,8 @@ class PromptRequest:
     eos_ids: tuple[int, ...] = ()
     return_cache: bool = False  # ship the gathered cache back (verification)
     diagnostics: bool = False  # also return what the method chose on each host (apb diagnose)
-    #: benchmarks: synchronize the device before every clock read (see CommStats.sync)
+    #: benchmarks: synchronize the device before every clock read (see CommStats.sync) and measure
+    #: the prefill's peak memory
     timed: bool = False
     #: benchmarks: record a timeline of every layer and communication call (CommStats.trace)
     trace: bool = False
@@ -58,8 +59,8 @@ class PromptResult:
     cache: KVCache | None = None
     #: with ``diagnostics``: {"passing": {layer: global prompt indices this host passed, (kv_heads, p)}}
     diagnostics: dict | None = None
-    #: this host's peak memory through the prefill (max allocated on CUDA, peak RSS on a CPU host;
-    #: None where the peak cannot be reset per prompt)
+    #: this host's peak memory through a timed prefill (max allocated on CUDA, peak RSS on a CPU
+    #: host; None for an untimed one, or where the peak cannot be reset per prompt)
     peak_prefill_bytes: int | None = None
 
 
@@ -95,7 +96,7 @@ class Worker:
         device = self.env.device
         comm = self.state.comm(CommStats(sync=measure.syncer(device) if req.timed else None,
                                          trace=[] if req.trace else None))
-        peak_known = measure.reset_peak(device)
+        peak_known = req.timed and measure.reset_peak(device)  # measured runs only: it touches process state
         comm.barrier()  # start the clock together
         res = prefill(model, req.input_ids.to(device), method, comm, n_query=req.n_query,
                       diagnostics=req.diagnostics)

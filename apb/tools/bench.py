@@ -73,14 +73,13 @@ def _model_flop(method: str, n: int, world: int, model_config, n_query: int) -> 
     return shape.layers * work.pairs * shape.attn_flops_per_pair() / 1e9, shape.linear_flops(work.tokens) / 1e9
 
 
-def hf_forward_seconds(path, dtype: str, ids, repeats: int) -> list[float]:
-    """Wall seconds of transformers' own prefill (``sdpa`` attention, one forward filling its cache,
-    last-token logits only) on this process with one thread, as each bench worker has: the
-    single-device baseline ``full`` is compared with."""
+def hf_forward_seconds(model, ids, repeats: int) -> list[float]:
+    """Wall seconds of transformers' own prefill (``model`` loaded with ``sdpa`` attention, one
+    forward filling its cache, last-token logits only) on this process with one thread, as each
+    bench worker has: the single-device baseline ``full`` is compared with."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model = load_model(path, dtype, "cpu", attn_implementation="sdpa")
         with torch.no_grad():
             model(ids[None], use_cache=True, logits_to_keep=1)  # warm-up
             walls = []
@@ -104,6 +103,7 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
     bandwidth = bandwidth_gbs * 1e9
     options = cfg.method.model_dump(exclude={"name"})
     rows = []
+    hf_model = None
     group = start_group(cfg, world, launcher="local", timeout_s=3600.0, threads=1)
     runnable = []
     for method in methods:
@@ -151,7 +151,9 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
                 rows.append(row)
                 progress(f"{method:<20} n={n:<7} wall {median:8.3f}s  projected {projected:8.3f}s")
             if hf_baseline:
-                walls = hf_forward_seconds(path, cfg.model.dtype, ids, repeats)
+                if hf_model is None:  # once per run, the first time it is needed
+                    hf_model = load_model(path, cfg.model.dtype, "cpu", attn_implementation="sdpa")
+                walls = hf_forward_seconds(hf_model, ids, repeats)
                 median = statistics.median(walls)
                 attn_gf, linear_gf = _model_flop("full", n, 1, model_config, n_query)
                 rows.append({"method": "hf-sdpa", "length": n, "world_size": 1, "repeats": repeats, "wall_s": median,
