@@ -139,12 +139,31 @@ def wire3():
         yield g
 
 
-@pytest.mark.parametrize("model", ["tiny-llama", "tiny-mistral"])  # 4 KV heads (replicated over 3 hosts), 6 (split)
+@pytest.mark.parametrize("heads,kv_heads,world", [(9, 3, 2), (8, 4, 3), (4, 2, 3), (12, 4, 5), (32, 8, 3), (6, 1, 4)])
+def test_ulysses_sends_each_host_the_kv_heads_its_query_heads_use(heads, kv_heads, world):
+    from apb.methods.ulysses import kv_shares
+
+    sent, index = kv_shares(heads, kv_heads, world)
+    m, share = len(sent) // world, -(-heads // world)
+    assert len(sent) == world * m and all(len(ix) == share for ix in index)
+    for r in range(world):
+        mine = sent[r * m:(r + 1) * m]  # DeepSpeed's even split of the head dim
+        for j, h in enumerate(range(r * share, (r + 1) * share)):
+            if h < heads:  # a real query head reads the KV head transformers would give it
+                assert mine[index[r][j]] == h // (heads // kv_heads), (r, h)
+    # never more than one KV head per (padded) query head, the old replication
+    assert m <= share
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-mistral"])  # 4 KV heads (uneven over 3 hosts), 6 (split)
 def test_ulysses_counts_the_bytes_its_four_all_to_alls_send(wire3, model):
     n, world = 900, 3
     cfg = AutoConfig.from_pretrained(resolve_model(model))
     heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    kv_sent = kv_heads if kv_heads % world == 0 else heads  # indivisible KV heads go as one per query head
+    # indivisible KV heads: each host is sent those its query heads use, as many as the neediest host uses
+    share = -(-heads // world)
+    used = [{h * kv_heads // heads for h in range(r * share, min((r + 1) * share, heads))} for r in range(world)]
+    kv_sent = kv_heads if kv_heads % world == 0 else world * max(len(u) for u in used)
     local = -(-n // world)  # tokens per host: the prompt right-padded to a multiple of W
     itemsize = torch.empty(0, dtype=torch.float32).element_size()  # PromptRequest's default dtype
     # q, k and v out, the attention output back; each host keeps 1/W of every tensor

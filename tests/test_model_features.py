@@ -264,17 +264,20 @@ def test_engine_refuses_the_non_attention_presets_at_once(preset, message):
 
 def test_ulysses_pads_heads_that_do_not_divide_by_the_world_size(group, tmp_path):
     """4 query heads over 3 hosts: padded with 2 zero heads to 6 (2 per host), exact; the bytes on
-    the wire are those of the padded tensors (KV heads replicated to one per query head, padded too):
-    6/4 of an even split's query and output traffic, the price of the uneven count."""
+    the wire are those of the tensors sent: q and out padded (6/4 of an even split's traffic, the
+    price of the uneven count), k and v one KV head per host (the one its query heads share; the
+    third host's is filler) instead of one per query head."""
     path = save_tiny(tmp_path / "four-heads", "llama", num_attention_heads=4, num_key_value_heads=2)
     _, ids, rows = run_methods(group, path, 301, ["ulysses"])
     assert_exact(rows, "ulysses, 4 heads over 3 hosts")
     req = PromptRequest(str(path), ids, "ulysses", sampling=Sampling(max_new_tokens=1))
     local = -(-301 // WORLD)
-    per_tensor = local * 6 * 16 * 4 * (WORLD - 1) // WORLD  # padded heads x head_dim x float32
+    q_bytes = local * 6 * 16 * 4 * (WORLD - 1) // WORLD  # padded heads x head_dim x float32
+    kv_bytes = local * 3 * 16 * 4 * (WORLD - 1) // WORLD  # one KV head per host
+    per_layer = 2 * q_bytes + 2 * kv_bytes
     for reply in group.call("run_prompt", req):
         ops = [o for o in reply.stats["ops"] if o["op"] == "all_to_all" and o["phase"] == "context"]
-        assert {o["layer"]: (o["calls"], o["bytes"]) for o in ops} == {0: (4, 4 * per_tensor), 1: (4, 4 * per_tensor)}
+        assert {o["layer"]: (o["calls"], o["bytes"]) for o in ops} == {0: (4, per_layer), 1: (4, per_layer)}
 
 
 def test_pre_rope_captures_are_freed_once_their_layer_has_run():

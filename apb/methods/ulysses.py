@@ -3,12 +3,14 @@
 Host ``r`` holds contiguous chunk ``r`` (the prompt is right-padded to a multiple of ``W``).
 DeepSpeed's :class:`DistributedAttention` all-to-alls Q/K/V so each host holds the whole
 sequence for ``H/W`` heads, runs causal attention locally, and all-to-alls the output back.
-When the KV heads do not split evenly over ``W`` they are replicated to one per query head
-(the GQA grouping is then trivially preserved). When the query heads do not split evenly either,
-zero heads are appended up to the next multiple of ``W`` (their outputs are dropped): hosts then
-hold ``ceil(H/W)`` or fewer real heads, and the padding adds ``(H'-H)/H`` to every all-to-all,
-counted in the bytes recorded. Communication per layer: four all-to-alls
-(q, k, v, out), each moving ``(W-1)/W`` of the local tensor.
+When the query heads do not split evenly, zero heads are appended up to the next multiple of
+``W`` (their outputs are dropped): hosts then hold ``ceil(H/W)`` or fewer real heads, and the
+padding adds ``(H'-H)/H`` to the query and output all-to-alls. When the KV heads do not follow
+the query heads' split evenly, each host is sent just the KV heads its query heads use
+(:func:`kv_shares`; the same count for every host, as DeepSpeed's all-to-all splits heads
+evenly), not one KV head per query head. The bytes recorded are those of the tensors sent.
+Communication per layer: four all-to-alls (q, k, v, out), each moving ``(W-1)/W`` of the local
+tensor.
 """
 
 from __future__ import annotations
@@ -17,19 +19,46 @@ import time
 
 import torch
 
-from apb.kernels import attention, repeat_kv
+from apb.kernels import attention
 from apb.methods.registry import register_method
 from apb.methods.base import Method
 from apb.methods.cost import HostWork
 from apb.parallel import layout
 
 
+def kv_shares(heads: int, kv_heads: int, world: int) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    """Which KV heads each host is sent, and which of them each of its query heads uses.
+
+    The query heads (padded to ``H' = ceil(H/W) W``) go to hosts in equal runs of ``H'/W``; host
+    ``r`` needs the KV heads of its real query heads, ``m`` = the most any host needs, and every
+    host gets ``m`` (short lists repeat their last head; padding heads use the first). Returns
+    (the ``W*m`` KV heads to send, in host order; per host, for each of its query heads, the
+    index of its KV head among the ``m`` it receives).
+    """
+    group = heads // kv_heads
+    share = -(-heads // world)
+    need = [sorted({h // group for h in range(r * share, min((r + 1) * share, heads))}) for r in range(world)]
+    m = max(len(n) for n in need)
+    sent, index = [], []
+    for r, n in enumerate(need):
+        mine = (n or [0]) + [(n or [0])[-1]] * (m - len(n or [0]))
+        sent += mine
+        index.append(tuple(mine.index(h // group) if h < heads else 0 for h in range(r * share, (r + 1) * share)))
+    return tuple(sent), tuple(index)
+
+
 def _local_attention(call: dict, timer: list[float]):
-    """The local step; ``call`` holds the current layer's ``scale`` and score options (this host's heads)."""
+    """The local step; ``call`` holds the current layer's ``scale``, score options (this host's
+    heads) and ``kv_index`` (per query head, its KV head among those received; None: the plain
+    GQA grouping holds)."""
     def run(q, k, v, *args, **kwargs):
         t0 = time.perf_counter()
+        opts = dict(call)
+        index = opts.pop("kv_index")
+        if index is not None:  # this host's query heads use its KV heads unevenly: one per query head, locally
+            k, v = k[:, :, index], v[:, :, index]
         # DeepSpeed hands over (batch, seq, heads, dim); the kernel wants (batch, heads, seq, dim)
-        out, _ = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, **call)
+        out, _ = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, **opts)
         timer[0] += time.perf_counter() - t0
         return out.transpose(1, 2)
 
@@ -78,11 +107,15 @@ class Ulysses(Method):
             return 0
         heads = model_config.num_attention_heads
         head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-        share = -(-heads // world)  # heads are padded to equal shares
-        return 4 * -(-n_tokens // world) * world * share * head_dim * dtype_bytes  # q, k, v, out of this host's heads
+        kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+        share = -(-heads // world)  # query heads are padded to equal shares
+        kv_share = kv_heads // world if kv_heads % world == 0 else len(kv_shares(heads, kv_heads, world)[0]) // world
+        # q and out, k and v of this host's heads, over the whole padded sequence
+        return 2 * -(-n_tokens // world) * world * (share + kv_share) * head_dim * dtype_bytes
 
     def layout(self, n_tokens, world_size, n_query=0):
         return layout.contiguous(n_tokens, world_size)
+
 
     def attention(self, ctx, module, q, k, v, scale):
         world = ctx.comm.size
@@ -91,10 +124,13 @@ class Ulysses(Method):
         heads, kv_heads = q.shape[1], k.shape[1]
         pad = -heads % world
         opts = ctx.score_opts
+        kv_index = None
         if kv_heads % world != 0 or pad:
-            k, v = repeat_kv(k, heads // kv_heads), repeat_kv(v, heads // kv_heads)
-        if pad:  # DeepSpeed splits heads evenly: zero heads (scores 0 over zero values) fill the last share
-            q, k, v = (torch.cat([t, t.new_zeros(t.shape[0], pad, *t.shape[2:])], 1) for t in (q, k, v))
+            sent, index = _shares(ctx, heads, kv_heads, world, k.device)
+            k, v = k[:, sent], v[:, sent]
+            kv_index = index[ctx.rank]
+        if pad:  # DeepSpeed splits heads evenly: zero heads fill the last share (their outputs are dropped)
+            q = torch.cat([q, q.new_zeros(q.shape[0], pad, *q.shape[2:])], 1)
             if opts.get("sinks") is not None:
                 opts = {**opts, "sinks": torch.cat([opts["sinks"], opts["sinks"].new_zeros(pad)])}
         if "ulysses" not in ctx.scratch:
@@ -102,7 +138,7 @@ class Ulysses(Method):
             ctx.scratch["ulysses"] = (_deepspeed_attention(_local_attention(call, timer), ctx.comm.group), timer, call)
         dist_attn, timer, call = ctx.scratch["ulysses"]
         call.clear()
-        call.update(scale=scale, **_my_heads(opts, ctx.rank, world))
+        call.update(scale=scale, kv_index=kv_index, **_my_heads(opts, ctx.rank, world))
         t0, local0 = time.perf_counter(), timer[0]
         out = dist_attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0)
         # DeepSpeed does its own four exchanges (q, k, v, output); count each here: (W-1)/W of
@@ -111,3 +147,16 @@ class Ulysses(Method):
         for t in (q, k, v, out):
             ctx.comm.record_external("all_to_all", t.numel() * t.element_size() * (world - 1) // world, exchange_s / 4)
         return out.transpose(1, 2)[:, :heads]
+
+
+def _shares(ctx, heads: int, kv_heads: int, world: int, device) -> tuple[torch.Tensor, list]:
+    """:func:`kv_shares` as device indices, once per prompt (not a host-to-device copy per layer);
+    a host whose query heads keep the plain GQA grouping gets None (the kernel groups natively)."""
+    key = ("ulysses_kv", heads, kv_heads, str(device))
+    if key not in ctx.scratch:
+        sent, index = kv_shares(heads, kv_heads, world)
+        m, share = len(sent) // world, -(-heads // world)
+        plain = [share % m == 0 and idx == tuple(j // (share // m) for j in range(share)) for idx in index]
+        ctx.scratch[key] = (torch.tensor(sent, device=device),
+                            [None if p else torch.tensor(idx, device=device) for p, idx in zip(plain, index)])
+    return ctx.scratch[key]

@@ -26,7 +26,7 @@ from apb.model.text import byte_tokenizer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # 12 heads split evenly over 1, 2, 3 and 4 hosts; the KV head counts exercise GQA both when
-# they divide the world size and when they must be replicated.
+# they divide the world size and when they do not (Ulysses then sends each host the ones it uses).
 _COMMON = dict(vocab_size=512, hidden_size=192, intermediate_size=384, num_hidden_layers=2,
                num_attention_heads=12, head_dim=16, max_position_embeddings=8192, rope_theta=10000.0,
                tie_word_embeddings=False)
