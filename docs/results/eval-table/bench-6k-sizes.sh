@@ -1,0 +1,10 @@
+#!/bin/sh
+# Prefill time at 6K (the passkey setting), SmolLM2 in bfloat16, W=4, at the default sizes
+# and at the sizes that close the 6K accuracy gap (docs/accuracy.md, section 6). Run from the
+# repository root with nothing else running.
+set -x
+OUT=docs/results/eval-table
+COMMON="--config configs/tiny-cpu.yaml --model smollm2-135m-instruct --set model.dtype=bfloat16 --world-size 4 --lengths 6144 --repeats 3"
+apb bench $COMMON --methods full,ring,star,apb,spava --json $OUT/bench-6k-default.json
+apb bench $COMMON --methods apb --set method.passing_len=1.0 --json $OUT/bench-6k-apb-p1.json
+apb bench $COMMON --methods spava --set method.anchor_len=0.5 --set method.passing_len=all --json $OUT/bench-6k-spava-a8-pall.json
