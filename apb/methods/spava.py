@@ -106,28 +106,31 @@ class Spava(Method):
             q_part = local_partial(q_query, keys, vals, k[:, :, qr], v[:, :, qr], scale, ctx.rank == 0, **opts)
             # the fused query's merge travels while the blocks are attended
             q_part = merge_over_hosts_start(comm, *q_part)
-        # local parts of each block: what precedes it here, in full, then itself causally
-        before1 = a if has_anchor else None
-        before2 = slice(a.start if has_anchor else r1.start, r1.stop)
-        parts1 = self._local(q, k, v, r1, before1, scale, opts)
-        parts2 = self._local(q, k, v, r2, before2, scale, opts)
-        if pending is not None:
-            received = pending.wait()
-            parts1 += self._remote(q, r1, first.chunk_id, received, ctx, layer, scale)
-            parts2 += self._remote(q, r2, second.chunk_id, received, ctx, layer, scale)
-        out[:, :, r1] = merge_many(parts1)[0].to(q.dtype)
-        out[:, :, r2] = merge_many(parts2)[0].to(q.dtype)
+        # each block causally over itself while the passing blocks travel; then, in one call, over
+        # what precedes it: the passing blocks it sees and, in full, what is here before it
+        own1 = attention(q[:, :, r1], k[:, :, r1], v[:, :, r1], causal=True, scale=scale, **opts)
+        own2 = attention(q[:, :, r2], k[:, :, r2], v[:, :, r2], causal=True, scale=scale, **opts)
+        received = pending.wait() if pending is not None else None
+        before1 = a if has_anchor else slice(r1.start, r1.start)
+        before2 = slice(before1.start, r1.stop)
+        out[:, :, r1] = self._with_before(q, k, v, r1, own1, before1, first.chunk_id, received, ctx, layer, scale)
+        out[:, :, r2] = self._with_before(q, k, v, r2, own2, before2, second.chunk_id, received, ctx, layer, scale)
         if q_part is not None:
             out[:, :, qr] = q_part().to(q.dtype)
         return out
 
-    @staticmethod
-    def _local(q, k, v, rows, before, scale, opts):
-        parts = [attention(q[:, :, rows], k[:, :, rows], v[:, :, rows], causal=True, scale=scale, **opts)]
-        if before is not None and before.stop > before.start:
-            parts.append(attention(q[:, :, rows], k[:, :, before], v[:, :, before], causal=False, scale=scale,
-                                   **opts))
-        return parts
+    def _with_before(self, q, k, v, rows, own, before, block_id, received, ctx, layer, scale):
+        """``own`` (the block over itself) merged with one call over the passing blocks this block
+        sees and the local rows ``before`` it (in full)."""
+        ks, vs = self._remote(block_id, received, ctx, layer, q.shape[-1])
+        if before.stop > before.start:
+            ks.append(k[:, :, before])
+            vs.append(v[:, :, before])
+        if not ks:
+            return own[0].to(q.dtype)
+        keys, vals = (ks[0], vs[0]) if len(ks) == 1 else (torch.cat(ks, 2), torch.cat(vs, 2))
+        part = attention(q[:, :, rows], keys, vals, causal=False, scale=scale, **ctx.score_opts)
+        return merge_many([own, part])[0].to(q.dtype)
 
     def _share_passing(self, ctx, layer, q_query, k, v, scale, block_rows):
         world = ctx.comm.size
@@ -154,14 +157,15 @@ class Spava(Method):
             ctx.scratch[("passing", layer)] = torch.cat(chosen, -1)
         return ctx.comm.all_gather_start(torch.stack(shares))
 
-    def _remote(self, q, rows, block_id, received, ctx, layer, scale):
-        p, dk = ctx.plan.passing[layer], q.shape[-1]
+    @staticmethod
+    def _remote(block_id, received, ctx, layer, dk) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The K and V of the passing blocks virtual block ``block_id`` sees (none before they arrive)."""
         ks, vs = [], []
+        if received is None:
+            return ks, vs
+        p = ctx.plan.passing[layer]
         for host, slot in layout.spava_passing_sources(block_id, ctx.comm.size):
             size = min(p, ctx.slices[host].blocks()[slot].size)
             ks.append(received[host][slot, :, :, :size, :dk])
             vs.append(received[host][slot, :, :, :size, dk:])
-        if not ks:
-            return []
-        return [attention(q[:, :, rows], torch.cat(ks, 2), torch.cat(vs, 2), causal=False, scale=scale,
-                          **ctx.score_opts)]
+        return ks, vs
