@@ -54,6 +54,10 @@ class OpRecord:
     seconds: float = 0.0
 
 
+#: the ``layer_cpu`` key of a prefill's work outside the model's forwards
+OUTSIDE = -2
+
+
 @dataclass
 class CommStats:
     """Per-rank counters. ``layer`` and ``phase`` are set by the runtime as the model runs."""
@@ -63,8 +67,9 @@ class CommStats:
     ops: dict[tuple[Phase, int | None, str], OpRecord] = field(default_factory=lambda: defaultdict(OpRecord))
     compute_seconds: float = 0.0
     #: compute seconds per (phase, layer): from one layer's attention to the next one's; layer
-    #: ``-1`` is the forward before the first attention (embedding, layer 0's projections), and the
-    #: last layer runs to the end of the forward (final norm, logits)
+    #: ``-1`` is the forward before the first attention (embedding, layer 0's projections), the
+    #: last layer runs to the end of the forward (final norm, logits), and layer ``OUTSIDE`` is
+    #: the prefill's work outside the forwards (checks, layout, stacking the cache)
     layer_cpu: dict[tuple[Phase, int], float] = field(default_factory=lambda: defaultdict(float))
     #: waits for the device (``torch.cuda.synchronize``) before a clock is read: CUDA kernels run
     #: asynchronously, so without it a clock measures their launch. Set for benchmarks only: each

@@ -132,3 +132,25 @@ def test_validate_degrees_names_choices():
     validate_degrees(4, 2)
     with pytest.raises(ValueError, match=r"sp_size=3 does not divide world_size=4.*\[1, 2, 4\]"):
         validate_degrees(4, 3)
+
+
+def test_the_per_layer_clocks_add_up_to_the_whole_prefill():
+    """The bench projects from the per-layer clocks; with the bucket for the work around the
+    forwards they account for the prefill's whole CPU time, measured from outside."""
+    from apb.methods import build_method
+    from apb.config import MethodConfig
+    from apb.model.catalog import resolve_model
+    from apb.model.loading import load_model
+    from apb.parallel.comm import OUTSIDE
+    from apb.runtime.prefill import prefill
+
+    model = load_model(resolve_model("tiny-llama"), "float32", "cpu")
+    ids = torch.randint(0, 512, (1024,), generator=torch.Generator().manual_seed(0))
+    prefill(model, ids, build_method("full", MethodConfig()), Comm(None))  # warm-up
+    comm = Comm(None)
+    t0 = time.process_time()
+    prefill(model, ids, build_method("full", MethodConfig()), comm)
+    whole = time.process_time() - t0
+    clocks = comm.stats.layer_cpu
+    assert (Phase.CONTEXT, OUTSIDE) in clocks and (Phase.CONTEXT, -1) in clocks
+    assert sum(clocks.values()) == pytest.approx(whole, rel=0.05)

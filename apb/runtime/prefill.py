@@ -33,7 +33,7 @@ from apb.model import mla
 from apb.model.features import check_supported
 from apb.model.hf_bridge import prompt_length
 from apb.model.rope import rope_shift
-from apb.parallel.comm import Comm, Phase
+from apb.parallel.comm import OUTSIDE, Comm, Phase
 from apb.parallel.layout import owner_of, pad_tokens
 from apb.runtime import measure
 from apb.runtime.cache import KVCache
@@ -67,7 +67,8 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
                          "query length (n_query >= 1)")
     device = _device(model)
     measure.sync(device)  # the clock starts when the device is idle, and stops when it is again
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), comm.stats.compute_clock()
+    inside0 = sum(comm.stats.layer_cpu.values())
     input_ids = input_ids.to(device)
     check_supported(model.config)
     method.check(model.config, comm.size)
@@ -78,6 +79,9 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
     cache = KVCache.from_layers(positions, kv)
     measure.sync(device)
     seconds = time.perf_counter() - t0
+    # the per-layer clocks cover the forwards; what the prefill did around them is work too
+    inside = sum(comm.stats.layer_cpu.values()) - inside0
+    comm.stats.layer_cpu[(Phase.CONTEXT, OUTSIDE)] += max(0.0, comm.stats.compute_clock() - cpu0 - inside)
     comm.stats.compute_seconds += max(0.0, seconds - comm.stats.comm_seconds())
     return PrefillResult(logits, cache, seconds, passing)
 

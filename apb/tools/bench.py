@@ -7,7 +7,8 @@ Two figures per (method, length), labelled everywhere:
   than cores this is *not* the time W devices would take.
 * ``projected_s`` — the time on ``W`` dedicated cores: for each layer the slowest rank's CPU
   time (measured per rank with ``time.process_time``, which does not count time spent waiting
-  for a core; the clock covers the whole forward: the embedding, every layer, the logits),
+  for a core; the clocks cover the whole prefill: the embedding, every layer, the logits, and
+  the work around the forwards, such as the layout and stacking the cache),
   summed over layers, plus every byte the slowest rank sent at ``bandwidth_gbs`` and a fixed
   latency per collective call. On CUDA the same clocks are read after a synchronize.
 
