@@ -68,6 +68,9 @@ class _Appendable:
     the whole cache (``torch.cat``) every step; the buffer doubles when the room runs out."""
 
     def __init__(self, tensors: tuple[torch.Tensor, ...], room: int):
+        self._fill(tensors, room)
+
+    def _fill(self, tensors: tuple[torch.Tensor, ...], room: int) -> None:
         n = tensors[0].shape[2]
         self.bufs = tuple(t.new_empty(*t.shape[:2], n + max(room, 1), t.shape[3]) for t in tensors)
         for buf, t in zip(self.bufs, tensors):
@@ -100,7 +103,7 @@ class _Appendable:
             self.start += rows.start
             return
         kept = tuple(t[:, :, rows] for t in self.view())
-        self.__init__(kept, self.capacity - kept[0].shape[2])
+        self._fill(kept, self.capacity - kept[0].shape[2])
 
 
 class CacheAttnContext:
