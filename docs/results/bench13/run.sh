@@ -24,3 +24,8 @@ $APB bench $C --model bench-llama8b-2layer --set model.dtype=bfloat16 --methods 
 $APB bench $C --model bench-llama8b-2layer --set model.dtype=float32 --methods full,ring --lengths 4096 \
   --world-size 2 --repeats 1 --json $OUT/llama8b2l-fp32-w2.json > $OUT/llama8b2l-fp32-w2.txt 2>&1
 sh docs/results/bench13/run-batch.sh > docs/results/bench13/batch.txt 2>&1
+# session 17 (after spava's fused calls and the clock for the work around the forwards): 1 and 2 again
+$APB bench $C --methods ring,apb,spava --lengths 32768 --world-size 8 --repeats 3 \
+  --json $OUT/bench-attn-w8-32k-s17.json > $OUT/bench-attn-w8-32k-s17.txt 2>&1
+$APB bench $C --methods full,ring,apb,spava --lengths 4096,8192,16384 --world-size 2 --repeats 3 \
+  --json $OUT/bench-attn-w2-s17.json > $OUT/bench-attn-w2-s17.txt 2>&1
