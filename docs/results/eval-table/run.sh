@@ -38,3 +38,16 @@ apb eval $COMMON $D --methods apb --world-size 4 --set method.passing_len=all --
 apb eval $COMMON $D --methods apb,star --world-size 4 --set method.anchor_len=0.6 --json $OUT/host0-needles-anchor06.json
 # niah 8K: the three entries that timed out while this session starved the run, again alone
 apb eval $COMMON --methods full,star,apb,spava --world-size 4 --data $OUT/niah-8000-w4-rerun-input.jsonl --json $OUT/niah-8000-w4-rerun.json
+# session 17: the sizes that close the 6K cell (docs/accuracy.md section 6); probes on the two host-0
+# documents are in host0-probes/run.sh, and the speed of these sizes in bench-6k-sizes.sh
+for s in "0.75 a4-p075" "1.0 a4-p1"; do set -- $s
+  apb eval $COMMON --tasks passkey --methods apb --world-size 4 --lengths 6144 \
+    --set method.passing_len=$1 --json $OUT/passkey-6144-w4-apb-$2.json
+done
+apb eval $COMMON --tasks passkey --methods spava --world-size 4 --lengths 6144 \
+  --set method.anchor_len=0.5 --set method.passing_len=all --json $OUT/passkey-6144-w4-spava-a8-pall.json
+# the three 8K passkey documents spava misses (3, 12, 23 of the 8K cell), in float32
+F32="--config configs/tiny-cpu.yaml --model smollm2-135m-instruct --set model.dtype=float32 --set decode.max_new_tokens=32 --world-size 4"
+D="--data $OUT/passkey-8000-spava-misses.jsonl"
+apb eval $F32 $D --methods full,spava --json $OUT/passkey-8000-spava-misses-fp32.json
+apb eval $F32 $D --methods spava --set method.anchor_len=0.5 --set method.passing_len=all --json $OUT/passkey-8000-spava-misses-fp32-a8-pall.json
