@@ -60,7 +60,9 @@ def test_gather_mode_counts_two_copies_of_the_whole_cache_on_the_decode_host():
     per = memory.kv_bytes_per_token(cfg, 2) * cfg.num_hidden_layers
     gather = memory.estimate(method, cfg, 10, 1000, 0, 4, "bfloat16", "gather", 8)
     dist = memory.estimate(method, cfg, 10, 1000, 0, 4, "bfloat16", "distributed", 8)
-    assert gather[0].decode == 2 * 1000 * per + 8 * per and dist[0].decode == 8 * per
+    # distributed: the decode host's own share (250 of 1000 tokens under ring's zigzag at W=4), copied
+    # once into a buffer with room for the 8 new tokens
+    assert gather[0].decode == 2 * 1000 * per + 8 * per and dist[0].decode == 250 * per + 8 * per
     assert all(h.decode == 0 for h in gather[1:]) and gather[0].weights == 20
 
 

@@ -126,7 +126,9 @@ def estimate(method, model_config: Any, n_params: int, n_tokens: int, n_query: i
         decode = 0
         if s.rank == 0:
             new = max_new_tokens * layers * per_tok
-            decode = 2 * n_tokens * layers * per_tok + new if decode_mode == "gather" else new
+            # gather: the received cache and transformers' copy of it; distributed: this host's share
+            # copied once into a buffer with room for the answer (CacheAttnContext)
+            decode = (2 * n_tokens if decode_mode == "gather" else cached) * layers * per_tok + new
         hosts.append(HostMemory(s.rank, n_params * b, cached * layers * per_tok, act, transfer, decode))
     return hosts
 
