@@ -12,7 +12,8 @@ context, and the query ``Q``, fused into the same pass. Per layer::
 
 A virtual block sees the local block before it in full (it is already here) and the passing
 blocks of the earlier virtual blocks held elsewhere. The passing all-gather is issued before the
-anchor, query and local block attention and waited on only after them, so it overlaps compute.
+anchor, the query and each block's causal attention over itself, and waited on only after them,
+so it overlaps compute; each block then attends everything before it in one call.
 Each host caches its ``1/W`` share of the anchor; host 0 caches the query.
 """
 
