@@ -51,3 +51,5 @@ F32="--config configs/tiny-cpu.yaml --model smollm2-135m-instruct --set model.dt
 D="--data $OUT/passkey-8000-spava-misses.jsonl"
 apb eval $F32 $D --methods full,spava --json $OUT/passkey-8000-spava-misses-fp32.json
 apb eval $F32 $D --methods spava --set method.anchor_len=0.5 --set method.passing_len=all --json $OUT/passkey-8000-spava-misses-fp32-a8-pall.json
+# niah at W=8, 8K (full is the W=4 run's: one host)
+apb eval $COMMON --tasks niah --methods apb,spava --world-size 8 --lengths 8000 --json $OUT/niah-8000-w8.json
