@@ -78,9 +78,11 @@ class MethodConfig(_Section):
     anchor_len: Union[int, float, None] = Field(
         None, description="anchor tokens (int) or fraction of a block (float); default: the method's own "
                           "(apb: block/4, star: block, spava: n/64)")
-    passing_len: Union[int, float, str, list[Union[int, float]], dict[str, list[Union[int, float]]], None] = Field(
-        None, description="passing-block tokens per host: int, block fraction, 'all', a per-layer list, or "
-                          "{linear: [first, last]}; default apb: block/8, spava: n/128")
+    passing_len: Union[int, float, str, list[Union[int, float, Literal["all"], None]],
+                       dict[str, list[Union[int, float]]], None] = Field(
+        None, description="passing-block tokens per host: int, block fraction, 'all', a per-layer list (whose "
+                          "entries may also be 'all' or null: the default), or {linear: [first, last]}; "
+                          "default apb: block/8, spava: n/128")
     query_insert_pos: int = Field(16, ge=0, description="apb: context tokens before the query in the anchor")
     compressor: str = Field("query", description="how passing blocks are chosen (query, snapkv, retaining_heads, "
                                                  "stride)")

@@ -305,3 +305,17 @@ def test_bf16_native_reads_the_cpu_flags(monkeypatch):
     for name, text in flags.items():
         monkeypatch.setattr(catalog.Path, "read_text", lambda self, text=text: text)
         assert catalog.bf16_native("cpu") == (name != "none"), name
+
+
+def test_a_per_layer_passing_list_takes_whole_blocks_and_defaults():
+    """Whole blocks in the first layers and the method's default after (docs/accuracy.md,
+    section 6): 'all' is the block, null the default, as for a single value."""
+    from apb.methods.sizes import resolve_passing
+
+    cfg = MethodConfig(name="apb", passing_len=["all", None, 0.5])
+    assert cfg.passing_len == ["all", None, 0.5]
+    assert resolve_passing(cfg.passing_len, 100, 12.5, 1, 3) == [100, 12, 50]
+    plan = build_method("apb", cfg).plan(1000 + 8, 4, 8, 3)
+    assert plan.passing == (250, 31, 125)  # block 250: whole, block/8 (rounded), half
+    with pytest.raises(ValidationError, match="(?s)passing_len.*Input should be 'all'"):
+        MethodConfig(name="apb", passing_len=["most", 0.5])
