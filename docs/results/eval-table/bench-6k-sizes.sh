@@ -8,3 +8,5 @@ COMMON="--config configs/tiny-cpu.yaml --model smollm2-135m-instruct --set model
 apb bench $COMMON --methods full,ring,star,apb,spava --json $OUT/bench-6k-default.json
 apb bench $COMMON --methods apb --set method.passing_len=1.0 --json $OUT/bench-6k-apb-p1.json
 apb bench $COMMON --methods spava --set method.anchor_len=0.5 --set method.passing_len=all --json $OUT/bench-6k-spava-a8-pall.json
+# whole passing blocks in the first 10 of SmolLM2's 30 layers, the default after
+apb bench $COMMON --methods apb,spava --set "method.passing_len=[all,all,all,all,all,all,all,all,all,all,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null]" --json $OUT/bench-6k-first10all.json
