@@ -53,3 +53,8 @@ apb eval $F32 $D --methods full,spava --json $OUT/passkey-8000-spava-misses-fp32
 apb eval $F32 $D --methods spava --set method.anchor_len=0.5 --set method.passing_len=all --json $OUT/passkey-8000-spava-misses-fp32-a8-pall.json
 # niah at W=8, 8K (full is the W=4 run's: one host)
 apb eval $COMMON --tasks niah --methods apb,spava --world-size 8 --lengths 8000 --json $OUT/niah-8000-w8.json
+# whole passing blocks in the first 10 of the 30 layers only (docs/accuracy.md section 6)
+for m in apb spava; do
+  apb eval $COMMON --tasks passkey --methods $m --world-size 4 --lengths 6144 \
+    --set "method.passing_len=[all,all,all,all,all,all,all,all,all,all,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null]" --json $OUT/passkey-6144-w4-$m-first10all.json
+done
