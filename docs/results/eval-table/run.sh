@@ -58,3 +58,5 @@ for m in apb spava; do
   apb eval $COMMON --tasks passkey --methods $m --world-size 4 --lengths 6144 \
     --set "method.passing_len=[all,all,all,all,all,all,all,all,all,all,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null]" --json $OUT/passkey-6144-w4-$m-first10all.json
 done
+apb eval $COMMON --tasks passkey --methods apb --world-size 4 --lengths 8000 \
+  --set "method.passing_len=[all,all,all,all,all,all,all,all,all,all,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null]" --json $OUT/passkey-8000-w4-apb-first10all.json
