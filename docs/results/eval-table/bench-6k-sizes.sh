@@ -10,3 +10,6 @@ apb bench $COMMON --methods apb --set method.passing_len=1.0 --json $OUT/bench-6
 apb bench $COMMON --methods spava --set method.anchor_len=0.5 --set method.passing_len=all --json $OUT/bench-6k-spava-a8-pall.json
 # whole passing blocks in the first 10 of SmolLM2's 30 layers, the default after
 apb bench $COMMON --methods apb,spava --set "method.passing_len=[all,all,all,all,all,all,all,all,all,all,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null]" --json $OUT/bench-6k-first10all.json
+# spava's two other schedules (docs/accuracy.md section 6), with ring beside them
+apb bench $COMMON --methods ring,spava --set "method.passing_len=[all,all,all,all,all,all,all,all,all,all,all,all,all,all,all,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null]" --json $OUT/bench-6k-spava-first15all.json
+apb bench $COMMON --methods spava --set method.anchor_len=0.25 --set "method.passing_len=[all,all,all,all,all,all,all,all,all,all,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25]" --json $OUT/bench-6k-spava-a16-first10all-p32.json

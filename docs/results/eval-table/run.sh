@@ -60,3 +60,8 @@ for m in apb spava; do
 done
 apb eval $COMMON --tasks passkey --methods apb --world-size 4 --lengths 8000 \
   --set "method.passing_len=[all,all,all,all,all,all,all,all,all,all,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null]" --json $OUT/passkey-8000-w4-apb-first10all.json
+# spava: whole virtual blocks in layers 0-14 (defaults after); anchor n/16, whole in 0-9, n/32 after
+apb eval $COMMON --tasks passkey --methods spava --world-size 4 --lengths 6144 \
+  --set "method.passing_len=[all,all,all,all,all,all,all,all,all,all,all,all,all,all,all,null,null,null,null,null,null,null,null,null,null,null,null,null,null,null]" --json $OUT/passkey-6144-w4-spava-first15all.json
+apb eval $COMMON --tasks passkey --methods spava --world-size 4 --lengths 6144 --set method.anchor_len=0.25 \
+  --set "method.passing_len=[all,all,all,all,all,all,all,all,all,all,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25]" --json $OUT/passkey-6144-w4-spava-a16-first10all-p32.json
