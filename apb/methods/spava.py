@@ -112,6 +112,9 @@ class Spava(Method):
         own1 = attention(q[:, :, r1], k[:, :, r1], v[:, :, r1], causal=True, scale=scale, **opts)
         own2 = attention(q[:, :, r2], k[:, :, r2], v[:, :, r2], causal=True, scale=scale, **opts)
         received = pending.wait() if pending is not None else None
+        if (has_anchor and a.stop != r1.start) or r1.stop != r2.start:  # "before" is one run of rows
+            raise RuntimeError(f"spava's layout on host {ctx.rank} is not [anchor, block, block, query]: anchor "
+                               f"rows {a}, blocks {r1} and {r2}")
         before1 = a if has_anchor else slice(r1.start, r1.start)
         before2 = slice(before1.start, r1.stop)
         out[:, :, r1] = self._with_before(q, k, v, r1, own1, before1, first.chunk_id, received, ctx, layer, scale)
