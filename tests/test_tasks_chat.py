@@ -183,14 +183,64 @@ def test_summarise_counts_accuracy_errors_and_agreement_with_full():
     rows = {r["method"]: r for r in evaluate.summarise(records, ["full", "apb"], world_size=2)}
     assert rows["full"] | {"stderr": 0} == {"task": "passkey", "method": "full", "length": 512, "world_size": 2,
                                            "accuracy": 0.5, "n": 4, "stderr": 0, "agreement_with_full": 1.0,
-                                           "errors": 0}
+                                           "errors": 0, "misses_vs_full": [], "gains_vs_full": []}
     assert rows["apb"]["accuracy"] == 0.25 and rows["apb"]["errors"] == 1
     assert rows["apb"]["agreement_with_full"] == 0.5  # same answer on 2 of 4; a failure agrees with nothing
     assert rows["apb"]["stderr"] == pytest.approx((0.25 * 0.75 / 4) ** 0.5)
     table = evaluate.format_table(list(rows.values()))
     assert "0.250 ± 0.217 (0.50) [1 failed]" in table and "0.500 ± 0.250" in table
+    # full right on documents 0 and 2; apb right on 0 only: it misses one (every id here is "x"), gains none
+    assert rows["apb"]["misses_vs_full"] == ["x"] and rows["apb"]["gains_vs_full"] == []
     no_full = evaluate.summarise(records, ["apb"], world_size=2)
-    assert no_full[0]["agreement_with_full"] is None
+    assert no_full[0]["agreement_with_full"] is None and "misses_vs_full" not in no_full[0]
+
+
+def _doc(i, answers, question="q?", expected="1"):
+    return {"task": "passkey", "length": 512, "id": f"passkey-512-{i}", "question": question, "expected": expected,
+            "answers": {m: {"answer": a, "correct": a == expected, "prefill_s": 0.1, "error": None}
+                        for m, a in answers.items()}}
+
+
+def test_compare_saved_runs_counts_misses_gains_and_agreement_by_document_id():
+    reference = [_doc(i, {"full": a}) for i, a in enumerate(["1", "1", "2", "1"])]
+    # a separate run over the same documents, in another order and missing one: matched by id
+    sweep = [_doc(3, {"apb": "1"}), _doc(0, {"apb": "3"}), _doc(2, {"apb": "1"})]
+    rows = evaluate.compare({"sweep": sweep, "same": reference}, reference)
+    by = {(r["run"], r["method"]): r for r in rows}
+    apb = by[("sweep", "apb")]
+    assert (apb["n"], apb["accuracy"], apb["reference_accuracy"]) == (3, 2 / 3, 2 / 3)
+    assert apb["misses"] == ["passkey-512-0"] and apb["gains"] == ["passkey-512-2"]
+    assert apb["agreement"] == pytest.approx(1 / 3)  # only document 3's answer is full's
+    same = by[("same", "full")]
+    assert same["agreement"] == 1.0 and same["misses"] == same["gains"] == []
+    table = evaluate.format_comparison(rows)
+    assert "1 (0) / 1 (2)" in table and "-" in table
+
+
+def test_compare_refuses_runs_over_other_documents():
+    reference = [_doc(0, {"full": "1"})]
+    with pytest.raises(ValueError, match="passkey-512-0 differs"):
+        evaluate.compare({"r": [_doc(0, {"apb": "1"}, question="another?")]}, reference)
+    with pytest.raises(ValueError, match="passkey-512-7 is not in the reference"):
+        evaluate.compare({"r": [_doc(7, {"apb": "1"})]}, reference)
+    with pytest.raises(ValueError, match="no answer by 'full'.*--reference-method"):
+        evaluate.compare({"r": reference}, [_doc(0, {"star": "1"})])
+
+
+def test_apb_compare_reads_eval_files_and_reports_bad_ones(tmp_path, capsys):
+    from apb.cli import main
+
+    ref, run = tmp_path / "full.json.docs.jsonl", tmp_path / "sweep.json.docs.jsonl"
+    ref.write_text("".join(json.dumps(_doc(i, {"full": "1"})) + "\n" for i in range(3)))
+    run.write_text("".join(json.dumps(_doc(i, {"spava": a})) + "\n" for i, a in enumerate(["1", "5", "1"])))
+    assert main(["compare", str(run), "--reference", str(ref), "--json", str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    assert "sweep" in out and "2/3" in out and "1 (1) / 0 (-)" in out
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert rows[0]["misses"] == ["passkey-512-1"]
+    (tmp_path / "bad.jsonl").write_text('{"id": "a"}\n')
+    assert main(["compare", str(tmp_path / "bad.jsonl"), "--reference", str(ref)]) == 2
+    assert "not a record of `apb eval --json`" in capsys.readouterr().err
 
 
 def test_a_worker_failure_counts_wrong_and_the_eval_goes_on(monkeypatch, tmp_path):

@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "run": "apb.cli.run",
     "bench": "apb.cli.bench",
     "eval": "apb.cli.eval",
+    "compare": "apb.cli.compare",
     "diagnose": "apb.cli.diagnose",
     "simulate": "apb.cli.simulate",
     "demo": "apb.cli.demo",

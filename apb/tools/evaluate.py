@@ -74,6 +74,18 @@ def agreement(answers: list[dict], reference: list[dict]) -> float:
     return sum(same) / len(same) if same else 0.0
 
 
+def versus(answers: list[dict], reference: list[dict]) -> dict:
+    """A method's answers against the reference's on the same documents, in the same order.
+
+    ``misses``: documents the reference answers right and the method does not; ``gains``: the
+    reverse; ``agreement``: see :func:`agreement`. A net loss of one document is a whole document's
+    share of accuracy, which is why the table reports the documents and not only the difference.
+    """
+    misses = [i for i, (a, r) in enumerate(zip(answers, reference)) if r["correct"] and not a["correct"]]
+    gains = [i for i, (a, r) in enumerate(zip(answers, reference)) if a["correct"] and not r["correct"]]
+    return {"agreement": agreement(answers, reference), "misses": misses, "gains": gains}
+
+
 def answer_documents(cfg: Config, methods: list[str], docs: list[dict], config_source=None, overrides=(),
                      scoring: str = "contains", docs_path: str | Path | None = None, progress=print) -> list[dict]:
     """Every method's answer to every document, one record per document, also written to ``docs_path``.
@@ -132,11 +144,88 @@ def summarise(records: list[dict], methods: list[str], world_size: int) -> list[
         for (task, length), recs in cells.items():
             got = [r["answers"][m] for r in recs]
             acc = sum(a["correct"] for a in got) / len(got)
-            agree = agreement(got, [r["answers"]["full"] for r in recs]) if "full" in methods else None
-            rows.append({"task": task, "method": m, "length": length, "world_size": world_size, "accuracy": acc,
-                         "n": len(got), "stderr": standard_error(acc, len(got)), "agreement_with_full": agree,
-                         "errors": sum(a["error"] is not None for a in got)})
+            row = {"task": task, "method": m, "length": length, "world_size": world_size, "accuracy": acc,
+                   "n": len(got), "stderr": standard_error(acc, len(got)), "agreement_with_full": None,
+                   "errors": sum(a["error"] is not None for a in got)}
+            if "full" in methods:
+                v = versus(got, [r["answers"]["full"] for r in recs])
+                row |= {"agreement_with_full": v["agreement"], "misses_vs_full": [recs[i]["id"] for i in v["misses"]],
+                        "gains_vs_full": [recs[i]["id"] for i in v["gains"]]}
+            rows.append(row)
     return rows
+
+
+def read_answers(path: str | Path) -> list[dict]:
+    """The per-document records an ``apb eval --json FILE`` run wrote to ``FILE.docs.jsonl``."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for no, line in enumerate(f, start=1):
+            if line.strip():
+                rec = json.loads(line)
+                if not {"id", "question", "expected", "answers"} <= set(rec):
+                    raise ValueError(f"{path} line {no}: not a record of `apb eval --json` (needs id, question, "
+                                     "expected, answers); pass the FILE.docs.jsonl written beside its JSON")
+                records.append(rec)
+    return records
+
+
+def compare(runs: dict[str, list[dict]], reference: list[dict], reference_method: str = "full") -> list[dict]:
+    """Every method of every saved run against ``reference_method``'s answers in ``reference``.
+
+    Runs made separately (a size sweep, a method re-run with other settings) are compared on the
+    documents they share with the reference, matched by id; a document whose question or expected
+    answer differs between the two files is an error naming it (different documents under the same
+    id would make the comparison silently wrong). One row per run, method, task and length.
+    """
+    ref = {}
+    for rec in reference:
+        if reference_method not in rec["answers"]:
+            raise ValueError(f"reference: document {rec['id']} has no answer by {reference_method!r} "
+                             f"(it has {', '.join(rec['answers'])}); choose one with --reference-method")
+        ref[rec["id"]] = rec
+    rows = []
+    for label, records in runs.items():
+        cells: dict[tuple, list[dict]] = defaultdict(list)
+        for rec in records:
+            r = ref.get(rec["id"])
+            if r is None:
+                raise ValueError(f"{label}: document {rec['id']} is not in the reference; compare runs over the "
+                                 "same documents (the same --tasks, --lengths, --samples and --seed, or --data)")
+            if (r["question"], r["expected"]) != (rec["question"], rec["expected"]):
+                raise ValueError(f"{label}: document {rec['id']} differs from the reference's (question or expected "
+                                 "answer): the runs did not generate the same documents")
+            cells[(rec["task"], rec["length"] if rec["length"] is not None else "data")].append(rec)
+        for (task, length), recs in cells.items():
+            for m in dict.fromkeys(k for rec in recs for k in rec["answers"]):
+                mine = [rec for rec in recs if m in rec["answers"]]
+                got = [rec["answers"][m] for rec in mine]
+                base = [ref[rec["id"]]["answers"][reference_method] for rec in mine]
+                v = versus(got, base)
+                acc = sum(a["correct"] for a in got) / len(got)
+                rows.append({"run": label, "method": m, "task": task, "length": length, "n": len(got),
+                             "accuracy": acc, "stderr": standard_error(acc, len(got)),
+                             "reference_accuracy": sum(b["correct"] for b in base) / len(base),
+                             "agreement": v["agreement"], "misses": [mine[i]["id"] for i in v["misses"]],
+                             "gains": [mine[i]["id"] for i in v["gains"]],
+                             "errors": sum(a["error"] is not None for a in got)})
+    return rows
+
+
+def format_comparison(rows: list[dict], reference_method: str = "full") -> str:
+    """One line per compared cell: right / n beside the reference's, misses and gains by document."""
+    out = [f"{'run':<40} {'method':<8} {'task':<8} {'length':>6}  right  {reference_method:>6}  net  agree  "
+           "misses / gains vs " + reference_method]
+
+    def ids(xs: list[str]) -> str:  # generated ids end in the document's index: keep only that
+        return ",".join(x.rsplit("-", 1)[-1] for x in xs) or "-"
+
+    for r in rows:
+        right, ref_right = round(r["accuracy"] * r["n"]), round(r["reference_accuracy"] * r["n"])
+        out.append(f"{r['run'][:40]:<40} {r['method']:<8} {r['task']:<8} {r['length']!s:>6}  {right:>2}/{r['n']:<2}"
+                   f"  {ref_right:>3}/{r['n']:<2} {right - ref_right:>+4}  {r['agreement']:.2f}  "
+                   f"{len(r['misses'])} ({ids(r['misses'])}) / {len(r['gains'])} ({ids(r['gains'])})"
+                   + (f"  [{r['errors']} failed]" if r["errors"] else ""))
+    return "\n".join(out)
 
 
 def evaluate(cfg: Config, methods: list[str], docs: list[dict], config_source=None, overrides=(),
