@@ -1,5 +1,6 @@
 """The apb command as a user runs it (subprocesses)."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -153,3 +154,30 @@ def test_help_does_not_import_torch(apb_bin):
     python = str(Path(apb_bin).with_name("python"))
     proc = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_command_runs_the_model_its_config_names(repo, tmp_path):
+    """--model wins; else a config file or --set naming a model; only then the command's own default."""
+    from apb.cli.common import model_override
+
+    names = tmp_path / "names.yaml"
+    names.write_text("model:\n  name_or_path: smollm2-135m-instruct\n")
+    silent = tmp_path / "silent.yaml"
+    silent.write_text("model:\n  dtype: float32\nparallel:\n  world_size: 3\n")
+
+    def ns(model=None, config=None, overrides=()):
+        return argparse.Namespace(model=model, config=config, overrides=list(overrides))
+
+    assert model_override(ns(), "bench-attn") == ["model.name_or_path=bench-attn"]
+    assert model_override(ns(config=str(silent)), "bench-attn") == ["model.name_or_path=bench-attn"]
+    assert model_override(ns(config=str(names)), "bench-attn") == []
+    assert model_override(ns(overrides=["model.name_or_path = tiny-qwen2"]), "bench-attn") == []
+    assert model_override(ns(model="tiny-mistral", config=str(names)), "x") == ["model.name_or_path=tiny-mistral"]
+    # the shipped CPU config names no model, so the documented commands keep their defaults
+    assert model_override(ns(config=str(repo / "configs/tiny-cpu.yaml")), "bench-attn") == \
+        ["model.name_or_path=bench-attn"]
+    # and the model a config names is the one loaded
+    from apb.cli.common import config_from
+
+    assert config_from(ns(config=str(names)), model_override(ns(config=str(names)), "x")).model.name_or_path == \
+        "smollm2-135m-instruct"

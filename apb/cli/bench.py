@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import argparse
 
-from apb.cli.common import UsageError, add_config_args, check_methods, config_beside, config_from, csv, positive_ints
+from apb.cli.common import (UsageError, add_config_args, check_methods, config_beside, config_from, csv,
+                            model_override, positive_ints)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="prefill time per method: measured wall time and projected W-device time")
     add_config_args(p)
-    p.add_argument("--model", default="bench-attn", help="preset or checkpoint (default: bench-attn, attention-bound)")
+    p.add_argument("--model", help="preset or checkpoint (default: the model --config names, else bench-attn, "
+                                   "attention-bound)")
     p.add_argument("--methods", default="full,ring,ulysses,star,apb,spava")
     p.add_argument("--lengths", type=positive_ints, default=[4096, 8192])
-    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--world-size", type=int, help="default: parallel.world_size (2 without --config)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--query-len", type=int, default=32)
     p.add_argument("--bandwidth-gbs", type=float, default=100.0, help="link bandwidth for the projection")
@@ -34,10 +36,11 @@ def run(args: argparse.Namespace) -> int:
 
     methods = csv(args.methods)
     check_methods(methods)
-    if args.repeats < 1 or args.world_size < 1:
+    if args.repeats < 1 or (args.world_size is not None and args.world_size < 1):
         raise UsageError("--repeats and --world-size must be at least 1")
-    cfg = config_from(args, [f"model.name_or_path={args.model}"])
-    report = bench.run_bench(cfg, methods, args.lengths, args.world_size, args.repeats, args.query_len,
+    cfg = config_from(args, model_override(args, "bench-attn"))
+    world = args.world_size or cfg.parallel.world_size
+    report = bench.run_bench(cfg, methods, args.lengths, world, args.repeats, args.query_len,
                              args.bandwidth_gbs, hf_baseline=args.hf_baseline, trace=bool(args.trace))
     print(bench.format_table(report))
     if args.json:

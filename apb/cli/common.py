@@ -36,6 +36,30 @@ def config_from(args: argparse.Namespace, extra: Sequence[str] = ()):
     return load_config(args.config, [*args.overrides, *extra])
 
 
+def model_override(args: argparse.Namespace, default: str) -> list[str]:
+    """The override naming the model a subcommand runs: ``--model``; else none, when a ``--config``
+    file or a ``--set model.name_or_path=...`` names one (the user's choice stands); else the
+    subcommand's own default (``apb bench``'s attention-bound preset, ``apb eval``'s trained model).
+
+    A subcommand default that overrode the model a config file names would run another model than
+    the one asked for, silently.
+    """
+    if args.model:
+        return [f"model.name_or_path={args.model}"]
+    if any(o.partition("=")[0].strip() == "model.name_or_path" for o in args.overrides):
+        return []
+    if args.config:
+        import yaml  # light, but only needed here
+
+        try:
+            raw = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            raw = {}  # load_config reports the file's own problem, with its name
+        if isinstance(raw, dict) and isinstance(raw.get("model"), dict) and "name_or_path" in raw["model"]:
+            return []
+    return [f"model.name_or_path={default}"]
+
+
 def csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 

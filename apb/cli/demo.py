@@ -14,7 +14,7 @@ import json
 import statistics
 from importlib import resources
 
-from apb.cli.common import UsageError, add_config_args, config_from
+from apb.cli.common import UsageError, add_config_args, config_from, model_override
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 #: bundled documents per model (apb/data/); any other model gets the chat-style set
@@ -29,8 +29,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                            "method beside full, bundled documents")
     add_config_args(p)
     p.add_argument("--method", help="method to show beside full (default: method.name)")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"default: {DEFAULT_MODEL} (fetched once); apb-retrieval: the packaged small model")
+    p.add_argument("--model", help=f"default: the model --config names, else {DEFAULT_MODEL} (fetched once); "
+                                   "apb-retrieval: the packaged small model")
     p.add_argument("--input", help="JSONL documents (default: the bundled set for the model)")
     p.add_argument("--max-new-tokens", type=int, default=32,
                    help="tokens to generate per answer (a chat model's answer is a sentence; default 32)")
@@ -42,14 +42,15 @@ def run(args: argparse.Namespace) -> int:
     from apb.engine import Engine, local_threads, start_group
     from apb.tools.tasks import score
 
-    overrides = [f"model.name_or_path={args.model}", f"decode.max_new_tokens={args.max_new_tokens}"]
+    overrides = [*model_override(args, DEFAULT_MODEL), f"decode.max_new_tokens={args.max_new_tokens}"]
     cfg = config_from(args, overrides)
+    model = cfg.model.name_or_path
     method = args.method or cfg.method.name
     if method == "full":
         raise UsageError("--method: the demo shows a distributed method beside full; pick another")
-    docs = _read_docs(args.input or str(resources.files("apb") / "data" / DOCUMENTS.get(args.model, CHAT_DOCUMENTS)))
+    docs = _read_docs(args.input or str(resources.files("apb") / "data" / DOCUMENTS.get(model, CHAT_DOCUMENTS)))
     world = cfg.parallel.world_size
-    print(f"apb demo: {len(docs)} documents, model {args.model}\n"
+    print(f"apb demo: {len(docs)} documents, model {model}\n"
           f"  full:    1 worker with {local_threads(1)} threads (a single device)\n"
           f"  {method}: {world} worker processes with {local_threads(world)} thread(s) each\n")
     engines = {m: Engine(config_from(args, overrides + [f"method.name={m}", f"parallel.world_size={w}"]))

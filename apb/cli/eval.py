@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import argparse
 
-from apb.cli.common import UsageError, add_config_args, check_methods, config_from, csv, positive_ints, write_json
+from apb.cli.common import UsageError, add_config_args, check_methods, config_from, csv, model_override, positive_ints, write_json
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="task accuracy (passkey, niah, vt) per method and length")
     add_config_args(p)
-    p.add_argument("--model", default="apb-retrieval", help="default: the packaged trained retrieval model")
+    p.add_argument("--model", help="default: the model --config names, else the packaged trained retrieval model")
     p.add_argument("--tasks", default="passkey,niah,vt")
     p.add_argument("--methods", default="full,star,apb,spava")
     p.add_argument("--world-size", type=int, help="default: parallel.world_size")
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     methods = csv(args.methods)
     check_methods(methods)
-    overrides = [f"model.name_or_path={args.model}"]
+    overrides = model_override(args, "apb-retrieval")
     if args.world_size:
         overrides.append(f"parallel.world_size={args.world_size}")
     cfg = config_from(args, overrides)

@@ -5,7 +5,7 @@
 set -x
 OUT=docs/results/bench13
 APB=".venv/bin/apb"
-C="--config configs/tiny-cpu.yaml"
+C="--config configs/tiny-cpu.yaml --model bench-attn"
 # 1. bench-attn, W=8, 32K: apb vs ring, spava vs apb, peak memory, ideal (cost model) vs measured
 $APB bench $C --methods ring,apb,spava --lengths 32768 --world-size 8 --repeats 3 \
   --json $OUT/bench-attn-w8-32k.json --trace $OUT/bench-attn-w8-32k.trace.json > $OUT/bench-attn-w8-32k.txt 2>&1
