@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from apb.methods import check_method_name
 from apb.methods.compressors import compressor_names
@@ -83,6 +83,10 @@ class MethodConfig(_Section):
         None, description="passing-block tokens per host: int, block fraction, 'all', a per-layer list (whose "
                           "entries may also be 'all' or null: the default), or {linear: [first, last]}; "
                           "default apb: block/8, spava: n/128")
+    exact_layers: Union[StrictInt, list[StrictInt], None] = Field(
+        None, description="star, apb: layers whose blocks attend every earlier token exactly (balanced, by a "
+                          "head-sharded exchange; no passing there): N for the first N layers, or a list of layer "
+                          "indices; default none")
     query_insert_pos: int = Field(16, ge=0, description="apb: context tokens before the query in the anchor")
     compressor: str = Field("query", description="how passing blocks are chosen (query, snapkv, retaining_heads, "
                                                  "stride)")
@@ -128,6 +132,16 @@ class MethodConfig(_Section):
                 raise ValueError(f"size {item} must be >= 0")
         if isinstance(v, dict) and set(v) != {"linear"}:
             raise ValueError("a schedule is written {linear: [first, last]}")
+        return v
+
+    @field_validator("exact_layers")
+    @classmethod
+    def _layers(cls, v):
+        items = v if isinstance(v, list) else [] if v is None else [v]
+        if any(isinstance(i, bool) or i < 0 for i in items):
+            raise ValueError(f"exact_layers={v!r}: layer counts and indices are integers >= 0")
+        if isinstance(v, list) and len(set(v)) != len(v):
+            raise ValueError(f"exact_layers={v!r} names a layer twice")
         return v
 
     @model_validator(mode="after")

@@ -178,3 +178,34 @@ def test_ulysses_counts_the_bytes_its_four_all_to_alls_send(wire3, model):
         # what torch.distributed was handed: the same four exchanges per layer, nothing else
         assert sorted(sent) == sorted(per_tensor * cfg.num_hidden_layers), (sent, per_tensor)
         assert sum(o["calls"] for o in reply.stats["ops"] if o["op"] == "all_to_all") == len(sent)
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-mistral"])
+def test_star_and_apb_with_every_layer_exact_equal_full(group3, model):
+    """With method.exact_layers covering every layer, the blocks attend every earlier token and the
+    query phase is exact: logits, cache and greedy tokens are a single-device forward's. tiny-mistral
+    (12 query / 6 KV heads over 3 hosts) sends each host its query heads' KV heads unevenly."""
+    cfg = load_config(None, {"method.exact_layers": LAYERS})
+    rows = verify(cfg, group3, ["star", "apb"], [701], models=[model], query_len=33)
+    for r in rows:
+        assert r.passed and r.max_abs_logit_diff <= 1e-4 and r.kv_max_abs_diff <= 1e-4 and r.tokens_match, r
+    # the last layer exact, the first approximate: its drift reaches the cache, so apb differs from
+    # full. (The other way round is exact: the last layer's context outputs feed nothing the query reads.)
+    part = verify(load_config(None, {"method.exact_layers": [LAYERS - 1]}), group3, ["apb"], [701],
+                  models=[model], query_len=33)
+    assert part[0].max_abs_logit_diff > 1e-3 and part[0].kv_max_abs_diff > 1e-3
+
+
+def test_an_exact_layer_sends_one_packed_exchange_each_way_and_no_passing(group3):
+    """Layer 1 exact at W=3: no all-gather there, two exchanges, and the bytes of the head shards:
+    to each other host my rows' 4 query heads and 2 KV heads (12 query / 4 KV heads: hosts need KV
+    heads {0,1}, {1,2}, {2,3}), then back to each host its rows of my 4 heads' output."""
+    n_ctx = 900 - 20
+    sizes = [294, 293, 293]  # the context's even split over 3 hosts
+    for rank, reply in enumerate(_run(group3, "apb", exact_layers=[1])):
+        ctx_ops = _ops(reply, "context")
+        assert sorted((o["layer"], o["op"]) for o in ctx_ops) == [(0, "all_gather"), (1, "exact_layer")]
+        (ex,) = [o for o in ctx_ops if o["op"] == "exact_layer"]
+        out_of_me = 2 * sizes[rank] * (4 * HEAD_DIM + 2 * 2 * HEAD_DIM) * 4  # float32
+        back = (n_ctx - sizes[rank]) * 4 * HEAD_DIM * 4
+        assert ex["calls"] == 2 and ex["bytes"] == out_of_me + back, ex

@@ -319,3 +319,32 @@ def test_a_per_layer_passing_list_takes_whole_blocks_and_defaults():
     assert plan.passing == (250, 31, 125)  # block 250: whole, block/8 (rounded), half
     with pytest.raises(ValidationError, match="(?s)passing_len.*Input should be 'all'"):
         MethodConfig(name="apb", passing_len=["most", 0.5])
+
+
+# ----------------------------------------------------------------------------- exact layers
+
+
+def test_exact_layers_resolve_per_model_and_drop_passing_there():
+    from types import SimpleNamespace
+
+    from apb.methods.sizes import resolve_exact_layers
+
+    assert resolve_exact_layers(None, 30) == frozenset() and resolve_exact_layers(0, 30) == frozenset()
+    assert resolve_exact_layers(3, 30) == {0, 1, 2} and resolve_exact_layers([29, 4], 30) == {4, 29}
+    with pytest.raises(ValueError, match="exact_layers=31, but the model has 30 layers"):
+        resolve_exact_layers(31, 30)
+    with pytest.raises(ValueError, match=r"names layers \[30\], but the model's layers are 0..29"):
+        resolve_exact_layers([0, 30], 30)
+    for bad, why in [(-1, ">= 0"), ([1, 1], "twice"), (True, "integer"), ([2, True], "integer")]:
+        with pytest.raises(ValidationError, match=why):
+            MethodConfig(exact_layers=bad)
+    plan = build_method("apb", MethodConfig(exact_layers=[1, 3], passing_len=0.5)).plan(1000, 4, 10, 4)
+    assert plan.exact == {1, 3} and plan.passing == (124, 0, 124, 0)  # block 248, half of it
+    # one host has nothing to be exact against; spava refuses the field instead of ignoring it
+    assert build_method("apb", MethodConfig(exact_layers=2)).plan(1000, 1, 10, 4).exact == frozenset()
+    model = SimpleNamespace(num_hidden_layers=4)
+    with pytest.raises(ValueError, match="method.exact_layers: spava cannot run exact layers.*passing_len"):
+        build_method("spava", MethodConfig(exact_layers=2)).check(model, 4)
+    with pytest.raises(ValueError, match="exact_layers=5, but the model has 4 layers"):
+        build_method("star", MethodConfig(exact_layers=5)).check(model, 4)
+    build_method("ring", MethodConfig(exact_layers=2)).check(model, 4)  # exact everywhere already

@@ -115,3 +115,19 @@ def test_peak_memory_follows_what_was_allocated_and_resets():
     del big
     measure.reset_peak(cpu)
     assert measure.peak_bytes(cpu) < high - (200 << 20)
+
+
+def test_exact_layers_count_their_head_sharded_buffers():
+    """apb with an exact layer at W=3 on tiny-llama (12 query / 4 KV heads of 16, float32): a host
+    holds every host's rows of its 4 query heads and 2 KV heads, their output, and its own rows'
+    output for all 12 heads coming back; the estimate covers that, and without exact layers it is
+    the passing buffers alone."""
+    cfg = load_model(resolve_model("tiny-llama")).config
+    n, n_query = 3000, 20
+    plain = memory.estimate(build_method("apb", MethodConfig()), cfg, 0, n, n_query, WORLD, "float32", "gather", 1)
+    exact = memory.estimate(build_method("apb", MethodConfig(exact_layers=1)), cfg, 0, n, n_query, WORLD,
+                            "float32", "gather", 1)
+    for p, e in zip(plain, exact):
+        local = (n - n_query) // WORLD + 1
+        held = ((n - n_query) * (4 + 2 + 2) * 16 + (n - n_query) * 4 * 16 + local * 12 * 16) * 4
+        assert e.transfer >= held > p.transfer, (p.transfer, e.transfer, held)

@@ -11,6 +11,9 @@ blocks through two hooks (:meth:`Anchored._share_passing`, :meth:`Anchored._rece
 its default sizes (:meth:`~apb.methods.base.Method.default_sizes`). Anchors go through every
 layer but are dropped from outputs and caches. Afterwards the query runs as a second pass in
 which each token attends exactly to every host's cache (:mod:`apb.methods.cache_attention`).
+In the layers ``method.exact_layers`` names, the blocks instead attend every earlier context
+token exactly, at balanced cost (:mod:`apb.methods.exact_layers`; the blocks are the context in
+host order, which that exchange needs), and nothing is passed.
 """
 
 from __future__ import annotations
@@ -21,14 +24,16 @@ import torch
 
 from apb.kernels import attention, merge
 from apb.methods.base import Method
-from apb.methods.sizes import resolve_len, resolve_passing
+from apb.methods.exact_layers import exact_rows, head_plan
+from apb.methods.sizes import resolve_exact_layers, resolve_len, resolve_passing
 from apb.parallel import layout
 
 
 @dataclass(frozen=True)
 class AnchorPlan:
     anchor_len: int  # context tokens in the anchor (the embedded query comes on top)
-    passing: tuple[int, ...]  # per layer, tokens per host (capped by each host's block)
+    passing: tuple[int, ...]  # per layer, tokens per host (capped by each host's block); 0 in exact layers
+    exact: frozenset[int] = frozenset()  # layers whose blocks attend exactly (apb.methods.exact_layers)
 
 
 class Anchored(Method):
@@ -38,6 +43,7 @@ class Anchored(Method):
     uses_passing = False
     #: True when the anchor embeds the query after ``query_insert_pos`` context tokens (apb)
     embeds_query = False
+    takes_exact_layers = True
 
     def anchor_len(self, n_ctx: int, world_size: int) -> int:
         block = -(-n_ctx // world_size)
@@ -51,7 +57,24 @@ class Anchored(Method):
         block = -(-n_ctx // world_size)
         passing = resolve_passing(self.config.passing_len, block, self.default_sizes(n_ctx, block)[1],
                                   self.config.round_to, num_layers) if self.uses_passing else [0] * num_layers
-        return AnchorPlan(self.anchor_len(n_ctx, world_size), tuple(passing))
+        exact = resolve_exact_layers(self.config.exact_layers, num_layers) if world_size > 1 else frozenset()
+        # an exact layer's blocks see every earlier token: nothing to pass there
+        passing = [0 if i in exact else p for i, p in enumerate(passing)]
+        return AnchorPlan(self.anchor_len(n_ctx, world_size), tuple(passing), exact)
+
+    def transfer_bytes(self, local, n_tokens, world, per_tok, passing, model_config, dtype_bytes):
+        base = super().transfer_bytes(local, n_tokens, world, per_tok, passing, model_config, dtype_bytes)
+        if world == 1 or not self.config.exact_layers:
+            return base
+        heads = model_config.num_attention_heads
+        kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+        dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+        share, sent, _ = head_plan(heads, kv_heads, world, 0)
+        m = len(sent) // world
+        # an exact layer holds every host's rows of its heads (q, k, v) and their output, what it
+        # sends of its own rows, and its rows' output coming back for every head
+        held = n_tokens * (2 * share + 2 * m) * dim + local * (heads + share * world + 2 * m * world) * dim
+        return max(base, held * dtype_bytes)
 
     def tail_hosts(self, n_query: int, world_size: int, anchor_len: int) -> tuple[int, ...]:
         """Hosts that append the query after their block (to score it): none unless a subclass says."""
@@ -74,6 +97,9 @@ class Anchored(Method):
         if t.stop > t.start:  # scoring-only query rows on host 0: they follow the block
             keys = slice(b.start, t.stop)
             out[:, :, t] = attention(q[:, :, t], k[:, :, keys], v[:, :, keys], causal=True, scale=scale, **opts)[0]
+        if layer in ctx.plan.exact:
+            out[:, :, b] = exact_rows(ctx, q, k, v, b, [s.blocks()[0].size for s in ctx.slices], scale)
+            return out
         qb = q[:, :, b]
         own, own_lse = attention(qb, k[:, :, b], v[:, :, b], causal=True, scale=scale, **opts)
         extra_k, extra_v = [], []

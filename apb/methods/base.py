@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from apb.methods.cost import AttnShape, HostWork, Sizes
+from apb.methods.sizes import resolve_exact_layers
 from apb.methods.sliding import sliding_attention
 from apb.parallel.comm import Comm
 from apb.parallel.layout import HostSlice, rows_of
@@ -38,6 +39,8 @@ class Method:
     query_phase: ClassVar[bool] = False
     #: True when host 0 runs the whole prompt alone and the other hosts idle (full)
     one_host: ClassVar[bool] = False
+    #: True when the method can run ``method.exact_layers`` (star, apb); an exact method is exact in every layer
+    takes_exact_layers: ClassVar[bool] = False
     variant: str | None = None
 
     def __init__(self, config: MethodConfig):
@@ -66,6 +69,13 @@ class Method:
 
     def check(self, model_config: Any, world_size: int) -> None:
         """Raise a readable error if this method cannot run this model at this world size."""
+        layers = getattr(self.config, "exact_layers", None)
+        if layers and not (self.exact or self.takes_exact_layers):
+            raise ValueError(f"method.exact_layers: {self.label} cannot run exact layers (star and apb can); for "
+                             f"{self.name}, pass whole blocks in those layers instead (passing_len as a per-layer "
+                             "list with 'all' there)")
+        if layers:
+            resolve_exact_layers(layers, model_config.num_hidden_layers)
 
     def min_context(self, world_size: int, n_query: int = 0) -> int:
         """The fewest context tokens (the prompt before its ``n_query`` query tokens) this method's

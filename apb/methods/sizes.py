@@ -57,3 +57,19 @@ def resolve_passing(value: Any, block: int, default: float, unit: int, layers: i
     else:
         per_layer = [resolve_len(value, block, default, unit, "passing_len")] * layers
     return [min(p, block) for p in per_layer]
+
+
+def resolve_exact_layers(value: Any, num_layers: int) -> frozenset[int]:
+    """``method.exact_layers`` as a set of layer indices: None or 0 none, ``N`` the first ``N``
+    layers, a list the layers named."""
+    if value is None:
+        return frozenset()
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value <= num_layers:
+            raise ValueError(f"method.exact_layers={value}, but the model has {num_layers} layers; give at most "
+                             f"{num_layers} (the first N layers) or a list of layer indices")
+        return frozenset(range(value))
+    bad = [i for i in value if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"method.exact_layers names layers {bad}, but the model's layers are 0..{num_layers - 1}")
+    return frozenset(value)
