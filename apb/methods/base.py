@@ -74,8 +74,9 @@ class Method:
             raise ValueError(f"method.exact_layers: {self.label} cannot run exact layers (star and apb can); for "
                              f"{self.name}, pass whole blocks in those layers instead (passing_len as a per-layer "
                              "list with 'all' there)")
-        if layers:
-            resolve_exact_layers(layers, model_config.num_hidden_layers)
+        if layers:  # a multimodal config keeps its layer count in the text model's config
+            text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+            resolve_exact_layers(layers, text.num_hidden_layers)
 
     def min_context(self, world_size: int, n_query: int = 0) -> int:
         """The fewest context tokens (the prompt before its ``n_query`` query tokens) this method's
