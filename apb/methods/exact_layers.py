@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from apb.kernels import attention
-from apb.methods.ulysses import kv_shares
+from apb.methods.ulysses import kv_shares, plain_grouping
 
 
 def head_plan(heads: int, kv_heads: int, world: int, rank: int) -> tuple[int, list[int], list[int] | None]:
@@ -32,9 +32,7 @@ def head_plan(heads: int, kv_heads: int, world: int, rank: int) -> tuple[int, li
     share = -(-heads // world)
     sent, index = kv_shares(heads, kv_heads, world)
     m = len(sent) // world
-    mine = list(index[rank])
-    plain = share % m == 0 and mine == [j // (share // m) for j in range(share)]
-    return share, list(sent), None if plain else mine
+    return share, list(sent), None if plain_grouping(index[rank], share, m) else list(index[rank])
 
 
 def exact_rows(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: slice, sizes: list[int],

@@ -47,6 +47,12 @@ def kv_shares(heads: int, kv_heads: int, world: int) -> tuple[tuple[int, ...], t
     return tuple(sent), tuple(index)
 
 
+def plain_grouping(index: tuple[int, ...] | list[int], share: int, m: int) -> bool:
+    """Whether a host's ``share`` query heads read its ``m`` KV heads as the kernel's own GQA
+    grouping does (``share / m`` consecutive query heads per KV head), so no local repeat is needed."""
+    return share % m == 0 and tuple(index) == tuple(j // (share // m) for j in range(share))
+
+
 def _local_attention(call: dict, timer: list[float]):
     """The local step; ``call`` holds the current layer's ``scale``, score options (this host's
     heads) and ``kv_index`` (per query head, its KV head among those received; None: the plain
@@ -156,7 +162,7 @@ def _shares(ctx, heads: int, kv_heads: int, world: int, device) -> tuple[torch.T
     if key not in ctx.scratch:
         sent, index = kv_shares(heads, kv_heads, world)
         m, share = len(sent) // world, -(-heads // world)
-        plain = [share % m == 0 and idx == tuple(j // (share // m) for j in range(share)) for idx in index]
+        plain = [plain_grouping(idx, share, m) for idx in index]
         ctx.scratch[key] = (torch.tensor(sent, device=device),
                             [None if p else torch.tensor(idx, device=device) for p, idx in zip(plain, index)])
     return ctx.scratch[key]
