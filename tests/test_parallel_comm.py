@@ -1,5 +1,6 @@
 """Collectives and supervision on real gloo process groups (LocalWorkerGroup)."""
 
+import gc
 import os
 import signal
 import time
@@ -146,11 +147,27 @@ def test_the_per_layer_clocks_add_up_to_the_whole_prefill():
 
     model = load_model(resolve_model("tiny-llama"), "float32", "cpu")
     ids = torch.randint(0, 512, (1024,), generator=torch.Generator().manual_seed(0))
-    prefill(model, ids, build_method("full", MethodConfig()), Comm(None))  # warm-up
-    comm = Comm(None)
-    t0 = time.process_time()
-    prefill(model, ids, build_method("full", MethodConfig()), comm)
-    whole = time.process_time() - t0
-    clocks = comm.stats.layer_cpu
-    assert (Phase.CONTEXT, OUTSIDE) in clocks and (Phase.CONTEXT, -1) in clocks
-    assert sum(clocks.values()) == pytest.approx(whole, rel=0.05)
+
+    def once():
+        comm = Comm(None)
+        t0 = time.process_time()
+        prefill(model, ids, build_method("full", MethodConfig()), comm)
+        return comm.stats.layer_cpu, time.process_time() - t0
+
+    # process_time counts every thread: intra-op workers that spin after the last kernel, and a
+    # garbage collection, land in whichever interval they fall in, so one thread and no
+    # collector; a run that still differs by chance is retried, a missing bucket never matches
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    gc.collect()
+    gc.disable()
+    try:
+        once()  # warm-up
+        tries = [once() for _ in range(3)]
+    finally:
+        gc.enable()
+        torch.set_num_threads(threads)
+    for clocks, _ in tries:
+        assert (Phase.CONTEXT, OUTSIDE) in clocks and (Phase.CONTEXT, -1) in clocks
+    gaps = [abs(sum(clocks.values()) / whole - 1) for clocks, whole in tries]
+    assert min(gaps) < 0.05, gaps
