@@ -170,3 +170,62 @@ def test_tasks_module_writes_a_dataset_per_task(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "apb.tools.tasks", "--out", str(out), "--tasks", "nope"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "valid tasks" in bad.stderr
+
+
+def test_the_cost_model_takes_the_configs_sizes():
+    """`apb simulate` and bench's ideal cost each method at the run's sizes, not silently at its
+    defaults: every layer exact costs apb a balanced exact method's attention plus its anchor,
+    whole passing blocks cost more than the default, and spava with exact layers is refused."""
+    m, d = costmodel.MODELS["llama-3.1-8b"], costmodel.DEVICES["H100"]
+    n, w, q = 131072, 8, 128
+
+    def pairs(method, **options):
+        sizes = Sizes(query=q).with_method(build_method(method, MethodConfig(**options)).config)
+        return costmodel.host_work(method, n, w, m, sizes).pairs
+
+    b, a = n / w, n / w / 4  # apb's default anchor: block/4
+    ring = costmodel.host_work("ring", n, w, m).pairs
+    assert pairs("apb", exact_layers=m.layers) == pytest.approx(a * a / 2 + n * n / 2 / w + q * n / w)
+    assert ring < pairs("apb", exact_layers=m.layers) < pairs("apb", passing_len="all")
+    assert pairs("apb") < pairs("apb", exact_layers=8) < pairs("apb", exact_layers=m.layers)
+    # a per-layer list: the mean of the layers' work
+    half = ["all"] * 16 + [None] * 16
+    assert pairs("apb", passing_len=half) == pytest.approx((pairs("apb") + pairs("apb", passing_len="all")) / 2)
+    assert pairs("spava", passing_len=half) > pairs("spava")
+    with pytest.raises(ValueError, match="exact_layers: spava cannot run exact layers"):
+        pairs("spava", exact_layers=4)
+    with pytest.raises(ValueError, match="passing_len has 2 entries but the model has 32 layers"):
+        pairs("apb", passing_len=["all", 16])
+    rows = costmodel.scenario(["ring", "apb"], [n], [w], "llama-3.1-8b", "H100",
+                              method_config=MethodConfig(exact_layers=8))
+    default = costmodel.scenario(["ring", "apb"], [n], [w], "llama-3.1-8b", "H100")
+    assert rows[0] == default[0] and rows[1]["predicted_s"] > default[1]["predicted_s"]
+
+
+def test_simulate_cli_runs_at_the_configs_sizes(apb_bin):
+    def run(*extra):
+        return subprocess.run([apb_bin, "simulate", "--lengths", "131072", "--world-sizes", "8", *extra],
+                              capture_output=True, text=True, timeout=120)
+
+    default, exact = run("--methods", "apb"), run("--methods", "apb", "--set", "method.exact_layers=8")
+    assert default.returncode == exact.returncode == 0, default.stderr + exact.stderr
+    assert float(exact.stdout.split()[-1]) > float(default.stdout.split()[-1])
+    bad = run("--methods", "apb", "--set", "method.passing_len=[all,16]")
+    assert bad.returncode == 2 and "passing_len has 2 entries but the model has 32 layers" in bad.stderr
+    ref = run("--reference", "apb-paper", "--set", "method.anchor_len=0.5")
+    assert ref.returncode == 2 and "method.anchor_len would not apply" in ref.stderr
+
+
+def test_bench_ideal_flops_are_at_the_runs_sizes():
+    from types import SimpleNamespace
+
+    from apb.tools.bench import _model_flop
+
+    cfg = SimpleNamespace(num_hidden_layers=4, hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
+                          head_dim=32, intermediate_size=512, vocab_size=1000)
+    default = _model_flop("apb", 8192, 4, cfg, 32, MethodConfig())
+    assert default == _model_flop("apb", 8192, 4, cfg, 32)
+    assert _model_flop("apb", 8192, 4, cfg, 32, MethodConfig(passing_len="all"))[0] > default[0]
+    # a variant's sizes count too: apb:uncompressed passes whole blocks with no anchor
+    assert _model_flop("apb:uncompressed", 8192, 4, cfg, 32, MethodConfig()) == \
+        _model_flop("apb", 8192, 4, cfg, 32, MethodConfig(anchor_len=0, passing_len="all"))

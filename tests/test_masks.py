@@ -23,7 +23,7 @@ from apb.kernels import attention
 from apb.methods import build_method, method_class
 from apb.methods.base import AttnContext
 from apb.methods.cache_attention import local_partial
-from apb.methods.cost import Sizes
+from apb.methods.cost import Sizes, merge_bytes
 from apb.parallel.comm import CommStats
 from apb.parallel.layout import spava_holder
 
@@ -43,6 +43,16 @@ class ThreadComm:
         self.stats.record(op, t.numel() * t.element_size())
         return SimpleNamespace(wait=lambda: out)
 
+    def exchange(self, sends, recv_shapes, dtype, device=None, op="exchange"):
+        """Every host posts its tensors by destination, then takes what was posted to it."""
+        sh = self.shared
+        sh["slots"][self.rank] = dict(sends)
+        sh["barrier"].wait()
+        got = {src: sh["slots"][src][self.rank].reshape(shape) for src, shape in recv_shapes.items()}
+        sh["barrier"].wait()
+        self.stats.record(op, sum(t.numel() * t.element_size() for t in sends.values()))
+        return got
+
     def ring(self):
         """Each step hands this host's tensor to the next and takes the previous host's."""
         sh, rank, size = self.shared, self.rank, self.size
@@ -57,9 +67,11 @@ class ThreadComm:
                                wait=wait)
 
 
-def run_hosts(method, n, n_query, world, vecs):
+def run_hosts(method, n, n_query, world, vecs, layers=1, layer=0, comms=None):
+    """Every host's attention step at ``layer`` of a ``layers``-layer plan, one thread per host;
+    ``comms`` (a dict) gets each host's communicator, with its counters."""
     slices = method.layout(n, world, n_query)
-    plan = method.plan(n, world, n_query, 1)
+    plan = method.plan(n, world, n_query, layers)
     shared = {"slots": [None] * world, "barrier": threading.Barrier(world)}
     outs, errors = [None] * world, []
 
@@ -70,7 +82,9 @@ def run_hosts(method, n, n_query, world, vecs):
             k = vecs[1][idx].reshape(len(idx), KV, D).permute(1, 0, 2)[None]
             v = vecs[2][idx].reshape(len(idx), KV, D).permute(1, 0, 2)[None]
             ctx = AttnContext(method, slices, ThreadComm(r, world, shared), plan=plan, n_query=n_query)
-            outs[r] = method.attention(ctx, SimpleNamespace(layer_idx=0), q, k, v, D ** -0.5)
+            if comms is not None:
+                comms[r] = ctx.comm
+            outs[r] = method.attention(ctx, SimpleNamespace(layer_idx=layer), q, k, v, D ** -0.5)
         except BaseException as e:  # surface thread failures in the test
             errors.append(e)
             shared["barrier"].abort()
@@ -180,7 +194,8 @@ def test_passing_visibility_rules():
 
 @pytest.fixture
 def pair_counter(monkeypatch):
-    """Counts, per host thread, the (query, key) pairs every attention call of a method computes.
+    """Counts, per host thread, the (query, key) pairs every attention call of a method computes,
+    over all ``H`` heads (a call on fewer heads counts its share: an exact layer's head shard).
 
     A causal call is aligned bottom-right (query i of q_len sees keys 0 .. k_len - q_len + i).
     """
@@ -190,7 +205,7 @@ def pair_counter(monkeypatch):
         causal = kwargs.get("causal", args[0] if args else False)
         q_len, k_len = q.shape[2], k.shape[2]
         seen = torch.arange(k_len - q_len + 1, k_len + 1).clamp(0, k_len) if causal else torch.full((q_len,), k_len)
-        counts[threading.current_thread().name] += int(seen.sum())
+        counts[threading.current_thread().name] += int(seen.sum()) * q.shape[1] / H
         return attention(q, k, v, *args, **kwargs)
 
     for name, module in list(sys.modules.items()):
@@ -226,9 +241,44 @@ def test_cost_formula_counts_the_pairs_the_attention_steps_compute(pair_counter,
         _query_phase(slices, vecs, n_ctx, n_query)
     else:
         run_hosts(method, n_ctx + n_query, n_query, world, vecs)
-    shape = SimpleNamespace(heads=H, kv_heads=KV, head_dim=D, bytes_per_param=4)
+    shape = SimpleNamespace(layers=1, heads=H, kv_heads=KV, head_dim=D, bytes_per_param=4)
     formula = method_class(name).cost(n_ctx, world, shape, Sizes(query=n_query)).pairs
     slowest = max(pair_counter.values())
     # the formulas count a causal square of m tokens as m^2/2 pairs; the kernel also computes its
     # diagonal, m/2 more, so the count may exceed the formula by under 1%, never fall short
     assert formula <= slowest <= formula * 1.01, (name, slowest, formula, dict(pair_counter))
+
+
+# per-layer sizes: star and apb with layer 1 of 3 exact (a head shard of the whole context: at
+# W=4 one of the 4 heads, at W=3 two, one of them padding), apb and spava with a different
+# passing length in every layer
+@pytest.mark.parametrize("name,world,options", [
+    ("star", 4, {"exact_layers": [1]}),
+    ("star", 3, {"exact_layers": [1], "anchor_len": 64}),
+    ("apb", 4, {"exact_layers": [1], "passing_len": 16}),
+    ("apb", 4, {"passing_len": [16, "all", 0], "anchor_len": 0.125}),
+    ("spava", 4, {"passing_len": [8, "all", 0], "anchor_len": 32}),
+])
+def test_cost_formula_counts_each_layers_pairs(pair_counter, name, world, options):
+    n_ctx, n_query, layers = 1024, 8, 3
+    method = build_method(name, MethodConfig(compressor="stride", **options))
+    vecs = random_vecs(n_ctx + n_query, seed=3)
+    total, sent = 0, 0
+    for layer in range(layers):
+        pair_counter.clear()
+        comms = {}
+        if method.query_phase:
+            run_hosts(method, n_ctx, 0, world, vecs, layers, layer, comms)
+            sent += max(sum(r.bytes for (_, _, op), r in c.stats.ops.items() if op == "exact_layer")
+                        for c in comms.values())
+            _query_phase(method.layout(n_ctx, world, 0), vecs, n_ctx, n_query)
+        else:
+            run_hosts(method, n_ctx + n_query, n_query, world, vecs, layers, layer)
+        total += max(pair_counter.values())  # the formula sums the slowest host of each layer
+    shape = SimpleNamespace(layers=layers, heads=H, kv_heads=KV, head_dim=D, bytes_per_param=4)
+    work = method_class(name).cost(n_ctx, world, shape, Sizes(query=n_query).with_method(method.config))
+    formula = layers * work.pairs
+    assert formula <= total <= formula * 1.01, (name, options, total, formula)
+    if options.get("exact_layers"):  # and the exchange's bytes: the formula's beyond the query merge
+        moved = layers * (work.comm_bytes - merge_bytes(n_query, shape))
+        assert sent == pytest.approx(moved, rel=0.01), (sent, moved)

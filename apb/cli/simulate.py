@@ -24,8 +24,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    config_from(args)  # validated as in every subcommand, though the cost model reads none of it
-    rows = _reference() if args.reference else _scenario(args)
+    cfg = config_from(args)
+    sized = {f: getattr(cfg.method, f) for f in ("anchor_len", "passing_len", "exact_layers")
+             if getattr(cfg.method, f) is not None}
+    if args.reference and sized:
+        raise UsageError(f"--reference predicts the published runs at their own sizes; the config's "
+                         f"{', '.join(f'method.{f}' for f in sized)} would not apply: drop them, or predict a "
+                         "scenario (no --reference)")
+    rows = _reference() if args.reference else _scenario(args, cfg)
     if args.json:
         write_json(args.json, {"results": rows})
     return 0
@@ -48,7 +54,7 @@ def _reference() -> list[dict]:
     return rows
 
 
-def _scenario(args: argparse.Namespace) -> list[dict]:
+def _scenario(args: argparse.Namespace, cfg) -> list[dict]:
     # imported on use: `apb --help` builds every subcommand's parser and must not load torch
     from apb.tools import simulate as cm
 
@@ -56,7 +62,11 @@ def _scenario(args: argparse.Namespace) -> list[dict]:
     check_methods(methods)
     if args.model not in cm.MODELS or args.device not in cm.DEVICES:
         raise UsageError(f"--model must be one of {', '.join(cm.MODELS)} and --device one of {', '.join(cm.DEVICES)}")
-    rows = cm.scenario(methods, args.lengths, args.world_sizes, args.model, args.device)
+    try:  # each method at the config's sizes, which must fit the model (a per-layer list: its layer count)
+        rows = cm.scenario(methods, args.lengths, args.world_sizes, args.model, args.device,
+                           method_config=cfg.method)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     print(f"{cm.MODELS[args.model].name} on {cm.DEVICES[args.device].name}: predicted prefill seconds")
     print(f"{'W':>4} {'tokens':>9} " + "".join(f"{m:>10}" for m in methods))
     for w in args.world_sizes:

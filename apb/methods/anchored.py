@@ -24,6 +24,7 @@ import torch
 
 from apb.kernels import attention, merge
 from apb.methods.base import Method
+from apb.methods.cost import HostWork, merge_bytes, over_layers
 from apb.methods.exact_layers import exact_rows, head_plan
 from apb.methods.sizes import resolve_exact_layers, resolve_len, resolve_passing
 from apb.parallel import layout
@@ -61,6 +62,35 @@ class Anchored(Method):
         # an exact layer's blocks see every earlier token: nothing to pass there
         passing = [0 if i in exact else p for i, p in enumerate(passing)]
         return AnchorPlan(self.anchor_len(n_ctx, world_size), tuple(passing), exact)
+
+    @classmethod
+    def cost(cls, n, w, shape, sizes):
+        q, b = sizes.query, n / w
+        a, passing, exact = cls._cost_sizes(n, b, shape.layers, sizes)
+        return over_layers([_exact_layer_cost(n, w, shape, q, a) if i in exact else cls._layer_cost(n, w, shape, q, a, p)
+                            for i, p in enumerate(passing)])
+
+    @classmethod
+    def _layer_cost(cls, n: float, w: int, shape, q: float, a: float, p: float) -> HostWork:
+        """The slowest host's work in one layer that is not exact, with anchor ``a`` and passing ``p``."""
+        raise NotImplementedError
+
+    @classmethod
+    def _cost_sizes(cls, n: float, b: float, layers: int, sizes) -> tuple[float, list[float], frozenset[int]]:
+        """(anchor, passing per layer, exact layers) by :meth:`plan`'s rules at block ``b = n/W``;
+        an unset size keeps the default's exact value, which plan() rounds to whole tokens."""
+        a_def, p_def = cls.default_sizes(n, b)
+        a = min(a_def if sizes.anchor_len is None else resolve_len(sizes.anchor_len, b, a_def, 1, "anchor_len"), b)
+        if not cls.uses_passing:
+            passing = [0.0] * layers
+        elif sizes.passing_len is None:
+            passing = [min(p_def, b)] * layers
+        else:
+            passing = resolve_passing(sizes.passing_len, b, p_def, 1, layers)
+        if sizes.passing_cap is not None:
+            passing = [min(p, sizes.passing_cap) for p in passing]
+        exact = resolve_exact_layers(sizes.exact_layers, layers)
+        return a, [0 if i in exact else p for i, p in enumerate(passing)], exact
 
     def transfer_bytes(self, local, n_tokens, world, per_tok, passing, model_config, dtype_bytes):
         base = super().transfer_bytes(local, n_tokens, world, per_tok, passing, model_config, dtype_bytes)
@@ -122,3 +152,16 @@ class Anchored(Method):
     def _received(self, ctx, layer, pending) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The K and V of the passing blocks this host's block sees, once ``pending`` has arrived."""
         raise NotImplementedError
+
+
+def _exact_layer_cost(n: float, w: int, shape, q: float, a: float) -> HostWork:
+    """An exact layer on a host with an anchor: the anchor causally, the whole context causally
+    for its ``ceil(H/W)`` of the ``H`` heads, the query phase over its block; the exchange sends
+    its rows' query and KV heads to every other host and their rows of its heads' output back
+    (:func:`apb.methods.exact_layers.exact_rows`), not hidden behind compute."""
+    share, sent, _ = head_plan(shape.heads, shape.kv_heads, w, 0)
+    m = len(sent) // w
+    b = n / w
+    moved = (w - 1) * b * (2 * share + 2 * m) * shape.head_dim * shape.bytes_per_param
+    pairs = a * a / 2 + share / shape.heads * n * n / 2 + q * n / w
+    return HostWork(a + b + q, pairs, b, comm_bytes=merge_bytes(q, shape) + moved, steps=3, anchor=a)

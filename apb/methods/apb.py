@@ -35,15 +35,15 @@ class APB(Anchored):
         return block / 4, block / 8
 
     @classmethod
-    def cost(cls, n, w, shape, sizes):
+    def _layer_cost(cls, n, w, shape, q, a, p):
         # host W-1: anchor causally; its block over W-1 passing blocks, the anchor and itself
-        # causally; then the query over its block in the query phase
-        q, b = sizes.query, n / w
-        a, p = cls.default_sizes(n, b)
-        if sizes.passing_cap is not None:
-            p = min(p, sizes.passing_cap)
+        # causally; then the query over its block in the query phase. Its passing block's K and
+        # V go to the W-1 others while its own block is attended
+        b = n / w
         pairs = a * a / 2 + b * ((w - 1) * p + a) + b * b / 2 + q * n / w
-        return HostWork(a + b + q, pairs, b, comm_bytes=merge_bytes(q, shape), steps=2, anchor=a, passing=p)
+        gathered = (w - 1) * p * 2 * shape.kv_heads * shape.head_dim * shape.bytes_per_param
+        return HostWork(a + b + q, pairs, b, comm_bytes=merge_bytes(q, shape), steps=2, overlap_bytes=gathered,
+                        anchor=a, passing=p)
 
     def check(self, model_config, world_size):
         super().check(model_config, world_size)

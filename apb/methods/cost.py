@@ -10,12 +10,15 @@ its attention FLOPs. Units: tokens, (query, key) pairs over all heads, bytes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 
 class AttnShape(Protocol):
     """What a cost formula reads of a model (:class:`apb.tools.simulate.ModelShape` has it)."""
+
+    @property
+    def layers(self) -> int: ...
 
     @property
     def heads(self) -> int: ...
@@ -32,16 +35,33 @@ class AttnShape(Protocol):
 
 @dataclass(frozen=True)
 class HostWork:
-    """The slowest host's work for one prefill."""
+    """The slowest host's work for one prefill. Where layers differ (a per-layer passing list,
+    exact layers) the per-layer fields are means over the layers (:func:`over_layers`), so the
+    layer count times each is the whole prefill's."""
 
     tokens: float  # tokens through the linear layers
-    pairs: float  # attended (query, key) pairs per layer
+    pairs: float  # attended (query, key) pairs per layer, over all heads
     cached: float  # tokens whose K/V the host holds
     comm_bytes: float = 0.0  # sent per layer, not hidden behind compute
-    steps: int = 0  # distributed steps per layer (each pays the cost model's per-step overhead)
+    steps: float = 0  # distributed steps per layer (each pays the cost model's per-step overhead)
     overlap_bytes: float = 0.0  # sent per layer behind the attention compute (exposed only if longer)
-    anchor: float = 0.0  # anchor tokens the formula assumed (the method's default size)
+    anchor: float = 0.0  # anchor tokens the formula assumed
     passing: float = 0.0  # passing tokens per block the formula assumed (after ``Sizes.passing_cap``)
+
+
+#: the fields of :class:`HostWork` that are per layer
+PER_LAYER = ("pairs", "comm_bytes", "steps", "overlap_bytes", "passing")
+
+
+def over_layers(per_layer: list[HostWork]) -> HostWork:
+    """One :class:`HostWork` for layers whose work differs: the per-layer fields averaged (the
+    other fields are the same in every layer)."""
+    first = per_layer[0]
+    if all(w == first for w in per_layer):
+        return first
+    assert all(replace(w, **{f: 0 for f in PER_LAYER}) == replace(first, **{f: 0 for f in PER_LAYER})
+               for w in per_layer), "only the per-layer fields may differ between layers"
+    return replace(first, **{f: sum(getattr(w, f) for w in per_layer) / len(per_layer) for f in PER_LAYER})
 
 
 @dataclass(frozen=True)
@@ -51,6 +71,16 @@ class Sizes:
     passing_cap: float | None = None  # cap on apb's passing block (tokens)
     ring_balanced: bool = True  # zigzag ring (ours) or plain ring (host W-1 does 2/W of the work)
     query: int = 128  # query tokens after the context
+    # a method config's sizes, as ``method.*`` takes them (None: the method's default); each
+    # method reads those it has, resolved by the rules its plan() uses
+    anchor_len: Any = None
+    passing_len: Any = None
+    exact_layers: Any = None
+
+    def with_method(self, method_config: Any) -> "Sizes":
+        """These knobs with a method config's anchor, passing and exact-layer settings."""
+        return replace(self, anchor_len=method_config.anchor_len, passing_len=method_config.passing_len,
+                       exact_layers=method_config.exact_layers)
 
 
 def single_device(n: float) -> HostWork:

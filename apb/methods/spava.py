@@ -28,7 +28,7 @@ from apb.methods.registry import register_method
 from apb.methods.base import Method
 from apb.methods.cache_attention import local_partial, merge_over_hosts_start
 from apb.methods.compressors import ScoreInputs, build_compressor, take
-from apb.methods.cost import HostWork, merge_bytes
+from apb.methods.cost import HostWork, merge_bytes, over_layers
 from apb.methods.sizes import resolve_len, resolve_passing
 from apb.parallel import layout
 
@@ -57,13 +57,25 @@ class Spava(Method):
     @classmethod
     def cost(cls, n, w, shape, sizes):
         # host 0 holds the first and last virtual blocks: the last sees 2W-2 passing blocks;
-        # the fused query sees a 1/W share of the anchor and both local blocks
+        # the fused query sees a 1/W share of the anchor and both local blocks. Its two passing
+        # blocks' K and V go to the W-1 others while its blocks attend themselves
         q = sizes.query
-        a, p = cls.default_sizes(n, n / w)
+        a_def, p_def = cls.default_sizes(n, n / w)
+        a = a_def if sizes.anchor_len is None else resolve_len(sizes.anchor_len, n / w, a_def, 1, "anchor_len")
+        a = max(0.0, min(a, n - 2 * w))
         v = (n - a) / (2 * w)
-        pairs = a * a / 2 + v * a + v * v / 2 + v * (a + v + (2 * w - 2) * p) + v * v / 2 + q * (a / w + 2 * v)
-        return HostWork(a + 2 * v + q, pairs, a / w + 2 * v, comm_bytes=merge_bytes(q, shape), steps=2, anchor=a,
-                        passing=p)
+        if sizes.passing_len is None:
+            passing = [min(p_def, v)] * shape.layers
+        else:
+            passing = resolve_passing(sizes.passing_len, v, p_def, 1, shape.layers)
+
+        def layer(p):
+            pairs = a * a / 2 + v * a + v * v / 2 + v * (a + v + (2 * w - 2) * p) + v * v / 2 + q * (a / w + 2 * v)
+            gathered = (w - 1) * 2 * p * 2 * shape.kv_heads * shape.head_dim * shape.bytes_per_param
+            return HostWork(a + 2 * v + q, pairs, a / w + 2 * v, comm_bytes=merge_bytes(q, shape), steps=2,
+                            overlap_bytes=gathered, anchor=a, passing=p)
+
+        return over_layers([layer(p) for p in passing])
 
     def anchor_len(self, n_ctx: int, world_size: int) -> int:
         block = -(-n_ctx // world_size)

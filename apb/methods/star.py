@@ -22,8 +22,7 @@ class Star(Anchored):
         return block, 0.0
 
     @classmethod
-    def cost(cls, n, w, shape, sizes):
+    def _layer_cost(cls, n, w, shape, q, a, p):
         # host r > 0: [A, B_r] causally, then the query over its block in the query phase
-        q, b = sizes.query, n / w
-        a = cls.default_sizes(n, b)[0]
-        return HostWork(a + b, (a + b) ** 2 / 2 + q * n / w, b, comm_bytes=merge_bytes(q, shape), steps=1, anchor=a)
+        b = n / w
+        return HostWork(a + b + q, (a + b) ** 2 / 2 + q * n / w, b, comm_bytes=merge_bytes(q, shape), steps=1, anchor=a)

@@ -63,14 +63,18 @@ def _projected(stats: list[dict], bandwidth: float) -> tuple[float, float, float
     return compute + comm, compute, comm
 
 
-def _model_flop(method: str, n: int, world: int, model_config, n_query: int) -> tuple[float, float]:
-    """(attention, linear) GFLOP of the slowest host, from the method's own cost formula."""
+def _model_flop(method: str, n: int, world: int, model_config, n_query: int,
+                method_config=None) -> tuple[float, float]:
+    """(attention, linear) GFLOP of the slowest host, from the method's own cost formula with the
+    run's sizes (``method_config``, with the variant's; None: the defaults)."""
     shape = costmodel.ModelShape("bench", model_config.num_hidden_layers, model_config.hidden_size,
                                  model_config.num_attention_heads, model_config.num_key_value_heads,
                                  getattr(model_config, "head_dim", None) or
                                  model_config.hidden_size // model_config.num_attention_heads,
                                  model_config.intermediate_size, model_config.vocab_size)
-    work = costmodel.host_work(method, n, world, shape, costmodel.Sizes(query=n_query))
+    sizes = costmodel.Sizes(query=n_query) if method_config is None else \
+        costmodel.Sizes(query=n_query).with_method(build_method(method, method_config).config)
+    work = costmodel.host_work(method, n, world, shape, sizes)
     return shape.layers * work.pairs * shape.attn_flops_per_pair() / 1e9, shape.linear_flops(work.tokens) / 1e9
 
 
@@ -128,7 +132,7 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
                 mid = runs[walls.index(sorted(walls)[len(walls) // 2])]
                 stats = [r.stats for r in mid]
                 projected, p_compute, p_comm = _projected(stats, bandwidth)
-                attn_gf, linear_gf = _model_flop(method, n, world, model_config, n_query)
+                attn_gf, linear_gf = _model_flop(method, n, world, model_config, n_query, cfg.method)
                 row = {
                     "method": method, "length": n, "world_size": world, "repeats": repeats,
                     "wall_s": median, "wall_all_s": walls, "projected_s": projected,

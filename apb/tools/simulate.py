@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from apb.methods import method_class
+from apb.methods import build_method, method_class
 from apb.methods.cost import HostWork, Sizes, single_device
 
 LINEAR_EFF = 0.75
@@ -100,6 +100,9 @@ MODELS = {
 def host_work(method: str, n: float, w: int, m: ModelShape, sizes: Sizes = Sizes()) -> HostWork:
     """The slowest host's work for ``method`` prefilling ``n`` tokens over ``w`` hosts."""
     cls = method_class(method)
+    if sizes.exact_layers and not (cls.exact or cls.takes_exact_layers):
+        raise ValueError(f"method.exact_layers: {method} cannot run exact layers (star and apb can), so it has no "
+                         "cost with them; leave method.exact_layers unset for it")
     if w == 1:  # one host runs the whole prompt as the single-device reference, whatever the method
         return single_device(n)
     return cls.cost(n, w, m, sizes)
@@ -178,14 +181,17 @@ def compare_reference(tolerance: float = 0.30) -> list[dict]:
 
 
 def scenario(methods: list[str], lengths: list[int], world_sizes: list[int], model: str, device: str,
-             sizes: Sizes = Sizes()) -> list[dict]:
-    """Predictions for runs no one here can make (e.g. 1M tokens on 16-64 H100s)."""
+             sizes: Sizes = Sizes(), method_config=None) -> list[dict]:
+    """Predictions for runs no one here can make (e.g. 1M tokens on 16-64 H100s); with
+    ``method_config`` (an :class:`apb.config.MethodConfig`), each method at its sizes (anchor,
+    passing, exact layers, a variant's own), else at its defaults."""
     m, d = MODELS[model], DEVICES[device]
     out = []
     for w in world_sizes:
         for n in lengths:
             for method in methods:
-                p = predict(method, n, hosts(method, w), m, d, sizes)
+                own = sizes if method_config is None else sizes.with_method(build_method(method, method_config).config)
+                p = predict(method, n, hosts(method, w), m, d, own)
                 out.append({"method": method, "length": n, "world_size": p.w, "device": d.name, "model": m.name,
                             "predicted_s": p.seconds, "compute_s": p.compute_s, "comm_s": p.comm_s,
                             "memory_gb": round(p.memory_gb, 1), "oom": p.seconds is None})

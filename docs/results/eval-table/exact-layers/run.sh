@@ -11,7 +11,7 @@ for s in "apb 6" "apb 8" "apb 10" "star 10"; do set -- $s
     --methods $1 --set method.exact_layers=$2 --json $f
 done
 # 30 documents per cell, apb with its first 8 layers exact
-for s in "passkey 6144 4" "passkey 8000 4" "niah 4096 4" "passkey 8000 8"; do set -- $s
+for s in "passkey 6144 4" "passkey 8000 4" "niah 4096 4" "passkey 8000 8" "niah 8000 4" "niah 8000 8"; do set -- $s
   f=$OUT/$1-$2-w$3-apb-exact8.json; [ -f $f ] && continue
   echo "== $f $(date +%T)"
   .venv/bin/apb eval $COMMON --samples 30 --tasks $1 --lengths $2 --world-size $3 --methods apb \
