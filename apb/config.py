@@ -84,7 +84,7 @@ class MethodConfig(_Section):
                           "entries may also be 'all' or null: the default), or {linear: [first, last]}; "
                           "default apb: block/8, spava: n/128")
     exact_layers: Union[StrictInt, list[StrictInt], None] = Field(
-        None, description="star, apb: layers whose blocks attend every earlier token exactly (balanced, by a "
+        None, description="star, apb, spava: layers whose blocks attend every earlier token exactly (balanced, by a "
                           "head-sharded exchange; no passing there): N for the first N layers, or a list of layer "
                           "indices; default none")
     query_insert_pos: int = Field(16, ge=0, description="apb: context tokens before the query in the anchor")

@@ -181,12 +181,14 @@ def test_ulysses_counts_the_bytes_its_four_all_to_alls_send(wire3, model):
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-mistral"])
-def test_star_and_apb_with_every_layer_exact_equal_full(group3, model):
-    """With method.exact_layers covering every layer, the blocks attend every earlier token and the
-    query phase is exact: logits, cache and greedy tokens are a single-device forward's. tiny-mistral
-    (12 query / 6 KV heads over 3 hosts) sends each host its query heads' KV heads unevenly."""
+def test_approximate_methods_with_every_layer_exact_equal_full(group3, model):
+    """With method.exact_layers covering every layer, the blocks attend every earlier token (for
+    spava, its anchor too) and the query is exact: logits, cache and greedy tokens are a
+    single-device forward's. tiny-mistral (12 query / 6 KV heads over 3 hosts) sends each host its
+    query heads' KV heads unevenly."""
     cfg = load_config(None, {"method.exact_layers": LAYERS})
-    rows = verify(cfg, group3, ["star", "apb"], [701], models=[model], query_len=33)
+    rows = verify(cfg, group3, ["star", "apb", "spava"], [701], models=[model], query_len=33)
+    assert len(rows) == 3
     for r in rows:
         assert r.passed and r.max_abs_logit_diff <= 1e-4 and r.kv_max_abs_diff <= 1e-4 and r.tokens_match, r
     # the last layer exact, the first approximate: its drift reaches the cache, so apb differs from

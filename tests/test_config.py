@@ -340,11 +340,13 @@ def test_exact_layers_resolve_per_model_and_drop_passing_there():
             MethodConfig(exact_layers=bad)
     plan = build_method("apb", MethodConfig(exact_layers=[1, 3], passing_len=0.5)).plan(1000, 4, 10, 4)
     assert plan.exact == {1, 3} and plan.passing == (124, 0, 124, 0)  # block 248, half of it
-    # one host has nothing to be exact against; spava refuses the field instead of ignoring it
+    # one host has nothing to be exact against
     assert build_method("apb", MethodConfig(exact_layers=2)).plan(1000, 1, 10, 4).exact == frozenset()
+    # spava: nothing passed in the exact layers (anchor n/64 = 16, virtual block ceil(984/8) = 123)
+    plan = build_method("spava", MethodConfig(exact_layers=[0], passing_len="all")).plan(1010, 4, 10, 2)
+    assert plan.exact == {0} and plan.passing == (0, 123)
     model = SimpleNamespace(num_hidden_layers=4)
-    with pytest.raises(ValueError, match="method.exact_layers: spava cannot run exact layers.*passing_len"):
-        build_method("spava", MethodConfig(exact_layers=2)).check(model, 4)
+    build_method("spava", MethodConfig(exact_layers=2)).check(model, 4)
     with pytest.raises(ValueError, match="exact_layers=5, but the model has 4 layers"):
         build_method("star", MethodConfig(exact_layers=5)).check(model, 4)
     build_method("ring", MethodConfig(exact_layers=2)).check(model, 4)  # exact everywhere already

@@ -145,6 +145,32 @@ def test_apb_mask(world, n_ctx, n_query, anchor, passing):
             assert torch.allclose(got, dense(vecs, g, keys), atol=1e-5), (r, row, g)
 
 
+# an exact layer at uneven blocks, with GQA shares (H=4 over KV=2 heads: at W=3 two heads per
+# host, the last share one real head and one of padding) and with an anchor or none
+@pytest.mark.parametrize("name,world,n_ctx,n_query,anchor", [("star", 3, 91, 7, 9), ("apb", 4, 130, 5, 12),
+                                                             ("apb", 3, 100, 6, 0), ("spava", 3, 100, 6, 10),
+                                                             ("spava", 4, 130, 5, 0), ("spava", 2, 61, 4, 7)])
+def test_an_exact_layer_attends_every_earlier_context_token(name, world, n_ctx, n_query, anchor):
+    n = n_ctx + n_query
+    method = build_method(name, MethodConfig(compressor="stride", anchor_len=anchor, passing_len=3,
+                                             exact_layers=[1]))
+    vecs = random_vecs(n, seed=4)
+    if method.query_phase:  # star and apb run the query in a second pass: the context alone here
+        n, n_query = n_ctx, 0
+    slices, plan, outs = run_hosts(method, n, n_query, world, vecs, layers=2, layer=1)
+    assert plan.exact == {1} and plan.passing[1] == 0 and (name == "star" or plan.passing[0] > 0)
+    checked = 0
+    for r, s in enumerate(slices):
+        for c, rows in s.chunk_rows():
+            if c.kind != "block":
+                continue  # anchors and the query are as in the layers that are not exact (tests above)
+            for row, g in zip(range(rows.start, rows.stop), range(c.start, c.stop)):
+                got = outs[r][0, :, row].double()
+                assert torch.allclose(got, dense(vecs, g, list(range(g + 1))), atol=1e-5), (r, row, g)
+                checked += 1
+    assert checked == n_ctx - (plan.anchor_len if name == "spava" else 0)
+
+
 @pytest.mark.parametrize("world,n_ctx,n_query,anchor,passing", [(3, 100, 6, 10, 3), (2, 61, 4, 0, 2), (1, 40, 3, 5, 2)])
 def test_spava_mask_and_exact_query(world, n_ctx, n_query, anchor, passing):
     n = n_ctx + n_query
@@ -258,6 +284,8 @@ def test_cost_formula_counts_the_pairs_the_attention_steps_compute(pair_counter,
     ("apb", 4, {"exact_layers": [1], "passing_len": 16}),
     ("apb", 4, {"passing_len": [16, "all", 0], "anchor_len": 0.125}),
     ("spava", 4, {"passing_len": [8, "all", 0], "anchor_len": 32}),
+    ("spava", 3, {"exact_layers": [1], "anchor_len": 32}),
+    ("spava", 4, {"exact_layers": [0, 2], "anchor_len": 0}),
 ])
 def test_cost_formula_counts_each_layers_pairs(pair_counter, name, world, options):
     n_ctx, n_query, layers = 1024, 8, 3
@@ -269,11 +297,11 @@ def test_cost_formula_counts_each_layers_pairs(pair_counter, name, world, option
         comms = {}
         if method.query_phase:
             run_hosts(method, n_ctx, 0, world, vecs, layers, layer, comms)
-            sent += max(sum(r.bytes for (_, _, op), r in c.stats.ops.items() if op == "exact_layer")
-                        for c in comms.values())
             _query_phase(method.layout(n_ctx, world, 0), vecs, n_ctx, n_query)
         else:
-            run_hosts(method, n_ctx + n_query, n_query, world, vecs, layers, layer)
+            run_hosts(method, n_ctx + n_query, n_query, world, vecs, layers, layer, comms)
+        sent += max(sum(r.bytes for (_, _, op), r in c.stats.ops.items() if op == "exact_layer")
+                    for c in comms.values())
         total += max(pair_counter.values())  # the formula sums the slowest host of each layer
     shape = SimpleNamespace(layers=layers, heads=H, kv_heads=KV, head_dim=D, bytes_per_param=4)
     work = method_class(name).cost(n_ctx, world, shape, Sizes(query=n_query).with_method(method.config))

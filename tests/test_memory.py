@@ -124,10 +124,11 @@ def test_exact_layers_count_their_head_sharded_buffers():
     the passing buffers alone."""
     cfg = load_model(resolve_model("tiny-llama")).config
     n, n_query = 3000, 20
-    plain = memory.estimate(build_method("apb", MethodConfig()), cfg, 0, n, n_query, WORLD, "float32", "gather", 1)
-    exact = memory.estimate(build_method("apb", MethodConfig(exact_layers=1)), cfg, 0, n, n_query, WORLD,
-                            "float32", "gather", 1)
-    for p, e in zip(plain, exact):
-        local = (n - n_query) // WORLD + 1
-        held = ((n - n_query) * (4 + 2 + 2) * 16 + (n - n_query) * 4 * 16 + local * 12 * 16) * 4
-        assert e.transfer >= held > p.transfer, (p.transfer, e.transfer, held)
+    for name in ("apb", "spava"):
+        plain = memory.estimate(build_method(name, MethodConfig()), cfg, 0, n, n_query, WORLD, "float32", "gather", 1)
+        exact = memory.estimate(build_method(name, MethodConfig(exact_layers=1)), cfg, 0, n, n_query, WORLD,
+                                "float32", "gather", 1)
+        for p, e in zip(plain, exact):
+            local = (n - n_query) // WORLD + 1
+            held = ((n - n_query) * (4 + 2 + 2) * 16 + (n - n_query) * 4 * 16 + local * 12 * 16) * 4
+            assert e.transfer >= held > p.transfer, (name, p.transfer, e.transfer, held)

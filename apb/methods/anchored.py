@@ -25,7 +25,7 @@ import torch
 from apb.kernels import attention, merge
 from apb.methods.base import Method
 from apb.methods.cost import HostWork, merge_bytes, over_layers
-from apb.methods.exact_layers import exact_rows, head_plan
+from apb.methods.exact_layers import context_runs, exact_rows, exact_work
 from apb.methods.sizes import resolve_exact_layers, resolve_len, resolve_passing
 from apb.parallel import layout
 
@@ -44,7 +44,6 @@ class Anchored(Method):
     uses_passing = False
     #: True when the anchor embeds the query after ``query_insert_pos`` context tokens (apb)
     embeds_query = False
-    takes_exact_layers = True
 
     def anchor_len(self, n_ctx: int, world_size: int) -> int:
         block = -(-n_ctx // world_size)
@@ -92,20 +91,6 @@ class Anchored(Method):
         exact = resolve_exact_layers(sizes.exact_layers, layers)
         return a, [0 if i in exact else p for i, p in enumerate(passing)], exact
 
-    def transfer_bytes(self, local, n_tokens, world, per_tok, passing, model_config, dtype_bytes):
-        base = super().transfer_bytes(local, n_tokens, world, per_tok, passing, model_config, dtype_bytes)
-        if world == 1 or not self.config.exact_layers:
-            return base
-        heads = model_config.num_attention_heads
-        kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
-        dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-        share, sent, _ = head_plan(heads, kv_heads, world, 0)
-        m = len(sent) // world
-        # an exact layer holds every host's rows of its heads (q, k, v) and their output, what it
-        # sends of its own rows, and its rows' output coming back for every head
-        held = n_tokens * (2 * share + 2 * m) * dim + local * (heads + share * world + 2 * m * world) * dim
-        return max(base, held * dtype_bytes)
-
     def tail_hosts(self, n_query: int, world_size: int, anchor_len: int) -> tuple[int, ...]:
         """Hosts that append the query after their block (to score it): none unless a subclass says."""
         return ()
@@ -128,7 +113,8 @@ class Anchored(Method):
             keys = slice(b.start, t.stop)
             out[:, :, t] = attention(q[:, :, t], k[:, :, keys], v[:, :, keys], causal=True, scale=scale, **opts)[0]
         if layer in ctx.plan.exact:
-            out[:, :, b] = exact_rows(ctx, q, k, v, b, [s.blocks()[0].size for s in ctx.slices], scale)
+            owners, sizes = context_runs(ctx.slices)
+            out[:, :, b] = exact_rows(ctx, q, k, v, [(owners.index(ctx.rank), b)], owners, sizes, scale)[0]
             return out
         qb = q[:, :, b]
         own, own_lse = attention(qb, k[:, :, b], v[:, :, b], causal=True, scale=scale, **opts)
@@ -155,13 +141,9 @@ class Anchored(Method):
 
 
 def _exact_layer_cost(n: float, w: int, shape, q: float, a: float) -> HostWork:
-    """An exact layer on a host with an anchor: the anchor causally, the whole context causally
-    for its ``ceil(H/W)`` of the ``H`` heads, the query phase over its block; the exchange sends
-    its rows' query and KV heads to every other host and their rows of its heads' output back
-    (:func:`apb.methods.exact_layers.exact_rows`), not hidden behind compute."""
-    share, sent, _ = head_plan(shape.heads, shape.kv_heads, w, 0)
-    m = len(sent) // w
-    b = n / w
-    moved = (w - 1) * b * (2 * share + 2 * m) * shape.head_dim * shape.bytes_per_param
-    pairs = a * a / 2 + share / shape.heads * n * n / 2 + q * n / w
-    return HostWork(a + b + q, pairs, b, comm_bytes=merge_bytes(q, shape) + moved, steps=3, anchor=a)
+    """An exact layer on a host with an anchor: the anchor causally, its head shard of the whole
+    context (:func:`apb.methods.exact_layers.exact_work`; the exchange is not hidden behind
+    compute), the query phase over its block."""
+    pairs, moved = exact_work(n, 0, w, shape)
+    return HostWork(a + n / w + q, a * a / 2 + pairs + q * n / w, n / w, comm_bytes=merge_bytes(q, shape) + moved,
+                    steps=3, anchor=a)

@@ -39,8 +39,6 @@ class Method:
     query_phase: ClassVar[bool] = False
     #: True when host 0 runs the whole prompt alone and the other hosts idle (full)
     one_host: ClassVar[bool] = False
-    #: True when the method can run ``method.exact_layers`` (star, apb); an exact method is exact in every layer
-    takes_exact_layers: ClassVar[bool] = False
     variant: str | None = None
 
     def __init__(self, config: MethodConfig):
@@ -70,10 +68,6 @@ class Method:
     def check(self, model_config: Any, world_size: int) -> None:
         """Raise a readable error if this method cannot run this model at this world size."""
         layers = getattr(self.config, "exact_layers", None)
-        if layers and not (self.exact or self.takes_exact_layers):
-            raise ValueError(f"method.exact_layers: {self.label} cannot run exact layers (star and apb can); for "
-                             f"{self.name}, pass whole blocks in those layers instead (passing_len as a per-layer "
-                             "list with 'all' there)")
         if layers:  # a multimodal config keeps its layer count in the text model's config
             text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
             resolve_exact_layers(layers, text.num_hidden_layers)
@@ -130,8 +124,15 @@ class Method:
         """Bytes a host holds in communication buffers at once, for the memory estimate: by
         default every host's passing share (``passing`` K/V tokens per host, two buffers),
         nothing for methods that pass none. ``local``: tokens this host runs; ``per_tok``: K/V
-        bytes per token and layer."""
-        return 2 * world * passing * per_tok if world > 1 else 0
+        bytes per token and layer; an approximate method with exact layers holds the larger of
+        that and an exact layer's exchange."""
+        if world == 1:
+            return 0
+        passed = 2 * world * passing * per_tok
+        if self.exact or not self.config.exact_layers:
+            return passed
+        from apb.methods.exact_layers import exchange_bytes  # it builds on ulysses, which imports this module
+        return max(passed, exchange_bytes(local, n_tokens, world, model_config, dtype_bytes))
 
     @classmethod
     def cost(cls, n: float, w: int, shape: AttnShape, sizes: Sizes) -> HostWork:

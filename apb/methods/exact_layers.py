@@ -19,6 +19,8 @@ prompt's start, a query copy kept for scoring) are the method's own business.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from apb.kernels import attention
@@ -35,40 +37,91 @@ def head_plan(heads: int, kv_heads: int, world: int, rank: int) -> tuple[int, li
     return share, list(sent), None if plain_grouping(index[rank], share, m) else list(index[rank])
 
 
-def exact_rows(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: slice, sizes: list[int],
-               scale: float) -> torch.Tensor:
-    """Exact causal attention of this host's context ``rows`` over every host's, by head shards.
+def exact_work(rows: float, prefix: float, world: int, shape) -> tuple[float, float]:
+    """(attended pairs over all heads, bytes sent) of one host in one exact layer, the context
+    being ``rows`` tokens split evenly over the hosts after a ``prefix`` every host holds: its
+    ``ceil(H/W)`` heads of every row over the prefix and causally over the rows, its rows' query
+    and KV heads to each other host, and their rows of its heads' output back. ``shape`` has
+    ``heads``, ``kv_heads``, ``head_dim`` and ``bytes_per_param``."""
+    share, sent, _ = head_plan(shape.heads, shape.kv_heads, world, 0)
+    m = len(sent) // world
+    pairs = share / shape.heads * (rows * prefix + rows * rows / 2)
+    moved = (world - 1) * rows / world * (2 * share + 2 * m) * shape.head_dim * shape.bytes_per_param
+    return pairs, moved
 
-    ``sizes[i]`` is host ``i``'s row count; host ``i``'s rows are the ``i``-th run of the context
-    in global order. Returns (batch, H, rows, dv).
+
+def exchange_bytes(local: int, n_tokens: int, world: int, model_config: Any, dtype_bytes: int) -> int:
+    """Bytes an exact layer holds at once on a host running ``local`` of ``n_tokens`` rows: every
+    host's rows of its heads (q, k, v) and their output, what it sends of its own rows, and its
+    rows' output coming back for every head (the memory estimate's term)."""
+    heads = model_config.num_attention_heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    share, sent, _ = head_plan(heads, kv_heads, world, 0)
+    m = len(sent) // world
+    held = n_tokens * (2 * share + 2 * m) * dim + local * (heads + share * world + 2 * m * world) * dim
+    return held * dtype_bytes
+
+
+def context_runs(slices, prefix: int = 0) -> tuple[list[int], list[int]]:
+    """(the host holding each run, each run's size): the hosts' blocks in prompt order, which
+    must cover the context after the first ``prefix`` tokens (those every host holds) without a
+    gap. Raises ``ValueError`` on a layout the exchange cannot serve."""
+    blocks = sorted((c.start, c.stop, host) for host, s in enumerate(slices) for c in s.blocks())
+    at = prefix
+    for start, stop, host in blocks:
+        if start != at:
+            raise ValueError(f"exact layers need the hosts' blocks to be the context after its first {prefix} "
+                             f"tokens, in order; host {host}'s block starts at {start}, expected {at}")
+        at = stop
+    return [host for _, _, host in blocks], [stop - start for start, stop, _ in blocks]
+
+
+def exact_rows(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: list[tuple[int, slice]],
+               owners: list[int], sizes: list[int], scale: float, prefix: slice | None = None) -> list[torch.Tensor]:
+    """Exact causal attention of this host's context rows over every earlier context token, by head shards.
+
+    The context is ``len(sizes)`` runs in prompt order, run ``i`` on host ``owners[i]`` with
+    ``sizes[i]`` rows (:func:`context_runs`); ``runs`` are this host's, as (run index, local rows).
+    ``prefix``: local rows of the tokens before the first run, which every host holds (spava's
+    anchor): keys for every run, sent nowhere. Returns each of ``runs``' outputs, (batch, H, rows, dv).
     """
     comm, rank, world = ctx.comm, ctx.rank, ctx.comm.size
     batch, heads, _, dq = q.shape
     kv_heads, dk, dv = k.shape[1], k.shape[-1], v.shape[-1]
     share, sent, index = head_plan(heads, kv_heads, world, rank)
     m = len(sent) // world
-    qr, kr, vr = q[:, :, rows], k[:, :, rows], v[:, :, rows]
     if share * world > heads:  # zero heads fill the last shares; their outputs are dropped
-        qr = torch.cat([qr, qr.new_zeros(batch, share * world - heads, *qr.shape[2:])], 1)
+        q = torch.cat([q, q.new_zeros(batch, share * world - heads, *q.shape[2:])], 1)
     sent_t = _index(ctx, sent, k.device)
+    mine = sorted(runs, key=lambda run: run[0])
+    held = {i: [j for j, o in enumerate(owners) if o == i] for i in range(world)}
 
     def packed(j: int) -> torch.Tensor:  # what host j needs of my rows: its query heads and their KV heads
         kv = sent_t[j * m:(j + 1) * m]
-        return torch.cat([qr[:, j * share:(j + 1) * share].reshape(-1), kr[:, kv].reshape(-1),
-                          vr[:, kv].reshape(-1)])
+        return torch.cat([t for _, rows in mine for t in (q[:, j * share:(j + 1) * share, rows].reshape(-1),
+                                                           k[:, kv, rows].reshape(-1), v[:, kv, rows].reshape(-1))])
 
     width = share * dq + m * (dk + dv)
     got = comm.exchange({j: packed(j) for j in range(world) if j != rank},
-                        {i: (batch * sizes[i] * width,) for i in range(world) if i != rank}, q.dtype, q.device,
-                        op="exact_layer")
+                        {i: (batch * sum(sizes[r] for r in held[i]) * width,) for i in range(world) if i != rank},
+                        q.dtype, q.device, op="exact_layer")
     got[rank] = packed(rank)
-    qs, ks, vs = [], [], []
+    parts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for i in range(world):
-        n, flat = sizes[i], got[i]
-        a, b = batch * share * n * dq, batch * m * n * dk
-        qs.append(flat[:a].view(batch, share, n, dq))
-        ks.append(flat[a:a + b].view(batch, m, n, dk))
-        vs.append(flat[a + b:].view(batch, m, n, dv))
+        flat, at = got[i], 0
+        for r in held[i]:
+            n = sizes[r]
+            a, b, c = batch * share * n * dq, batch * m * n * dk, batch * m * n * dv
+            parts[r] = (flat[at:at + a].view(batch, share, n, dq), flat[at + a:at + a + b].view(batch, m, n, dk),
+                        flat[at + a + b:at + a + b + c].view(batch, m, n, dv))
+            at += a + b + c
+    order = range(len(sizes))
+    ks, vs = [parts[r][1] for r in order], [parts[r][2] for r in order]
+    if prefix is not None and prefix.stop > prefix.start:
+        kv = sent_t[rank * m:(rank + 1) * m]
+        ks.insert(0, k[:, kv, prefix])
+        vs.insert(0, v[:, kv, prefix])
     keys, vals = torch.cat(ks, 2), torch.cat(vs, 2)
     if index is not None:  # this host's query heads read its KV heads unevenly: one per query head
         idx = _index(ctx, index, k.device)
@@ -78,16 +131,28 @@ def exact_rows(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: sli
         sinks = opts["sinks"]
         sinks = torch.cat([sinks, sinks.new_zeros(share * world - heads)]) if share * world > heads else sinks
         opts["sinks"] = sinks.view(world, share)[rank]
-    out, _ = attention(torch.cat(qs, 2), keys, vals, causal=True, scale=scale, **opts)
+    # the runs are the last rows of the keys: a bottom-right causal call
+    out, _ = attention(torch.cat([parts[r][0] for r in order], 2), keys, vals, causal=True, scale=scale, **opts)
     out = out.to(q.dtype)
-    starts = [sum(sizes[:i]) for i in range(world)]
-    mine = sizes[rank]
-    back = comm.exchange({i: out[:, :, starts[i]:starts[i] + sizes[i]].reshape(-1) for i in range(world) if i != rank},
-                         {j: (batch * share * mine * dv,) for j in range(world) if j != rank}, q.dtype, q.device,
-                         op="exact_layer")
-    back[rank] = out[:, :, starts[rank]:starts[rank] + mine]
-    parts = [back[j].view(batch, share, mine, dv) for j in range(world)]
-    return torch.cat(parts, 1)[:, :heads]
+    starts = [sum(sizes[:r]) for r in order]
+
+    def rows_of(i: int) -> torch.Tensor:  # host i's runs of my heads' output
+        return torch.cat([out[:, :, starts[r]:starts[r] + sizes[r]].reshape(-1) for r in held[i]])
+
+    back = comm.exchange({i: rows_of(i) for i in range(world) if i != rank},
+                         {j: (batch * share * sum(sizes[r] for r, _ in mine) * dv,) for j in range(world) if j != rank},
+                         q.dtype, q.device, op="exact_layer")
+    back[rank] = rows_of(rank)
+    mine_out: dict[int, torch.Tensor] = {}
+    at = {j: 0 for j in range(world)}
+    for r, _ in mine:
+        n = batch * share * sizes[r] * dv
+        shards = []
+        for j in range(world):
+            shards.append(back[j][at[j]:at[j] + n].view(batch, share, sizes[r], dv))
+            at[j] += n
+        mine_out[r] = torch.cat(shards, 1)[:, :heads]
+    return [mine_out[r] for r, _ in runs]
 
 
 def _index(ctx, values: list[int], device) -> torch.Tensor:

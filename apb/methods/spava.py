@@ -29,14 +29,16 @@ from apb.methods.base import Method
 from apb.methods.cache_attention import local_partial, merge_over_hosts_start
 from apb.methods.compressors import ScoreInputs, build_compressor, take
 from apb.methods.cost import HostWork, merge_bytes, over_layers
-from apb.methods.sizes import resolve_len, resolve_passing
+from apb.methods.exact_layers import context_runs, exact_rows, exact_work
+from apb.methods.sizes import resolve_exact_layers, resolve_len, resolve_passing
 from apb.parallel import layout
 
 
 @dataclass(frozen=True)
 class SpavaPlan:
     anchor_len: int
-    passing: tuple[int, ...]  # per layer, tokens per virtual block
+    passing: tuple[int, ...]  # per layer, tokens per virtual block; 0 in exact layers
+    exact: frozenset[int] = frozenset()  # layers whose blocks attend exactly (apb.methods.exact_layers)
 
 
 @register_method("spava")
@@ -69,13 +71,21 @@ class Spava(Method):
         else:
             passing = resolve_passing(sizes.passing_len, v, p_def, 1, shape.layers)
 
+        exact = resolve_exact_layers(sizes.exact_layers, shape.layers)
+        fused = q * (a / w + 2 * v)
+
         def layer(p):
-            pairs = a * a / 2 + v * a + v * v / 2 + v * (a + v + (2 * w - 2) * p) + v * v / 2 + q * (a / w + 2 * v)
+            pairs = a * a / 2 + v * a + v * v / 2 + v * (a + v + (2 * w - 2) * p) + v * v / 2 + fused
             gathered = (w - 1) * 2 * p * 2 * shape.kv_heads * shape.head_dim * shape.bytes_per_param
             return HostWork(a + 2 * v + q, pairs, a / w + 2 * v, comm_bytes=merge_bytes(q, shape), steps=2,
                             overlap_bytes=gathered, anchor=a, passing=p)
 
-        return over_layers([layer(p) for p in passing])
+        def exact_layer():  # the anchor, a head shard of the blocks over the anchor and each other, the query
+            pairs, moved = exact_work(n - a, a, w, shape)
+            return HostWork(a + 2 * v + q, a * a / 2 + pairs + fused, a / w + 2 * v,
+                            comm_bytes=merge_bytes(q, shape) + moved, steps=3, anchor=a)
+
+        return over_layers([exact_layer() if i in exact else layer(p) for i, p in enumerate(passing)])
 
     def anchor_len(self, n_ctx: int, world_size: int) -> int:
         block = -(-n_ctx // world_size)
@@ -89,7 +99,9 @@ class Spava(Method):
         vblock = -(-(n_ctx - anchor) // (2 * world_size))
         default = self.default_sizes(n_ctx, -(-n_ctx // world_size))[1]
         passing = resolve_passing(self.config.passing_len, vblock, default, self.config.round_to, num_layers)
-        return SpavaPlan(anchor, tuple(passing))
+        exact = resolve_exact_layers(self.config.exact_layers, num_layers) if world_size > 1 else frozenset()
+        # an exact layer's blocks see every earlier token: nothing to pass there
+        return SpavaPlan(anchor, tuple(0 if i in exact else p for i, p in enumerate(passing)), exact)
 
     def layout(self, n_tokens, world_size, n_query=0):
         n_ctx = n_tokens - n_query
@@ -119,6 +131,13 @@ class Spava(Method):
             q_part = local_partial(q_query, keys, vals, k[:, :, qr], v[:, :, qr], scale, ctx.rank == 0, **opts)
             # the fused query's merge travels while the blocks are attended
             q_part = merge_over_hosts_start(comm, *q_part)
+        if layer in ctx.plan.exact:  # both blocks over the anchor and every earlier block, by head shards
+            owners, sizes = context_runs(ctx.slices, a.stop - a.start)
+            out[:, :, r1], out[:, :, r2] = exact_rows(ctx, q, k, v, [(first.chunk_id, r1), (second.chunk_id, r2)],
+                                                      owners, sizes, scale, prefix=a)
+            if q_part is not None:
+                out[:, :, qr] = q_part().to(q.dtype)
+            return out
         # each block causally over itself while the passing blocks travel; then, in one call, over
         # what precedes it: the passing blocks it sees and, in full, what is here before it
         own1 = attention(q[:, :, r1], k[:, :, r1], v[:, :, r1], causal=True, scale=scale, **opts)

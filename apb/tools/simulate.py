@@ -100,9 +100,6 @@ MODELS = {
 def host_work(method: str, n: float, w: int, m: ModelShape, sizes: Sizes = Sizes()) -> HostWork:
     """The slowest host's work for ``method`` prefilling ``n`` tokens over ``w`` hosts."""
     cls = method_class(method)
-    if sizes.exact_layers and not (cls.exact or cls.takes_exact_layers):
-        raise ValueError(f"method.exact_layers: {method} cannot run exact layers (star and apb can), so it has no "
-                         "cost with them; leave method.exact_layers unset for it")
     if w == 1:  # one host runs the whole prompt as the single-device reference, whatever the method
         return single_device(n)
     return cls.cost(n, w, m, sizes)

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Session 18: apb with method.exact_layers (the first N layers exact by a head-sharded exchange,
+# Sessions 18-19: apb and spava with method.exact_layers (the first N layers exact by a head-sharded exchange,
 # balanced; docs/accuracy.md section 7), on the table's documents. Run from the repository root.
 set -e
 OUT=docs/results/eval-table/exact-layers
@@ -15,5 +15,12 @@ for s in "passkey 6144 4" "passkey 8000 4" "niah 4096 4" "passkey 8000 8" "niah 
   f=$OUT/$1-$2-w$3-apb-exact8.json; [ -f $f ] && continue
   echo "== $f $(date +%T)"
   .venv/bin/apb eval $COMMON --samples 30 --tasks $1 --lengths $2 --world-size $3 --methods apb \
+    --set method.exact_layers=8 --json $f
+done
+# session 19: spava with its first 8 layers exact (default sizes in the others)
+for s in "passkey 6144 4" "passkey 8000 4" "niah 4096 4" "niah 8000 4" "passkey 8000 8" "niah 8000 8"; do set -- $s
+  f=$OUT/$1-$2-w$3-spava-exact8.json; [ -f $f ] && continue
+  echo "== $f $(date +%T)"
+  .venv/bin/apb eval $COMMON --samples 30 --tasks $1 --lengths $2 --world-size $3 --methods spava \
     --set method.exact_layers=8 --json $f
 done
