@@ -2,7 +2,8 @@
 # Session 19: what the cost model predicts for the accurate settings of docs/accuracy.md section 7
 # on a model and lengths this machine cannot run (Llama-3.1-8B, 32 layers, H100s): apb with its
 # first quarter of layers exact (8, as 8 of SmolLM2's 30), apb and spava with whole passing blocks
-# in the first third (11 layers), against ring and the defaults. Run from the repository root.
+# in the first third (11 layers), spava with 8 exact layers, against ring and the defaults. Run from
+# the repository root.
 set -e
 OUT=docs/results/cost-exact-layers
 SIM=".venv/bin/apb simulate --model llama-3.1-8b --device H100 --lengths 131072,524288,1048576 --world-sizes 8,32"
@@ -11,7 +12,7 @@ NULL21="null,null,null,null,null,null,null,null,null,null,null,null,null,null,nu
 P32_21="0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25"
 {
   echo "## defaults"; $SIM --methods ring,star,apb,spava --json $OUT/defaults.json
-  echo "## apb and star, exact_layers: 8"; $SIM --methods star,apb --set method.exact_layers=8 --json $OUT/exact8.json
+  echo "## star, apb and spava, exact_layers: 8"; $SIM --methods star,apb,spava --set method.exact_layers=8 --json $OUT/exact8.json
   echo "## apb, whole passing blocks in layers 0-10"
   $SIM --methods apb --set "method.passing_len=[$ALL11,$NULL21]" --json $OUT/apb-first11all.json
   echo "## spava, anchor n/16, whole virtual blocks in layers 0-10, n/32 after"

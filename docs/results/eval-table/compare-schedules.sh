@@ -12,7 +12,8 @@ E=docs/results/eval-table
            "niah-4096-w4 niah-4096-w4" "niah-8000-w4 niah-8000-w4" "passkey-8000-w8 passkey-8000-w4" \
            "niah-8000-w8 niah-8000-w4"; do set -- $c
     runs=""  # the defaults, then each setting; those not run are left out
-    for f in $E/$1 $E/$1-apb-first10all $E/$1-spava-a16-first10all-p32 $E/exact-layers/$1-apb-exact8; do
+    for f in $E/$1 $E/$1-apb-first10all $E/$1-spava-a16-first10all-p32 $E/exact-layers/$1-apb-exact8 \
+             $E/exact-layers/$1-spava-exact8; do
       [ -f $f.json.docs.jsonl ] && runs="$runs $f.json.docs.jsonl"
     done
     .venv/bin/apb compare $runs --reference $E/$2.json.docs.jsonl | sed 1d

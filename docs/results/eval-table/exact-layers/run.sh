@@ -17,10 +17,13 @@ for s in "passkey 6144 4" "passkey 8000 4" "niah 4096 4" "passkey 8000 8" "niah 
   .venv/bin/apb eval $COMMON --samples 30 --tasks $1 --lengths $2 --world-size $3 --methods apb \
     --set method.exact_layers=8 --json $f
 done
-# session 19: spava with its first 8 layers exact (default sizes in the others)
-for s in "passkey 6144 4" "passkey 8000 4" "niah 4096 4" "niah 8000 4" "passkey 8000 8" "niah 8000 8"; do set -- $s
-  f=$OUT/$1-$2-w$3-spava-exact8.json; [ -f $f ] && continue
-  echo "== $f $(date +%T)"
-  .venv/bin/apb eval $COMMON --samples 30 --tasks $1 --lengths $2 --world-size $3 --methods spava \
-    --set method.exact_layers=8 --json $f
+# session 19: spava with its first 10 layers exact (default sizes in the others; 8 missed a
+# host-0 needle at 6K that 10 answers: probe-spava.sh), then with 8 where time allowed
+for n in 10 8; do
+  for s in "passkey 6144 4" "passkey 8000 4" "niah 4096 4" "niah 8000 4" "passkey 8000 8" "niah 8000 8"; do set -- $s
+    f=$OUT/$1-$2-w$3-spava-exact$n.json; [ -f $f ] && continue
+    echo "== $f $(date +%T)"
+    .venv/bin/apb eval $COMMON --samples 30 --tasks $1 --lengths $2 --world-size $3 --methods spava \
+      --set method.exact_layers=$n --json $f
+  done
 done
