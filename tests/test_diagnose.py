@@ -83,6 +83,9 @@ def test_needle_recall_counts_chosen_needle_tokens_per_kv_head():
                {0: torch.tensor([[24, 25, 30], [20, 21, 22]]), 1: torch.tensor([[24, 25, 26], [27, 28, 29]])}]
     assert dg.needle_recall(passing, slices, needle, 3) == [0.25, 0.5, None]  # (2+0)/2/4, (3+1)/2/4, none passed
     assert dg.needle_recall([None, None], slices, needle, 1) == [None]  # a method without passing (star)
+    # an exact layer (method.exact_layers) passes nothing, and every later block sees the needle
+    assert dg.needle_recall(passing, slices, needle, 3, frozenset({1})) == [0.25, 1.0, None]
+    assert dg.needle_recall(passing, slices, torch.tensor([50]), 2, frozenset({1})) == [None, None]  # in no block
     assert dg.needle_hosts(slices, needle) == {"h1": 4}
 
 

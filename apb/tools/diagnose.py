@@ -158,10 +158,11 @@ def _kept(method: torch.Tensor, full: torch.Tensor) -> list[float | None]:
 
 # -- recall -------------------------------------------------------------------------------------
 def needle_recall(passing: list[dict[int, torch.Tensor] | None], slices: list[HostSlice], needle: torch.Tensor,
-                  num_layers: int) -> list[float | None]:
+                  num_layers: int, exact: frozenset[int] = frozenset()) -> list[float | None]:
     """Per layer, the share of the needle's tokens that the compressor passed, averaged over KV
     heads, over the hosts whose blocks hold them. ``passing[r][layer]`` is host ``r``'s chosen
-    global indices (kv_heads, p). None where no host holding the needle passed anything (no
+    global indices (kv_heads, p). In the ``exact`` layers (``method.exact_layers``) every later
+    block sees every needle token: 1. None where no host holding the needle passed anything (no
     passing at that layer, a method without passing, or a needle outside every block)."""
     out = []
     for layer in range(num_layers):
@@ -169,6 +170,9 @@ def needle_recall(passing: list[dict[int, torch.Tensor] | None], slices: list[Ho
         for s, chosen in zip(slices, passing):
             blocks = [torch.arange(c.start, c.stop) for c in s.blocks()]
             held = needle[torch.isin(needle, torch.cat(blocks))] if blocks else needle[:0]
+            if held.numel() and layer in exact:
+                hit, total = hit + held.numel(), total + held.numel()
+                continue
             idx = (chosen or {}).get(layer)
             if held.numel() == 0 or idx is None:
                 continue
@@ -262,7 +266,9 @@ def diagnose(cfg: Config, method: str, doc: dict, group, progress=print) -> dict
         mass[span_name] = {"full_last": fl.tolist(), "method_last": ml.tolist(), "kept_last": _kept(ml, fl),
                            "full_mean": fm.tolist(), "method_mean": mm.tolist(), "kept_mean": _kept(mm, fm)}
     passing = [r.diagnostics["passing"] if r.diagnostics else None for r in runs[method]]
-    recall = {k: needle_recall(passing, slices, span_positions(v), layers) for k, v in spans.items()}
+    exact = getattr(approx.plan(int(ids.numel()), world, n_query, layers), "exact", frozenset())
+    recall = {k: needle_recall(passing, slices, span_positions(v), layers, exact) for k, v in spans.items()}
+    report["exact_layers"] = sorted(exact)
 
     report["layers"] = [
         {"layer": i,
@@ -310,5 +316,6 @@ def format_report(report: dict) -> str:
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
     lines.append("K/V hN: relative drift ||m - full|| / ||full|| of the cache host N holds (q: the query's own); "
                  "mass: the last query token's attention on the needle sentence(s), mean over heads; kept = "
-                 f"{method} / full; recall: share of needle tokens in the passing blocks, mean over KV heads")
+                 f"{method} / full; recall: share of needle tokens in the passing blocks, mean over KV heads (1 in "
+                 "exact layers, where every block sees them)")
     return "\n".join(lines)
