@@ -17,13 +17,19 @@ for s in "passkey 6144 4" "passkey 8000 4" "niah 4096 4" "passkey 8000 8" "niah 
   .venv/bin/apb eval $COMMON --samples 30 --tasks $1 --lengths $2 --world-size $3 --methods apb \
     --set method.exact_layers=8 --json $f
 done
-# session 19: spava with its first 10 layers exact (default sizes in the others; 8 missed a
-# host-0 needle at 6K that 10 answers: probe-spava.sh), then with 8 where time allowed
-for n in 10 8; do
-  for s in "passkey 6144 4" "passkey 8000 4" "niah 4096 4" "niah 8000 4" "passkey 8000 8" "niah 8000 8"; do set -- $s
-    f=$OUT/$1-$2-w$3-spava-exact$n.json; [ -f $f ] && continue
-    echo "== $f $(date +%T)"
-    .venv/bin/apb eval $COMMON --samples 30 --tasks $1 --lengths $2 --world-size $3 --methods spava \
-      --set method.exact_layers=$n --json $f
-  done
+# session 19: spava with its first 8 layers exact (default sizes in the others) on four cells:
+# passkey holds (one miss at 6K, a host-0 needle), niah 4K loses 3. Then 10 exact layers on the
+# 6K cell (they answer that needle: probe-spava.sh); then 8 exact layers with passing n/32 in the
+# other layers (which also answers it), niah first
+for s in "passkey 6144 4 8" "passkey 8000 4 8" "niah 4096 4 8" "passkey 6144 4 10"; do set -- $s
+  f=$OUT/$1-$2-w$3-spava-exact$4.json; [ -f $f ] && continue
+  echo "== $f $(date +%T)"
+  .venv/bin/apb eval $COMMON --samples 30 --tasks $1 --lengths $2 --world-size $3 --methods spava \
+    --set method.exact_layers=$4 --json $f
+done
+for s in "niah 4096 4" "niah 8000 4" "niah 8000 8" "passkey 8000 4" "passkey 6144 4" "passkey 8000 8"; do set -- $s
+  f=$OUT/$1-$2-w$3-spava-exact8-p32.json; [ -f $f ] && continue
+  echo "== $f $(date +%T)"
+  .venv/bin/apb eval $COMMON --samples 30 --tasks $1 --lengths $2 --world-size $3 --methods spava \
+    --set method.exact_layers=8 --set method.passing_len=0.25 --json $f
 done

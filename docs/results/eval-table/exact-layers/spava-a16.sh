@@ -1,0 +1,13 @@
+#!/bin/bash
+# Session 19: spava on niah 4K keeps missing documents 0, 6 and 9 with exact layers (apb answers
+# them): with 8 exact layers and passing n/32, add the anchor of its schedule (n/16, as apb's
+# block/4 at W=4). Run from the repository root.
+set -e
+OUT=docs/results/eval-table/exact-layers
+COMMON="--config configs/tiny-cpu.yaml --model smollm2-135m-instruct --set model.dtype=bfloat16 --set decode.max_new_tokens=32 --set parallel.timeout_s=600"
+for s in "niah 4096 4"; do set -- $s
+  f=$OUT/$1-$2-w$3-spava-exact8-a16-p32.json; [ -f $f ] && continue
+  echo "== $f $(date +%T)"
+  .venv/bin/apb eval $COMMON --samples 30 --tasks $1 --lengths $2 --world-size $3 --methods spava \
+    --set method.exact_layers=8 --set method.anchor_len=0.25 --set method.passing_len=0.25 --json $f
+done
