@@ -10,3 +10,8 @@ for n in 12 16; do
   echo "== $f $(date +%T)"
   .venv/bin/apb eval $COMMON $D --set method.exact_layers=$n --json $f
 done
+# full itself on them in float32 (is full's right answer on 20 the bfloat16 floor's luck?)
+f=$OUT/niah8k-19-20-full-float32.json
+[ -f $f ] || .venv/bin/apb eval --config configs/tiny-cpu.yaml --model smollm2-135m-instruct --set model.dtype=float32 \
+  --set decode.max_new_tokens=32 --set parallel.timeout_s=600 --data docs/results/eval-table/niah-8000-docs-19-20.jsonl \
+  --world-size 1 --methods full --json $f
