@@ -12,9 +12,11 @@ one packed all-to-all each way): host ``j`` receives every host's block rows for
 query heads and the KV heads they use (:func:`apb.methods.ulysses.kv_shares`), attends the whole
 context causally, and sends each host its rows back. Every host does ``n^2 / 2`` pairs for
 ``ceil(H/W)`` heads: the balanced exact cost, whatever the layout's block sizes. The rows this
-moves are each host's blocks, which must be the context's runs in host order (the anchored
-layout puts host ``i``'s block at the ``i``-th run); rows outside them (an anchor's copy of the
-prompt's start, a query copy kept for scoring) are the method's own business.
+moves are the hosts' blocks, which together must be the context in prompt order
+(:func:`context_runs`): one run per host in the anchored layout, two per host in spava's, after
+a prefix every host holds (spava's anchor, attended as keys and never sent). Rows outside them
+(apb's and star's anchor copy of the prompt's start, a query copy kept for scoring, spava's
+fused query) are the method's own business.
 """
 
 from __future__ import annotations
@@ -91,16 +93,21 @@ def exact_rows(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: lis
     kv_heads, dk, dv = k.shape[1], k.shape[-1], v.shape[-1]
     share, sent, index = head_plan(heads, kv_heads, world, rank)
     m = len(sent) // world
-    if share * world > heads:  # zero heads fill the last shares; their outputs are dropped
-        q = torch.cat([q, q.new_zeros(batch, share * world - heads, *q.shape[2:])], 1)
     sent_t = _index(ctx, sent, k.device)
     mine = sorted(runs, key=lambda run: run[0])
     held = {i: [j for j, o in enumerate(owners) if o == i] for i in range(world)}
 
+    def q_share(j: int, rows: slice) -> torch.Tensor:  # host j's query heads of my rows
+        lo, hi = j * share, min((j + 1) * share, heads)
+        qj = q[:, lo:max(lo, hi), rows]
+        if qj.shape[1] < share:  # zero heads fill the last shares; their outputs are dropped
+            qj = torch.cat([qj, qj.new_zeros(batch, share - qj.shape[1], *qj.shape[2:])], 1)
+        return qj
+
     def packed(j: int) -> torch.Tensor:  # what host j needs of my rows: its query heads and their KV heads
         kv = sent_t[j * m:(j + 1) * m]
-        return torch.cat([t for _, rows in mine for t in (q[:, j * share:(j + 1) * share, rows].reshape(-1),
-                                                           k[:, kv, rows].reshape(-1), v[:, kv, rows].reshape(-1))])
+        return torch.cat([t for _, rows in mine for t in (q_share(j, rows).reshape(-1), k[:, kv, rows].reshape(-1),
+                                                           v[:, kv, rows].reshape(-1))])
 
     width = share * dq + m * (dk + dv)
     got = comm.exchange({j: packed(j) for j in range(world) if j != rank},
