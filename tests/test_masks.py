@@ -310,3 +310,14 @@ def test_cost_formula_counts_each_layers_pairs(pair_counter, name, world, option
     if options.get("exact_layers"):  # and the exchange's bytes: the formula's beyond the query merge
         moved = layers * (work.comm_bytes - merge_bytes(n_query, shape))
         assert sent == pytest.approx(moved, rel=0.01), (sent, moved)
+
+
+def test_exact_layers_refuse_a_layout_whose_blocks_are_not_the_context_in_order():
+    from apb.methods.exact_layers import context_runs
+    from apb.parallel import layout
+
+    assert context_runs(layout.anchored(100, 4, 3, 10, None, ())) == ([0, 1, 2], [34, 33, 33])
+    owners, sizes = context_runs(layout.spava(100, 4, 2, 12), 12)  # virtual blocks 0..3 on hosts 0, 1, 1, 0
+    assert owners == [0, 1, 1, 0] and sum(sizes) == 88
+    with pytest.raises(ValueError, match="starts at 12, expected block 0 at 0"):
+        context_runs(layout.spava(100, 4, 2, 12))  # the anchor is not a prefix every host holds

@@ -114,7 +114,8 @@ class Anchored(Method):
             out[:, :, t] = attention(q[:, :, t], k[:, :, keys], v[:, :, keys], causal=True, scale=scale, **opts)[0]
         if layer in ctx.plan.exact:
             owners, sizes = context_runs(ctx.slices)
-            out[:, :, b] = exact_rows(ctx, q, k, v, [(owners.index(ctx.rank), b)], owners, sizes, scale)[0]
+            run = ctx.mine.blocks()[0].chunk_id
+            out[:, :, b] = exact_rows(ctx, q, k, v, [(run, b)], owners, sizes, scale)[0]
             return out
         qb = q[:, :, b]
         own, own_lse = attention(qb, k[:, :, b], v[:, :, b], causal=True, scale=scale, **opts)

@@ -66,17 +66,19 @@ def exchange_bytes(local: int, n_tokens: int, world: int, model_config: Any, dty
 
 
 def context_runs(slices, prefix: int = 0) -> tuple[list[int], list[int]]:
-    """(the host holding each run, each run's size): the hosts' blocks in prompt order, which
-    must cover the context after the first ``prefix`` tokens (those every host holds) without a
-    gap. Raises ``ValueError`` on a layout the exchange cannot serve."""
-    blocks = sorted((c.start, c.stop, host) for host, s in enumerate(slices) for c in s.blocks())
+    """(the host holding each run, each run's size): the hosts' blocks in prompt order, run ``i``
+    being the block with ``chunk_id`` ``i``, which must cover the context after the first
+    ``prefix`` tokens (those every host holds) without a gap. Raises ``ValueError`` on a layout
+    the exchange cannot serve."""
+    blocks = sorted((c.start, c.stop, host, c.chunk_id) for host, s in enumerate(slices) for c in s.blocks())
     at = prefix
-    for start, stop, host in blocks:
-        if start != at:
+    for i, (start, stop, host, chunk) in enumerate(blocks):
+        if start != at or chunk != i:
             raise ValueError(f"exact layers need the hosts' blocks to be the context after its first {prefix} "
-                             f"tokens, in order; host {host}'s block starts at {start}, expected {at}")
+                             f"tokens, numbered in order; host {host}'s block {chunk} starts at {start}, expected "
+                             f"block {i} at {at}")
         at = stop
-    return [host for _, _, host in blocks], [stop - start for start, stop, _ in blocks]
+    return [b[2] for b in blocks], [b[1] - b[0] for b in blocks]
 
 
 def exact_rows(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: list[tuple[int, slice]],
