@@ -15,8 +15,7 @@ E=docs/results/eval-table
     runs=""  # the defaults, then each setting; those not run are left out
     for f in $E/$1 $E/$1-apb-first10all $E/$1-spava-a16-first10all-p32 $E/exact-layers/$1-apb-exact8 \
              $E/exact-layers/$1-spava-exact8 $E/exact-layers/$1-spava-exact10 $E/exact-layers/$1-spava-exact8-p32 \
-             $E/exact-layers/$1-spava-exact8-a16-p32 $E/exact-layers/$1-spava-exact15 \
-             $E/exact-layers/$1-spava-exact10-a16-p16; do
+             $E/exact-layers/$1-spava-exact8-a16-p32 $E/exact-layers/$1-spava-exact15; do
       [ -f $f.json.docs.jsonl ] && runs="$runs $f.json.docs.jsonl"
     done
     .venv/bin/apb compare $runs --reference $E/$2.json.docs.jsonl | sed 1d
