@@ -18,3 +18,6 @@ P32_21="0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.
   echo "## spava, anchor n/16, whole virtual blocks in layers 0-10, n/32 after"
   $SIM --methods spava --set method.anchor_len=0.25 --set "method.passing_len=[$ALL11,$P32_21]" --json $OUT/spava-schedule.json
 } | tee $OUT/simulate.txt
+echo "## spava, exact_layers: 8, anchor n/16 (0.25 of a host's block at W=4), passing n/32" | tee -a $OUT/simulate.txt
+$SIM --methods spava --set method.exact_layers=8 --set method.anchor_len=0.25 --set method.passing_len=0.25 \
+  --json $OUT/spava-exact8-a16-p32.json | tee -a $OUT/simulate.txt
