@@ -25,7 +25,7 @@ import torch
 from apb.kernels import attention, merge
 from apb.methods.base import Method
 from apb.methods.cost import HostWork, merge_bytes, over_layers
-from apb.methods.exact_layers import context_runs, exact_rows, exact_work
+from apb.methods.exact_layers import context_runs, exact_rows, exact_work, with_exchange
 from apb.methods.sizes import resolve_exact_layers, resolve_len, resolve_passing
 from apb.parallel import layout
 
@@ -94,6 +94,10 @@ class Anchored(Method):
     def tail_hosts(self, n_query: int, world_size: int, anchor_len: int) -> tuple[int, ...]:
         """Hosts that append the query after their block (to score it): none unless a subclass says."""
         return ()
+
+    def transfer_bytes(self, local, n_tokens, world, per_tok, passing, model_config, dtype_bytes):
+        passed = super().transfer_bytes(local, n_tokens, world, per_tok, passing, model_config, dtype_bytes)
+        return with_exchange(passed, self.config, local, n_tokens, world, model_config, dtype_bytes)
 
     def layout(self, n_tokens, world_size, n_query=0):
         n_ctx = n_tokens - n_query

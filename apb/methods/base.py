@@ -124,15 +124,8 @@ class Method:
         """Bytes a host holds in communication buffers at once, for the memory estimate: by
         default every host's passing share (``passing`` K/V tokens per host, two buffers),
         nothing for methods that pass none. ``local``: tokens this host runs; ``per_tok``: K/V
-        bytes per token and layer; an approximate method with exact layers holds the larger of
-        that and an exact layer's exchange."""
-        if world == 1:
-            return 0
-        passed = 2 * world * passing * per_tok
-        if self.exact or not self.config.exact_layers:
-            return passed
-        from apb.methods.exact_layers import exchange_bytes  # it builds on ulysses, which imports this module
-        return max(passed, exchange_bytes(local, n_tokens, world, model_config, dtype_bytes))
+        bytes per token and layer."""
+        return 2 * world * passing * per_tok if world > 1 else 0
 
     @classmethod
     def cost(cls, n: float, w: int, shape: AttnShape, sizes: Sizes) -> HostWork:

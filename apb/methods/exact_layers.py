@@ -65,6 +65,15 @@ def exchange_bytes(local: int, n_tokens: int, world: int, model_config: Any, dty
     return held * dtype_bytes
 
 
+def with_exchange(passed: int, config: Any, local: int, n_tokens: int, world: int, model_config: Any,
+                  dtype_bytes: int) -> int:
+    """A method's communication buffers (``passed``) or, with exact layers, an exact layer's
+    exchange where it is larger (:func:`exchange_bytes`)."""
+    if world == 1 or not config.exact_layers:
+        return passed
+    return max(passed, exchange_bytes(local, n_tokens, world, model_config, dtype_bytes))
+
+
 def context_runs(slices, prefix: int = 0) -> tuple[list[int], list[int]]:
     """(the host holding each run, each run's size): the hosts' blocks in prompt order, run ``i``
     being the block with ``chunk_id`` ``i``, which must cover the context after the first

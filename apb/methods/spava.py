@@ -29,7 +29,7 @@ from apb.methods.base import Method
 from apb.methods.cache_attention import local_partial, merge_over_hosts_start
 from apb.methods.compressors import ScoreInputs, build_compressor, take
 from apb.methods.cost import HostWork, merge_bytes, over_layers
-from apb.methods.exact_layers import context_runs, exact_rows, exact_work
+from apb.methods.exact_layers import context_runs, exact_rows, exact_work, with_exchange
 from apb.methods.sizes import resolve_exact_layers, resolve_len, resolve_passing
 from apb.parallel import layout
 
@@ -102,6 +102,10 @@ class Spava(Method):
         exact = resolve_exact_layers(self.config.exact_layers, num_layers) if world_size > 1 else frozenset()
         # an exact layer's blocks see every earlier token: nothing to pass there
         return SpavaPlan(anchor, tuple(0 if i in exact else p for i, p in enumerate(passing)), exact)
+
+    def transfer_bytes(self, local, n_tokens, world, per_tok, passing, model_config, dtype_bytes):
+        passed = super().transfer_bytes(local, n_tokens, world, per_tok, passing, model_config, dtype_bytes)
+        return with_exchange(passed, self.config, local, n_tokens, world, model_config, dtype_bytes)
 
     def layout(self, n_tokens, world_size, n_query=0):
         n_ctx = n_tokens - n_query
