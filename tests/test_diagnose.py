@@ -95,8 +95,11 @@ def test_attention_mass_matches_a_naive_softmax():
     n_ctx = n - n_query
     ids = random_prompt(n, model.config.vocab_size, seed=3)
     ref = reference_run(model, ids, 1)
-    probs, logits = dg.query_attention(model, KVCache(torch.arange(n), ref.keys, ref.values), ids[n_ctx:])
-    torch.testing.assert_close(logits, ref.logits, atol=1e-4, rtol=1e-4)  # the replay is the model's own forward
+    probs, logits = dg.query_attention(model, KVCache(torch.arange(n), ref.keys, ref.values), n_ctx, ids[n_ctx:])
+    torch.testing.assert_close(logits[-1], ref.logits, atol=1e-4, rtol=1e-4)  # the replay is the model's own forward
+    with torch.no_grad():  # every row, not only the last: the rows after the query replay answer tokens
+        whole = model(input_ids=ids[None]).logits[0, n_ctx:].float()
+    torch.testing.assert_close(logits, whole, atol=1e-4, rtol=1e-4)
     assert probs.shape == (2, 12, n_query, n)
 
     # layer 0 by hand: the query's Q after RoPE against every key, GQA repeated, causal over the query
@@ -112,10 +115,30 @@ def test_attention_mass_matches_a_naive_softmax():
     torch.testing.assert_close(probs[0], naive, atol=1e-5, rtol=1e-4)
 
     span = torch.arange(10, 17)
-    last, mean = dg.attention_mass(probs, span)
-    assert last[0].item() == pytest.approx(naive[:, -1, span].sum(-1).mean().item(), abs=1e-5)
-    assert mean[0].item() == pytest.approx(naive[..., span].sum(-1).mean().item(), abs=1e-5)
-    assert dg.attention_mass(probs, torch.arange(n))[0].tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+    mass = dg.attention_mass(probs, span)
+    assert mass.shape == (2, n_query)
+    for row in (0, n_query - 1):
+        assert mass[0, row].item() == pytest.approx(naive[:, row, span].sum(-1).mean().item(), abs=1e-5)
+    assert dg.attention_mass(probs, torch.arange(n)).flatten().tolist() == pytest.approx([1.0] * 2 * n_query, abs=1e-5)
+
+
+def test_decoys_are_the_wrong_values_the_context_holds():
+    context = "The number for mirror is 64317. The number for thunder is 25506. A VAR is XKQ. Call 911 on page 42."
+    answers = ["The number for mirror is 25506.", "It is 25506, or 11111, or XKQ; not 64317. Maybe 91, or 42."]
+    # 25506 and XKQ occur as words; 11111 does not; 64317 is expected; 91 is only inside 911; 42 is too short to tell
+    assert dg.decoy_strings(answers, ["64317"], context) == ["25506", "XKQ"]
+    assert dg.decoy_strings(["The number is 64317."], ["64317"], context) == []
+
+
+def test_top_tokens_are_the_most_likely_with_their_probabilities():
+    tok = byte_tokenizer()
+    logits = torch.full((len(tok),), -30.0)
+    (a,), (b,) = tok("a", add_special_tokens=False)["input_ids"], tok("b", add_special_tokens=False)["input_ids"]
+    logits[a], logits[b] = 2.0, 1.0
+    top = dg.top_tokens(tok, logits, k=2)
+    assert [t for t, _ in top] == [tok.decode([a]), tok.decode([b])]
+    e = torch.tensor([2.0, 1.0]).exp()
+    assert [p for _, p in top] == pytest.approx((e / e.sum()).tolist(), abs=1e-4)
 
 
 # -- whole diagnoses on worker processes --------------------------------------------------------

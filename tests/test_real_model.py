@@ -188,3 +188,31 @@ def test_demo_answers_with_the_real_model_beside_full(smol, apb_bin, repo, tmp_p
     assert f"model {MODEL}" in out and "1 worker with" in out
     assert "right answers: apb 1/1, full 1/1" in out, out
     assert "x faster than full (median over 1 documents" in out, out
+
+
+def test_diagnose_shows_both_caches_at_the_token_where_the_answers_part(smol):
+    """star with no anchor at W=3 reads a wrong digit on a multi-key document: the report names the
+    token where its answer leaves full's, and replaying both runs' shared answer tokens over each
+    cache gives each run's own greedy choice there as that cache's most likely token."""
+    from apb.config import load_config
+    from apb.tools import diagnose as dg
+    from apb.tools.evaluate import generate
+
+    doc = generate(["niah"], [1200], 2, load_tokenizer(smol), seed=0)[1]
+    cfg = load_config(None, [f"model.name_or_path={MODEL}", "parallel.device=cpu", "decode.max_new_tokens=16",
+                             "method.anchor_len=0"])
+    with LocalWorkerGroup(3, worker_kwargs={"device": "cpu", "timeout_s": 120}, timeout_s=300) as group:
+        report = dg.diagnose(cfg, "star", doc, group, progress=lambda _: None)
+    div, ans = report["first_divergence"], report["answers"]
+    assert div is not None and ans["full"]["correct"] and not ans["star"]["correct"], ans
+    assert ans["full"]["tokens"][:div] == ans["star"]["tokens"][:div] != []
+    d = report["divergence"]
+    assert d["token"] == div and d["chosen"]["full"] != d["chosen"]["star"]
+    for name in ("full", "star"):  # greedy decoding took the replay's most likely token, ties included
+        top = dict(d["top"][name])
+        assert top.get(d["chosen"][name], -1) == pytest.approx(d["top"][name][0][1], abs=1e-4), (name, d)
+    assert d["top"]["full"][0][1] > 0.5  # full was sure of its digit; star's cache was not
+    # the needle's sentence is found, and the mass at the divergence row is reported for every layer
+    assert report["needle"]["text"] and all(
+        row["mass"]["needle"]["full_div"] > 0 for row in report["layers"])
+    assert "@div" in dg.format_report(report)

@@ -10,9 +10,14 @@ cached by host 0 in the query phase, are a group of their own, ``q``):
 * drift: per layer and host, ``||K_m - K_full|| / ||K_full||`` over the host's positions (and V);
 * needle: the answer strings found in the context, and the sentences holding them, as token
   spans of the prompt (:func:`find_spans`);
-* mass: the query replayed over each context cache in one eager transformers forward
-  (:func:`query_attention`); per layer the share of its attention on the needle, averaged over
-  heads, for the last query token and averaged over query tokens; ``kept`` = method / full;
+* mass: the query, and the answer tokens both runs generated before they part, replayed over
+  each context cache in one eager transformers forward (:func:`query_attention`); per layer the
+  share of attention on the needle, averaged over heads, for the last query token, averaged over
+  query tokens, and at the token where the answers part; ``kept`` = method / full;
+* decoys: the values a wrong answer gave that occur in the context (a distractor key's number,
+  :func:`decoy_strings`), their sentences, and the attention mass on them, as for the needle;
+* divergence: at the token where the answers part, each cache's most likely next tokens with
+  their probabilities (:func:`top_tokens`), so a near tie under ``full`` shows as one;
 * recall: per layer, the share of the needle's tokens the compressor passed, averaged over KV
   heads, over the hosts whose blocks hold them (:func:`needle_recall`).
 
@@ -110,6 +115,24 @@ def span_positions(spans: list[tuple[int, int]]) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
+#: a value an answer can give: a word of 3+ characters holding a digit, or an all-capitals name of
+#: 3+ letters (vt's variables); shorter numbers ("1", "42") occur everywhere and would mark noise
+_VALUE = re.compile(r"\b(?:(?=\w*\d)\w{3,}|[A-Z]{3,})\b")
+
+
+def decoy_strings(texts: list[str], expected: list[str], context: str) -> list[str]:
+    """The values in ``texts`` (the methods' answers) that are not expected but occur in
+    ``context`` as whole words: where a wrong answer was read from. In order, without repeats."""
+    want = {e.strip().casefold() for e in expected}
+    out: list[str] = []
+    for text in texts:
+        for value in _VALUE.findall(text):
+            if (value.casefold() not in want and value not in out
+                    and re.search(rf"(?<!\w){re.escape(value)}(?!\w)", context)):
+                out.append(value)
+    return out
+
+
 # -- drift --------------------------------------------------------------------------------------
 def host_positions(slices: list[HostSlice], n_ctx: int) -> dict[str, torch.Tensor]:
     """The context positions each host caches under a layout (``h0``, ``h1``, ...) and the query's (``q``)."""
@@ -130,26 +153,31 @@ def relative_drift(ref: torch.Tensor, other: torch.Tensor, positions: torch.Tens
 
 # -- attention mass -----------------------------------------------------------------------------
 @torch.no_grad()
-def query_attention(model, cache: KVCache, query_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replay the query over the context part of ``cache`` (positions ``0..n_ctx-1``) at its true
-    positions, with ``model`` loaded with eager attention. Returns the attention probabilities,
-    (layers, heads, n_query, n_ctx + n_query) in float32, and the last token's logits."""
-    n_ctx = int(cache.n_tokens) - int(query_ids.numel())
+def query_attention(model, cache: KVCache, n_ctx: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replay ``ids`` (the query, and any answer tokens after it) over the context part of
+    ``cache`` (positions ``0..n_ctx-1``) at their true positions, with ``model`` loaded with eager
+    attention. Returns the attention probabilities, (layers, heads, rows, n_ctx + rows) in float32,
+    and every row's logits, (rows, vocab)."""
     context = KVCache(cache.positions[:n_ctx], cache.keys[:, :, :n_ctx], cache.values[:, :, :n_ctx])
-    positions = torch.arange(n_ctx, n_ctx + query_ids.numel())
-    out = model(input_ids=query_ids[None], position_ids=positions[None],
-                past_key_values=to_hf_cache(context, model.config), use_cache=True, output_attentions=True,
-                logits_to_keep=1)
+    positions = torch.arange(n_ctx, n_ctx + ids.numel())
+    out = model(input_ids=ids[None], position_ids=positions[None],
+                past_key_values=to_hf_cache(context, model.config), use_cache=True, output_attentions=True)
     if not out.attentions or out.attentions[0] is None:
         raise RuntimeError("the model returned no attention probabilities: load it with attn_implementation='eager'")
-    return torch.stack([a[0].float() for a in out.attentions]), out.logits[0, -1].float()
+    return torch.stack([a[0].float() for a in out.attentions]), out.logits[0].float()
 
 
-def attention_mass(probs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per layer, the share of attention on ``positions`` averaged over heads: for the last query
-    row, and averaged over query rows. ``probs`` is (layers, heads, rows, keys)."""
-    mass = probs[..., positions].sum(-1)  # (layers, heads, rows)
-    return mass[:, :, -1].mean(1), mass.mean((1, 2))
+def attention_mass(probs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Per layer and row, the share of attention on ``positions`` averaged over heads:
+    (layers, rows) from ``probs`` (layers, heads, rows, keys)."""
+    return probs[..., positions].sum(-1).mean(1)
+
+
+def top_tokens(tokenizer, logits: torch.Tensor, k: int = 5) -> list[tuple[str, float]]:
+    """The ``k`` most likely next tokens of one row of logits, as (text, probability)."""
+    p = torch.softmax(logits.float(), -1)
+    top = p.topk(k)
+    return [(_decode(tokenizer, [int(i)]), _num(float(v))) for v, i in zip(top.values, top.indices)]
 
 
 def _kept(method: torch.Tensor, full: torch.Tensor) -> list[float | None]:
@@ -253,18 +281,41 @@ def diagnose(cfg: Config, method: str, doc: dict, group, progress=print) -> dict
     drift = {kind: {g: relative_drift(getattr(full.cache, kind), getattr(other.cache, kind), pos).tolist()
                     for g, pos in groups.items()} for kind in ("keys", "values")}
 
+    div = report["first_divergence"]
+    shared = full.tokens[:div] if div else []  # the answer tokens both runs generated alone
+    replay_ids = torch.cat([ids[n_ctx:], torch.tensor(shared, dtype=ids.dtype)])
+    last_query, last_row = n_query - 1, n_query - 1 + len(shared)
+    spans["decoy"] = find_spans(tokenizer, ids.tolist(), n_ctx,
+                                decoy_strings([a["text"] for a in report["answers"].values()], answers,
+                                              _decode(tokenizer, ids[:n_ctx].tolist())), sentence=True)
+    report["decoy"] = {"spans": spans["decoy"],
+                       "text": [_decode(tokenizer, ids[lo:hi].tolist()) for lo, hi in spans["decoy"]],
+                       "hosts": needle_hosts(slices, span_positions(spans["decoy"]))}
+
     progress("replaying the query over both caches (eager attention)")
-    probs, replay = {}, {}
+    probs, replay, top = {}, {}, {}
     for name, r in (("full", full), (method, other)):
-        probs[name], logits = query_attention(model, r.cache, ids[n_ctx:])
-        replay[name] = float((logits - r.last_logits.float()).abs().max())
+        probs[name], logits = query_attention(model, r.cache, n_ctx, replay_ids)
+        replay[name] = float((logits[last_query] - r.last_logits.float()).abs().max())
+        if div is not None:
+            top[name] = top_tokens(tokenizer, logits[last_row])
     report["replay_max_abs_logit_diff"] = replay  # the replay reproduces each run's query pass
+    if div is not None:  # what each cache predicts where the answers part, given the same tokens before
+        report["divergence"] = {"token": div, "top": top,
+                                "chosen": {name: _decode(tokenizer, [r.tokens[div]]) if div < len(r.tokens) else None
+                                           for name, r in (("full", full), (method, other))}}
     mass = {}
     for span_name, spn in spans.items():
         pos = span_positions(spn)
-        (fl, fm), (ml, mm) = attention_mass(probs["full"], pos), attention_mass(probs[method], pos)
-        mass[span_name] = {"full_last": fl.tolist(), "method_last": ml.tolist(), "kept_last": _kept(ml, fl),
-                           "full_mean": fm.tolist(), "method_mean": mm.tolist(), "kept_mean": _kept(mm, fm)}
+        fm, mm = attention_mass(probs["full"], pos), attention_mass(probs[method], pos)
+        mass[span_name] = {"full_last": fm[:, last_query].tolist(), "method_last": mm[:, last_query].tolist(),
+                           "kept_last": _kept(mm[:, last_query], fm[:, last_query]),
+                           "full_mean": fm[:, :n_query].mean(1).tolist(),
+                           "method_mean": mm[:, :n_query].mean(1).tolist(),
+                           "kept_mean": _kept(mm[:, :n_query].mean(1), fm[:, :n_query].mean(1))}
+        if div is not None:
+            mass[span_name] |= {"full_div": fm[:, last_row].tolist(), "method_div": mm[:, last_row].tolist(),
+                                "kept_div": _kept(mm[:, last_row], fm[:, last_row])}
     passing = [r.diagnostics["passing"] if r.diagnostics else None for r in runs[method]]
     exact = getattr(approx.plan(int(ids.numel()), world, n_query, layers), "exact", frozenset())
     recall = {k: needle_recall(passing, slices, span_positions(v), layers, exact) for k, v in spans.items()}
@@ -300,22 +351,38 @@ def format_report(report: dict) -> str:
         lines.append(f"  {name:>8}: {a['text']!r}{mark}")
     div = report["first_divergence"]
     lines.append("answers: identical tokens" if div is None else f"answers part at generated token {div}")
+    decoy = report.get("decoy") or {}
+    if decoy.get("spans"):
+        where = ", ".join(f"{h}: {n}" for h, n in decoy["hosts"].items()) or "not in a block"
+        lines.append(f"decoy tokens {decoy['spans']} (held by {where}): {' | '.join(repr(t) for t in decoy['text'])}")
+    if report.get("divergence"):
+        d = report["divergence"]
+        for name, top in d["top"].items():
+            lines.append(f"  next token after the shared {d['token']}, over {name}'s cache: "
+                         + ", ".join(f"{t!r} {p:.3f}" for t, p in top))
     lines.append("replay check, max |dlogit| of the eager query pass vs each run: "
                  + ", ".join(f"{k} {v:.1e}" for k, v in report["replay_max_abs_logit_diff"].items()))
     hosts = [g for g in report["layers"][0]["k_drift"] if g != "needle"]
-    cols = ["layer"] + [f"K {g}" for g in hosts] + [f"V {g}" for g in hosts] + ["mass full", f"mass {method}", "kept",
-                                                                                 "recall"]
+    first = report["layers"][0]["mass"]
+    at_div = "full_div" in first["needle"]
+    extra = [s for s in ("needle", "decoy") if s in first and at_div and (s == "needle" or decoy.get("spans"))]
+    cols = (["layer"] + [f"K {g}" for g in hosts] + [f"V {g}" for g in hosts]
+            + ["mass full", f"mass {method}", "kept", "recall"]
+            + [f"{s} @div {n}" for s in extra for n in ("full", method)])
     rows = []
     for row in report["layers"]:
         m = row["mass"]["needle"]
         rows.append([str(row["layer"])] + [_f(row["k_drift"][g]) for g in hosts]
                     + [_f(row["v_drift"][g]) for g in hosts]
-                    + [_f(m["full_last"]), _f(m["method_last"]), _f(m["kept_last"]), _f(row["recall"]["needle"])])
+                    + [_f(m["full_last"]), _f(m["method_last"]), _f(m["kept_last"]), _f(row["recall"]["needle"])]
+                    + [_f(row["mass"][s][k]) for s in extra for k in ("full_div", "method_div")])
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     lines += ["", "  ".join(c.rjust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
     lines.append("K/V hN: relative drift ||m - full|| / ||full|| of the cache host N holds (q: the query's own); "
                  "mass: the last query token's attention on the needle sentence(s), mean over heads; kept = "
                  f"{method} / full; recall: share of needle tokens in the passing blocks, mean over KV heads (1 in "
-                 "exact layers, where every block sees them)")
+                 "exact layers, where every block sees them)"
+                 + ("; @div: the attention on the needle (decoy) sentence(s) of the token that predicts the first "
+                    "differing answer token, both runs' shared answer tokens replayed over each cache" if extra else ""))
     return "\n".join(lines)
