@@ -12,3 +12,6 @@ T=docs/results/eval-table
 # passkey 8K, for contrast: one number per document, so only the leads
 .venv/bin/python docs/results/diagnose/full_margins.py --task passkey --length 8000 --full $T/passkey-8000-w4.json.docs.jsonl \
   --json docs/results/diagnose/full-margins-passkey-8000.json > docs/results/diagnose/full-margins-passkey-8000.txt
+# niah 2K (session 20's cell)
+.venv/bin/python docs/results/diagnose/full_margins.py --length 2048 --full $T/niah-2048-w4.json.docs.jsonl \
+  --json docs/results/diagnose/full-margins-niah-2048.json > docs/results/diagnose/full-margins-niah-2048.txt
