@@ -282,7 +282,7 @@ def diagnose(cfg: Config, method: str, doc: dict, group, progress=print) -> dict
                     for g, pos in groups.items()} for kind in ("keys", "values")}
 
     div = report["first_divergence"]
-    shared = full.tokens[:div] if div else []  # the answer tokens both runs generated alone
+    shared = full.tokens[:div] if div else []  # the answer tokens both runs generated alike
     replay_ids = torch.cat([ids[n_ctx:], torch.tensor(shared, dtype=ids.dtype)])
     last_query, last_row = n_query - 1, n_query - 1 + len(shared)
     spans["decoy"] = find_spans(tokenizer, ids.tolist(), n_ctx,
