@@ -43,7 +43,7 @@ from apb.runtime.decode import Sampling
 from apb.runtime.worker import PromptRequest
 
 
-RESULT_KEYS = ("id", "answer", "method", "world_size", "prompt_tokens", "prefill_s", "decode_s", "error",
+RESULT_KEYS = ("id", "answer", "method", "world_size", "prompt_tokens", "prefill_s", "decode_s", "lead", "error",
                "error_kind")
 DOCUMENT_FIELDS = ("id", "context", "question")
 #: the fields an input record may carry that are not copied into its result: ``answer`` (the
@@ -213,7 +213,7 @@ class Engine:
         tokens = [t for t in result.tokens if t not in self.eos]
         answer = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         return self.record(doc_id, answer=answer, prompt_tokens=int(ids.numel()), prefill_s=result.prefill_s,
-                           decode_s=result.decode_s, extra=extra)
+                           decode_s=result.decode_s, lead=min(result.leads) if result.leads else None, extra=extra)
 
     def estimate_one(self, doc: Any, fallback_id: str) -> dict:
         """What :meth:`process_one` would check, without running: the document's id, prompt tokens,
@@ -267,9 +267,12 @@ class Engine:
                              sampling=Sampling(max_new_tokens=max_new, temperature=d.temperature, top_p=d.top_p,
                                                seed=d.seed))
 
-    def record(self, doc_id: str, answer=None, prompt_tokens=0, prefill_s=0.0, decode_s=0.0, error=None,
+    def record(self, doc_id: str, answer=None, prompt_tokens=0, prefill_s=0.0, decode_s=0.0, lead=None, error=None,
                transient: bool = False, extra: dict | None = None) -> dict:
         """One result record, keys in :data:`RESULT_KEYS` order, then ``extra`` (the input's own fields).
+
+        ``lead``: the answer's weakest token, as its log-probability's lead over the most likely
+        other token (``decode.token_lead``): near 0, a near tie that any change to the cache can flip.
 
         An error is ``final`` (the document is at fault: resume keeps it) unless ``transient``
         (the workers failed: resume tries it again).
@@ -277,7 +280,7 @@ class Engine:
         kind = None if error is None else TRANSIENT if transient else FINAL
         return {"id": doc_id, "answer": answer, "method": self.method.label, "world_size": self.cfg.parallel.world_size,
                 "prompt_tokens": prompt_tokens, "prefill_s": round(prefill_s, 6), "decode_s": round(decode_s, 6),
-                "error": error, "error_kind": kind} | (extra or {})
+                "lead": None if lead is None else round(lead, 4), "error": error, "error_kind": kind} | (extra or {})
 
     def process_file(self, in_path: str | Path, out_path: str | Path, progress: bool = True,
                      retry_errors: bool = False) -> "Summary":

@@ -76,9 +76,14 @@ def test_ring_steps_per_layer_at_three_hosts(group3):
 
 @pytest.mark.parametrize("method", ["full", "ring", "ulysses", "star", "apb", "spava"])
 def test_decode_modes_give_identical_tokens(group3, method):
-    gathered = _run(group3, method, tokens=10)[0].tokens
+    first = _run(group3, method, tokens=10)[0]
+    gathered = first.tokens
     distributed = _run(group3, method, tokens=10, decode_mode="distributed")
     assert distributed[0].tokens == gathered and len(gathered) == 10
+    # each token's lead over the runner-up comes back from the decode host in both modes, alike
+    assert len(first.leads) == len(distributed[0].leads) == 10 and min(first.leads) >= 0  # greedy
+    assert distributed[0].leads == pytest.approx(first.leads, abs=1e-3)
+    assert all(r.leads is None for r in distributed[1:])
     # distributed decoding moves partial attentions, never the cache
     assert not _ops(distributed[1], "gather") and _ops(distributed[1], "decode", "partial_merge")
 

@@ -30,6 +30,7 @@ class FakeResult:
     tokens: list | None
     prefill_s: float = 0.25
     decode_s: float = 0.125
+    leads: list | None = None
 
 
 class FakeGroup:

@@ -5,9 +5,11 @@ import os
 import signal
 
 import pytest
+import torch
 
 from apb.config import ConfigError
 from apb.engine import RESULT_KEYS, Engine
+from apb.runtime.decode import Sampling, decode_loop, token_lead
 
 GOOD = [{"id": f"doc-{i}", "context": f"Document {i}. " + "The sky is blue and the grass is green. " * (20 + 15 * i),
          "question": f"What colour is item {i}?"} for i in range(4)]
@@ -40,7 +42,21 @@ def test_results_in_order_with_error_records_for_bad_input(engine):
     for rec in (out[0], out[2], out[8]):
         assert rec["error"] is None and rec["error_kind"] is None and isinstance(rec["answer"], str)
         assert rec["method"] == "apb" and rec["world_size"] == 2 and rec["prompt_tokens"] > 100
-        assert rec["prefill_s"] > 0
+        assert rec["prefill_s"] > 0 and rec["lead"] >= 0  # greedy: every token leads the runner-up
+    assert all(rec["lead"] is None for rec in out[1:2] + out[3:8])
+
+
+def test_token_lead_and_the_decode_loop_record_it():
+    logits = torch.tensor([1.0, 3.0, 2.5, -1.0])
+    logp = torch.log_softmax(logits, -1)
+    assert token_lead(logits, 1) == pytest.approx(float(logp[1] - logp[2]))  # the gap to the runner-up
+    assert token_lead(logits, 2) == pytest.approx(float(logp[2] - logp[1]))  # negative: not greedy's pick
+    steps = [torch.tensor([0.0, 0.0, 5.0]), torch.tensor([2.0, 1.9, 0.0])]
+    leads: list[float] = []
+    tokens = decode_loop(lambda tok, pos: steps[pos - 10], torch.tensor([4.0, 0.0, 1.0]), 10,
+                         Sampling(max_new_tokens=3), leads=leads)
+    assert tokens == [0, 2, 0]
+    assert leads == pytest.approx([3.0, 5.0, 0.1], abs=1e-5)  # log-softmax differences are logit differences
 
 
 def test_same_answer_as_a_second_run(engine):

@@ -148,6 +148,25 @@ def test_full_matches_generate_on_a_passkey_prompt(smol, prompt, reference, eos)
     assert logit_diff <= TOLERANCE["float32"] and kv_diff <= TOLERANCE["float32"], (logit_diff, kv_diff)
 
 
+@torch.no_grad()
+def test_leads_are_the_margins_of_generate_logits(smol, prompt, eos):
+    """Each token's recorded lead (log p(token) - best other) equals the one computed from
+    transformers' own per-step logits of the same greedy generation."""
+    ids, _ = prompt
+    model = load_model(smol, "float32", "cpu", attn_implementation="eager")
+    out = model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), do_sample=False,
+                         max_new_tokens=N_TOKENS, eos_token_id=list(eos), pad_token_id=eos[0],
+                         return_dict_in_generate=True, output_logits=True)
+    expected = []
+    for step, tok in zip(out.logits, out.sequences[0, ids.numel():].tolist()):
+        top = torch.log_softmax(step[0].float(), -1).topk(2)
+        assert int(top.indices[0]) == tok  # greedy: the lead is the gap to the second
+        expected.append(float(top.values[0] - top.values[1]))
+    with LocalWorkerGroup(1, worker_kwargs={"device": "cpu", "timeout_s": 120}, timeout_s=300) as group:
+        result = _run(group, smol, "full", prompt, eos)
+    assert result.leads == pytest.approx(expected, abs=1e-3) and min(expected) > 0
+
+
 def test_ring_and_ulysses_match_eager_forward_at_w3(smol, prompt, reference, eos):
     # one thread per host: three hosts share this machine's cores
     kwargs = {"device": "cpu", "timeout_s": 120, "threads": 1}

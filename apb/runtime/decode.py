@@ -42,12 +42,24 @@ def pick_token(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | 
     return int(torch.multinomial(probs.cpu(), 1, generator=gen).item())
 
 
+def token_lead(logits: torch.Tensor, tok: int) -> float:
+    """How far ``tok`` leads the most likely other token: ``log p(tok) - max log p(other)``.
+
+    Positive where greedy decoding picks ``tok``; near 0 at a near tie, where a small change in
+    the cache (an approximate method's, or a different rounding order) can change the answer."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    mine = logp[tok].clone()
+    logp[tok] = float("-inf")
+    return float(mine - logp.max())
+
+
 def decode_loop(step: Callable[[int, int], torch.Tensor], first_logits: torch.Tensor, n_past: int,
                 sampling: Sampling, eos_ids: tuple[int, ...] = (),
-                choose: Callable[[int], int] | None = None) -> list[int]:
+                choose: Callable[[int], int] | None = None, leads: list[float] | None = None) -> list[int]:
     """Pick tokens until ``max_new_tokens`` or EOS; ``step(token, position)`` returns the next logits.
 
     ``choose`` may replace a picked token (distributed decoding broadcasts the decode host's).
+    ``leads``, when given, receives each picked token's :func:`token_lead`.
     """
     gen = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
     tokens: list[int] = []
@@ -57,6 +69,8 @@ def decode_loop(step: Callable[[int, int], torch.Tensor], first_logits: torch.Te
         if choose is not None:
             tok = choose(tok)
         tokens.append(tok)
+        if leads is not None:
+            leads.append(token_lead(logits, tok))
         if (sampling.stop_at_eos and tok in eos_ids) or i == sampling.max_new_tokens - 1:
             break
         logits = step(tok, n_past + i)
@@ -65,8 +79,9 @@ def decode_loop(step: Callable[[int, int], torch.Tensor], first_logits: torch.Te
 
 @torch.no_grad()
 def decode(model, hf_cache, first_logits: torch.Tensor, n_past: int, sampling: Sampling,
-           eos_ids: tuple[int, ...] = ()) -> list[int]:
-    """Single-device decoding from a gathered cache of ``n_past`` tokens (a transformers Cache)."""
+           eos_ids: tuple[int, ...] = (), leads: list[float] | None = None) -> list[int]:
+    """Single-device decoding from a gathered cache of ``n_past`` tokens (a transformers Cache);
+    ``leads`` as in :func:`decode_loop`."""
     device = next(model.parameters()).device
 
     def step(tok: int, pos: int) -> torch.Tensor:
@@ -74,16 +89,18 @@ def decode(model, hf_cache, first_logits: torch.Tensor, n_past: int, sampling: S
                     past_key_values=hf_cache, use_cache=True)
         return out.logits[0, -1]
 
-    return decode_loop(step, first_logits, n_past, sampling, eos_ids)
+    return decode_loop(step, first_logits, n_past, sampling, eos_ids, leads=leads)
 
 
 @torch.no_grad()
 def decode_distributed(model, result, comm: Comm, n_past: int, sampling: Sampling,
-                       eos_ids: tuple[int, ...] = (), decode_rank: int = 0) -> list[int]:
+                       eos_ids: tuple[int, ...] = (), decode_rank: int = 0,
+                       leads: list[float] | None = None) -> list[int]:
     """Decode with every host keeping its cache part; each step merges partial attentions.
 
     Every host runs the (cheap) per-token layers; only ``decode_rank`` appends new K/V. The
-    chosen token is broadcast from ``decode_rank`` so all hosts stay in step.
+    chosen token is broadcast from ``decode_rank`` so all hosts stay in step. ``leads`` as in
+    :func:`decode_loop`, from this host's logits.
     """
     device = next(model.parameters()).device
     cache = result.cache
@@ -104,4 +121,4 @@ def decode_distributed(model, result, comm: Comm, n_past: int, sampling: Samplin
         comm.stats.layer = None
         return out.logits[0, -1]
 
-    return decode_loop(step, result.last_logits, n_past, sampling, eos_ids, choose)
+    return decode_loop(step, result.last_logits, n_past, sampling, eos_ids, choose, leads)

@@ -55,6 +55,8 @@ class PromptResult:
     prefill_s: float
     last_logits: torch.Tensor | None = None  # decode host only
     tokens: list[int] | None = None
+    #: each token's lead over the most likely other token (``decode.token_lead``), decode host only
+    leads: list[float] | None = None
     decode_s: float = 0.0  # gather mode: includes moving the cache to the decode host
     cache: KVCache | None = None
     #: with ``diagnostics``: {"passing": {layer: global prompt indices this host passed, (kv_heads, p)}}
@@ -110,12 +112,14 @@ class Worker:
             comm.stats.phase = Phase.GATHER
             whole = gather_cache(res.cache, comm, dst=0)
             if whole is not None:
+                out.leads = []
                 out.tokens = decode(model, to_hf_cache(whole, model.config), res.last_logits, n, req.sampling,
-                                    req.eos_ids)
+                                    req.eos_ids, leads=out.leads)
         else:
-            tokens = decode_distributed(model, res, comm, n, req.sampling, req.eos_ids)
+            leads: list[float] = []
+            tokens = decode_distributed(model, res, comm, n, req.sampling, req.eos_ids, leads=leads)
             if self.state.sp_rank == 0:
-                out.tokens = tokens
+                out.tokens, out.leads = tokens, leads
             if req.return_cache:  # verification only: the cache is gathered after decoding
                 comm.stats.phase = Phase.GATHER
                 whole = gather_cache(res.cache, comm, dst=0)

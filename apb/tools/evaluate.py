@@ -91,7 +91,7 @@ def answer_documents(cfg: Config, methods: list[str], docs: list[dict], config_s
     """Every method's answer to every document, one record per document, also written to ``docs_path``.
 
     A record: ``task, length, id, question, expected`` and ``answers``: per method its ``answer``,
-    ``correct``, ``prefill_s`` and ``error``. Each record is written as soon as every method has
+    ``correct``, ``prefill_s``, ``lead`` (its weakest token's lead, :meth:`Engine.record`) and ``error``. Each record is written as soon as every method has
     answered, so a long run can be read while it goes.
     """
     cfgs = {m: load_config(config_source, [*overrides, f"method.name={m}"]) for m in methods}
@@ -118,7 +118,7 @@ def answer_documents(cfg: Config, methods: list[str], docs: list[dict], config_s
                     engines = {k: Engine(c, group=group) for k, c in cfgs.items()}
                 ok = r["error"] is None and score(r["answer"], doc.get("expected", doc["answer"]), scoring)
                 rec["answers"][m] = {"answer": r["answer"], "correct": ok, "prefill_s": r["prefill_s"],
-                                     "error": r["error"]}
+                                     "lead": r.get("lead"), "error": r["error"]}
             records.append(rec)
             if sink:
                 sink.write(json.dumps(rec) + "\n")
