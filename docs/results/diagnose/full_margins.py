@@ -35,6 +35,7 @@ from apb.engine import encode_prompt
 from apb.model.catalog import resolve_model
 from apb.model.loading import load_model
 from apb.model.text import load_tokenizer
+from apb.runtime.decode import token_lead
 from apb.tools.evaluate import generate
 
 def _m(x: float | None) -> str:
@@ -82,11 +83,7 @@ def weakest_token(tokenizer, logp: torch.Tensor, tokens: list[int], start: int =
     """Along a teacher-forced answer, from token ``start`` on, the token whose lead over the next
     best token is smallest (log p(token) - log p(best other), negative where greedy decoding would
     not have chosen it)."""
-    gaps = {}
-    for i in range(start, len(tokens)):
-        other = logp[i].clone()
-        other[tokens[i]] = float("-inf")
-        gaps[i] = float(logp[i, tokens[i]] - other.max())
+    gaps = {i: token_lead(logp[i], tokens[i]) for i in range(start, len(tokens))}  # as `apb run` records it
     i = min(gaps, key=gaps.__getitem__)
     other = logp[i].clone()
     other[tokens[i]] = float("-inf")
