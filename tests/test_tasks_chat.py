@@ -214,7 +214,14 @@ def test_compare_saved_runs_counts_misses_gains_and_agreement_by_document_id():
     same = by[("same", "full")]
     assert same["agreement"] == 1.0 and same["misses"] == same["gains"] == []
     table = evaluate.format_comparison(rows)
-    assert "1 (0) / 1 (2)" in table and "-" in table
+    assert "1 (0) / 1 (2)" in table and "-" in table and "id@x" not in table  # files without leads
+    # with the reference's leads recorded, each miss and gain shows full's own lead there
+    for rec, lead in zip(reference, [0.06, 1.5, 0.25, 2.0]):
+        rec["answers"]["full"]["lead"] = lead
+    rows = evaluate.compare({"sweep": sweep}, reference)
+    assert (rows[0]["miss_leads"], rows[0]["gain_leads"]) == ([0.06], [0.25])
+    table = evaluate.format_comparison(rows)
+    assert "1 (0@0.06) / 1 (2@0.25)" in table and "id@x: full's lead" in table
 
 
 def test_compare_refuses_runs_over_other_documents():

@@ -207,6 +207,9 @@ def compare(runs: dict[str, list[dict]], reference: list[dict], reference_method
                              "reference_accuracy": sum(b["correct"] for b in base) / len(base),
                              "agreement": v["agreement"], "misses": [mine[i]["id"] for i in v["misses"]],
                              "gains": [mine[i]["id"] for i in v["gains"]],
+                             # the reference's own lead there (None in files from before it was recorded)
+                             "miss_leads": [base[i].get("lead") for i in v["misses"]],
+                             "gain_leads": [base[i].get("lead") for i in v["gains"]],
                              "errors": sum(a["error"] is not None for a in got)})
     return rows
 
@@ -216,15 +219,20 @@ def format_comparison(rows: list[dict], reference_method: str = "full") -> str:
     out = [f"{'run':<40} {'method':<8} {'task':<8} {'length':>6}  right  {reference_method:>6}  net  agree  "
            "misses / gains vs " + reference_method]
 
-    def ids(xs: list[str]) -> str:  # generated ids end in the document's index: keep only that
-        return ",".join(x.rsplit("-", 1)[-1] for x in xs) or "-"
+    def ids(xs: list[str], leads: list) -> str:  # generated ids end in the document's index: keep only that
+        return ",".join(x.rsplit("-", 1)[-1] + ("" if lead is None else f"@{lead:.2f}")
+                        for x, lead in zip(xs, leads)) or "-"
 
     for r in rows:
         right, ref_right = round(r["accuracy"] * r["n"]), round(r["reference_accuracy"] * r["n"])
         out.append(f"{r['run'][:40]:<40} {r['method']:<8} {r['task']:<8} {r['length']!s:>6}  {right:>2}/{r['n']:<2}"
                    f"  {ref_right:>3}/{r['n']:<2} {right - ref_right:>+4}  {r['agreement']:.2f}  "
-                   f"{len(r['misses'])} ({ids(r['misses'])}) / {len(r['gains'])} ({ids(r['gains'])})"
+                   f"{len(r['misses'])} ({ids(r['misses'], r['miss_leads'])}) / "
+                   f"{len(r['gains'])} ({ids(r['gains'], r['gain_leads'])})"
                    + (f"  [{r['errors']} failed]" if r["errors"] else ""))
+    if any(x is not None for r in rows for x in r["miss_leads"] + r["gain_leads"]):
+        out.append(f"id@x: {reference_method}'s lead on that document, its answer's least sure token over the "
+                   "runner-up in nats: near 0 a near tie that any change to the cache can flip, above 1 a sure answer")
     return "\n".join(out)
 
 
