@@ -116,7 +116,7 @@ class Worker:
                 out.tokens = decode(model, to_hf_cache(whole, model.config), res.last_logits, n, req.sampling,
                                     req.eos_ids, leads=out.leads)
         else:
-            leads: list[float] = []
+            leads = [] if self.state.sp_rank == 0 else None  # only the decode host's are returned
             tokens = decode_distributed(model, res, comm, n, req.sampling, req.eos_ids, leads=leads)
             if self.state.sp_rank == 0:
                 out.tokens, out.leads = tokens, leads
