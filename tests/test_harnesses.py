@@ -4,6 +4,7 @@ import json
 import subprocess
 
 import pytest
+import torch
 
 from apb.config import MethodConfig
 from apb.methods import Method, build_method, method_class, method_names
@@ -115,9 +116,16 @@ def test_bench_harness_on_a_tiny_run(apb_bin, repo, tmp_path):
     assert min(ring["rank_comm_bytes"]) >= 2 * (2 * 128 * 4 * 16 * 4)
     full = next(r for r in rows if r["method"] == "full" and r["length"] == 256)
     assert full["projected_speedup_vs_full"] == pytest.approx(1.0)
-    # the cost model's ideal: ring halves the slowest host's FLOPs (a bit less: the zigzag's diagonals)
-    assert full["ideal_speedup_vs_full"] == pytest.approx(1.0) and 1.7 < ring["ideal_speedup_vs_full"] <= 2.0
+    # the cost model's ideal: ring halves the slowest host's work (a bit less: the zigzag's diagonals),
+    # at either rate; the ideal seconds are the work at the rates the report states
+    rates = report["rates"]
+    assert rates["dtype"] == "float32" and rates["attn_s_per_gflop"] > 0 and rates["linear_s_per_gflop"] > 0
+    for key in ("ideal_speedup_vs_full", "flop_speedup_vs_full"):
+        assert full[key] == pytest.approx(1.0) and 1.7 < ring[key] <= 2.0
+    assert ring["ideal_s"] == pytest.approx(ring["attn_gflop_slowest_host"] * rates["attn_s_per_gflop"]
+                                            + ring["linear_gflop_slowest_host"] * rates["linear_s_per_gflop"])
     assert ring["efficiency_vs_full"] == pytest.approx(ring["projected_speedup_vs_full"] / ring["ideal_speedup_vs_full"])
+    assert "ideal: the cost model's work at this device's rates" in proc.stdout
     for r in (r for r in rows if r["method"] != "hf-sdpa"):  # a worker holding torch and a model: tens of MiB
         assert len(r["rank_peak_mem_mib"]) == 2 and all(p > 20 for p in r["rank_peak_mem_mib"])
     assert "projected on 2 dedicated cores" in report["labels"]["projected_s"]
@@ -213,6 +221,60 @@ def test_simulate_cli_runs_at_the_configs_sizes(apb_bin):
     assert bad.returncode == 2 and "passing_len has 2 entries but the model has 32 layers" in bad.stderr
     ref = run("--reference", "apb-paper", "--set", "method.anchor_len=0.5")
     assert ref.returncode == 2 and "method.anchor_len would not apply" in ref.stderr
+
+
+def test_bench_ideal_weighs_each_kind_of_work_at_its_own_rate():
+    from apb.tools.bench import add_ideals
+    from apb.tools.calibrate import Rates
+
+    def row(method, attn, linear, projected):
+        return {"method": method, "length": 1024, "attn_gflop_slowest_host": attn, "linear_gflop_slowest_host": linear,
+                "wall_s": projected, "projected_s": projected}
+
+    # ring: 100 GFLOP of attention, 10 linear; apb: 40 and 12. Per-token work 3x dearer per FLOP.
+    rows = [row("ring", 100.0, 10.0, 1.50), row("apb", 40.0, 12.0, 0.80)]
+    add_ideals(rows, Rates(attn_s_per_gflop=0.01, linear_s_per_gflop=0.03, dtype="float32"))
+    ring, apb = rows
+    assert ring["ideal_s"] == pytest.approx(1.0 + 0.3) and apb["ideal_s"] == pytest.approx(0.4 + 0.36)
+    assert apb["ideal_speedup_vs_ring"] == pytest.approx(1.30 / 0.76)
+    assert apb["flop_speedup_vs_ring"] == pytest.approx(110 / 52)  # one rate for every FLOP
+    assert apb["projected_speedup_vs_ring"] == pytest.approx(1.5 / 0.8)
+    assert apb["efficiency_vs_ring"] == pytest.approx((1.5 / 0.8) / (1.30 / 0.76))
+    assert ring["efficiency_vs_ring"] == pytest.approx(1.0)
+    assert "ideal_speedup_vs_full" not in apb  # no full row at this length
+    # without measured rates the FLOP ratio is still given, and no ideal is invented
+    rows = [row("ring", 100.0, 10.0, 1.50), row("apb", 40.0, 12.0, 0.80)]
+    add_ideals(rows, None)
+    assert "ideal_speedup_vs_ring" not in rows[1] and rows[1]["flop_speedup_vs_ring"] == pytest.approx(110 / 52)
+
+
+def test_calibration_forward_does_everything_but_attention():
+    """The per-token rate's forward is the model's own with a zero attention output: the same
+    logits as transformers' eager forward of the model with its attention output projections
+    zeroed (a llama has no o_proj bias), and far from the real forward's."""
+    from apb.model.catalog import resolve_model
+    from apb.model.loading import load_model
+    from apb.tools.calibrate import _NoAttention, model_shape, rest_lengths
+
+    path = resolve_model("tiny-llama", 0)
+    model = load_model(path, "float32", "cpu")
+    ids = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(64)[None]
+    with torch.no_grad():
+        got = model(input_ids=ids, position_ids=pos, use_cache=False, apb_ctx=_NoAttention()).logits
+        real = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        ref_model = load_model(path, "float32", "cpu", attn_implementation="eager")
+        for layer in ref_model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+        ref = ref_model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert (got - real).abs().max() > 1e-2
+    # the rest's lengths: the longer near the target's linear work, within the bounds, a multiple of 64
+    shape = model_shape(model.config)
+    short, long = rest_lengths(shape, target_gflop=shape.linear_flops(1000) / 1e9)
+    assert (short, long) == (960 // 4, 960)
+    assert rest_lengths(shape, target_gflop=1e-9) == (64, 256)
+    assert rest_lengths(shape, target_gflop=1e9) == (2048, 8192)
 
 
 def test_bench_ideal_flops_are_at_the_runs_sizes():

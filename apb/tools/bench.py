@@ -14,8 +14,11 @@ Two figures per (method, length), labelled everywhere:
 
 Every row also reports each host's peak memory through the prefill (``rank_peak_mem_mib``: peak
 RSS on a CPU host, max allocated on CUDA), and, against ``full`` and ``ring``, the ideal speedup
-the cost model gives for the same shape (the slowest host's FLOPs, linear and attention, at one
-rate) beside the projected one; their ratio is the efficiency.
+the cost model gives for the same shape beside the projected one; their ratio is the efficiency.
+The ideal times the slowest host's work (the method's own cost formula: attention FLOPs and the
+per-token linear FLOPs) at this device's two rates, each measured once per bench by
+:func:`apb.tools.calibrate.measure_rates` (``rates`` in the report; ``ideal_s`` per row); the
+ratio of FLOPs alone, every FLOP at one rate, stays beside it (``flop_speedup_vs_*``).
 
 Per rank it also reports compute and communication seconds and bytes (from the collective
 instrumentation), the slowest host's attention FLOPs (the method's own cost formula, through
@@ -42,6 +45,7 @@ from apb.model.catalog import resolve_model
 from apb.model.loading import load_model
 from apb.parallel.comm import Phase
 from apb.tools import simulate as costmodel
+from apb.tools.calibrate import Rates, measure_rates, model_shape
 from apb.tools.verify import random_prompt
 from apb.runtime.worker import PromptRequest
 
@@ -67,11 +71,7 @@ def _model_flop(method: str, n: int, world: int, model_config, n_query: int,
                 method_config=None) -> tuple[float, float]:
     """(attention, linear) GFLOP of the slowest host, from the method's own cost formula with the
     run's sizes (``method_config``, with the variant's; None: the defaults)."""
-    shape = costmodel.ModelShape("bench", model_config.num_hidden_layers, model_config.hidden_size,
-                                 model_config.num_attention_heads, model_config.num_key_value_heads,
-                                 getattr(model_config, "head_dim", None) or
-                                 model_config.hidden_size // model_config.num_attention_heads,
-                                 model_config.intermediate_size, model_config.vocab_size)
+    shape = model_shape(model_config)
     sizes = costmodel.Sizes(query=n_query) if method_config is None else \
         costmodel.Sizes(query=n_query).with_method(build_method(method, method_config).config)
     work = costmodel.host_work(method, n, world, shape, sizes)
@@ -169,21 +169,37 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
                 progress(f"{'hf-sdpa':<20} n={n:<7} wall {median:8.3f}s  (transformers' forward, one thread)")
     finally:
         group.close()
+    del hf_model
     measured = [r for r in rows if "error" not in r]
-    for row in measured:
-        same = {r["method"]: r for r in measured if r["length"] == row["length"]}
+    rates = None
+    if measured:  # after the workers are gone: the rates are measured on a quiet process
+        progress("measuring this device's attention and per-token rates for the ideal ...")
+        rates = measure_rates(load_model(path, cfg.model.dtype, "cpu"))
+    add_ideals(measured, rates)
+    return {"results": rows, "model": cfg.model.name_or_path, "bandwidth_gbs": bandwidth_gbs,
+            "rates": None if rates is None else rates.to_dict(),
+            "latency_s": LATENCY_S, "machine": {"cpus": available_cores(), "platform": platform.platform()},
+            "labels": {"wall_s": f"measured on this machine ({world} processes sharing {available_cores()} cores)",
+                       "projected_s": f"projected on {world} dedicated cores + links of {bandwidth_gbs} GB/s"}}
+
+
+def add_ideals(rows: list[dict], rates: Rates | None) -> None:
+    """Each row's ideal seconds at ``rates`` and, against ``full`` and ``ring`` at the same length,
+    its measured (wall, projected) and ideal speedups and the efficiency (projected over ideal)."""
+    for row in rows:
+        if rates is not None:
+            row["ideal_s"] = rates.seconds(row["attn_gflop_slowest_host"], row["linear_gflop_slowest_host"])
+    for row in rows:
+        same = {r["method"]: r for r in rows if r["length"] == row["length"]}
         for ref in ("full", "ring"):
             if ref in same:
                 row[f"wall_speedup_vs_{ref}"] = same[ref]["wall_s"] / row["wall_s"]
                 row[f"projected_speedup_vs_{ref}"] = same[ref]["projected_s"] / row["projected_s"]
-                # the cost model's ideal: the slowest host's FLOPs alone, at one rate for every FLOP
-                ideal = _flop(same[ref]) / _flop(row)
-                row[f"ideal_speedup_vs_{ref}"] = ideal
-                row[f"efficiency_vs_{ref}"] = row[f"projected_speedup_vs_{ref}"] / ideal
-    return {"results": rows, "model": cfg.model.name_or_path, "bandwidth_gbs": bandwidth_gbs,
-            "latency_s": LATENCY_S, "machine": {"cpus": available_cores(), "platform": platform.platform()},
-            "labels": {"wall_s": f"measured on this machine ({world} processes sharing {available_cores()} cores)",
-                       "projected_s": f"projected on {world} dedicated cores + links of {bandwidth_gbs} GB/s"}}
+                row[f"flop_speedup_vs_{ref}"] = _flop(same[ref]) / _flop(row)
+                if rates is not None:
+                    ideal = same[ref]["ideal_s"] / row["ideal_s"]
+                    row[f"ideal_speedup_vs_{ref}"] = ideal
+                    row[f"efficiency_vs_{ref}"] = row[f"projected_speedup_vs_{ref}"] / ideal
 
 
 def _flop(row: dict) -> float:
@@ -203,7 +219,13 @@ def format_table(report: dict) -> str:
                      f"{r.get('ideal_speedup_vs_ring', float('nan')):>15.2f}{r.get('efficiency_vs_ring', float('nan')):>6.2f}"
                      f"{max(r['rank_comm_bytes']) / 2**20:>10.2f}{r['attn_gflop_slowest_host']:>12.2f}"
                      f"{_peak(r):>10}")
-    return "\n".join(lines) + f"\n(wall: {report['labels']['wall_s']}; proj: {report['labels']['projected_s']})"
+    foot = f"(wall: {report['labels']['wall_s']}; proj: {report['labels']['projected_s']}"
+    rates = report.get("rates")
+    if rates:
+        foot += (f"; ideal: the cost model's work at this device's rates, one thread, {rates['dtype']}: attention "
+                 f"{rates['attn_s_per_gflop'] * 1e3:.2f} ms/GFLOP, per-token {rates['linear_s_per_gflop'] * 1e3:.2f} "
+                 "ms/GFLOP")
+    return "\n".join(lines) + "\n" + foot + ")"
 
 
 def _peak(row: dict) -> str:

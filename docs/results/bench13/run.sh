@@ -32,3 +32,6 @@ $APB bench $C --methods full,ring,apb,spava --lengths 4096,8192,16384 --world-si
 # session 20: 1 again, to check the per-host split of call_rate.py (docs/results.md) on a fresh run
 $APB bench $C --methods ring,apb,spava --lengths 32768 --world-size 8 --repeats 3 \
   --json $OUT/bench-attn-w8-32k-s20.json > $OUT/bench-attn-w8-32k-s20.txt 2>&1
+# session 21: 1 again, with the ideal at this device's two measured rates (apb.tools.calibrate)
+$APB bench $C --methods ring,apb,spava --lengths 32768 --world-size 8 --repeats 3 \
+  --json $OUT/bench-attn-w8-32k-s21.json > $OUT/bench-attn-w8-32k-s21.txt 2>&1
