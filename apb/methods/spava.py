@@ -130,8 +130,7 @@ class Spava(Method):
         q_part = None
         if qr.stop > qr.start:
             share = [r for c, r in mine.chunk_rows() if c.is_cached and c.kind != "query"]
-            keys = torch.cat([k[:, :, r] for r in share], 2)
-            vals = torch.cat([v[:, :, r] for r in share], 2)
+            keys, vals = _rows(k, share), _rows(v, share)
             q_part = local_partial(q_query, keys, vals, k[:, :, qr], v[:, :, qr], scale, ctx.rank == 0, **opts)
             # the fused query's merge travels while the blocks are attended
             q_part = merge_over_hosts_start(comm, *q_part)
@@ -208,3 +207,11 @@ class Spava(Method):
             ks.append(received[host][slot, :, :, :size, :dk])
             vs.append(received[host][slot, :, :, :size, dk:])
         return ks, vs
+
+
+def _rows(x: torch.Tensor, runs: list[slice]) -> torch.Tensor:
+    """``x``'s rows (dim 2) at ``runs`` in order: a view when they follow one another (the
+    anchor and both blocks, spava's layout), else a copy."""
+    if all(a.stop == b.start for a, b in zip(runs, runs[1:])):
+        return x[:, :, runs[0].start:runs[-1].stop]
+    return torch.cat([x[:, :, r] for r in runs], 2)
