@@ -35,3 +35,5 @@ $APB bench $C --methods ring,apb,spava --lengths 32768 --world-size 8 --repeats 
 # session 21: 1 again, with the ideal at this device's two measured rates (apb.tools.calibrate)
 $APB bench $C --methods ring,apb,spava --lengths 32768 --world-size 8 --repeats 3 \
   --json $OUT/bench-attn-w8-32k-s21.json > $OUT/bench-attn-w8-32k-s21.txt 2>&1
+$APB bench $C --methods ring,apb,spava --lengths 32768 --world-size 8 --repeats 3 \
+  --json $OUT/bench-attn-w8-32k-s21b.json > $OUT/bench-attn-w8-32k-s21b.txt 2>&1  # after the view above
