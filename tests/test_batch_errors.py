@@ -299,3 +299,21 @@ def test_approximate_rows_report_agreement_and_kl_and_pass_gates_only_when_given
     assert not gated["passed"]
     assert "--max-logit-diff 0.5" in gated["reason"] and "--min-token-agreement 0.75" in gated["reason"]
     assert judge(ref, off, False, "float32", Gates(max_logit_diff=1.5, min_token_agreement=0.5))["passed"]
+
+
+def test_an_exact_row_whose_cache_differs_says_where():
+    from apb.runtime.cache import KVCache
+
+    keys = torch.randn(3, 2, 10, 4, generator=torch.Generator().manual_seed(1))
+    values = torch.randn(3, 2, 10, 4, generator=torch.Generator().manual_seed(2))
+    ref = Reference(torch.zeros(5), keys, values, [1])
+    got_v = values.clone()
+    got_v[2, 1, 7, 3] += 5e-4  # the largest difference
+    got_k = keys.clone()
+    got_k[0, 0, 2, 0] += 2e-4
+    row = judge(ref, Reply(torch.zeros(5), [1], KVCache(torch.arange(10), got_k, got_v)), True, "float32")
+    assert not row["passed"]
+    assert row["reason"].startswith("max|dKV| 5.00e-04 > 0.0001 at V layer 2, KV head 1, position 7"), row["reason"]
+    # without a comparable cache there is no place to name
+    row = judge(ref, Reply(torch.zeros(5), [1], None), True, "float32")
+    assert "max|dKV| inf > 0.0001" in row["reason"] and " at " not in row["reason"]

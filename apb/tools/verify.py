@@ -159,6 +159,18 @@ def compare(ref: Reference, result) -> tuple[float, float, bool]:
     return logit_diff, kv_diff, result.tokens == ref.tokens
 
 
+def kv_worst_at(ref: Reference, cache) -> str:
+    """Where the cache differs most from the reference: "K|V layer L, KV head H, position P"."""
+    worst = None
+    for name, got, want in (("K", cache.keys, ref.keys), ("V", cache.values, ref.values)):
+        diff = (got.float() - want.float()).abs()
+        flat = int(diff.argmax())
+        if worst is None or diff.view(-1)[flat] > worst[0]:
+            worst = (diff.view(-1)[flat], name, torch.unravel_index(torch.tensor(flat), diff.shape))
+    _, name, (layer, head, pos, _) = worst
+    return f"{name} layer {int(layer)}, KV head {int(head)}, position {int(pos)}"
+
+
 @dataclass(frozen=True)
 class Gates:
     """Thresholds for approximate rows, each applied only when given (None: reported, not judged).
@@ -215,7 +227,8 @@ def judge(ref: Reference, result, exact: bool, dtype: str, gates: Gates = Gates(
         if not logit_diff <= tol:
             failures.append(f"max|dlogit| {logit_diff:.2e} > {tol:g}")
         if not kv_diff <= tol:
-            failures.append(f"max|dKV| {kv_diff:.2e} > {tol:g}")
+            where = f" at {kv_worst_at(ref, cache)}" if math.isfinite(kv_diff) else ""
+            failures.append(f"max|dKV| {kv_diff:.2e} > {tol:g}{where}")
         if not same:
             failures.append("greedy tokens differ")
     else:
