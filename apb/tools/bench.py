@@ -44,6 +44,7 @@ from apb.runtime.decode import Sampling
 from apb.model.catalog import resolve_model
 from apb.model.loading import load_model
 from apb.parallel.comm import Phase
+from apb.parallel.rendezvous import pick_device
 from apb.tools import simulate as costmodel
 from apb.tools.calibrate import Rates, measure_rates, model_shape
 from apb.tools.verify import random_prompt
@@ -174,7 +175,7 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
     rates = None
     if measured:  # after the workers are gone: the rates are measured on a quiet process
         progress("measuring this device's attention and per-token rates for the ideal ...")
-        rates = measure_rates(load_model(path, cfg.model.dtype, "cpu"))
+        rates = measure_rates(load_model(path, cfg.model.dtype, pick_device(0, cfg.parallel.device)))
     add_ideals(measured, rates)
     return {"results": rows, "model": cfg.model.name_or_path, "bandwidth_gbs": bandwidth_gbs,
             "rates": None if rates is None else rates.to_dict(),

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from apb.kernels import attention
+from apb.runtime import measure
 from apb.tools import simulate as costmodel
 
 ROWS, KEYS = 2048, 4096  # one of the calls ring and apb make at 32K over 8 hosts
@@ -69,12 +70,14 @@ class _NoAttention:
         return query.new_zeros(*query.shape[:3], value.shape[-1])
 
 
-def _best_seconds(fn, repeats: int) -> float:
+def _best_seconds(fn, repeats: int, device: torch.device) -> float:
     fn()  # warm-up: first-call allocations
     times = []
     for _ in range(repeats):
+        measure.sync(device)  # a GPU's clock reads when its queued work is done
         t0 = time.perf_counter()
         fn()
+        measure.sync(device)
         times.append(time.perf_counter() - t0)
     return min(times)
 
@@ -90,7 +93,8 @@ def rest_lengths(shape: costmodel.ModelShape, target_gflop: float = TARGET_GFLOP
 @torch.no_grad()
 def measure_rates(model, repeats: int = 5, rows: int = ROWS, keys: int = KEYS,
                   lengths: tuple[int, int] | None = None) -> Rates:
-    """Both rates for ``model`` (loaded with the ``apb`` attention, in the bench's dtype)."""
+    """Both rates for ``model`` (loaded with the ``apb`` attention, in the bench's dtype, on the
+    device the bench's workers use)."""
     shape = model_shape(model.config)
     lengths = lengths or rest_lengths(shape)
     param = next(model.parameters())
@@ -101,7 +105,7 @@ def measure_rates(model, repeats: int = 5, rows: int = ROWS, keys: int = KEYS,
     try:
         q = torch.randn(1, shape.heads, rows, shape.head_dim, dtype=dtype, device=device)
         k, v = (torch.randn(1, shape.kv_heads, keys, shape.head_dim, dtype=dtype, device=device) for _ in range(2))
-        attn_s = _best_seconds(lambda: attention(q, k, v, causal=False), repeats)
+        attn_s = _best_seconds(lambda: attention(q, k, v, causal=False), repeats, device)
         attn_gflop = rows * keys * shape.attn_flops_per_pair() / 1e9
 
         short, long = lengths
@@ -113,7 +117,7 @@ def measure_rates(model, repeats: int = 5, rows: int = ROWS, keys: int = KEYS,
             model(input_ids=ids[:, :n], position_ids=torch.arange(n, device=device)[None], use_cache=False,
                   logits_to_keep=1, apb_ctx=_NoAttention())
 
-        rest = [_best_seconds(lambda n=n: forward(n), repeats) for n in lengths]
+        rest = [_best_seconds(lambda n=n: forward(n), repeats, device) for n in lengths]
         linear_gflop = (shape.linear_flops(long) - shape.linear_flops(short)) / 1e9
     finally:
         torch.set_num_threads(threads)
