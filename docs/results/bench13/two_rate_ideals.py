@@ -28,3 +28,14 @@ for name in RUNS:
     a, s = by["apb"], by["spava"]
     print(f"{'':<32}spava/apb measured {a['projected_s'] / s['projected_s']:.2f}, ideal {a['ideal_s'] / s['ideal_s']:.2f}, "
           f"efficiency {(a['projected_s'] / s['projected_s']) / (a['ideal_s'] / s['ideal_s']):.2f}")
+
+# W = 2 (session 17's run, nothing else running): the same rates, spava against apb
+print("\nW = 2, bench-attn-w2-s17.json (4K, 8K, 16K): spava/apb measured, ideal, efficiency")
+rows = [r for r in json.loads((HERE / "bench-attn-w2-s17.json").read_text())["results"] if "error" not in r]
+add_ideals(rows, rates)
+for n in sorted({r["length"] for r in rows}):
+    by = {r["method"]: r for r in rows if r["length"] == n}
+    a, s = by["apb"], by["spava"]
+    measured, ideal = a["projected_s"] / s["projected_s"], a["ideal_s"] / s["ideal_s"]
+    print(f"  n={n:<6} spava/apb measured {measured:.2f}, ideal {ideal:.2f}, efficiency {measured / ideal:.2f}; "
+          f"apb/ring {by['ring']['projected_s'] / a['projected_s']:.2f} (ideal {by['ring']['ideal_s'] / a['ideal_s']:.2f})")
