@@ -275,6 +275,7 @@ def test_calibration_forward_does_everything_but_attention():
     assert (short, long) == (960 // 4, 960)
     assert rest_lengths(shape, target_gflop=1e-9) == (64, 256)
     assert rest_lengths(shape, target_gflop=1e9) == (2048, 8192)
+    assert rest_lengths(shape, target_gflop=1e9, max_positions=1000) == (240, 960)  # within the model's positions
 
 
 def test_bench_ideal_flops_are_at_the_runs_sizes():

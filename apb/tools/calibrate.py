@@ -82,11 +82,15 @@ def _best_seconds(fn, repeats: int, device: torch.device) -> float:
     return min(times)
 
 
-def rest_lengths(shape: costmodel.ModelShape, target_gflop: float = TARGET_GFLOP) -> tuple[int, int]:
+def rest_lengths(shape: costmodel.ModelShape, target_gflop: float = TARGET_GFLOP,
+                 max_positions: int | None = None) -> tuple[int, int]:
     """The rest's two lengths: the longer holds about ``target_gflop`` of linear work (within
-    [MIN_TOKENS, MAX_TOKENS], a multiple of 64), the shorter a quarter of it."""
+    [MIN_TOKENS, MAX_TOKENS] and the model's positions, a multiple of 64), the shorter a quarter."""
     per_token = shape.linear_flops(1) / 1e9
-    long = int(min(MAX_TOKENS, max(MIN_TOKENS, target_gflop / per_token)) // 64 * 64)
+    top = min(MAX_TOKENS, max_positions or MAX_TOKENS)
+    long = int(min(top, max(MIN_TOKENS, target_gflop / per_token)) // 64 * 64)
+    if long < 64:
+        raise ValueError(f"the model has {max_positions} positions: too few to measure its per-token rate")
     return long // 4, long
 
 
@@ -96,7 +100,7 @@ def measure_rates(model, repeats: int = 5, rows: int = ROWS, keys: int = KEYS,
     """Both rates for ``model`` (loaded with the ``apb`` attention, in the bench's dtype, on the
     device the bench's workers use)."""
     shape = model_shape(model.config)
-    lengths = lengths or rest_lengths(shape)
+    lengths = lengths or rest_lengths(shape, max_positions=getattr(model.config, "max_position_embeddings", None))
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
     threads = torch.get_num_threads()
