@@ -37,3 +37,8 @@ $APB bench $C --methods ring,apb,spava --lengths 32768 --world-size 8 --repeats 
   --json $OUT/bench-attn-w8-32k-s21.json > $OUT/bench-attn-w8-32k-s21.txt 2>&1
 $APB bench $C --methods ring,apb,spava --lengths 32768 --world-size 8 --repeats 3 \
   --json $OUT/bench-attn-w8-32k-s21b.json > $OUT/bench-attn-w8-32k-s21b.txt 2>&1  # after the view above
+# session 21: the real shapes again, with the ideal at this device's two rates
+$APB bench $C --model smollm2-135m-instruct --methods full,ring,apb,spava --lengths 8192 --world-size 2 \
+  --repeats 3 --hf-baseline --json $OUT/smollm2-bf16-w2-s21.json > $OUT/smollm2-bf16-w2-s21.txt 2>&1
+$APB bench $C --model bench-llama8b-2layer --set model.dtype=bfloat16 --methods full,ring,apb,spava --lengths 4096 \
+  --world-size 2 --repeats 1 --json $OUT/llama8b2l-bf16-w2-s21.json > $OUT/llama8b2l-bf16-w2-s21.txt 2>&1
