@@ -291,3 +291,21 @@ def test_bench_ideal_flops_are_at_the_runs_sizes():
     # a variant's sizes count too: apb:uncompressed passes whole blocks with no anchor
     assert _model_flop("apb:uncompressed", 8192, 4, cfg, 32, MethodConfig()) == \
         _model_flop("apb", 8192, 4, cfg, 32, MethodConfig(anchor_len=0, passing_len="all"))
+
+
+def test_bench_keeps_its_rows_when_the_rates_cannot_be_measured(monkeypatch):
+    from apb.config import load_config
+    from apb.tools import bench
+
+    def busy(model):
+        raise RuntimeError("the per-token rate could not be measured: (the machine is too busy?)")
+
+    monkeypatch.setattr(bench, "measure_rates", busy)
+    said = []
+    report = bench.run_bench(load_config(None), ["full"], [128], 1, repeats=1, progress=said.append)
+    (row,) = report["results"]
+    assert row["wall_s"] > 0 and row["projected_speedup_vs_full"] == pytest.approx(1.0)
+    assert "ideal_speedup_vs_full" not in row and "ideal_s" not in row
+    assert report["rates"] is None and "too busy" in report["rates_error"]
+    assert any(s.startswith("no ideal speedups: ") for s in said)
+    assert "ideal:" not in bench.format_table(report)

@@ -172,13 +172,17 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
         group.close()
     del hf_model
     measured = [r for r in rows if "error" not in r]
-    rates = None
+    rates, rates_error = None, None
     if measured:  # after the workers are gone: the rates are measured on a quiet process
         progress("measuring this device's attention and per-token rates for the ideal ...")
-        rates = measure_rates(load_model(path, cfg.model.dtype, pick_device(0, cfg.parallel.device)))
+        try:
+            rates = measure_rates(load_model(path, cfg.model.dtype, pick_device(0, cfg.parallel.device)))
+        except RuntimeError as e:  # the measured rows stand without an ideal
+            rates_error = str(e)
+            progress(f"no ideal speedups: {e}")
     add_ideals(measured, rates)
     return {"results": rows, "model": cfg.model.name_or_path, "bandwidth_gbs": bandwidth_gbs,
-            "rates": None if rates is None else rates.to_dict(),
+            "rates": None if rates is None else rates.to_dict(), "rates_error": rates_error,
             "latency_s": LATENCY_S, "machine": {"cpus": available_cores(), "platform": platform.platform()},
             "labels": {"wall_s": f"measured on this machine ({world} processes sharing {available_cores()} cores)",
                        "projected_s": f"projected on {world} dedicated cores + links of {bandwidth_gbs} GB/s"}}
