@@ -11,3 +11,12 @@ run() { f=$OUT/$1.json; shift; [ -f $f ] && return; echo "== $f $(date +%T)"; .v
 run niah-8000-w4 --methods full,apb,spava
 run niah-8000-w4-apb-exact8 --methods apb --set method.exact_layers=8
 run niah-8000-w4-spava-exact8-a16-p32 --methods spava --set method.exact_layers=8 --set method.anchor_len=0.25 --set method.passing_len=0.25
+# W=8 (full is one host: its W=4 answers are the reference)
+W8="--world-size 8"
+run niah-8000-w8 --methods apb,spava $W8
+run niah-8000-w8-apb-exact8 --methods apb --set method.exact_layers=8 $W8
+run niah-8000-w8-spava-exact8-a16-p32 --methods spava --set method.exact_layers=8 --set method.anchor_len=0.25 --set method.passing_len=0.25 $W8
+# every run against full on the same documents, with full's lead at each miss and gain
+.venv/bin/apb compare $OUT/niah-8000-w4.json.docs.jsonl $OUT/niah-8000-w4-apb-exact8.json.docs.jsonl \
+  $OUT/niah-8000-w4-spava-exact8-a16-p32.json.docs.jsonl $OUT/niah-8000-w8.json.docs.jsonl \
+  $OUT/niah-8000-w8-apb-exact8.json.docs.jsonl $OUT/niah-8000-w8-spava-exact8-a16-p32.json.docs.jsonl --reference $OUT/niah-8000-w4.json.docs.jsonl > $OUT/compare.txt
