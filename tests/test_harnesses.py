@@ -119,7 +119,8 @@ def test_bench_harness_on_a_tiny_run(apb_bin, repo, tmp_path):
     # the cost model's ideal: ring halves the slowest host's work (a bit less: the zigzag's diagonals),
     # at either rate; the ideal seconds are the work at the rates the report states
     rates = report["rates"]
-    assert rates["dtype"] == "float32" and rates["attn_s_per_gflop"] > 0 and rates["linear_s_per_gflop"] > 0
+    assert rates["dtype"] == "float32" and rates["device"] == "cpu"
+    assert rates["attn_s_per_gflop"] > 0 and rates["linear_s_per_gflop"] > 0
     for key in ("ideal_speedup_vs_full", "flop_speedup_vs_full"):
         assert full[key] == pytest.approx(1.0) and 1.7 < ring[key] <= 2.0
     assert ring["ideal_s"] == pytest.approx(ring["attn_gflop_slowest_host"] * rates["attn_s_per_gflop"]

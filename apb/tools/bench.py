@@ -227,7 +227,8 @@ def format_table(report: dict) -> str:
     foot = f"(wall: {report['labels']['wall_s']}; proj: {report['labels']['projected_s']}"
     rates = report.get("rates")
     if rates:
-        foot += (f"; ideal: the cost model's work at this device's rates, one thread, {rates['dtype']}: attention "
+        where = "cpu, one thread" if rates.get("device", "cpu") == "cpu" else rates["device"]
+        foot += (f"; ideal: the cost model's work at this device's rates ({where}, {rates['dtype']}): attention "
                  f"{rates['attn_s_per_gflop'] * 1e3:.2f} ms/GFLOP, per-token {rates['linear_s_per_gflop'] * 1e3:.2f} "
                  "ms/GFLOP")
     return "\n".join(lines) + "\n" + foot + ")"

@@ -3,9 +3,9 @@
 A method's cost formula (:meth:`apb.methods.base.Method.cost`) counts the slowest host's work in
 two kinds: attention (query-key pairs, ``4 x heads x head_dim`` FLOPs each) and the per-token
 rest (projections, MLP, norms, RoPE; counted as the model's linear FLOPs). The two do not run at
-one rate: at a small hidden size the per-token work is memory-bound and runs several times
-slower per FLOP than the attention kernel, so an ideal that counts every FLOP at one rate
-credits a method for cutting attention more than the device gives back. Each rate is measured
+one rate (here, at bench-attn's hidden size of 256 in float32, the per-token work is 1.7x slower
+per FLOP than the attention kernel; at SmolLM2's in bfloat16 it is 1.5x faster), so an ideal that
+counts every FLOP at one rate misjudges what cutting attention gains. Each rate is measured
 here once, on this process, with one thread (as each bench worker has) and in the bench's dtype:
 
 * attention: the project's own kernel on one non-causal call of :data:`ROWS` queries over
@@ -47,6 +47,7 @@ class Rates:
     attn_s_per_gflop: float
     linear_s_per_gflop: float
     dtype: str
+    device: str = "cpu"
 
     def seconds(self, attn_gflop: float, linear_gflop: float) -> float:
         return attn_gflop * self.attn_s_per_gflop + linear_gflop * self.linear_s_per_gflop
@@ -128,4 +129,5 @@ def measure_rates(model, repeats: int = 5, rows: int = ROWS, keys: int = KEYS,
     if not rest[1] > rest[0]:
         raise RuntimeError(f"the per-token rate could not be measured: {long} tokens took {rest[1]:.4f} s, "
                            f"{short} took {rest[0]:.4f} s (the machine is too busy?)")
-    return Rates(attn_s / attn_gflop, (rest[1] - rest[0]) / linear_gflop, str(dtype).removeprefix("torch."))
+    return Rates(attn_s / attn_gflop, (rest[1] - rest[0]) / linear_gflop, str(dtype).removeprefix("torch."),
+                 device.type)
