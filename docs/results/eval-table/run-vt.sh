@@ -12,3 +12,5 @@ X=$OUT/exact-layers
 .venv/bin/apb eval $COMMON --tasks passkey --methods apb --world-size 4 --lengths 4096 --set method.exact_layers=8 --json $X/passkey-4096-w4-apb-exact8.json
 .venv/bin/apb eval $COMMON --tasks passkey --methods spava --world-size 4 --lengths 4096 --set method.exact_layers=8 \
   --set method.anchor_len=0.25 --set method.passing_len=0.25 --json $X/passkey-4096-w4-spava-exact8-a16-p32.json
+# vt at W=8, 8K (apb and spava; full is one host: its W=4 answers are the reference)
+.venv/bin/apb eval $COMMON --tasks vt --methods apb,spava --world-size 8 --lengths 8000 --json $OUT/vt-8000-w8.json
