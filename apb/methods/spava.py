@@ -210,8 +210,9 @@ class Spava(Method):
 
 
 def _rows(x: torch.Tensor, runs: list[slice]) -> torch.Tensor:
-    """``x``'s rows (dim 2) at ``runs`` in order: a view when they follow one another (the
-    anchor and both blocks, spava's layout), else a copy."""
+    """``x``'s rows (dim 2) at ``runs`` in order: a view when they follow one another, else a
+    copy: the part of the anchor a host caches need not sit next to its blocks (the layout caches
+    each anchor token on one host only; e.g. 3 hosts, 100 tokens, anchor 10)."""
     if all(a.stop == b.start for a, b in zip(runs, runs[1:])):
         return x[:, :, runs[0].start:runs[-1].stop]
     return torch.cat([x[:, :, r] for r in runs], 2)
