@@ -255,7 +255,7 @@ def test_calibration_forward_does_everything_but_attention():
     zeroed (a llama has no o_proj bias), and far from the real forward's."""
     from apb.model.catalog import resolve_model
     from apb.model.loading import load_model
-    from apb.tools.calibrate import _NoAttention, model_shape, rest_lengths
+    from apb.tools.calibrate import _NoAttention, rest_lengths
 
     path = resolve_model("tiny-llama", 0)
     model = load_model(path, "float32", "cpu")
@@ -271,7 +271,7 @@ def test_calibration_forward_does_everything_but_attention():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert (got - real).abs().max() > 1e-2
     # the rest's lengths: the longer near the target's linear work, within the bounds, a multiple of 64
-    shape = model_shape(model.config)
+    shape = costmodel.ModelShape.from_config(model.config)
     short, long = rest_lengths(shape, target_gflop=shape.linear_flops(1000) / 1e9)
     assert (short, long) == (960 // 4, 960)
     assert rest_lengths(shape, target_gflop=1e-9) == (64, 256)

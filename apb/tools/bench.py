@@ -46,7 +46,7 @@ from apb.model.loading import load_model
 from apb.parallel.comm import Phase
 from apb.parallel.rendezvous import pick_device
 from apb.tools import simulate as costmodel
-from apb.tools.calibrate import Rates, measure_rates, model_shape
+from apb.tools.calibrate import Rates, measure_rates
 from apb.tools.verify import random_prompt
 from apb.runtime.worker import PromptRequest
 
@@ -72,7 +72,7 @@ def _model_flop(method: str, n: int, world: int, model_config, n_query: int,
                 method_config=None) -> tuple[float, float]:
     """(attention, linear) GFLOP of the slowest host, from the method's own cost formula with the
     run's sizes (``method_config``, with the variant's; None: the defaults)."""
-    shape = model_shape(model_config)
+    shape = costmodel.ModelShape.from_config(model_config)
     sizes = costmodel.Sizes(query=n_query) if method_config is None else \
         costmodel.Sizes(query=n_query).with_method(build_method(method, method_config).config)
     work = costmodel.host_work(method, n, world, shape, sizes)

@@ -56,13 +56,6 @@ class Rates:
         return asdict(self)
 
 
-def model_shape(config) -> costmodel.ModelShape:
-    """The cost model's view of a transformers config."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return costmodel.ModelShape("bench", config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
-                                config.num_key_value_heads, head_dim, config.intermediate_size, config.vocab_size)
-
-
 class _NoAttention:
     """An ``apb_ctx`` whose attention step costs nothing: zeros of the output's shape."""
 
@@ -100,7 +93,7 @@ def measure_rates(model, repeats: int = 5, rows: int = ROWS, keys: int = KEYS,
                   lengths: tuple[int, int] | None = None) -> Rates:
     """Both rates for ``model`` (loaded with the ``apb`` attention, in the bench's dtype, on the
     device the bench's workers use)."""
-    shape = model_shape(model.config)
+    shape = costmodel.ModelShape.from_config(model.config)
     lengths = lengths or rest_lengths(shape, max_positions=getattr(model.config, "max_position_embeddings", None))
     param = next(model.parameters())
     dtype, device = param.dtype, param.device

@@ -68,6 +68,13 @@ class ModelShape:
     vocab: int
     bytes_per_param: int = 2
 
+    @classmethod
+    def from_config(cls, config, name: str = "bench") -> "ModelShape":
+        """The shape of a transformers config."""
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(name, config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+                   config.num_key_value_heads, head_dim, config.intermediate_size, config.vocab_size)
+
     @property
     def params(self) -> float:
         attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
