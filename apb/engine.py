@@ -137,7 +137,7 @@ class Engine:
         self._group = group
         self._owns_group = group is None
         p = cfg.parallel
-        self.memory_budget = memory.device_budget(p.device, p.world_size, p.launcher, p.memory_gb)
+        self.memory_budget = memory.device_budget(p.device, p.world_size, p.launcher, p.memory_gb, p.share_gpus)
         self._n_params: int | None = None
 
     @classmethod
@@ -307,7 +307,10 @@ def start_group(cfg: Config, world_size: int | None = None, launcher: str | None
     timeout_s = timeout_s or cfg.parallel.timeout_s
     launcher = launcher or cfg.parallel.launcher
     world_size = world_size or cfg.parallel.world_size
-    kwargs = {"device": cfg.parallel.device, "timeout_s": timeout_s,
+    if cfg.parallel.share_gpus and launcher == "ray":
+        raise ConfigError("parallel.share_gpus works with the local and torchrun launchers; Ray gives each worker "
+                          "its own GPU: set parallel.launcher: local, or parallel.share_gpus: false")
+    kwargs = {"device": cfg.parallel.device, "timeout_s": timeout_s, "share_gpus": cfg.parallel.share_gpus,
               "threads": cfg.parallel.threads or (local_threads(world_size) if launcher == "local" else None)}
     try:
         return groups.start_group(launcher, world_size, kwargs | worker_kwargs, timeout_s, ray_config=cfg.ray)

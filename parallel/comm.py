@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -147,14 +148,37 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+#: set to 1 to stage every message through host memory even where the backend would not need it
+#: (tests run the staged paths of ranks sharing a GPU this way on CPU)
+STAGE_ENV = "APB_COMM_STAGE"
+
+
 class Comm:
-    """Collectives over one process group, counted in ``stats``. Ranks are ranks *in the group*."""
+    """Collectives over one process group, counted in ``stats``. Ranks are ranks *in the group*.
+
+    gloo moves only host memory (it has no CUDA send, receive, all-gather or all-to-all), and a
+    group runs over gloo on GPUs only where ranks share one (NCCL refuses two ranks on a device:
+    ``parallel.share_gpus``). There every message is *staged*: what is sent is copied to the host
+    first, and what is received lands in a host buffer and is copied to the tensor's device after
+    the wait. Slow, and meant for checks on a one-GPU machine, not for speed.
+    """
 
     def __init__(self, group: dist.ProcessGroup | None, stats: CommStats | None = None):
         self.group = group
         self.stats = stats if stats is not None else CommStats()
         self.size = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
+        self._gloo = group is not None and dist.get_backend(group) == "gloo"
+        self._always_stage = os.environ.get(STAGE_ENV) == "1"
+
+    def staged(self, device: torch.device) -> bool:
+        """Whether messages of tensors on ``device`` go through host copies."""
+        return self._always_stage or (self._gloo and device.type != "cpu")
+
+    def _wire(self, t: torch.Tensor) -> torch.Tensor:
+        """What is handed to the backend for ``t``: itself, or a host copy where staged."""
+        t = t.contiguous()
+        return t.to("cpu", copy=True) if self.staged(t.device) else t
 
     def global_rank(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
@@ -170,10 +194,11 @@ class Comm:
         t = t.contiguous()
         if self.size == 1:
             return [t]
-        out = [torch.empty_like(t) for _ in range(self.size)]
+        wire = self._wire(t)
+        out = [torch.empty_like(wire) for _ in range(self.size)]
         with self._timed("all_gather", _nbytes(t)):
-            dist.all_gather(out, t, group=self.group)
-        return out
+            dist.all_gather(out, wire, group=self.group)
+        return [o.to(t.device) for o in out] if wire is not t else out
 
     def all_gather_start(self, t: torch.Tensor, op: str = "all_gather") -> "Pending":
         """Start an all-gather of same-shape tensors; ``.wait()`` returns them in rank order.
@@ -184,9 +209,10 @@ class Comm:
         t = t.contiguous()
         if self.size == 1:
             return Pending(self, op, _nbytes(t), None, [t])
-        out = [torch.empty_like(t) for _ in range(self.size)]
-        work = dist.all_gather(out, t, group=self.group, async_op=True)
-        return Pending(self, op, _nbytes(t), work, out)
+        wire = self._wire(t)
+        out = [torch.empty_like(wire) for _ in range(self.size)]
+        work = dist.all_gather(out, wire, group=self.group, async_op=True)
+        return Pending(self, op, _nbytes(t), work, out, to=t.device if wire is not t else None)
 
     def all_gather_varlen(self, t: torch.Tensor, dim: int = 0) -> list[torch.Tensor]:
         """Tensors that differ only in size along ``dim``, from every rank, in rank order."""
@@ -209,24 +235,25 @@ class Comm:
         t0 = self.stats.now()
         if self.rank != dst:
             if sizes[self.rank] > 0:
-                dist.send(t.contiguous(), dst=self.global_rank(dst), group=self.group)
+                dist.send(self._wire(t), dst=self.global_rank(dst), group=self.group)
             self.stats.record("gather", _nbytes(t), self.stats.now() - t0)
             return None
         parts, reqs = [], []
+        host = "cpu" if self.staged(t.device) else t.device
         for r, size in enumerate(sizes):
             if r == dst:
                 parts.append(t)
                 continue
             shape = list(t.shape)
             shape[dim] = size
-            buf = t.new_empty(shape)
+            buf = t.new_empty(shape, device=host)
             parts.append(buf)
             if size > 0:
                 reqs.append(dist.irecv(buf, src=self.global_rank(r), group=self.group))
         for req in reqs:
             req.wait()
         self.stats.record("gather", 0, self.stats.now() - t0)
-        return parts
+        return [p.to(t.device) for p in parts]
 
     def exchange(self, sends: dict[int, torch.Tensor], recv_shapes: dict[int, tuple[int, ...]], dtype: torch.dtype,
                  device: torch.device | None = None, op: str = "exchange") -> dict[int, torch.Tensor]:
@@ -238,19 +265,20 @@ class Comm:
         """
         if device is None:
             device = next(iter(sends.values())).device if sends else torch.device("cpu")
-        got = {src: torch.empty(shape, dtype=dtype, device=device) for src, shape in recv_shapes.items()}
-        ops = [dist.P2POp(dist.isend, t.contiguous(), self.global_rank(dst), self.group)
+        host = torch.device("cpu") if self.staged(device) else device
+        got = {src: torch.empty(shape, dtype=dtype, device=host) for src, shape in recv_shapes.items()}
+        ops = [dist.P2POp(dist.isend, self._wire(t), self.global_rank(dst), self.group)
                for dst, t in sends.items() if t.numel()]
         ops += [dist.P2POp(dist.irecv, buf, self.global_rank(src), self.group) for src, buf in got.items() if buf.numel()]
         nbytes = sum(_nbytes(t) for t in sends.values())
         if self.size == 1 or not ops:
             if self.size > 1:
                 self.stats.record(op, 0, 0.0)
-            return got
+            return {src: buf.to(device) for src, buf in got.items()}
         with self._timed(op, nbytes):
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
-        return got
+        return {src: buf.to(device) for src, buf in got.items()}
 
     def p2p(self, sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]],
             op: str = "p2p") -> None:
@@ -258,25 +286,34 @@ class Comm:
         goes to ``dst``; each ``(src, buf)`` of ``recvs`` (contiguous, e.g. a slice of a larger
         preallocated tensor) is filled from ``src``. Two ranks list their messages to each other in
         the same order. Waits with the group's timeout; one ``op`` call, counting the bytes sent."""
-        ops = [dist.P2POp(dist.isend, t.contiguous(), self.global_rank(dst), self.group) for dst, t in sends if t.numel()]
+        ops = [dist.P2POp(dist.isend, self._wire(t), self.global_rank(dst), self.group) for dst, t in sends if t.numel()]
+        landing = []  # (the caller's buffer, the host buffer received into) where staged
         for src, buf in recvs:
             if not buf.is_contiguous():
                 raise ValueError(f"a p2p receive buffer must be contiguous (from rank {src}, shape {tuple(buf.shape)})")
             if buf.numel():
-                ops.append(dist.P2POp(dist.irecv, buf, self.global_rank(src), self.group))
+                wire = torch.empty_like(buf, device="cpu") if self.staged(buf.device) else buf
+                if wire is not buf:
+                    landing.append((buf, wire))
+                ops.append(dist.P2POp(dist.irecv, wire, self.global_rank(src), self.group))
         nbytes = sum(_nbytes(t) for _, t in sends)
         if self.size == 1 or not ops:
             return
         with self._timed(op, nbytes):
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
+            for buf, wire in landing:
+                buf.copy_(wire)
 
     def broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
         if self.size == 1:
             return t
         t = t.contiguous()
+        wire = self._wire(t)
         with self._timed("broadcast", _nbytes(t)):
-            dist.broadcast(t, src=self.global_rank(src), group=self.group)
+            dist.broadcast(wire, src=self.global_rank(src), group=self.group)
+        if wire is not t:
+            t.copy_(wire)
         return t
 
     def barrier(self) -> None:
@@ -291,7 +328,7 @@ class Comm:
         return RingComm(self)
 
     def _sizes(self, t: torch.Tensor, dim: int) -> list[int]:
-        local = torch.tensor([t.shape[dim]], dtype=torch.long, device=t.device)
+        local = torch.tensor([t.shape[dim]], dtype=torch.long, device="cpu" if self.staged(t.device) else t.device)
         out = [torch.empty_like(local) for _ in range(self.size)]
         with self._timed("all_gather_sizes", _nbytes(local)):
             dist.all_gather(out, local, group=self.group)
@@ -305,12 +342,15 @@ class Pending:
     nbytes: int
     work: object
     result: list[torch.Tensor]
+    to: torch.device | None = None  # staged: the device the received host copies go to
 
     def wait(self) -> list[torch.Tensor]:
         t0 = self.comm.stats.now()
         if self.work is not None:
             self.work.wait()
             self.work = None
+        if self.to is not None:
+            self.result, self.to = [r.to(self.to) for r in self.result], None
         if self.comm.size > 1:
             self.comm.stats.record(self.op, self.nbytes, self.comm.stats.now() - t0)
         return self.result
@@ -337,6 +377,7 @@ class RingComm:
         self._reqs: list = []
         self._bytes = 0
         self._recv: torch.Tensor | None = None
+        self._landing: list[tuple[torch.Tensor, torch.Tensor]] = []  # staged: (caller's buffer, host buffer)
         self._committed = False
 
     def send_recv(self, to_send, into=None):
@@ -353,9 +394,12 @@ class RingComm:
                              f"{[tuple(t.shape) for t in sends]}")
         nxt, prv = (c.rank + 1) % c.size, (c.rank - 1) % c.size
         for out, got in zip(sends, recvs):
+            wire = torch.empty_like(got, device="cpu") if c.staged(got.device) else got
+            if wire is not got:
+                self._landing.append((got, wire))
             # even ranks send first and odd ranks receive first, so blocking transports cannot deadlock
-            send = dist.P2POp(dist.isend, out, c.global_rank(nxt), c.group)
-            get = dist.P2POp(dist.irecv, got, c.global_rank(prv), c.group)
+            send = dist.P2POp(dist.isend, c._wire(out), c.global_rank(nxt), c.group)
+            get = dist.P2POp(dist.irecv, wire, c.global_rank(prv), c.group)
             self._ops += [send, get] if c.rank % 2 == 0 else [get, send]
             self._bytes += _nbytes(out)
         self._recv = recvs[0] if single else tuple(recvs)
@@ -375,7 +419,10 @@ class RingComm:
         t0 = self.comm.stats.now()
         for req in self._reqs:
             req.wait()
+        for buf, wire in self._landing:
+            buf.copy_(wire)
         self.comm.stats.record("ring_send_recv", self._bytes, self.comm.stats.now() - t0)
         recv = self._recv
         self._ops, self._reqs, self._bytes, self._recv, self._committed = [], [], 0, None, False
+        self._landing = []
         return recv

@@ -44,18 +44,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def pick_device(local_rank: int, device: str = "auto") -> torch.device:
-    """``auto``: ``cuda:<local_rank>`` when CUDA is present, else CPU."""
+def pick_device(local_rank: int, device: str = "auto", share_gpus: bool = False) -> torch.device:
+    """``auto``: ``cuda:<local_rank>`` when CUDA is present, else CPU; with ``share_gpus``, local
+    ranks beyond the GPU count wrap around (``cuda:<local_rank mod count>``)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' was requested but torch sees no CUDA device; use device: cpu")
         count = torch.cuda.device_count()
-        if local_rank >= count:
-            raise RuntimeError(f"local_rank {local_rank} has no GPU: this node has {count}; "
-                               f"start at most {count} processes per node")
-        return torch.device("cuda", local_rank)
+        if local_rank >= count and not share_gpus:
+            raise RuntimeError(f"local_rank {local_rank} has no GPU: this node has {count}; start at most {count} "
+                               f"processes per node, or set parallel.share_gpus: true to let ranks share GPUs "
+                               f"(over gloo, for checks, not speed)")
+        return torch.device("cuda", local_rank % count)
     if device == "cpu":
         return torch.device("cpu")
     raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
@@ -67,11 +69,13 @@ def under_torchrun() -> bool:
 
 def init_distributed(init_method: str | None = None, rank: int | None = None, world_size: int | None = None,
                      local_rank: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                     device: str = "auto", device_index: int | None = None) -> DistEnv:
+                     device: str = "auto", device_index: int | None = None, share_gpus: bool = False) -> DistEnv:
     """Join (or create) the default process group and return who this process is.
 
     ``device_index`` overrides the CUDA index (default: the local rank), for launchers that
-    give each process its own ``CUDA_VISIBLE_DEVICES`` (Ray).
+    give each process its own ``CUDA_VISIBLE_DEVICES`` (Ray). ``share_gpus``: ranks may share a
+    GPU, and the group runs over gloo (NCCL refuses two ranks on one device; see
+    :class:`apb.parallel.comm.Comm` for how CUDA tensors then travel).
     """
     if under_torchrun() and init_method is None:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -87,8 +91,8 @@ def init_distributed(init_method: str | None = None, rank: int | None = None, wo
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     local_rank = rank if local_rank is None else local_rank
-    dev = pick_device(local_rank if device_index is None else device_index, device)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
+    dev = pick_device(local_rank if device_index is None else device_index, device, share_gpus)
+    backend = "nccl" if dev.type == "cuda" and not share_gpus else "gloo"
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")

@@ -54,6 +54,18 @@ class CommWorker:
             own.append(all(a.data_ptr() == b.data_ptr() for a, b in zip(cur, bufs[step % 2])))
         return seen, own
 
+    def exchange_broadcast_gather(self):
+        """Rank r sends r x 10 + dst to every other rank (exchange), rank 1 broadcasts a tensor, and
+        an all-gather is started and waited on; returns what each step gave this rank."""
+        r, w = self.comm.rank, self.comm.size
+        sends = {dst: torch.full((2, dst + 1), float(10 * r + dst)) for dst in range(w) if dst != r}
+        got = self.comm.exchange(sends, {src: (2, r + 1) for src in range(w) if src != r}, torch.float32)
+        b = torch.full((3,), float(r))
+        self.comm.broadcast(b, src=1)
+        pending = self.comm.all_gather_start(torch.tensor([float(r), -float(r)]))
+        return ({src: t.unique().tolist() for src, t in got.items()}, b.tolist(),
+                [t.tolist() for t in pending.wait()], self.comm.staged(torch.device("cpu")))
+
     def gather_caches(self, overlap: bool):
         """Each rank holds two runs of positions (zigzag-like) of a 2-layer cache whose entries
         encode (layer, head, position); returns what rank 0 gathered, or the error it raised.

@@ -9,6 +9,7 @@ from apb.methods.compressors import random_retaining_heads
 from apb.config import load_config
 from apb.runtime.decode import Sampling
 from apb.model.catalog import resolve_model
+from apb.parallel.comm import STAGE_ENV
 from apb.parallel.groups.local import LocalWorkerGroup
 from apb.tools.verify import random_prompt, verify
 from apb.runtime.worker import PromptRequest, Worker
@@ -216,3 +217,19 @@ def test_an_exact_layer_sends_one_packed_exchange_each_way_and_no_passing(group3
         out_of_me = 2 * sizes[rank] * (4 * HEAD_DIM + 2 * 2 * HEAD_DIM) * 4  # float32
         back = (n_ctx - sizes[rank]) * 4 * HEAD_DIM * 4
         assert ex["calls"] == 2 and ex["bytes"] == out_of_me + back, ex
+
+
+def test_messages_through_host_copies_change_nothing(group3, monkeypatch):
+    """Ranks sharing a GPU (parallel.share_gpus) talk over gloo, which moves only host memory, so
+    every message is staged through host copies (apb.parallel.comm). Forced on here on CPU, every
+    method gives what it gives unstaged, in both decode modes: each received tensor lands where the
+    method reads it."""
+    monkeypatch.setenv(STAGE_ENV, "1")  # the workers spawned below inherit it
+    with LocalWorkerGroup(3, worker_kwargs={"device": "cpu", "timeout_s": 120}, timeout_s=300) as staged:
+        for method, options in [("ring", {}), ("ulysses", {}), ("star", {}), ("apb", {"passing_len": 24}),
+                                ("spava", {})]:
+            for mode in ("gather", "distributed"):
+                want = _run(group3, method, decode_mode=mode, **options)[0]
+                got = _run(staged, method, decode_mode=mode, **options)[0]
+                assert torch.allclose(got.last_logits, want.last_logits, atol=1e-5, rtol=0), (method, mode)
+                assert got.tokens == want.tokens, (method, mode)

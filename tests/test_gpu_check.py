@@ -3,6 +3,16 @@
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from apb.config import ConfigError, load_config
+from apb.engine import start_group
+from apb.parallel.rendezvous import pick_device
+from apb.runtime.memory import device_budget
+from apb.tools import gpu_check
 
 
 def test_gpu_check_plumbing_on_cpu(tmp_path):
@@ -20,3 +30,37 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
         assert verify["exit"] == 0 and {r["method"] for r in verify["rows"]} >= {"full", "ring", "apb"}
         assert all(r["passed"] for r in verify["rows"])
     assert report["bench"]["exit"] == 0 and report["bench"]["report"] is not None
+
+
+def _gpus(monkeypatch, count):
+    """This process sees ``count`` CUDA devices (of 80 GiB), as far as these helpers ask."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * 2**30))
+
+
+def test_one_gpu_runs_two_ranks_shared_and_leaves_out_ulysses(monkeypatch):
+    _gpus(monkeypatch, 1)
+    sets, methods = gpu_check._placement("cuda", 2, gpu_check.METHODS)
+    assert sets == ["--set", "parallel.device=cuda", "--set", "parallel.share_gpus=true"]
+    assert methods.split(",") == [m for m in gpu_check.METHODS.split(",") if m != "ulysses"]
+    assert gpu_check._placement("cuda", 1, gpu_check.METHODS) == (["--set", "parallel.device=cuda"], gpu_check.METHODS)
+    _gpus(monkeypatch, 2)
+    assert gpu_check._placement("cuda", 2, gpu_check.METHODS) == (["--set", "parallel.device=cuda"], gpu_check.METHODS)
+    assert not gpu_check.shares_gpu("cpu", 2)
+
+
+def test_shared_gpus_place_ranks_round_robin_and_split_the_memory(monkeypatch):
+    _gpus(monkeypatch, 2)
+    assert [pick_device(r, "cuda", share_gpus=True) for r in range(5)] == [torch.device("cuda", i) for i in (0, 1, 0, 1, 0)]
+    with pytest.raises(RuntimeError, match="share_gpus"):  # without it, a rank beyond the GPUs is refused
+        pick_device(2, "cuda")
+    assert device_budget("cuda", 4, "local", None) == 80 * 2**30
+    assert device_budget("cuda", 4, "local", None, share_gpus=True) == 40 * 2**30  # two ranks per GPU
+    assert device_budget("cuda", 3, "local", None, share_gpus=True) == 40 * 2**30  # at most two on one
+
+
+def test_shared_gpus_are_refused_under_ray():
+    cfg = load_config(None, ["parallel.share_gpus=true", "parallel.launcher=ray"])
+    with pytest.raises(ConfigError, match="share_gpus.*local and torchrun"):
+        start_group(cfg)

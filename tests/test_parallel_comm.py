@@ -1,5 +1,6 @@
 """Collectives and supervision on real gloo process groups (LocalWorkerGroup)."""
 
+import contextlib
 import gc
 import os
 import signal
@@ -8,16 +9,35 @@ import time
 import pytest
 import torch
 
-from apb.parallel.comm import Comm, CommStats, Phase
+from apb.parallel.comm import STAGE_ENV, Comm, CommStats, Phase
 from apb.parallel.groups import WorkerError
 from apb.parallel.groups.local import LocalWorkerGroup
 from apb.parallel.state import validate_degrees
 
 
-@pytest.fixture(scope="module")
-def group3():
-    with LocalWorkerGroup(3, "_workers:CommWorker", timeout_s=60) as g:
-        yield g
+@pytest.fixture(scope="module", params=["direct", "staged"])
+def group3(request):
+    """Three gloo ranks; "staged": every message goes through host copies, as on ranks that share a
+    GPU (parallel.share_gpus), so each test also checks that what is received lands where it should."""
+    with _stage_env(request.param == "staged"):
+        with LocalWorkerGroup(3, "_workers:CommWorker", timeout_s=60) as g:
+            g.staged = request.param == "staged"
+            yield g
+
+
+@contextlib.contextmanager
+def _stage_env(on: bool):
+    """The workers started inside see STAGE_ENV=1 (a spawned process takes the environment as it is)."""
+    before = os.environ.get(STAGE_ENV)
+    if on:
+        os.environ[STAGE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(STAGE_ENV, None)
+        else:
+            os.environ[STAGE_ENV] = before
 
 
 def test_all_gather_varlen(group3):
@@ -31,6 +51,14 @@ def test_gather_varlen_only_dst_receives(group3):
     replies = group3.call("gather_varlen", 1)
     assert replies[0] is None and replies[2] is None
     assert [p.tolist() for p in replies[1]] == [torch.arange(2 * r + 1.0).tolist() for r in range(3)]
+
+
+def test_exchange_broadcast_and_started_all_gather(group3):
+    for rank, (got, b, gathered, staged) in enumerate(group3.call("exchange_broadcast_gather")):
+        assert got == {src: [10.0 * src + rank] for src in range(3) if src != rank}
+        assert b == [1.0, 1.0, 1.0]
+        assert gathered == [[float(r), -float(r)] for r in range(3)]
+        assert staged == group3.staged  # the switch reached the workers
 
 
 def test_ring_passes_every_rank_in_order(group3):

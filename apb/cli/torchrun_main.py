@@ -34,7 +34,8 @@ def _run(args: argparse.Namespace) -> int:
     world = int(os.environ["WORLD_SIZE"])
     cfg = config_from(args, ["parallel.launcher=torchrun", f"parallel.world_size={world}"])
     worker = Worker(None, int(os.environ["RANK"]), world, int(os.environ["LOCAL_RANK"]),
-                    device=cfg.parallel.device, timeout_s=cfg.parallel.timeout_s, threads=cfg.parallel.threads)
+                    device=cfg.parallel.device, timeout_s=cfg.parallel.timeout_s, threads=cfg.parallel.threads,
+                    share_gpus=cfg.parallel.share_gpus)
     ctl = control_group(cfg.parallel.timeout_s)
     if worker.env.rank != 0:
         serve(worker, ctl)

@@ -140,6 +140,10 @@ class Ulysses(Method):
             if opts.get("sinks") is not None:
                 opts = {**opts, "sinks": torch.cat([opts["sinks"], opts["sinks"].new_zeros(pad)])}
         if "ulysses" not in ctx.scratch:
+            if ctx.comm.staged(q.device) and q.device.type != "cpu":
+                raise RuntimeError("ulysses on ranks that share a GPU: DeepSpeed's all-to-all moves CUDA tensors "
+                                   "only over NCCL, which refuses two ranks on one GPU (parallel.share_gpus runs over "
+                                   "gloo). Give each rank its own GPU, or use another method")
             timer, call = [0.0], {}
             ctx.scratch["ulysses"] = (_deepspeed_attention(_local_attention(call, timer), ctx.comm.group), timer, call)
         dist_attn, timer, call = ctx.scratch["ulysses"]

@@ -133,10 +133,12 @@ def estimate(method, model_config: Any, n_params: int, n_tokens: int, n_query: i
     return hosts
 
 
-def device_budget(device: str, world_size: int, launcher: str, override_gb: float | None) -> int | None:
-    """Bytes one host may use: ``parallel.memory_gb`` if set; else a CUDA device's total memory,
-    or for CPU workers this machine's available memory shared by the local processes; None when
-    the driver cannot know (Ray or torchrun hosts elsewhere, no CUDA here for a CUDA run)."""
+def device_budget(device: str, world_size: int, launcher: str, override_gb: float | None,
+                  share_gpus: bool = False) -> int | None:
+    """Bytes one host may use: ``parallel.memory_gb`` if set; else a CUDA device's total memory
+    (shared by the ranks on it when ``share_gpus`` puts more local ranks than GPUs), or for CPU
+    workers this machine's available memory shared by the local processes; None when the driver
+    cannot know (Ray or torchrun hosts elsewhere, no CUDA here for a CUDA run)."""
     if override_gb is not None:
         return int(override_gb * GIB)
     if device == "cuda" or (device == "auto" and _cuda_available()):
@@ -145,7 +147,9 @@ def device_budget(device: str, world_size: int, launcher: str, override_gb: floa
         # imported on use: only CUDA runs need torch.cuda, and the driver may have no GPU
         import torch
 
-        return int(torch.cuda.get_device_properties(0).total_memory)
+        total = int(torch.cuda.get_device_properties(0).total_memory)
+        per_gpu = -(-world_size // torch.cuda.device_count()) if share_gpus and launcher == "local" else 1
+        return total // per_gpu
     if launcher != "local":
         return None
     available = _available_ram()

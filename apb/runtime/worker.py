@@ -69,12 +69,13 @@ class PromptResult:
 class Worker:
     def __init__(self, init_method: str | None, rank: int, world_size: int, local_rank: int | None = None,
                  device: str = "auto", timeout_s: float = 300.0, device_index: int | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, share_gpus: bool = False):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         hf_logging.disable_progress_bar()
         if threads:  # benchmarks pin each host to its share of the cores
             torch.set_num_threads(threads)
-        self.env = init_distributed(init_method, rank, world_size, local_rank, timeout_s, device, device_index)
+        self.env = init_distributed(init_method, rank, world_size, local_rank, timeout_s, device, device_index,
+                                    share_gpus)
         if self.env.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise probes and warns
         self.state = build_parallel_state(self.env)

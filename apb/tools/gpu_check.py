@@ -6,10 +6,12 @@ others still run):
 1. ``kernels``: every attention backend available on the device (flash-attn, torch's, the naive
    reference) on the same bfloat16 inputs (GQA, causal, a windowed call), against ``naive`` in
    float32: largest output and LSE differences;
-2. ``verify``: ``apb verify`` for every method at W=1, and at W=2 where the machine has a device
-   per rank (the runtime places one rank per GPU: NCCL refuses two ranks on one device);
-3. ``bench``: ``apb bench`` for full, ring, apb and spava in bfloat16 at 32K-128K tokens (on one
-   GPU, ``full`` alone: the other methods need a device per host).
+2. ``verify``: ``apb verify`` for every method at W=1, and at W=2; on a machine with one GPU the
+   two ranks share it (``parallel.share_gpus``: NCCL refuses two ranks on one device, so they talk
+   over gloo through host copies, and ulysses, whose all-to-all needs NCCL, is left out);
+3. ``bench``: ``apb bench`` for full, ring, apb and spava in bfloat16 at 32K-128K tokens at W=2
+   (on one GPU, shared as above: the code runs on CUDA, but the two ranks' kernels take turns on
+   one device, so the times are not those of two GPUs; ``shared_gpu`` says which it was).
 
 ``--device cpu --quick`` runs the same plumbing with small sizes on CPU (tests do).
 """
@@ -65,36 +67,45 @@ def _apb(args: list[str], timeout_s: float) -> tuple[int, str]:
     return proc.returncode, (proc.stdout + proc.stderr)[-4000:]
 
 
-def _ranks(device: str) -> int:
-    return torch.cuda.device_count() if device == "cuda" else 2
+def shares_gpu(device: str, world: int) -> bool:
+    """Whether ``world`` ranks must share GPUs here (fewer GPUs than ranks)."""
+    return device == "cuda" and torch.cuda.device_count() < world
+
+
+def _placement(device: str, world: int, methods: str) -> tuple[list[str], str]:
+    """The config overrides for ``world`` ranks on ``device``, and the methods that can run there."""
+    sets = ["--set", f"parallel.device={device}"]
+    if shares_gpu(device, world):
+        sets += ["--set", "parallel.share_gpus=true"]
+        methods = ",".join(m for m in methods.split(",") if m != "ulysses")  # its all-to-all needs NCCL
+    return sets, methods
 
 
 def verify_stage(device: str, quick: bool, work: Path) -> dict:
     out = {}
     n = 301 if quick else 4097
     for world in (1, 2):
-        if world > _ranks(device):
-            out[f"W{world}"] = {"skipped": f"{_ranks(device)} GPU(s): the runtime places one rank per device"}
-            continue
+        sets, methods = _placement(device, world, QUICK_METHODS if quick else METHODS)
         path = work / f"verify-w{world}.json"
-        rc, tail = _apb(["verify", "--methods", QUICK_METHODS if quick else METHODS, "--world-size", str(world), "--prompt-len", str(n),
-                         "--tokens", "4", "--dtype", "bfloat16" if device == "cuda" else "float32",
-                         "--set", f"parallel.device={device}", "--json", str(path)], 1200)
-        out[f"W{world}"] = {"exit": rc, "rows": json.loads(path.read_text())["results"] if path.exists() else None,
+        rc, tail = _apb(["verify", "--methods", methods, "--world-size", str(world), "--prompt-len", str(n),
+                         "--tokens", "4", "--dtype", "bfloat16" if device == "cuda" else "float32", *sets,
+                         "--json", str(path)], 1200)
+        out[f"W{world}"] = {"exit": rc, "shared_gpu": shares_gpu(device, world), "methods": methods,
+                            "rows": json.loads(path.read_text())["results"] if path.exists() else None,
                             "output_tail": tail}
     return out
 
 
 def bench_stage(device: str, quick: bool, work: Path) -> dict:
-    world = min(2, _ranks(device))
-    methods = (QUICK_BENCH_METHODS if quick else BENCH_METHODS) if world > 1 else "full"
+    world = 2
+    sets, methods = _placement(device, world, QUICK_BENCH_METHODS if quick else BENCH_METHODS)
     lengths = QUICK_LENGTHS if quick else "32768,65536,131072"
     path = work / "bench.json"
     rc, tail = _apb(["bench", "--methods", methods, "--lengths", lengths, "--world-size", str(world), "--repeats",
-                     "1" if quick else "3", "--set", f"parallel.device={device}", "--set",
+                     "1" if quick else "3", *sets, "--set",
                      f"model.dtype={'bfloat16' if device == 'cuda' else 'float32'}", "--json", str(path)], 3600)
-    return {"exit": rc, "world_size": world, "report": json.loads(path.read_text()) if path.exists() else None,
-            "output_tail": tail}
+    return {"exit": rc, "world_size": world, "shared_gpu": shares_gpu(device, world),
+            "report": json.loads(path.read_text()) if path.exists() else None, "output_tail": tail}
 
 
 STAGES = {"kernels": lambda d, q, w: kernels_stage(d, q), "verify": verify_stage, "bench": bench_stage}
