@@ -52,7 +52,8 @@ def test_one_gpu_runs_two_ranks_shared_and_leaves_out_ulysses(monkeypatch):
 
 def test_shared_gpus_place_ranks_round_robin_and_split_the_memory(monkeypatch):
     _gpus(monkeypatch, 2)
-    assert [pick_device(r, "cuda", share_gpus=True) for r in range(5)] == [torch.device("cuda", i) for i in (0, 1, 0, 1, 0)]
+    placed = [pick_device(r, "cuda", share_gpus=True) for r in range(5)]
+    assert placed == [torch.device("cuda", i) for i in (0, 1, 0, 1, 0)]
     with pytest.raises(RuntimeError, match="share_gpus"):  # without it, a rank beyond the GPUs is refused
         pick_device(2, "cuda")
     assert device_budget("cuda", 4, "local", None) == 80 * 2**30

@@ -9,7 +9,8 @@ others still run):
 2. ``verify``: ``apb verify`` for every method at W=1, and at W=2; on a machine with one GPU the
    two ranks share it (``parallel.share_gpus``: NCCL refuses two ranks on one device, so they talk
    over gloo through host copies, and ulysses, whose all-to-all needs NCCL, is left out);
-3. ``bench``: ``apb bench`` for full, ring, apb and spava in bfloat16 at 32K-128K tokens at W=2
+3. ``bench``: ``apb bench`` (its default model, ``bench-attn``) for full, ring, apb and spava in
+   bfloat16 at 32K-128K tokens at W=2
    (on one GPU, shared as above: the code runs on CUDA, but the two ranks' kernels take turns on
    one device, so the times are not those of two GPUs; ``shared_gpu`` says which it was).
 
