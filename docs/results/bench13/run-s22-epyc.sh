@@ -18,3 +18,6 @@ $APB bench $C --model smollm2-135m-instruct --set model.dtype=float32 --methods 
 # 3. the same in bfloat16, which this CPU emulates: what auto avoids
 $APB bench $C --model smollm2-135m-instruct --set model.dtype=bfloat16 --methods full,ring --lengths 8192 \
   --world-size 2 --repeats 1 --hf-baseline --json $OUT/smollm2-bf16-w2-s22-epyc.json > $OUT/smollm2-bf16-w2-s22-epyc.txt 2>&1
+# 4. bench-attn at W=2, 4K-16K: projected against wall, and each method against its ideal
+$APB bench $C --methods full,ring,apb,spava --lengths 4096,8192,16384 --world-size 2 --repeats 3 \
+  --json $OUT/bench-attn-w2-s22-epyc.json > $OUT/bench-attn-w2-s22-epyc.txt 2>&1
