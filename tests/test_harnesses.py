@@ -10,6 +10,8 @@ from apb.config import MethodConfig
 from apb.methods import Method, build_method, method_class, method_names
 from apb.methods.cost import Sizes
 from apb.tools import simulate as costmodel
+from apb.tools.bench import rates_drift
+from apb.tools.calibrate import Rates
 
 # The APB paper's prefill table (Llama-3.1-8B, 8 x A800, seconds; None = OOM), copied from
 # design.md rather than read from costmodel.REFERENCE, so a refit of either one shows up here.
@@ -127,6 +129,11 @@ def test_bench_harness_on_a_tiny_run(apb_bin, repo, tmp_path):
                                             + ring["linear_gflop_slowest_host"] * rates["linear_s_per_gflop"])
     assert ring["efficiency_vs_full"] == pytest.approx(ring["projected_speedup_vs_full"] / ring["ideal_speedup_vs_full"])
     assert "ideal: the cost model's work at this device's rates" in proc.stdout
+    # the rates were measured before the rows too, and how far they moved is reported and printed
+    before = report["rates_before"]
+    assert before["attn_s_per_gflop"] > 0 and before["linear_s_per_gflop"] > 0
+    assert report["rates_drift"] == pytest.approx(rates_drift(Rates(**before), Rates(**rates)))
+    assert f"{report['rates_drift']:.0%} off those measured before the rows" in proc.stdout
     for r in (r for r in rows if r["method"] != "hf-sdpa"):  # a worker holding torch and a model: tens of MiB
         assert len(r["rank_peak_mem_mib"]) == 2 and all(p > 20 for p in r["rank_peak_mem_mib"])
     assert "projected on 2 dedicated cores" in report["labels"]["projected_s"]
@@ -308,5 +315,13 @@ def test_bench_keeps_its_rows_when_the_rates_cannot_be_measured(monkeypatch):
     assert row["wall_s"] > 0 and row["projected_speedup_vs_full"] == pytest.approx(1.0)
     assert "ideal_speedup_vs_full" not in row and "ideal_s" not in row
     assert report["rates"] is None and "too busy" in report["rates_error"]
+    assert report["rates_before"] is None and report["rates_drift"] is None
     assert any(s.startswith("no ideal speedups: ") for s in said)
     assert "ideal:" not in bench.format_table(report)
+
+
+def test_rates_drift_is_the_larger_relative_change():
+    before = Rates(0.010, 0.020, "float32", "cpu")
+    assert rates_drift(before, Rates(0.011, 0.015, "float32", "cpu")) == pytest.approx(0.25)  # per-token 20 -> 15
+    assert rates_drift(before, before) == 0.0
+    assert rates_drift(None, before) is None and rates_drift(before, None) is None

@@ -16,9 +16,11 @@ Every row also reports each host's peak memory through the prefill (``rank_peak_
 RSS on a CPU host, max allocated on CUDA), and, against ``full`` and ``ring``, the ideal speedup
 the cost model gives for the same shape beside the projected one; their ratio is the efficiency.
 The ideal times the slowest host's work (the method's own cost formula: attention FLOPs and the
-per-token linear FLOPs) at this device's two rates, each measured once per bench by
-:func:`apb.tools.calibrate.measure_rates` (``rates`` in the report; ``ideal_s`` per row); the
-ratio of FLOPs alone, every FLOP at one rate, stays beside it (``flop_speedup_vs_*``).
+per-token linear FLOPs) at this device's two rates, measured after the rows by
+:func:`apb.tools.calibrate.measure_rates` (``rates`` in the report; ``ideal_s`` per row), and
+before them too, which only says how steady the machine was (``rates_before``; ``rates_drift``:
+the larger relative change of the two); the ratio of FLOPs alone, every FLOP at one rate, stays
+beside it (``flop_speedup_vs_*``).
 
 Per rank it also reports compute and communication seconds and bytes (from the collective
 instrumentation), the slowest host's attention FLOPs (the method's own cost formula, through
@@ -110,6 +112,9 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
     options = cfg.method.model_dump(exclude={"name"})
     rows = []
     hf_model = None
+    # the rates before the rows too: how far they move during the bench says how steady the
+    # machine was, and so how far an efficiency can be trusted
+    rates_before, _ = _measure_rates(path, cfg, progress)
     group = start_group(cfg, world, launcher="local", timeout_s=3600.0, threads=1)
     runnable = []
     for method in methods:
@@ -174,18 +179,34 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
     measured = [r for r in rows if "error" not in r]
     rates, rates_error = None, None
     if measured:  # after the workers are gone: the rates are measured on a quiet process
-        progress("measuring this device's attention and per-token rates for the ideal ...")
-        try:
-            rates = measure_rates(load_model(path, cfg.model.dtype, pick_device(0, cfg.parallel.device)))
-        except RuntimeError as e:  # the measured rows stand without an ideal
-            rates_error = str(e)
-            progress(f"no ideal speedups: {e}")
+        rates, rates_error = _measure_rates(path, cfg, progress)
     add_ideals(measured, rates)
     return {"results": rows, "model": cfg.model.name_or_path, "bandwidth_gbs": bandwidth_gbs,
             "rates": None if rates is None else rates.to_dict(), "rates_error": rates_error,
+            "rates_before": None if rates_before is None else rates_before.to_dict(),
+            "rates_drift": rates_drift(rates_before, rates),
             "latency_s": LATENCY_S, "machine": {"cpus": available_cores(), "platform": platform.platform()},
             "labels": {"wall_s": f"measured on this machine ({world} processes sharing {available_cores()} cores)",
                        "projected_s": f"projected on {world} dedicated cores + links of {bandwidth_gbs} GB/s"}}
+
+
+def _measure_rates(path, cfg: Config, progress) -> tuple[Rates | None, str | None]:
+    """This device's two rates for the bench's model and dtype, on a model loaded for the purpose
+    and dropped after (None and the reason where they cannot be measured)."""
+    progress("measuring this device's attention and per-token rates for the ideal ...")
+    try:
+        return measure_rates(load_model(path, cfg.model.dtype, pick_device(0, cfg.parallel.device))), None
+    except RuntimeError as e:  # the measured rows stand without an ideal
+        progress(f"no ideal speedups: {e}")
+        return None, str(e)
+
+
+def rates_drift(before: Rates | None, after: Rates | None) -> float | None:
+    """The larger relative change of the two rates between before and after the rows."""
+    if before is None or after is None:
+        return None
+    return max(abs(a / b - 1) for a, b in ((after.attn_s_per_gflop, before.attn_s_per_gflop),
+                                           (after.linear_s_per_gflop, before.linear_s_per_gflop)))
 
 
 def add_ideals(rows: list[dict], rates: Rates | None) -> None:
@@ -231,6 +252,8 @@ def format_table(report: dict) -> str:
         foot += (f"; ideal: the cost model's work at this device's rates ({where}, {rates['dtype']}): attention "
                  f"{rates['attn_s_per_gflop'] * 1e3:.2f} ms/GFLOP, per-token {rates['linear_s_per_gflop'] * 1e3:.2f} "
                  "ms/GFLOP")
+        if report.get("rates_drift") is not None:
+            foot += f", {report['rates_drift']:.0%} off those measured before the rows"
     return "\n".join(lines) + "\n" + foot + ")"
 
 
