@@ -1,4 +1,4 @@
-# Session 22: the three bench-attn W=8 32K runs on the AMD EPYC machine (run-s22-epyc.sh), each
+# Session 22: the four bench-attn W=8 32K runs on the AMD EPYC machine (run-s22-epyc.sh), each
 # against the ideal at the rates that run measured, and the median of each ratio.
 # Run: .venv/bin/python docs/results/bench13/epyc_summary.py > docs/results/bench13/epyc_summary.txt
 import json
@@ -6,7 +6,8 @@ import statistics
 from pathlib import Path
 
 HERE = Path(__file__).parent
-RUNS = ["bench-attn-w8-32k-s22-epyc.json", "bench-attn-w8-32k-s22-epycb.json", "bench-attn-w8-32k-s22-epycc.json"]
+RUNS = ["bench-attn-w8-32k-s22-epyc.json", "bench-attn-w8-32k-s22-epycb.json", "bench-attn-w8-32k-s22-epycc.json",
+        "bench-attn-w8-32k-s22-epycd.json"]
 ratios = {"apb/ring": [], "spava/ring": [], "spava/apb": []}
 print(f"{'run':<36}{'attn ms/GF':>11}{'tok ms/GF':>10}{'ring s':>8}{'apb s':>8}{'spava s':>8}"
       f"{'apb/ring (ideal)':>18}{'spava/ring (ideal)':>20}{'spava/apb (ideal)':>19}{'peak MiB':>10}")

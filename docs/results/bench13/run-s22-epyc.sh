@@ -21,3 +21,6 @@ $APB bench $C --model smollm2-135m-instruct --set model.dtype=bfloat16 --methods
 # 4. bench-attn at W=2, 4K-16K: projected against wall, and each method against its ideal
 $APB bench $C --methods full,ring,apb,spava --lengths 4096,8192,16384 --world-size 2 --repeats 3 \
   --json $OUT/bench-attn-w2-s22-epyc.json > $OUT/bench-attn-w2-s22-epyc.txt 2>&1
+# 5. a fourth W=8 32K run, after the bench began reporting how far the rates moved (rates_drift)
+$APB bench $C --methods ring,apb,spava --lengths 32768 --world-size 8 --repeats 3 \
+  --json $OUT/bench-attn-w8-32k-s22-epycd.json > $OUT/bench-attn-w8-32k-s22-epycd.txt 2>&1
