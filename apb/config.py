@@ -44,8 +44,9 @@ class ParallelConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
     share_gpus: bool = Field(
         False, description="let more processes on a node than it has GPUs share them (local rank r on GPU r mod "
-                            "count). NCCL refuses two ranks on one GPU, so the group then runs over gloo with every "
-                            "message copied through host memory: for checking the methods on a one-GPU machine "
+                            "count). NCCL refuses two ranks on one GPU, so when set the group always runs over gloo "
+                            "with every message copied through host memory: for checking the methods on a one-GPU "
+                            "machine "
                             "(make gpu-check), not for speed; ulysses (DeepSpeed's all-to-all) needs NCCL and is "
                             "refused. Local and torchrun launchers only (Ray gives each worker its own GPU)")
     timeout_s: float = Field(300.0, gt=0, description="limit on every collective and every wait on a worker")

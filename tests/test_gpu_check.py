@@ -59,9 +59,25 @@ def test_shared_gpus_place_ranks_round_robin_and_split_the_memory(monkeypatch):
     assert device_budget("cuda", 4, "local", None) == 80 * 2**30
     assert device_budget("cuda", 4, "local", None, share_gpus=True) == 40 * 2**30  # two ranks per GPU
     assert device_budget("cuda", 3, "local", None, share_gpus=True) == 40 * 2**30  # at most two on one
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "6")  # torchrun: 6 ranks on this node, of 12
+    assert device_budget("cuda", 12, "torchrun", None, share_gpus=True) == 80 * 2**30 // 3
 
 
 def test_shared_gpus_are_refused_under_ray():
     cfg = load_config(None, ["parallel.share_gpus=true", "parallel.launcher=ray"])
     with pytest.raises(ConfigError, match="share_gpus.*local and torchrun"):
         start_group(cfg)
+
+
+def test_ulysses_refuses_ranks_that_share_a_gpu():
+    """On a staged group (ranks sharing a GPU, over gloo) with tensors off the CPU (the meta device
+    stands in for CUDA) ulysses stops before DeepSpeed's all-to-all, naming the fix."""
+    from apb.config import MethodConfig
+    from apb.methods import build_method
+
+    method = build_method("ulysses", MethodConfig(name="ulysses"))
+    comm = SimpleNamespace(size=2, rank=0, group=None, staged=lambda device: True)
+    ctx = SimpleNamespace(comm=comm, score_opts={}, scratch={})
+    q, k, v = (torch.empty(1, h, 8, 16, device="meta") for h in (4, 2, 2))
+    with pytest.raises(RuntimeError, match="share a GPU.*own GPU"):
+        method.attention(ctx, SimpleNamespace(layer_idx=0), q, k, v, 0.25)

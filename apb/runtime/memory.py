@@ -148,7 +148,9 @@ def device_budget(device: str, world_size: int, launcher: str, override_gb: floa
         import torch
 
         total = int(torch.cuda.get_device_properties(0).total_memory)
-        per_gpu = -(-world_size // torch.cuda.device_count()) if share_gpus and launcher == "local" else 1
+        # ranks on this node: all of them for local workers; torchrun says how many it started here
+        local = world_size if launcher == "local" else int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        per_gpu = -(-local // torch.cuda.device_count()) if share_gpus else 1
         return total // per_gpu
     if launcher != "local":
         return None
