@@ -105,6 +105,11 @@ class MethodConfig(_Section):
                             "the real query at the end of the prompt) or 'anchor' (its copy's own positions, the "
                             "behaviour before the fix, kept for comparison)")
     round_to: int = Field(1, ge=1, description="round anchor/passing sizes to a multiple of this (spava: 128)")
+    share_anchor: bool = Field(
+        False, description="star, apb: one host computes the anchor and sends its K/V (and apb's query vectors) to "
+                           "the other anchored hosts each layer, instead of every host recomputing it (star: host "
+                           "0's own block start; apb: host 1); the same attention up to rounding, less work on "
+                           "hosts 2..W-1 (star: 1..W-1), one broadcast per layer. spava refuses it")
 
     @field_validator("name")
     @classmethod

@@ -316,6 +316,19 @@ class Comm:
             t.copy_(wire)
         return t
 
+    def broadcast_start(self, t: torch.Tensor, src: int, op: str = "broadcast") -> "Pending":
+        """Start a broadcast from rank ``src``: ``t`` is what it sends, elsewhere the buffer that
+        receives (the same shape); ``.wait()`` returns ``[t]`` filled. Counted as one ``op`` call
+        with the bytes sent (none on the receiving ranks), the seconds those spent waiting."""
+        if self.size == 1:
+            return Pending(self, op, _nbytes(t), None, [t])
+        if not t.is_contiguous():
+            raise ValueError(f"a broadcast buffer must be contiguous (shape {tuple(t.shape)})")
+        wire = self._wire(t)
+        work = dist.broadcast(wire, src=self.global_rank(src), group=self.group, async_op=True)
+        sent = _nbytes(t) if self.rank == src else 0
+        return Pending(self, op, sent, work, [wire], to=t.device if wire is not t else None)
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier(group=self.group)

@@ -203,11 +203,13 @@ def anchor_chunks(n_ctx: int, n_query: int, anchor_len: int, insert_pos: int | N
 
 
 def anchored(n_ctx: int, n_query: int, world_size: int, anchor_len: int, insert_pos: int | None = None,
-             query_tail_on: tuple[int, ...] = ()) -> list[HostSlice]:
+             query_tail_on: tuple[int, ...] = (), anchor_on: tuple[int, ...] | None = None) -> list[HostSlice]:
     """Star / APB: context in ``W`` contiguous blocks; hosts ``r > 0`` prepend the anchor.
 
     Hosts in ``query_tail_on`` append the query after their block (so its Q vectors exist
-    there for scoring); those query tokens are neither cached nor used as outputs.
+    there for scoring); those query tokens are neither cached nor used as outputs. ``anchor_on``
+    names the hosts that prepend the anchor when not all ``r > 0`` do (a shared anchor: the
+    others receive its K/V instead of computing it).
     """
     _check_world(world_size)
     if n_ctx < world_size:
@@ -216,7 +218,8 @@ def anchored(n_ctx: int, n_query: int, world_size: int, anchor_len: int, insert_
     n = n_ctx + n_query
     slices = []
     for r, (lo, hi) in enumerate(even_split(0, n_ctx, world_size)):
-        chunks = (anchor_chunks(n_ctx, n_query, anchor_len, insert_pos) if r > 0 else ()) + (Chunk(r, lo, hi),)
+        carries = r > 0 if anchor_on is None else r in anchor_on
+        chunks = (anchor_chunks(n_ctx, n_query, anchor_len, insert_pos) if carries else ()) + (Chunk(r, lo, hi),)
         if r in query_tail_on and n_query:
             chunks += (Chunk(-1, n_ctx, n, ChunkKind.QUERY, n_ctx, cached=False),)
         slices.append(HostSlice(r, n, chunks))

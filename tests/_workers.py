@@ -63,8 +63,11 @@ class CommWorker:
         b = torch.full((3,), float(r))
         self.comm.broadcast(b, src=1)
         pending = self.comm.all_gather_start(torch.tensor([float(r), -float(r)]))
+        # a started broadcast from rank 2 (what a shared anchor uses), under the all-gather's wait
+        started = self.comm.broadcast_start(torch.full((2, 2), 7.0) if r == 2 else torch.empty(2, 2), src=2)
         return ({src: t.unique().tolist() for src, t in got.items()}, b.tolist(),
-                [t.tolist() for t in pending.wait()], self.comm.staged(torch.device("cpu")))
+                [t.tolist() for t in pending.wait()], self.comm.staged(torch.device("cpu")),
+                started.wait()[0].tolist())
 
     def gather_caches(self, overlap: bool):
         """Each rank holds two runs of positions (zigzag-like) of a 2-layer cache whose entries

@@ -23,8 +23,8 @@ def group3():
         yield g
 
 
-def _run(group, method, n=900, n_query=20, decode_mode="gather", tokens=4, **options):
-    req = PromptRequest(str(resolve_model("tiny-llama")), random_prompt(n, 512, seed=n), method,
+def _run(group, method, n=900, n_query=20, decode_mode="gather", tokens=4, model="tiny-llama", **options):
+    req = PromptRequest(str(resolve_model(model)), random_prompt(n, 512, seed=n), method,
                         method_options=options, n_query=n_query, decode_mode=decode_mode,
                         sampling=Sampling(max_new_tokens=tokens, stop_at_eos=False))
     return group.call("run_prompt", req)
@@ -227,9 +227,46 @@ def test_messages_through_host_copies_change_nothing(group3, monkeypatch):
     monkeypatch.setenv(STAGE_ENV, "1")  # the workers spawned below inherit it
     with LocalWorkerGroup(3, worker_kwargs={"device": "cpu", "timeout_s": 120}, timeout_s=300) as staged:
         for method, options in [("ring", {}), ("ulysses", {}), ("star", {}), ("apb", {"passing_len": 24}),
-                                ("spava", {})]:
+                                ("spava", {}), ("apb", {"share_anchor": True})]:
             for mode in ("gather", "distributed"):
                 want = _run(group3, method, decode_mode=mode, **options)[0]
                 got = _run(staged, method, decode_mode=mode, **options)[0]
                 assert torch.allclose(got.last_logits, want.last_logits, atol=1e-5, rtol=0), (method, mode)
                 assert got.tokens == want.tokens, (method, mode)
+
+
+def test_a_shared_anchor_sends_its_kv_and_the_query_vectors_once_per_layer(group3):
+    """apb at W=3: host 1 runs the anchor (64 context tokens, the 20 query tokens embedded) and
+    broadcasts its K and V and the query's vectors, which host 2 chooses its passing block with;
+    the answer is the one every host's own anchor gives."""
+    heads = 12
+    want = _run(group3, "apb", passing_len=24, anchor_len=64)
+    got = _run(group3, "apb", passing_len=24, anchor_len=64, share_anchor=True)
+    for rank, reply in enumerate(got):
+        sent = {o["layer"]: o["bytes"] for o in _ops(reply, "context", "anchor_broadcast")}
+        per_layer = (64 + 20) * 2 * KV_HEADS * HEAD_DIM * 4 + 20 * heads * HEAD_DIM * 4 if rank == 1 else 0
+        assert sent == {layer: per_layer for layer in range(LAYERS)}, (rank, sent)
+    assert torch.allclose(got[0].last_logits, want[0].last_logits, atol=1e-5, rtol=0)
+    assert got[0].tokens == want[0].tokens
+
+
+# the same attention whoever computes the anchor: softcap and sliding layers (gemma2), multi-head
+# latent attention (deepseek-v3), sinks and sliding layers (gpt-oss); an exact layer (no broadcast
+# there); a compressor that needs no query vectors; both decode modes
+@pytest.mark.parametrize("model,cases", [
+    ("tiny-llama", [("star", {}, "gather"), ("apb", {}, "gather"), ("apb", {}, "distributed"),
+                    ("apb", {"exact_layers": [1], "passing_len": 24}, "gather"),
+                    ("apb", {"compressor": "stride"}, "gather"), ("star", {"anchor_len": 100}, "distributed")]),
+    ("tiny-gemma2", [("star", {}, "gather"), ("apb", {}, "gather")]),
+    ("tiny-deepseek-v3", [("star", {}, "gather"), ("apb", {}, "gather")]),
+    ("tiny-gpt-oss", [("star", {}, "gather"), ("apb", {"query_positions": "anchor"}, "distributed")]),
+])
+def test_a_shared_anchor_changes_nothing_but_who_computes_it(group3, model, cases):
+    for method, options, mode in cases:
+        want = _run(group3, method, model=model, decode_mode=mode, **options)
+        got = _run(group3, method, model=model, decode_mode=mode, share_anchor=True, **options)
+        assert torch.allclose(got[0].last_logits, want[0].last_logits, atol=1e-5, rtol=0), (method, options, mode)
+        assert got[0].tokens == want[0].tokens, (method, options, mode)
+        broadcasts = [o for r in got for o in _ops(r, "context", "anchor_broadcast")]
+        exact = set(options.get("exact_layers", []))
+        assert broadcasts and all(o["layer"] not in exact for o in broadcasts), broadcasts

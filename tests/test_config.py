@@ -350,3 +350,16 @@ def test_exact_layers_resolve_per_model_and_drop_passing_there():
     with pytest.raises(ValueError, match="exact_layers=5, but the model has 4 layers"):
         build_method("star", MethodConfig(exact_layers=5)).check(model, 4)
     build_method("ring", MethodConfig(exact_layers=2)).check(model, 4)  # exact everywhere already
+
+
+def test_share_anchor_is_refused_where_the_anchor_cannot_be_shared():
+    from transformers import AutoConfig
+
+    from apb.model.catalog import resolve_model
+
+    model_config = AutoConfig.from_pretrained(resolve_model("tiny-llama"))
+    with pytest.raises(ValueError, match=r"method 'spava' computes its anchor on every host .*unset method.share_anchor"):
+        build_method("spava", MethodConfig(name="spava", share_anchor=True)).check(model_config, 4)
+    for name in ("star", "apb", "apb:shared", "star:shared", "ring"):  # ring has no anchor: nothing to share
+        build_method(name, MethodConfig(name=name, share_anchor=True)).check(model_config, 4)
+    assert build_method("apb:shared", MethodConfig(name="apb:shared")).config.share_anchor

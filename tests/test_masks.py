@@ -43,6 +43,16 @@ class ThreadComm:
         self.stats.record(op, t.numel() * t.element_size())
         return SimpleNamespace(wait=lambda: out)
 
+    def broadcast_start(self, t, src, op="broadcast"):
+        sh = self.shared
+        if self.rank == src:
+            sh["slots"][src] = t
+        sh["barrier"].wait()
+        got = sh["slots"][src].reshape(t.shape).clone()
+        sh["barrier"].wait()
+        self.stats.record(op, t.numel() * t.element_size() if self.rank == src else 0)
+        return SimpleNamespace(wait=lambda: [got])
+
     def exchange(self, sends, recv_shapes, dtype, device=None, op="exchange"):
         """Every host posts its tensors by destination, then takes what was posted to it."""
         sh = self.shared
@@ -141,6 +151,52 @@ def test_apb_mask(world, n_ctx, n_query, anchor, passing):
                 keys = passed + idx[:n_anchor] + list(range(blocks[r].start, g + 1))
             else:
                 continue  # scoring-only query rows are not outputs
+            got = outs[r][0, :, row].double()
+            assert torch.allclose(got, dense(vecs, g, keys), atol=1e-5), (r, row, g)
+
+
+# method.share_anchor: the hosts that receive the anchor hold no anchor rows, and their blocks
+# attend exactly what they would with their own copy (the source's anchor, the query embedded)
+@pytest.mark.parametrize("name,world,n_ctx,n_query,anchor,passing", [
+    ("apb", 3, 91, 7, 9, 4), ("apb", 4, 130, 5, 12, 6), ("star", 3, 91, 0, 20, 0), ("star", 4, 130, 0, None, 0)])
+def test_a_shared_anchor_gives_every_block_the_same_keys(name, world, n_ctx, n_query, anchor, passing):
+    n = n_ctx + n_query
+    method = build_method(name, MethodConfig(compressor="stride", anchor_len=anchor, passing_len=passing or None,
+                                             query_insert_pos=3, share_anchor=True))
+    vecs = random_vecs(n, seed=5)
+    slices, plan, outs = run_hosts(method, n, n_query, world, vecs, comms=(comms := {}))
+    source = 1 if name == "apb" else 0
+    receivers = [r for r in range(1, world) if r != source]
+    assert plan.anchor_from == source and plan.anchor_len > 0
+    blocks = [s.blocks()[0] for s in slices]
+    kinds = [[c.kind for c in s.chunks] for s in slices]
+    for r in receivers:
+        assert "anchor" not in kinds[r], kinds  # no host but the source runs the anchor
+    if name == "apb":
+        assert "anchor" in kinds[source]
+        src = slices[source]
+        anchor_keys = src.indices[src.rows("anchor")].tolist()  # context start, the query, more context
+        assert len(anchor_keys) == plan.anchor_len + n_query
+    else:
+        assert kinds[0] == ["block"]
+        anchor_keys = list(range(plan.anchor_len))  # the start of host 0's own block
+    per_token = (2 * KV * D) * 4
+    for r, c in comms.items():  # the source sends the anchor's K and V once; the others send nothing
+        sent = sum(o.bytes for (_, _, op), o in c.stats.ops.items() if op == "anchor_broadcast")
+        assert sent == (len(anchor_keys) * per_token if r == source else 0), (r, sent)
+    for r, s in enumerate(slices):
+        idx = s.indices.tolist()
+        n_anchor = s.rows("anchor").stop - s.rows("anchor").start
+        passed = [t for src_host in range(r) for t in stride_pick(blocks[src_host].start, blocks[src_host].stop,
+                                                                  passing)] if passing else []
+        seen_anchor = anchor_keys if r > 0 else []
+        for row, g in enumerate(idx):
+            if row < n_anchor:
+                keys = idx[: row + 1]
+            elif blocks[r].start <= g < blocks[r].stop and row < n_anchor + blocks[r].size:
+                keys = passed + seen_anchor + list(range(blocks[r].start, g + 1))
+            else:
+                continue
             got = outs[r][0, :, row].double()
             assert torch.allclose(got, dense(vecs, g, keys), atol=1e-5), (r, row, g)
 
@@ -286,12 +342,14 @@ def test_cost_formula_counts_the_pairs_the_attention_steps_compute(pair_counter,
     ("spava", 4, {"passing_len": [8, "all", 0], "anchor_len": 32}),
     ("spava", 3, {"exact_layers": [1], "anchor_len": 32}),
     ("spava", 4, {"exact_layers": [0, 2], "anchor_len": 0}),
+    ("apb", 4, {"share_anchor": True, "passing_len": [16, 64, 0]}),
+    ("star", 3, {"share_anchor": True, "anchor_len": 64}),
 ])
 def test_cost_formula_counts_each_layers_pairs(pair_counter, name, world, options):
     n_ctx, n_query, layers = 1024, 8, 3
     method = build_method(name, MethodConfig(compressor="stride", **options))
     vecs = random_vecs(n_ctx + n_query, seed=3)
-    total, sent = 0, 0
+    total, sent, per_host = 0, 0, Counter()
     for layer in range(layers):
         pair_counter.clear()
         comms = {}
@@ -303,7 +361,14 @@ def test_cost_formula_counts_each_layers_pairs(pair_counter, name, world, option
         sent += max(sum(r.bytes for (_, _, op), r in c.stats.ops.items() if op == "exact_layer")
                     for c in comms.values())
         total += max(pair_counter.values())  # the formula sums the slowest host of each layer
-    shape = SimpleNamespace(layers=layers, heads=H, kv_heads=KV, head_dim=D, bytes_per_param=4)
+        per_host.update(pair_counter)
+    if options.get("share_anchor"):
+        # except with a shared anchor: then it is the host slower over the whole prefill (the
+        # source or the last host; which one can change from layer to layer with the sizes)
+        total = max(per_host.values())
+    # a shared anchor's cost picks the slower of two hosts by FLOPs: by pairs alone here
+    shape = SimpleNamespace(layers=layers, heads=H, kv_heads=KV, head_dim=D, bytes_per_param=4,
+                            linear_flops=lambda tokens: 0.0, attn_flops_per_pair=lambda: 1.0)
     work = method_class(name).cost(n_ctx, world, shape, Sizes(query=n_query).with_method(method.config))
     formula = layers * work.pairs
     assert formula <= total <= formula * 1.01, (name, options, total, formula)

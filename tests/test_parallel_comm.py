@@ -54,10 +54,11 @@ def test_gather_varlen_only_dst_receives(group3):
 
 
 def test_exchange_broadcast_and_started_all_gather(group3):
-    for rank, (got, b, gathered, staged) in enumerate(group3.call("exchange_broadcast_gather")):
+    for rank, (got, b, gathered, staged, started) in enumerate(group3.call("exchange_broadcast_gather")):
         assert got == {src: [10.0 * src + rank] for src in range(3) if src != rank}
         assert b == [1.0, 1.0, 1.0]
         assert gathered == [[float(r), -float(r)] for r in range(3)]
+        assert started == [[7.0, 7.0], [7.0, 7.0]]
         assert staged == group3.staged  # the switch reached the workers
 
 

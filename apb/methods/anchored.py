@@ -18,16 +18,18 @@ host order, which that exchange needs), and nothing is passed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from apb.kernels import attention, merge
 from apb.methods.base import Method
-from apb.methods.cost import HostWork, merge_bytes, over_layers
+from apb.methods.cost import HostWork, merge_bytes, over_layers, work_flops
 from apb.methods.exact_layers import context_runs, exact_rows, exact_work, with_exchange
 from apb.methods.sizes import resolve_exact_layers, resolve_len, resolve_passing
 from apb.parallel import layout
+from apb.parallel.comm import Pending
 
 
 @dataclass(frozen=True)
@@ -35,15 +37,36 @@ class AnchorPlan:
     anchor_len: int  # context tokens in the anchor (the embedded query comes on top)
     passing: tuple[int, ...]  # per layer, tokens per host (capped by each host's block); 0 in exact layers
     exact: frozenset[int] = frozenset()  # layers whose blocks attend exactly (apb.methods.exact_layers)
+    #: ``method.share_anchor``: the host whose anchor K/V the hosts without an anchor receive each
+    #: layer (:meth:`Anchored.anchor_receivers`); None when every anchored host computes its own
+    anchor_from: int | None = None
 
 
 class Anchored(Method):
     exact = False
     query_phase = True
+    shares_anchor = True
+    has_anchor = True
     #: True when hosts share passing blocks (apb); the plan then resolves ``passing_len``
     uses_passing = False
     #: True when the anchor embeds the query after ``query_insert_pos`` context tokens (apb)
     embeds_query = False
+    #: with ``method.share_anchor``, the host that computes the anchor for all: star's anchor is the
+    #: start of host 0's own block; apb's embeds the query, which no block holds, so host 1 (the
+    #: anchored host with the least passing to attend) keeps its anchor and sends it
+    anchor_source: int = 0
+
+    def anchor_receivers(self, world_size: int, anchor_len: int) -> tuple[int, ...]:
+        """Hosts that receive the anchor's K/V instead of computing it (``method.share_anchor``):
+        every host ``r > 0`` but the source; none unless the anchor is shared and not empty."""
+        if not self.config.share_anchor or anchor_len <= 0:
+            return ()
+        return tuple(r for r in range(1, world_size) if r != self.anchor_source)
+
+    def _anchor_hosts(self, world_size: int, anchor_len: int) -> tuple[int, ...] | None:
+        """Hosts whose sequence carries the anchor: all ``r > 0`` (None) unless it is shared."""
+        receivers = self.anchor_receivers(world_size, anchor_len)
+        return tuple(r for r in range(1, world_size) if r not in receivers) if receivers else None
 
     def anchor_len(self, n_ctx: int, world_size: int) -> int:
         block = -(-n_ctx // world_size)
@@ -60,18 +83,35 @@ class Anchored(Method):
         exact = resolve_exact_layers(self.config.exact_layers, num_layers) if world_size > 1 else frozenset()
         # an exact layer's blocks see every earlier token: nothing to pass there
         passing = [0 if i in exact else p for i, p in enumerate(passing)]
-        return AnchorPlan(self.anchor_len(n_ctx, world_size), tuple(passing), exact)
+        anchor = self.anchor_len(n_ctx, world_size)
+        source = self.anchor_source if self.anchor_receivers(world_size, anchor) else None
+        return AnchorPlan(anchor, tuple(passing), exact, source)
 
     @classmethod
     def cost(cls, n, w, shape, sizes):
         q, b = sizes.query, n / w
         a, passing, exact = cls._cost_sizes(n, b, shape.layers, sizes)
-        return over_layers([_exact_layer_cost(n, w, shape, q, a) if i in exact else cls._layer_cost(n, w, shape, q, a, p)
-                            for i, p in enumerate(passing)])
+        if not (sizes.share_anchor and a > 0 and w > 1 + (cls.anchor_source > 0)):
+            return over_layers([_exact_layer_cost(n, w, shape, q, a) if i in exact else
+                                cls._layer_cost(n, w, shape, q, a, p) for i, p in enumerate(passing)])
+        # a shared anchor: the source host does the anchor's work, the last host attends the most
+        # passing; which is slower depends on the shape, so both are costed over the whole prefill
+        hosts = []
+        for role in ("source", "receiver"):
+            own = a if role == "source" and cls.anchor_source > 0 else 0.0  # star's source: its block start
+            hosts.append(over_layers([_exact_layer_cost(n, w, shape, q, own) if i in exact else
+                                      cls._shared_layer_cost(n, w, shape, q, a, p, role) for i, p in enumerate(passing)]))
+        return max(hosts, key=lambda h: work_flops(h, shape))
 
     @classmethod
     def _layer_cost(cls, n: float, w: int, shape, q: float, a: float, p: float) -> HostWork:
         """The slowest host's work in one layer that is not exact, with anchor ``a`` and passing ``p``."""
+        raise NotImplementedError
+
+    @classmethod
+    def _shared_layer_cost(cls, n: float, w: int, shape, q: float, a: float, p: float, role: str) -> HostWork:
+        """With a shared anchor, the work in one layer that is not exact of the anchor's source
+        (``role`` 'source') or of the last host, which receives it ('receiver')."""
         raise NotImplementedError
 
     @classmethod
@@ -97,6 +137,10 @@ class Anchored(Method):
 
     def transfer_bytes(self, local, n_tokens, world, per_tok, passing, model_config, dtype_bytes):
         passed = super().transfer_bytes(local, n_tokens, world, per_tok, passing, model_config, dtype_bytes)
+        if self.anchor_receivers(world, self.anchor_len(n_tokens, world)):
+            # one layer's anchor K/V in flight (the anchor of the whole prompt's length bounds it;
+            # apb's query vectors ride along, a few rows more)
+            passed += self.anchor_len(n_tokens, world) * per_tok * 2
         return with_exchange(passed, self.config, local, n_tokens, world, model_config, dtype_bytes)
 
     def layout(self, n_tokens, world_size, n_query=0):
@@ -104,12 +148,17 @@ class Anchored(Method):
         anchor = self.anchor_len(n_ctx, world_size)
         return layout.anchored(n_ctx, n_query, world_size, anchor,
                                self.config.query_insert_pos if self.embeds_query else None,
-                               self.tail_hosts(n_query, world_size, anchor))
+                               self.tail_hosts(n_query, world_size, anchor), self._anchor_hosts(world_size, anchor))
 
     def attention(self, ctx, module, q, k, v, scale):
         mine, layer, opts = ctx.mine, int(module.layer_idx), ctx.score_opts
         a, b, t = mine.rows("anchor"), mine.rows("block"), mine.rows("query")
-        pending = self._share_passing(ctx, layer, q, k, v, scale, b)
+        shared = self._share_anchor(ctx, layer, q, k, v, a, b)
+        receives = shared is not None and ctx.rank in self.anchor_receivers(ctx.comm.size, ctx.plan.anchor_len)
+        q_query = None
+        if self._scores_with_query(ctx, layer):
+            q_query = shared.wait()[2] if receives else self._query_rows(ctx, q)
+        pending = self._share_passing(ctx, layer, q_query, k, v, scale, b)
         out = q.new_empty(*q.shape[:3], v.shape[-1])
         if a.stop > a.start:
             out[:, :, a] = attention(q[:, :, a], k[:, :, a], v[:, :, a], causal=True, scale=scale, **opts)[0]
@@ -126,6 +175,12 @@ class Anchored(Method):
         extra_k, extra_v = [], []
         if pending is not None:
             extra_k, extra_v = self._received(ctx, layer, pending)
+        if receives:
+            anchor_k, anchor_v, _ = shared.wait()
+            extra_k.append(anchor_k)
+            extra_v.append(anchor_v)
+        elif shared is not None:
+            shared.wait()  # host 0 of apb: the broadcast reaches it too, unused
         if a.stop > a.start:
             extra_k.append(k[:, :, a])
             extra_v.append(v[:, :, a])
@@ -136,13 +191,66 @@ class Anchored(Method):
         out[:, :, b] = own.to(q.dtype)
         return out
 
-    def _share_passing(self, ctx, layer, q, k, v, scale, b):
-        """Start sending this host's passing block; what :meth:`_received` waits on, or None if nothing is sent."""
+    def _share_anchor(self, ctx, layer, q, k, v, a, b) -> "_SharedAnchor | None":
+        """Start this layer's anchor broadcast (``method.share_anchor``) on every host: the source
+        sends the anchor's K and V (after RoPE) and the query vectors it scores with, the receivers
+        get them into a buffer of the shape the layout gives. None in layers that need no anchor
+        (exact ones: their blocks attend the context itself) or when nothing is shared."""
+        source = ctx.plan.anchor_from
+        if source is None or layer in ctx.plan.exact:
+            return None
+        n_anchor = ctx.slices[source].rows("anchor")
+        n_anchor = n_anchor.stop - n_anchor.start if source > 0 else ctx.plan.anchor_len
+        n_q = ctx.n_query if self._scores_with_query(ctx, layer) else 0
+        shapes = [(*k.shape[:2], n_anchor, k.shape[3]), (*v.shape[:2], n_anchor, v.shape[3]),
+                  (*q.shape[:2], n_q, q.shape[3])]
+        if ctx.rank == source:
+            rows = a if source > 0 else slice(b.start, b.start + n_anchor)
+            parts = [k[:, :, rows], v[:, :, rows]]
+            parts.append(self._query_rows(ctx, q) if n_q else q.new_empty(shapes[2]))
+            if [tuple(t.shape) for t in parts] != shapes or any(t.dtype != q.dtype for t in parts):
+                raise RuntimeError(f"host {source}'s anchor is {[(tuple(t.shape), t.dtype) for t in parts]}, the "
+                                   f"receivers expect {shapes} in {q.dtype}")
+            flat = torch.cat([t.reshape(-1) for t in parts])
+        else:
+            flat = q.new_empty(sum(math.prod(s) for s in shapes))
+        return _SharedAnchor(ctx.comm.broadcast_start(flat, source, op="anchor_broadcast"), shapes)
+
+    def _scores_with_query(self, ctx, layer) -> bool:
+        """Whether this layer's passing block is chosen with the query's vectors (apb's query compressor)."""
+        return False
+
+    def _query_rows(self, ctx, q) -> torch.Tensor | None:
+        """The query's vectors this host scores its block with (from its own copy of the query)."""
+        return None
+
+    def _share_passing(self, ctx, layer, q_query, k, v, scale, b):
+        """Start sending this host's passing block, chosen with the query's vectors ``q_query``
+        where the compressor needs them; what :meth:`_received` waits on, or None if nothing is sent."""
         return None
 
     def _received(self, ctx, layer, pending) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The K and V of the passing blocks this host's block sees, once ``pending`` has arrived."""
         raise NotImplementedError
+
+
+@dataclass
+class _SharedAnchor:
+    """One layer's anchor broadcast in flight: ``wait()`` gives (K, V, query vectors)."""
+
+    pending: Pending
+    shapes: list[tuple[int, ...]]
+    _got: tuple[torch.Tensor, ...] | None = None
+
+    def wait(self) -> tuple[torch.Tensor, ...]:
+        if self._got is None:
+            flat, parts, at = self.pending.wait()[0], [], 0
+            for shape in self.shapes:
+                size = math.prod(shape)
+                parts.append(flat[at:at + size].view(shape))
+                at += size
+            self._got = tuple(parts)
+        return self._got
 
 
 def _exact_layer_cost(n: float, w: int, shape, q: float, a: float) -> HostWork:

@@ -23,7 +23,8 @@ from apb.parallel import layout
 class APB(Anchored):
     uses_passing = True
     embeds_query = True
-    variants = {"uncompressed": {"anchor_len": 0, "passing_len": "all"}}
+    anchor_source = 1
+    variants = {"uncompressed": {"anchor_len": 0, "passing_len": "all"}, "shared": {"share_anchor": True}}
 
     def __init__(self, config):
         super().__init__(config)
@@ -43,6 +44,23 @@ class APB(Anchored):
         pairs = a * a / 2 + b * ((w - 1) * p + a) + b * b / 2 + q * n / w
         gathered = (w - 1) * p * 2 * shape.kv_heads * shape.head_dim * shape.bytes_per_param
         return HostWork(a + b + q, pairs, b, comm_bytes=merge_bytes(q, shape), steps=2, overlap_bytes=gathered,
+                        anchor=a, passing=p)
+
+    @classmethod
+    def _shared_layer_cost(cls, n, w, shape, q, a, p, role):
+        # the source (host 1) as above but with one passing block; host W-1 runs no anchor rows: it
+        # waits for the anchor's K/V and the query's vectors (which choose its passing block), then
+        # attends as above. Both hear the broadcast behind their own block's attention
+        b = n / w
+        kv = 2 * shape.kv_heads * shape.head_dim * shape.bytes_per_param
+        sent = (a + q) * kv + q * shape.heads * shape.head_dim * shape.bytes_per_param
+        gathered = (w - 1) * p * kv
+        if role == "source":
+            pairs = a * a / 2 + b * (p + a) + b * b / 2 + q * n / w
+            return HostWork(a + b + q, pairs, b, comm_bytes=merge_bytes(q, shape), steps=3,
+                            overlap_bytes=gathered + sent, anchor=a, passing=p)
+        pairs = b * ((w - 1) * p + a) + b * b / 2 + q * n / w
+        return HostWork(b + q, pairs, b, comm_bytes=merge_bytes(q, shape), steps=3, overlap_bytes=gathered + sent,
                         anchor=a, passing=p)
 
     def check(self, model_config, world_size):
@@ -68,15 +86,18 @@ class APB(Anchored):
     def capture_pre_rope(self) -> bool:
         return self.compressor.needs_pre_rope
 
-    def _share_passing(self, ctx, layer, q, k, v, scale, b):
+    def _scores_with_query(self, ctx, layer):
+        return (self.compressor.needs_query and ctx.comm.size > 1 and ctx.plan.passing[layer] > 0
+                and self.config.passing_len != "all")
+
+    def _share_passing(self, ctx, layer, q_query, k, v, scale, b):
         if ctx.comm.size == 1:
             return None
         p = ctx.plan.passing[layer]
         if p <= 0:
             return None
         kb, vb = k[:, :, b], v[:, :, b]
-        x = ScoreInputs(layer, kb, vb, q_query=self._query_rows(ctx, q), scale=scale,
-                        pre_rope=_pre_rope_rows(ctx, layer, b))
+        x = ScoreInputs(layer, kb, vb, q_query=q_query, scale=scale, pre_rope=_pre_rope_rows(ctx, layer, b))
         idx = self.compressor.select(x, min(p, kb.shape[2]))
         if ctx.diagnostics:  # block-local rows -> global prompt indices
             ctx.scratch[("passing", layer)] = ctx.mine.indices[b].to(idx.device)[idx[0]]
@@ -103,8 +124,6 @@ class APB(Anchored):
     def _query_rows(self, ctx, q):
         """The query's vectors for scoring, moved to the real query's positions (hosts r > 0 hold a
         copy at anchor positions; see :mod:`apb.model.rope`)."""
-        if not self.compressor.needs_query:
-            return None
         rows, delta = self._query_rows_at(ctx)
         q_rows = q[:, :, rows]
         if delta == 0 or not self._scores_at_true_positions():

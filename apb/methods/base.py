@@ -37,6 +37,10 @@ class Method:
     variants: ClassVar[dict[str, dict]] = {}
     #: True when the query runs as a second, exact pass over the context caches (star, apb)
     query_phase: ClassVar[bool] = False
+    #: True when the method can compute its anchor once and send it (``method.share_anchor``)
+    shares_anchor: ClassVar[bool] = False
+    #: True when the method has an anchor (so ``method.share_anchor``, if it cannot share it, is refused)
+    has_anchor: ClassVar[bool] = False
     #: True when host 0 runs the whole prompt alone and the other hosts idle (full)
     one_host: ClassVar[bool] = False
     variant: str | None = None
@@ -67,6 +71,9 @@ class Method:
 
     def check(self, model_config: Any, world_size: int) -> None:
         """Raise a readable error if this method cannot run this model at this world size."""
+        if getattr(self.config, "share_anchor", False) and self.has_anchor and not self.shares_anchor:
+            raise ValueError(f"method {self.label!r} computes its anchor on every host and cannot share it "
+                             "(method.share_anchor is for star and apb); unset method.share_anchor")
         layers = getattr(self.config, "exact_layers", None)
         if layers:  # a multimodal config keeps its layer count in the text model's config
             text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config

@@ -32,6 +32,10 @@ class AttnShape(Protocol):
     @property
     def bytes_per_param(self) -> int: ...
 
+    def linear_flops(self, tokens: float) -> float: ...
+
+    def attn_flops_per_pair(self) -> float: ...
+
 
 @dataclass(frozen=True)
 class HostWork:
@@ -76,11 +80,12 @@ class Sizes:
     anchor_len: Any = None
     passing_len: Any = None
     exact_layers: Any = None
+    share_anchor: bool = False
 
     def with_method(self, method_config: Any) -> "Sizes":
-        """These knobs with a method config's anchor, passing and exact-layer settings."""
+        """These knobs with a method config's anchor, passing, exact-layer and anchor-sharing settings."""
         return replace(self, anchor_len=method_config.anchor_len, passing_len=method_config.passing_len,
-                       exact_layers=method_config.exact_layers)
+                       exact_layers=method_config.exact_layers, share_anchor=method_config.share_anchor)
 
 
 def single_device(n: float) -> HostWork:
@@ -91,3 +96,9 @@ def single_device(n: float) -> HostWork:
 def merge_bytes(query: float, shape: AttnShape) -> float:
     """Bytes of one host's query partials in the exact query merge (fp32; the LSE column is not counted)."""
     return query * shape.heads * shape.head_dim * 4
+
+
+def work_flops(work: HostWork, shape: AttnShape) -> float:
+    """The FLOPs of a whole prefill's :class:`HostWork`: which of two hosts is slower, where one
+    runs more tokens and the other attends more pairs."""
+    return shape.linear_flops(work.tokens) + shape.layers * work.pairs * shape.attn_flops_per_pair()

@@ -44,6 +44,7 @@ class SpavaPlan:
 @register_method("spava")
 class Spava(Method):
     exact = False
+    has_anchor = True
     variants = {"uncompressed": {"anchor_len": 0, "passing_len": "all"}}
 
     def __init__(self, config):

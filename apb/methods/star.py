@@ -17,6 +17,8 @@ from apb.methods.cost import HostWork, merge_bytes
 class Star(Anchored):
     """Star Attention: anchor = the first block by default; no passing."""
 
+    variants = {"shared": {"share_anchor": True}}
+
     @classmethod
     def default_sizes(cls, n_ctx, block):
         return block, 0.0
@@ -26,3 +28,12 @@ class Star(Anchored):
         # host r > 0: [A, B_r] causally, then the query over its block in the query phase
         b = n / w
         return HostWork(a + b + q, (a + b) ** 2 / 2 + q * n / w, b, comm_bytes=merge_bytes(q, shape), steps=1, anchor=a)
+
+    @classmethod
+    def _shared_layer_cost(cls, n, w, shape, q, a, p, role):
+        # host 0 sends the K/V of its block's first a tokens; a host r > 0 runs its block alone and
+        # attends the received anchor besides, hearing it behind its block's causal call
+        b = n / w
+        sent = a * 2 * shape.kv_heads * shape.head_dim * shape.bytes_per_param
+        pairs = b * b / 2 + (b * a if role == "receiver" else 0.0) + q * n / w
+        return HostWork(b + q, pairs, b, comm_bytes=merge_bytes(q, shape), steps=2, overlap_bytes=sent, anchor=a)

@@ -1,0 +1,34 @@
+# Session 23: the bench-attn W=8 32K runs with the shared anchor beside the defaults
+# (run-s23-shared.sh), each ratio against the ideal at the rates that run measured, and the medians.
+# Run: .venv/bin/python docs/results/bench13/shared_summary.py > docs/results/bench13/shared_summary.txt
+import json
+import statistics
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RUNS = sorted(p.name for p in HERE.glob("bench-attn-w8-32k-s23-shared*.json"))
+METHODS = ["ring", "apb", "apb:shared", "spava", "star", "star:shared"]
+PAIRS = [("apb", "ring"), ("apb:shared", "ring"), ("apb:shared", "apb"), ("spava", "apb"), ("spava", "apb:shared"),
+         ("star:shared", "star")]
+ratios = {p: [] for p in PAIRS}
+print("projected seconds per run (rates in ms per GFLOP: attention / per-token, before -> after the rows)")
+print(f"{'run':<40}{'rates':>22}" + "".join(f"{m:>12}" for m in METHODS) + f"{'peak MiB':>10}")
+for name in RUNS:
+    rep = json.loads((HERE / name).read_text())
+    by = {r["method"]: r for r in rep["results"]}
+    r, b = rep["rates"], rep.get("rates_before", rep["rates"])
+    rates = f"{b['attn_s_per_gflop'] * 1e3:.1f}/{b['linear_s_per_gflop'] * 1e3:.1f}->" \
+            f"{r['attn_s_per_gflop'] * 1e3:.1f}/{r['linear_s_per_gflop'] * 1e3:.1f}"
+    print(f"{name:<40}{rates:>22}" + "".join(f"{by[m]['projected_s']:>12.3f}" for m in METHODS)
+          + f"{max(max(x['rank_peak_mem_mib']) for x in by.values()):>10.0f}")
+    for num, den in PAIRS:  # "num vs den": how many times faster num is
+        measured = by[den]["projected_s"] / by[num]["projected_s"]
+        ideal = by[den]["ideal_s"] / by[num]["ideal_s"]
+        ratios[(num, den)].append((measured, ideal))
+print()
+print(f"{'ratio (x faster)':<26}" + "".join(f"{n:>16}" for n in RUNS and [f"run {i + 1}" for i in range(len(RUNS))])
+      + f"{'median':>10}{'ideal':>8}{'eff':>6}")
+for (num, den), v in ratios.items():
+    cells = "".join(f"{f'{m:.2f} ({i:.2f})':>16}" for m, i in v)
+    print(f"{num + ' vs ' + den:<26}{cells}{statistics.median(m for m, _ in v):>10.2f}"
+          f"{statistics.median(i for _, i in v):>8.2f}{statistics.median(m / i for m, i in v):>6.2f}")
