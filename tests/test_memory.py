@@ -132,3 +132,23 @@ def test_exact_layers_count_their_head_sharded_buffers():
             local = (n - n_query) // WORLD + 1
             held = ((n - n_query) * (4 + 2 + 2) * 16 + (n - n_query) * 4 * 16 + local * 12 * 16) * 4
             assert e.transfer >= held > p.transfer, (name, p.transfer, e.transfer, held)
+
+
+def test_a_shared_anchor_is_counted_where_it_is_held():
+    """apb and star at W=4 on tiny-llama: with share_anchor the hosts that receive the anchor run
+    (so hold activations for) their block alone, the source as before, and every host counts the
+    anchor's K/V arriving in one layer's buffer."""
+    cfg = load_model(resolve_model("tiny-llama")).config
+    n, n_query, world = 2000, 20, 4
+    per_tok = memory.kv_bytes_per_token(cfg, 4)
+    for name, receivers in (("apb", (2, 3)), ("star", (1, 2, 3))):
+        own = memory.estimate(build_method(name, MethodConfig()), cfg, 0, n, n_query, world, "float32", "gather", 1)
+        method = build_method(name, MethodConfig(share_anchor=True))
+        shared = memory.estimate(method, cfg, 0, n, n_query, world, "float32", "gather", 1)
+        before, after = build_method(name, MethodConfig()).layout(n, world, n_query), method.layout(n, world, n_query)
+        for r, (o, s) in enumerate(zip(own, shared)):
+            assert s.kv == o.kv, (name, r)
+            # activations follow the rows a host runs: the receivers lose the anchor's
+            assert s.activations * before[r].size == o.activations * after[r].size, (name, r)
+            assert (after[r].size < before[r].size) == (r in receivers), (name, r)
+            assert s.transfer == o.transfer + 2 * method.anchor_len(n, world) * per_tok, (name, r)
