@@ -68,12 +68,13 @@ def _scenario(args: argparse.Namespace, cfg) -> list[dict]:
     except ValueError as e:
         raise UsageError(str(e)) from None
     print(f"{cm.MODELS[args.model].name} on {cm.DEVICES[args.device].name}: predicted prefill seconds")
-    print(f"{'W':>4} {'tokens':>9} " + "".join(f"{m:>10}" for m in methods))
+    width = {m: max(10, len(m) + 2) for m in methods}  # variant names are longer than the figures
+    print(f"{'W':>4} {'tokens':>9} " + "".join(f"{m:>{width[m]}}" for m in methods))
     for w in args.world_sizes:
         for n in args.lengths:
             cells = {r["method"]: r for r in rows if r["length"] == n and (r["world_size"] == w or
                                                                           r["method"] == "full")}
-            print(f"{w:>4} {n:>9} " + "".join(f"{_seconds(cells[m]['predicted_s']):>10}" for m in methods))
+            print(f"{w:>4} {n:>9} " + "".join(f"{_seconds(cells[m]['predicted_s']):>{width[m]}}" for m in methods))
     return rows
 
 
