@@ -31,7 +31,8 @@ import torch
 
 from apb.kernels import attention, available_backends
 
-METHODS = "full,ring,ulysses,star,apb,spava"
+#: star:shared at W = 2 sends host 0's anchor to host 1 each layer: the broadcast on the device
+METHODS = "full,ring,ulysses,star,star:shared,apb,spava"
 BENCH_METHODS = "full,ring,apb,spava"
 #: with --quick (the CPU plumbing check): fewer methods, one short length
 QUICK_METHODS, QUICK_BENCH_METHODS, QUICK_LENGTHS = "full,ring,apb", "full,apb", "512"
