@@ -1,15 +1,21 @@
 # Session 23: the bench-attn W=8 32K runs with the shared anchor beside the defaults
 # (run-s23-shared.sh), each ratio against the ideal at the rates that run measured, and the medians.
 # Run: .venv/bin/python docs/results/bench13/shared_summary.py > docs/results/bench13/shared_summary.txt
+# and, for the runs after spava's one local call (run-s23-fused.sh):
+# .venv/bin/python docs/results/bench13/shared_summary.py fused > docs/results/bench13/fused_summary.txt
 import json
 import statistics
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-RUNS = sorted(p.name for p in HERE.glob("bench-attn-w8-32k-s23-shared*.json"))
-METHODS = ["ring", "apb", "apb:shared", "spava", "star", "star:shared"]
-PAIRS = [("apb", "ring"), ("apb:shared", "ring"), ("apb:shared", "apb"), ("spava", "apb"), ("spava", "apb:shared"),
-         ("star:shared", "star")]
+KIND = sys.argv[1] if len(sys.argv) > 1 else "shared"
+RUNS = sorted(p.name for p in HERE.glob(f"bench-attn-w8-32k-s23-{KIND}*.json"))
+present = {r["method"] for r in json.loads((HERE / RUNS[0]).read_text())["results"]}
+METHODS = [m for m in ["ring", "apb", "apb:shared", "spava", "star", "star:shared"] if m in present]
+PAIRS = [(a, b) for a, b in [("apb", "ring"), ("apb:shared", "ring"), ("apb:shared", "apb"), ("spava", "ring"),
+                             ("spava", "apb"), ("spava", "apb:shared"), ("star:shared", "star")]
+         if a in present and b in present]
 ratios = {p: [] for p in PAIRS}
 print("projected seconds per run (rates in ms per GFLOP: attention / per-token, before -> after the rows)")
 print(f"{'run':<40}{'rates':>22}" + "".join(f"{m:>12}" for m in METHODS) + f"{'peak MiB':>10}")
