@@ -11,10 +11,9 @@ context, and the query ``Q``, fused into the same pass. Per layer::
     Q            exact over every host's cached share (A/W slice, V_r, V_{2W-1-r}) + Q causally
 
 A virtual block sees the local block before it in full (it is already here) and the passing
-blocks of the earlier virtual blocks held elsewhere. Restricted to the local keys, the mask is
-causal over ``[A, V_r, V_{2W-1-r}]``: one call. The passing all-gather is issued before it and
-the query's local partial and waited on only after them, so it overlaps compute; each block
-then attends the passing blocks it sees in one call.
+blocks of the earlier virtual blocks held elsewhere. The passing all-gather is issued before the
+anchor, the query and each block's causal attention over itself, and waited on only after them,
+so it overlaps compute; each block then attends everything before it in one call.
 Each host caches its ``1/W`` share of the anchor; host 0 caches the query.
 """
 
@@ -127,11 +126,7 @@ class Spava(Method):
 
         out = q.new_empty(*q.shape[:3], v.shape[-1])
         has_anchor = a.stop > a.start
-        if (has_anchor and a.stop != r1.start) or r1.stop != r2.start:  # the local rows are one run
-            raise RuntimeError(f"spava's layout on host {ctx.rank} is not [anchor, block, block, query]: anchor "
-                               f"rows {a}, blocks {r1} and {r2}")
-        exact_layer = layer in ctx.plan.exact
-        if has_anchor and exact_layer:
+        if has_anchor:
             out[:, :, a] = attention(q[:, :, a], k[:, :, a], v[:, :, a], causal=True, scale=scale, **opts)[0]
         q_part = None
         if qr.stop > qr.start:
@@ -140,34 +135,36 @@ class Spava(Method):
             q_part = local_partial(q_query, keys, vals, k[:, :, qr], v[:, :, qr], scale, ctx.rank == 0, **opts)
             # the fused query's merge travels while the blocks are attended
             q_part = merge_over_hosts_start(comm, *q_part)
-        if exact_layer:  # both blocks over the anchor and every earlier block, by head shards
+        if layer in ctx.plan.exact:  # both blocks over the anchor and every earlier block, by head shards
             owners, sizes = context_runs(ctx.slices, a.stop - a.start)
             out[:, :, r1], out[:, :, r2] = exact_rows(ctx, q, k, v, [(first.chunk_id, r1), (second.chunk_id, r2)],
                                                       owners, sizes, scale, prefix=a)
             if q_part is not None:
                 out[:, :, qr] = q_part().to(q.dtype)
             return out
-        # what is here, [anchor, block 1, block 2], is exactly what each of its rows sees locally
-        # (the anchor causally, a block everything before it and itself causally): one causal call
-        # while the passing blocks travel (fewer, larger kernel calls: the CPU kernel's diagonal
-        # tiles and a GPU's launches cost per call); then each block over the passing blocks it sees
-        span = slice(a.start if has_anchor else r1.start, r2.stop)
-        local, local_lse = attention(q[:, :, span], k[:, :, span], v[:, :, span], causal=True, scale=scale, **opts)
-        if has_anchor:
-            out[:, :, a] = local[:, :, a.start - span.start:a.stop - span.start]
+        # each block causally over itself while the passing blocks travel; then, in one call, over
+        # what precedes it: the passing blocks it sees and, in full, what is here before it
+        own1 = attention(q[:, :, r1], k[:, :, r1], v[:, :, r1], causal=True, scale=scale, **opts)
+        own2 = attention(q[:, :, r2], k[:, :, r2], v[:, :, r2], causal=True, scale=scale, **opts)
         received = pending.wait() if pending is not None else None
-        for rows, block in ((r1, first), (r2, second)):
-            mine_rows = slice(rows.start - span.start, rows.stop - span.start)
-            out[:, :, rows] = self._with_passing(q, rows, (local[:, :, mine_rows], local_lse[:, :, mine_rows]),
-                                                 block.chunk_id, received, ctx, layer, scale)
+        if (has_anchor and a.stop != r1.start) or r1.stop != r2.start:  # "before" is one run of rows
+            raise RuntimeError(f"spava's layout on host {ctx.rank} is not [anchor, block, block, query]: anchor "
+                               f"rows {a}, blocks {r1} and {r2}")
+        before1 = a if has_anchor else slice(r1.start, r1.start)
+        before2 = slice(before1.start, r1.stop)
+        out[:, :, r1] = self._with_before(q, k, v, r1, own1, before1, first.chunk_id, received, ctx, layer, scale)
+        out[:, :, r2] = self._with_before(q, k, v, r2, own2, before2, second.chunk_id, received, ctx, layer, scale)
         if q_part is not None:
             out[:, :, qr] = q_part().to(q.dtype)
         return out
 
-    def _with_passing(self, q, rows, own, block_id, received, ctx, layer, scale):
-        """``own`` (the block over what is here, causally) merged with one call over the passing
-        blocks this block sees."""
+    def _with_before(self, q, k, v, rows, own, before, block_id, received, ctx, layer, scale):
+        """``own`` (the block over itself) merged with one call over the passing blocks this block
+        sees and the local rows ``before`` it (in full)."""
         ks, vs = self._remote(block_id, received, ctx, layer, q.shape[-1])
+        if before.stop > before.start:
+            ks.append(k[:, :, before])
+            vs.append(v[:, :, before])
         if not ks:
             return own[0].to(q.dtype)
         keys, vals = (ks[0], vs[0]) if len(ks) == 1 else (torch.cat(ks, 2), torch.cat(vs, 2))

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Session 23, after spava's local part became one causal call (commit "spava: the local part of a
+# Session 23, with spava's local part as one causal call (a trial, reverted after ab_spava_call.sh; commit "spava: the local part of a
 # layer in one causal call"): the W=8 32K bench on bench-attn again, three runs, with apb:shared.
 # Run from the repository root: sh docs/results/bench13/run-s23-fused.sh
 set -e

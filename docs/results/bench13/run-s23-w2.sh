@@ -1,5 +1,5 @@
 #!/bin/sh
-# Session 23, after spava's local part became one causal call: W=2, where causal calls are a larger
+# Session 23, with spava's local part as one causal call (a trial, reverted after ab_spava_call.sh): W=2, where causal calls are a larger
 # share of spava's pairs (45% at 8K), on bench-attn (4K-16K) and SmolLM2-135M's real shape (8K,
 # float32: what auto picks on this AMD EPYC). Compare with the session-22 files of the same names
 # (bench-attn-w2-s22-epyc.json, smollm2-fp32-w2-s22-epyc.json).
