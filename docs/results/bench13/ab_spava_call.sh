@@ -3,6 +3,7 @@
 # 35a411d), alternated on the same machine state: bench-attn, W=2 8K and W=8 32K, spava and ring,
 # each variant twice. Run from the repository root (it swaps apb/methods/spava.py and puts it
 # back): sh docs/results/bench13/ab_spava_call.sh > docs/results/bench13/ab_spava_call.txt
+# (the session-23 run's JSON reports, from /tmp/ab_spava, are kept in docs/results/bench13/ab_spava/)
 set -e
 OUT=/tmp/ab_spava
 mkdir -p $OUT
