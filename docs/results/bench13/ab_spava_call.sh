@@ -1,15 +1,16 @@
 #!/bin/sh
-# Session 23: spava's local part as one causal call (now) against the five calls before (commit
-# 35a411d), alternated on the same machine state: bench-attn, W=2 8K and W=8 32K, spava and ring,
+# Session 23: spava's local part as one causal call ("now": commit cc4426a, reverted since) against the
+# five calls before and after it (commit 35a411d), alternated on the same machine state: bench-attn, W=2 8K and W=8 32K, spava and ring,
 # each variant twice. Run from the repository root (it swaps apb/methods/spava.py and puts it
 # back): sh docs/results/bench13/ab_spava_call.sh > docs/results/bench13/ab_spava_call.txt
 # (the session-23 run's JSON reports, from /tmp/ab_spava, are kept in docs/results/bench13/ab_spava/)
 set -e
 OUT=/tmp/ab_spava
 mkdir -p $OUT
-cp apb/methods/spava.py $OUT/spava-now.py
+cp apb/methods/spava.py $OUT/spava-tree.py
+git show cc4426a:apb/methods/spava.py > $OUT/spava-now.py
 git show 35a411d:apb/methods/spava.py > $OUT/spava-before.py
-trap 'cp $OUT/spava-now.py apb/methods/spava.py' EXIT
+trap 'cp $OUT/spava-tree.py apb/methods/spava.py' EXIT
 C="--config configs/tiny-cpu.yaml --model bench-attn --methods ring,spava --repeats 3"
 for round in 1 2; do
   for variant in before now; do
