@@ -306,14 +306,13 @@ class Comm:
                 buf.copy_(wire)
 
     def broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        """:meth:`broadcast_start` and its wait: ``t`` (made contiguous) filled in place and returned."""
         if self.size == 1:
             return t
         t = t.contiguous()
-        wire = self._wire(t)
-        with self._timed("broadcast", _nbytes(t)):
-            dist.broadcast(wire, src=self.global_rank(src), group=self.group)
-        if wire is not t:
-            t.copy_(wire)
+        got = self.broadcast_start(t, src).wait()[0]
+        if got is not t:
+            t.copy_(got)
         return t
 
     def broadcast_start(self, t: torch.Tensor, src: int, op: str = "broadcast") -> "Pending":

@@ -386,3 +386,23 @@ def test_exact_layers_refuse_a_layout_whose_blocks_are_not_the_context_in_order(
     assert owners == [0, 1, 1, 0] and sum(sizes) == 88
     with pytest.raises(ValueError, match="starts at 12, expected block 0 at 0"):
         context_runs(layout.spava(100, 4, 2, 12))  # the anchor is not a prefix every host holds
+
+
+def test_a_shared_anchors_cost_is_the_slower_of_source_and_last_host():
+    """apb:shared at W=4: the last host attends more passing pairs, the source (host 1) runs the
+    anchor's tokens besides; with linear work free the formula is the last host's, with attention
+    free the source's, each equal to the pairs and tokens that host's own formula gives."""
+    n, w, q = 1024, 4, 8
+    b, a, p = n / w, n / w / 4, n / w / 8
+    sizes = Sizes(query=q, share_anchor=True)
+    by_pairs = SimpleNamespace(layers=1, heads=H, kv_heads=KV, head_dim=D, bytes_per_param=4,
+                               linear_flops=lambda tokens: 0.0, attn_flops_per_pair=lambda: 1.0)
+    by_tokens = SimpleNamespace(layers=1, heads=H, kv_heads=KV, head_dim=D, bytes_per_param=4,
+                                linear_flops=lambda tokens: tokens, attn_flops_per_pair=lambda: 0.0)
+    last = method_class("apb").cost(n, w, by_pairs, sizes)
+    source = method_class("apb").cost(n, w, by_tokens, sizes)
+    assert last.tokens == b + q and last.pairs == b * ((w - 1) * p + a) + b * b / 2 + q * n / w
+    assert source.tokens == a + b + q and source.pairs == a * a / 2 + b * (p + a) + b * b / 2 + q * n / w
+    # not shared: host W-1 with its own anchor, more than either
+    own = method_class("apb").cost(n, w, by_pairs, Sizes(query=q))
+    assert own.tokens == a + b + q and own.pairs > last.pairs

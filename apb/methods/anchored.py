@@ -137,10 +137,10 @@ class Anchored(Method):
 
     def transfer_bytes(self, local, n_tokens, world, per_tok, passing, model_config, dtype_bytes):
         passed = super().transfer_bytes(local, n_tokens, world, per_tok, passing, model_config, dtype_bytes)
-        if self.anchor_receivers(world, self.anchor_len(n_tokens, world)):
-            # one layer's anchor K/V in flight (the anchor of the whole prompt's length bounds it;
-            # apb's query vectors ride along, a few rows more)
-            passed += self.anchor_len(n_tokens, world) * per_tok * 2
+        anchor = self.anchor_len(n_tokens, world)  # the whole prompt's: a bound on the context's
+        if self.anchor_receivers(world, anchor):
+            # one layer's anchor K/V in flight (apb's query vectors ride along, a few rows more)
+            passed += anchor * per_tok * 2
         return with_exchange(passed, self.config, local, n_tokens, world, model_config, dtype_bytes)
 
     def layout(self, n_tokens, world_size, n_query=0):
@@ -155,9 +155,11 @@ class Anchored(Method):
         a, b, t = mine.rows("anchor"), mine.rows("block"), mine.rows("query")
         shared = self._share_anchor(ctx, layer, q, k, v, a, b)
         receives = shared is not None and ctx.rank in self.anchor_receivers(ctx.comm.size, ctx.plan.anchor_len)
+        sends = shared is not None and ctx.rank == ctx.plan.anchor_from
         q_query = None
         if self._scores_with_query(ctx, layer):
-            q_query = shared.wait()[2] if receives else self._query_rows(ctx, q)
+            # the source scores with the very vectors it sends (moved once), a receiver with those
+            q_query = shared.parts()[2] if sends or receives else self._query_rows(ctx, q)
         pending = self._share_passing(ctx, layer, q_query, k, v, scale, b)
         out = q.new_empty(*q.shape[:3], v.shape[-1])
         if a.stop > a.start:
@@ -176,11 +178,11 @@ class Anchored(Method):
         if pending is not None:
             extra_k, extra_v = self._received(ctx, layer, pending)
         if receives:
-            anchor_k, anchor_v, _ = shared.wait()
+            anchor_k, anchor_v, _ = shared.parts()
             extra_k.append(anchor_k)
             extra_v.append(anchor_v)
         elif shared is not None:
-            shared.wait()  # host 0 of apb: the broadcast reaches it too, unused
+            shared.pending.wait()  # the source's send, and host 0 of apb, which the broadcast reaches unused
         if a.stop > a.start:
             extra_k.append(k[:, :, a])
             extra_v.append(v[:, :, a])
@@ -212,8 +214,8 @@ class Anchored(Method):
                 raise RuntimeError(f"host {source}'s anchor is {[(tuple(t.shape), t.dtype) for t in parts]}, the "
                                    f"receivers expect {shapes} in {q.dtype}")
             flat = torch.cat([t.reshape(-1) for t in parts])
-        else:
-            flat = q.new_empty(sum(math.prod(s) for s in shapes))
+            return _SharedAnchor(ctx.comm.broadcast_start(flat, source, op="anchor_broadcast"), shapes, tuple(parts))
+        flat = q.new_empty(sum(math.prod(s) for s in shapes))
         return _SharedAnchor(ctx.comm.broadcast_start(flat, source, op="anchor_broadcast"), shapes)
 
     def _scores_with_query(self, ctx, layer) -> bool:
@@ -236,21 +238,22 @@ class Anchored(Method):
 
 @dataclass
 class _SharedAnchor:
-    """One layer's anchor broadcast in flight: ``wait()`` gives (K, V, query vectors)."""
+    """One layer's anchor broadcast in flight: ``parts()`` gives (K, V, query vectors): on the
+    source its own (``own``, no wait), elsewhere what arrived."""
 
     pending: Pending
     shapes: list[tuple[int, ...]]
-    _got: tuple[torch.Tensor, ...] | None = None
+    own: tuple[torch.Tensor, ...] | None = None
 
-    def wait(self) -> tuple[torch.Tensor, ...]:
-        if self._got is None:
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        if self.own is None:
             flat, parts, at = self.pending.wait()[0], [], 0
             for shape in self.shapes:
                 size = math.prod(shape)
                 parts.append(flat[at:at + size].view(shape))
                 at += size
-            self._got = tuple(parts)
-        return self._got
+            self.own = tuple(parts)
+        return self.own
 
 
 def _exact_layer_cost(n: float, w: int, shape, q: float, a: float) -> HostWork:
