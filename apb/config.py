@@ -106,10 +106,11 @@ class MethodConfig(_Section):
                             "behaviour before the fix, kept for comparison)")
     round_to: int = Field(1, ge=1, description="round anchor/passing sizes to a multiple of this (spava: 128)")
     share_anchor: bool = Field(
-        False, description="star, apb: one host computes the anchor and sends its K/V (and apb's query vectors) to "
-                           "the other anchored hosts each layer, instead of every host recomputing it (star: host "
-                           "0's own block start; apb: host 1); the same attention up to rounding, less work on "
-                           "hosts 2..W-1 (star: 1..W-1), one broadcast per layer. spava refuses it")
+        False, description="compute the anchor once instead of on every host: star, apb: one host computes it and "
+                           "sends its K/V (and apb's query vectors) to the other anchored hosts each layer (star: "
+                           "host 0's own block start; apb: host 1), one broadcast per layer; spava: each host "
+                           "computes the 1/W share of the anchor it caches and the shares' K/V travel with the "
+                           "passing blocks. The same attention up to rounding, less linear work")
 
     @field_validator("name")
     @classmethod

@@ -226,12 +226,13 @@ def anchored(n_ctx: int, n_query: int, world_size: int, anchor_len: int, insert_
     return slices
 
 
-def spava(n_ctx: int, n_query: int, world_size: int, anchor_len: int) -> list[HostSlice]:
+def spava(n_ctx: int, n_query: int, world_size: int, anchor_len: int, split_anchor: bool = False) -> list[HostSlice]:
     """Spava: ``[anchor, virtual block r, virtual block 2W-1-r, query]`` on host ``r``.
 
     The context after the anchor is cut into ``2W`` virtual blocks (zigzag over hosts). Every
     host holds the whole anchor but caches only its ``1/W`` share of it; the query is cached
-    by host 0 only.
+    by host 0 only. ``split_anchor``: host ``r`` holds only the share it caches (the hosts
+    exchange the anchor's K/V instead of each computing all of it).
     """
     _check_world(world_size)
     anchor_len = max(0, min(anchor_len, n_ctx))
@@ -246,7 +247,8 @@ def spava(n_ctx: int, n_query: int, world_size: int, anchor_len: int) -> list[Ho
         lo, hi = shares[r]
         anchor = tuple(c for c in (Chunk(-1, 0, lo, ChunkKind.ANCHOR, 0, cached=False),
                                    Chunk(-1, lo, hi, ChunkKind.ANCHOR, lo, cached=True),
-                                   Chunk(-1, hi, anchor_len, ChunkKind.ANCHOR, hi, cached=False)) if c.size > 0)
+                                   Chunk(-1, hi, anchor_len, ChunkKind.ANCHOR, hi, cached=False))
+                       if c.size > 0 and (c.cached or not split_anchor))
         first, second = r, 2 * world_size - 1 - r
         chunks = anchor + (Chunk(first, *blocks[first]), Chunk(second, *blocks[second]))
         if n_query:

@@ -227,7 +227,8 @@ def test_messages_through_host_copies_change_nothing(group3, monkeypatch):
     monkeypatch.setenv(STAGE_ENV, "1")  # the workers spawned below inherit it
     with LocalWorkerGroup(3, worker_kwargs={"device": "cpu", "timeout_s": 120}, timeout_s=300) as staged:
         for method, options in [("ring", {}), ("ulysses", {}), ("star", {}), ("apb", {"passing_len": 24}),
-                                ("spava", {}), ("apb", {"share_anchor": True})]:
+                                ("spava", {}), ("apb", {"share_anchor": True}),
+                                ("spava", {"share_anchor": True, "anchor_len": 40})]:
             for mode in ("gather", "distributed"):
                 want = _run(group3, method, decode_mode=mode, **options)[0]
                 got = _run(staged, method, decode_mode=mode, **options)[0]
@@ -252,14 +253,21 @@ def test_a_shared_anchor_sends_its_kv_and_the_query_vectors_once_per_layer(group
 
 # the same attention whoever computes the anchor: softcap and sliding layers (gemma2), multi-head
 # latent attention (deepseek-v3), sinks and sliding layers (gpt-oss); an exact layer (no broadcast
-# there); a compressor that needs no query vectors; both decode modes
+# there; spava's split anchor gathers its shares there too); a compressor that needs no query
+# vectors; both decode modes. spava's anchor of 40 is split 13, 13, 14 over the hosts
+SPAVA_SPLIT = {"anchor_len": 40}
+
+
 @pytest.mark.parametrize("model,cases", [
     ("tiny-llama", [("star", {}, "gather"), ("apb", {}, "gather"), ("apb", {}, "distributed"),
                     ("apb", {"exact_layers": [1], "passing_len": 24}, "gather"),
-                    ("apb", {"compressor": "stride"}, "gather"), ("star", {"anchor_len": 100}, "distributed")]),
-    ("tiny-gemma2", [("star", {}, "gather"), ("apb", {}, "gather")]),
-    ("tiny-deepseek-v3", [("star", {}, "gather"), ("apb", {}, "gather")]),
-    ("tiny-gpt-oss", [("star", {}, "gather"), ("apb", {"query_positions": "anchor"}, "distributed")]),
+                    ("apb", {"compressor": "stride"}, "gather"), ("star", {"anchor_len": 100}, "distributed"),
+                    ("spava", SPAVA_SPLIT, "gather"), ("spava", SPAVA_SPLIT, "distributed"),
+                    ("spava", {**SPAVA_SPLIT, "exact_layers": [1]}, "gather")]),
+    ("tiny-gemma2", [("star", {}, "gather"), ("apb", {}, "gather"), ("spava", SPAVA_SPLIT, "gather")]),
+    ("tiny-deepseek-v3", [("star", {}, "gather"), ("apb", {}, "gather"), ("spava", SPAVA_SPLIT, "gather")]),
+    ("tiny-gpt-oss", [("star", {}, "gather"), ("apb", {"query_positions": "anchor"}, "distributed"),
+                      ("spava", SPAVA_SPLIT, "distributed")]),
 ])
 def test_a_shared_anchor_changes_nothing_but_who_computes_it(group3, model, cases):
     for method, options, mode in cases:
@@ -267,6 +275,14 @@ def test_a_shared_anchor_changes_nothing_but_who_computes_it(group3, model, case
         got = _run(group3, method, model=model, decode_mode=mode, share_anchor=True, **options)
         assert torch.allclose(got[0].last_logits, want[0].last_logits, atol=1e-5, rtol=0), (method, options, mode)
         assert got[0].tokens == want[0].tokens, (method, options, mode)
-        broadcasts = [o for r in got for o in _ops(r, "context", "anchor_broadcast")]
         exact = set(options.get("exact_layers", []))
+        if method == "spava":  # every global layer's all-gather carries the largest share (14 tokens) more
+            for before, after in zip(want, got):
+                gathered = {o["layer"]: o["bytes"] for o in _ops(before, "context", "all_gather")}
+                shared = {o["layer"]: o["bytes"] for o in _ops(after, "context", "all_gather")}
+                assert set(shared) == set(gathered) | exact and shared, (shared, gathered)
+                share = {layer: shared[layer] - gathered.get(layer, 0) for layer in shared}
+                assert len(set(share.values())) == 1 and min(share.values()) > 0, share
+            continue
+        broadcasts = [o for r in got for o in _ops(r, "context", "anchor_broadcast")]
         assert broadcasts and all(o["layer"] not in exact for o in broadcasts), broadcasts

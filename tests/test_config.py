@@ -357,9 +357,18 @@ def test_share_anchor_is_refused_where_the_anchor_cannot_be_shared():
 
     from apb.model.catalog import resolve_model
 
+    from apb.methods.spava import Spava
+
     model_config = AutoConfig.from_pretrained(resolve_model("tiny-llama"))
-    with pytest.raises(ValueError, match=r"method 'spava' computes its anchor on every host .*unset method.share_anchor"):
-        build_method("spava", MethodConfig(name="spava", share_anchor=True)).check(model_config, 4)
-    for name in ("star", "apb", "apb:shared", "star:shared", "ring"):  # ring has no anchor: nothing to share
+
+    class Unshared(Spava):  # a method with an anchor it cannot share (none registered has one now)
+        shares_anchor = False
+
+    with pytest.raises(ValueError, match=r"method 'spava' computes its anchor on every host and cannot share it "
+                                         r"\(method.share_anchor is for star, apb, spava\); unset method.share_anchor"):
+        Unshared(MethodConfig(name="spava", share_anchor=True)).check(model_config, 4)
+    Unshared(MethodConfig(name="spava")).check(model_config, 4)
+    for name in ("star", "apb", "spava", "apb:shared", "star:shared", "spava:shared", "ring"):  # ring: no anchor
         build_method(name, MethodConfig(name=name, share_anchor=True)).check(model_config, 4)
-    assert build_method("apb:shared", MethodConfig(name="apb:shared")).config.share_anchor
+    for name in ("apb:shared", "star:shared", "spava:shared"):
+        assert build_method(name, MethodConfig(name=name)).config.share_anchor

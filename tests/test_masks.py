@@ -205,10 +205,11 @@ def test_a_shared_anchor_gives_every_block_the_same_keys(name, world, n_ctx, n_q
 # host, the last share one real head and one of padding) and with an anchor or none
 @pytest.mark.parametrize("name,world,n_ctx,n_query,anchor", [("star", 3, 91, 7, 9), ("apb", 4, 130, 5, 12),
                                                              ("apb", 3, 100, 6, 0), ("spava", 3, 100, 6, 10),
-                                                             ("spava", 4, 130, 5, 0), ("spava", 2, 61, 4, 7)])
+                                                             ("spava", 4, 130, 5, 0), ("spava", 2, 61, 4, 7),
+                                                             ("spava:shared", 3, 100, 6, 10)])
 def test_an_exact_layer_attends_every_earlier_context_token(name, world, n_ctx, n_query, anchor):
     n = n_ctx + n_query
-    method = build_method(name, MethodConfig(compressor="stride", anchor_len=anchor, passing_len=3,
+    method = build_method(name, MethodConfig(name=name, compressor="stride", anchor_len=anchor, passing_len=3,
                                              exact_layers=[1]))
     vecs = random_vecs(n, seed=4)
     if method.query_phase:  # star and apb run the query in a second pass: the context alone here
@@ -218,23 +219,44 @@ def test_an_exact_layer_attends_every_earlier_context_token(name, world, n_ctx, 
     checked = 0
     for r, s in enumerate(slices):
         for c, rows in s.chunk_rows():
+            if c.kind == "anchor" and name.startswith("spava"):  # the anchor causally over itself (split: gathered)
+                for row, g in zip(range(rows.start, rows.stop), range(c.start, c.stop)):
+                    assert torch.allclose(outs[r][0, :, row].double(), dense(vecs, g, list(range(g + 1))), atol=1e-5)
             if c.kind != "block":
-                continue  # anchors and the query are as in the layers that are not exact (tests above)
+                continue  # apb's and star's anchors and the query are as in the other layers (tests above)
             for row, g in zip(range(rows.start, rows.stop), range(c.start, c.stop)):
                 got = outs[r][0, :, row].double()
                 assert torch.allclose(got, dense(vecs, g, list(range(g + 1))), atol=1e-5), (r, row, g)
                 checked += 1
-    assert checked == n_ctx - (plan.anchor_len if name == "spava" else 0)
+    assert checked == n_ctx - (plan.anchor_len if name.startswith("spava") else 0)
 
 
-@pytest.mark.parametrize("world,n_ctx,n_query,anchor,passing", [(3, 100, 6, 10, 3), (2, 61, 4, 0, 2), (1, 40, 3, 5, 2)])
-def test_spava_mask_and_exact_query(world, n_ctx, n_query, anchor, passing):
+# with share_anchor the anchor is split: each host holds (and runs) only the share it caches,
+# at uneven shares too (anchor 10 over 3 hosts: 3, 3, 4; 7 over 4: 1, 2, 2, 2), and no key changes
+@pytest.mark.parametrize("world,n_ctx,n_query,anchor,passing,split", [
+    (3, 100, 6, 10, 3, False), (2, 61, 4, 0, 2, False), (1, 40, 3, 5, 2, False),
+    (3, 100, 6, 10, 3, True), (4, 130, 5, 7, 2, True), (2, 61, 4, 9, 0, True), (1, 40, 3, 5, 2, True)])
+def test_spava_mask_and_exact_query(world, n_ctx, n_query, anchor, passing, split):
     n = n_ctx + n_query
-    method = build_method("spava", MethodConfig(compressor="stride", anchor_len=anchor, passing_len=passing))
+    method = build_method("spava", MethodConfig(compressor="stride", anchor_len=anchor, passing_len=passing,
+                                                share_anchor=split))
     vecs = random_vecs(n, seed=1)
-    slices, plan, outs = run_hosts(method, n, n_query, world, vecs)
+    slices, plan, outs = run_hosts(method, n, n_query, world, vecs, comms=(comms := {}))
     vblocks = {c.chunk_id: c for s in slices for c in s.blocks()}
     a = plan.anchor_len
+    held = [s.indices[s.rows("anchor")].tolist() for s in slices]
+    cached = [s.indices[s.valid].tolist() for s in slices]
+    if split:  # each anchor token on exactly one host, the one caching it
+        assert sorted(t for h in held for t in h) == list(range(a))
+        assert all(set(h) <= set(c) for h, c in zip(held, cached))
+    else:
+        assert all(h == list(range(a)) for h in held)
+    per_token = 2 * KV * D * 4
+    for r, c in comms.items():  # one all-gather: both passing blocks and, split, the largest anchor share
+        sent = sum(o.bytes for (_, _, op), o in c.stats.ops.items() if op == "all_gather")
+        share = -(-a // world) if split and world > 1 else 0
+        width = max(min(passing, b.size) for b in vblocks.values()) if world > 1 else 0
+        assert sent == (2 * width + share) * per_token, (r, sent)
     for r, s in enumerate(slices):
         first, second = s.blocks()
         for (c, rows) in s.chunk_rows():
@@ -344,6 +366,8 @@ def test_cost_formula_counts_the_pairs_the_attention_steps_compute(pair_counter,
     ("spava", 4, {"exact_layers": [0, 2], "anchor_len": 0}),
     ("apb", 4, {"share_anchor": True, "passing_len": [16, 64, 0]}),
     ("star", 3, {"share_anchor": True, "anchor_len": 64}),
+    ("spava", 4, {"share_anchor": True, "passing_len": [8, "all", 0], "anchor_len": 32}),
+    ("spava", 3, {"share_anchor": True, "exact_layers": [1], "anchor_len": 30}),
 ])
 def test_cost_formula_counts_each_layers_pairs(pair_counter, name, world, options):
     n_ctx, n_query, layers = 1024, 8, 3
@@ -374,6 +398,8 @@ def test_cost_formula_counts_each_layers_pairs(pair_counter, name, world, option
     assert formula <= total <= formula * 1.01, (name, options, total, formula)
     if options.get("exact_layers"):  # and the exchange's bytes: the formula's beyond the query merge
         moved = layers * (work.comm_bytes - merge_bytes(n_query, shape))
+        if name == "spava" and options.get("share_anchor"):  # and the split anchor's shares, gathered first
+            moved -= len(options["exact_layers"]) * (world - 1) * work.anchor / world * 2 * KV * D * 4
         assert sent == pytest.approx(moved, rel=0.01), (sent, moved)
 
 

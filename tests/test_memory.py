@@ -152,3 +152,24 @@ def test_a_shared_anchor_is_counted_where_it_is_held():
             assert s.activations * before[r].size == o.activations * after[r].size, (name, r)
             assert (after[r].size < before[r].size) == (r in receivers), (name, r)
             assert s.transfer == o.transfer + 2 * method.anchor_len(n, world) * per_tok, (name, r)
+
+
+def test_a_split_anchor_is_counted_where_it_is_held():
+    """spava at W=4 on tiny-llama: with share_anchor every host runs (so holds activations for)
+    only its share of the anchor, caches what it cached before, and counts every host's share
+    arriving (padded to the largest) beside the passing blocks."""
+    cfg = load_model(resolve_model("tiny-llama")).config
+    n, n_query, world = 2000, 20, 4
+    per_tok = memory.kv_bytes_per_token(cfg, 4)
+    plain, method = build_method("spava", MethodConfig()), build_method("spava", MethodConfig(share_anchor=True))
+    own = memory.estimate(plain, cfg, 0, n, n_query, world, "float32", "gather", 1)
+    split = memory.estimate(method, cfg, 0, n, n_query, world, "float32", "gather", 1)
+    before, after = plain.layout(n, world, n_query), method.layout(n, world, n_query)
+    anchor = method.anchor_len(n - n_query, world)
+    shares = [sum(c.size for c in s.chunks if c.kind == "anchor") for s in after]
+    assert sum(shares) == anchor and max(shares) - min(shares) <= 1, shares
+    for r, (o, s) in enumerate(zip(own, split)):
+        assert s.kv == o.kv, r
+        assert after[r].size == before[r].size - anchor + shares[r], r
+        assert s.activations * before[r].size == o.activations * after[r].size, r
+        assert s.transfer == o.transfer + 2 * world * -(-method.anchor_len(n, world) // world) * per_tok, r

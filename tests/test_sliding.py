@@ -74,6 +74,8 @@ LAYOUTS = {
     "star": lambda n, w, q: build_method("star", MethodConfig()).layout(n, w, q),
     "apb": lambda n, w, q: build_method("apb", MethodConfig()).layout(n, w, q),
     "spava": lambda n, w, q: build_method("spava", MethodConfig(anchor_len=20)).layout(n, w, q),
+    # the anchor split over the hosts: its tokens, real and each on one host, come as halo too
+    "spava:shared": lambda n, w, q: build_method("spava", MethodConfig(anchor_len=20, share_anchor=True)).layout(n, w, q),
 }
 
 
@@ -83,7 +85,8 @@ def test_halo_plan_gives_every_real_row_its_whole_window_once(name, n, world, wi
     n_query = 9
     slices = LAYOUTS[name](n, world, n_query)
     plans = [halo_plan(slices, r, window) for r in range(world)]
-    blocks = {i: s.rank for s in slices for c in s.blocks() for i in range(c.start, min(c.stop, n))}
+    real = [(s.rank, c) for s in slices for c, is_real in zip(s.chunks, real_chunks(slices, s.rank)) if is_real]
+    blocks = {i: r for r, c in real[::-1] for i in range(c.start, min(c.stop, n))}  # the lowest rank holding i
     for r, (s, plan) in enumerate(zip(slices, plans)):
         local = set()
         for c, real in zip(s.chunks, real_chunks(slices, r)):
@@ -92,7 +95,7 @@ def test_halo_plan_gives_every_real_row_its_whole_window_once(name, n, world, wi
         received = [int(i) for idx in plan.recv.values() for i in idx]
         assert len(received) == len(set(received)) and not set(received) & local  # nothing twice, nothing held
         for src, idx in plan.recv.items():
-            assert all(blocks[int(i)] == src for i in idx)  # from the host holding it as a block
+            assert all(blocks[int(i)] == src for i in idx)  # from the (first) host holding it as a real token
             assert torch.equal(plans[src].send[r], idx)  # what src sends is what r expects
             rows = plans[src].send_rows[r]
             assert torch.equal(slices[src].indices[rows], idx)  # and the rows it sends hold those tokens

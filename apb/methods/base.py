@@ -72,8 +72,11 @@ class Method:
     def check(self, model_config: Any, world_size: int) -> None:
         """Raise a readable error if this method cannot run this model at this world size."""
         if getattr(self.config, "share_anchor", False) and self.has_anchor and not self.shares_anchor:
+            from apb.methods.registry import method_class, method_names  # the registry imports this module
+
+            can = ", ".join(n for n in method_names() if method_class(n).shares_anchor)
             raise ValueError(f"method {self.label!r} computes its anchor on every host and cannot share it "
-                             "(method.share_anchor is for star and apb); unset method.share_anchor")
+                             f"(method.share_anchor is for {can}); unset method.share_anchor")
         layers = getattr(self.config, "exact_layers", None)
         if layers:  # a multimodal config keeps its layer count in the text model's config
             text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config

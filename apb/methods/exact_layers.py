@@ -91,13 +91,14 @@ def context_runs(slices, prefix: int = 0) -> tuple[list[int], list[int]]:
 
 
 def exact_rows(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: list[tuple[int, slice]],
-               owners: list[int], sizes: list[int], scale: float, prefix: slice | None = None) -> list[torch.Tensor]:
+               owners: list[int], sizes: list[int], scale: float,
+               prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Exact causal attention of this host's context rows over every earlier context token, by head shards.
 
     The context is ``len(sizes)`` runs in prompt order, run ``i`` on host ``owners[i]`` with
     ``sizes[i]`` rows (:func:`context_runs`); ``runs`` are this host's, as (run index, local rows).
-    ``prefix``: local rows of the tokens before the first run, which every host holds (spava's
-    anchor): keys for every run, sent nowhere. Returns each of ``runs``' outputs, (batch, H, rows, dv).
+    ``prefix``: the (K, V) of the tokens before the first run, which every host holds (spava's
+    anchor, computed here or gathered from the hosts' shares): keys for every run, sent nowhere. Returns each of ``runs``' outputs, (batch, H, rows, dv).
     """
     comm, rank, world = ctx.comm, ctx.rank, ctx.comm.size
     batch, heads, _, dq = q.shape
@@ -136,10 +137,10 @@ def exact_rows(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: lis
             at += a + b + c
     order = range(len(sizes))
     ks, vs = [parts[r][1] for r in order], [parts[r][2] for r in order]
-    if prefix is not None and prefix.stop > prefix.start:
+    if prefix is not None and prefix[0].shape[2]:
         kv = sent_t[rank * m:(rank + 1) * m]
-        ks.insert(0, k[:, kv, prefix])
-        vs.insert(0, v[:, kv, prefix])
+        ks.insert(0, prefix[0][:, kv])
+        vs.insert(0, prefix[1][:, kv])
     keys, vals = torch.cat(ks, 2), torch.cat(vs, 2)
     if index is not None:  # this host's query heads read its KV heads unevenly: one per query head
         idx = _index(ctx, index, k.device)

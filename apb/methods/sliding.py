@@ -133,11 +133,18 @@ def _needs(slices: list[HostSlice], rank: int, window: int) -> list[Interval]:
 def halo_plan(slices: list[HostSlice], rank: int, window: int) -> HaloPlan:
     """The halo exchange of host ``rank`` (pure: every host derives every other host's needs).
 
-    A needed index comes from the host holding it in a block (each index has at most one). Works
-    on intervals, so its cost grows with the number of chunks, not with the prompt's length.
+    A needed index comes from a host holding it as a real token: in a block, or in spava's anchor
+    (split over the hosts, each token on one; whole, every host holds it and needs none of it from
+    another); where several hold it, the lowest rank sends. Works on intervals, so its cost grows
+    with the number of chunks, not with the prompt's length.
     """
-    blocks = {s.rank: _union([(c.start, min(c.stop, s.n_tokens)) for c in s.blocks()]) for s in slices}
-    held = _union([iv for ivs in blocks.values() for iv in ivs])
+    blocks: dict[int, list[Interval]] = {}
+    taken: list[Interval] = []
+    for s in slices:
+        real = _union([(lo, hi) for lo, hi, _ in _real_runs(slices, s.rank)])
+        blocks[s.rank] = _subtract(real, _union(taken))
+        taken += real
+    held = _union(taken)
     recv: dict[int, torch.Tensor] = {}
     send: dict[int, torch.Tensor] = {}
     send_rows: dict[int, torch.Tensor] = {}
@@ -147,7 +154,7 @@ def halo_plan(slices: list[HostSlice], rank: int, window: int) -> HaloPlan:
         orphan = _subtract(need, held)
         if orphan:
             raise RuntimeError(f"sliding window: token {orphan[0][0]}, needed by host {r}, is held by no host as a "
-                               "block (a layout this exchange does not know)")
+                               "real token (a layout this exchange does not know)")
         if r == rank:
             for src, ivs in blocks.items():
                 got = _intersect(need, ivs)

@@ -15,6 +15,12 @@ blocks of the earlier virtual blocks held elsewhere. The passing all-gather is i
 anchor, the query and each block's causal attention over itself, and waited on only after them,
 so it overlaps compute; each block then attends everything before it in one call.
 Each host caches its ``1/W`` share of the anchor; host 0 caches the query.
+
+With ``method.share_anchor`` the anchor is split instead of recomputed: host ``r`` holds only the
+share it caches, sends that share's K/V in the same all-gather as the passing blocks, and its
+share's rows attend the whole anchor up to them (the shares before theirs arrived with it), so
+each anchor row runs through the linear layers on one host, not on all ``W``. Every other row
+sees the same keys as before.
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ class SpavaPlan:
 class Spava(Method):
     exact = False
     has_anchor = True
-    variants = {"uncompressed": {"anchor_len": 0, "passing_len": "all"}}
+    shares_anchor = True
+    variants = {"uncompressed": {"anchor_len": 0, "passing_len": "all"}, "shared": {"share_anchor": True}}
 
     def __init__(self, config):
         super().__init__(config)
@@ -74,17 +81,27 @@ class Spava(Method):
 
         exact = resolve_exact_layers(sizes.exact_layers, shape.layers)
         fused = q * (a / w + 2 * v)
+        per_token = 2 * shape.kv_heads * shape.head_dim * shape.bytes_per_param
+        if sizes.share_anchor and a > 0:
+            # a split anchor: each host runs its 1/W share of the anchor rows; host W-1's share
+            # attends the whole anchor before it. The shares' K/V travel with the passing blocks
+            anchor_tokens, anchor_pairs = a / w, a * a / w - a * a / (2 * w * w)
+            anchor_bytes = (w - 1) * a / w * per_token
+        else:
+            anchor_tokens, anchor_pairs, anchor_bytes = a, a * a / 2, 0.0
 
         def layer(p):
-            pairs = a * a / 2 + v * a + v * v / 2 + v * (a + v + (2 * w - 2) * p) + v * v / 2 + fused
-            gathered = (w - 1) * 2 * p * 2 * shape.kv_heads * shape.head_dim * shape.bytes_per_param
-            return HostWork(a + 2 * v + q, pairs, a / w + 2 * v, comm_bytes=merge_bytes(q, shape), steps=2,
-                            overlap_bytes=gathered, anchor=a, passing=p)
+            pairs = anchor_pairs + v * a + v * v / 2 + v * (a + v + (2 * w - 2) * p) + v * v / 2 + fused
+            gathered = (w - 1) * 2 * p * per_token + anchor_bytes
+            return HostWork(anchor_tokens + 2 * v + q, pairs, a / w + 2 * v, comm_bytes=merge_bytes(q, shape),
+                            steps=2, overlap_bytes=gathered, anchor=a, passing=p)
 
         def exact_layer():  # the anchor, a head shard of the blocks over the anchor and each other, the query
             pairs, moved = exact_work(n - a, a, w, shape)
-            return HostWork(a + 2 * v + q, a * a / 2 + pairs + fused, a / w + 2 * v,
-                            comm_bytes=merge_bytes(q, shape) + moved, steps=3, anchor=a)
+            # a split anchor's shares arrive before the exchange: a step not hidden behind compute
+            return HostWork(anchor_tokens + 2 * v + q, anchor_pairs + pairs + fused, a / w + 2 * v,
+                            comm_bytes=merge_bytes(q, shape) + moved + anchor_bytes,
+                            steps=3 + (anchor_bytes > 0), anchor=a)
 
         return over_layers([exact_layer() if i in exact else layer(p) for i, p in enumerate(passing)])
 
@@ -106,11 +123,17 @@ class Spava(Method):
 
     def transfer_bytes(self, local, n_tokens, world, per_tok, passing, model_config, dtype_bytes):
         passed = super().transfer_bytes(local, n_tokens, world, per_tok, passing, model_config, dtype_bytes)
+        if self.config.share_anchor and world > 1:
+            # a split anchor: every host's share received (padded to the largest), then the whole
+            # anchor's K/V put together, beside the passing blocks
+            share = -(-self.anchor_len(n_tokens, world) // world)
+            passed += 2 * world * share * per_tok
         return with_exchange(passed, self.config, local, n_tokens, world, model_config, dtype_bytes)
 
     def layout(self, n_tokens, world_size, n_query=0):
         n_ctx = n_tokens - n_query
-        return layout.spava(n_ctx, n_query, world_size, self.anchor_len(n_ctx, world_size))
+        return layout.spava(n_ctx, n_query, world_size, self.anchor_len(n_ctx, world_size),
+                            split_anchor=bool(self.config.share_anchor))
 
     def capture_pre_rope(self) -> bool:
         return self.compressor.needs_pre_rope
@@ -122,11 +145,12 @@ class Spava(Method):
         first, second = mine.blocks()
         r1, r2 = rows[("block", first.chunk_id)], rows[("block", second.chunk_id)]
         q_query = q[:, :, qr]
-        pending = self._share_passing(ctx, layer, q_query, k, v, scale, (r1, r2))
+        split = self._splits_anchor(ctx)
+        pending = self._share(ctx, layer, q_query, k, v, scale, (r1, r2), a if split else None)
 
         out = q.new_empty(*q.shape[:3], v.shape[-1])
         has_anchor = a.stop > a.start
-        if has_anchor:
+        if has_anchor and not split:
             out[:, :, a] = attention(q[:, :, a], k[:, :, a], v[:, :, a], causal=True, scale=scale, **opts)[0]
         q_part = None
         if qr.stop > qr.start:
@@ -136,42 +160,87 @@ class Spava(Method):
             # the fused query's merge travels while the blocks are attended
             q_part = merge_over_hosts_start(comm, *q_part)
         if layer in ctx.plan.exact:  # both blocks over the anchor and every earlier block, by head shards
-            owners, sizes = context_runs(ctx.slices, a.stop - a.start)
+            received, anchor_kv = pending.wait() if pending is not None else (None, None)
+            if split:
+                self._anchor_share_rows(ctx, q, a, anchor_kv, out, scale)
+            else:
+                anchor_kv = (k[:, :, a], v[:, :, a])
+            owners, sizes = context_runs(ctx.slices, ctx.plan.anchor_len)
             out[:, :, r1], out[:, :, r2] = exact_rows(ctx, q, k, v, [(first.chunk_id, r1), (second.chunk_id, r2)],
-                                                      owners, sizes, scale, prefix=a)
+                                                      owners, sizes, scale, prefix=anchor_kv)
             if q_part is not None:
                 out[:, :, qr] = q_part().to(q.dtype)
             return out
-        # each block causally over itself while the passing blocks travel; then, in one call, over
-        # what precedes it: the passing blocks it sees and, in full, what is here before it
+        # each block causally over itself while the passing blocks (and a split anchor's shares)
+        # travel; then, in one call, over what precedes it: the passing blocks it sees and, in
+        # full, the anchor and what is here before it
         own1 = attention(q[:, :, r1], k[:, :, r1], v[:, :, r1], causal=True, scale=scale, **opts)
         own2 = attention(q[:, :, r2], k[:, :, r2], v[:, :, r2], causal=True, scale=scale, **opts)
-        received = pending.wait() if pending is not None else None
-        if (has_anchor and a.stop != r1.start) or r1.stop != r2.start:  # "before" is one run of rows
+        received, anchor_kv = pending.wait() if pending is not None else (None, None)
+        if (has_anchor and a.stop != r1.start) or r1.stop != r2.start:  # [anchor, block, block, query]
             raise RuntimeError(f"spava's layout on host {ctx.rank} is not [anchor, block, block, query]: anchor "
                                f"rows {a}, blocks {r1} and {r2}")
-        before1 = a if has_anchor else slice(r1.start, r1.start)
-        before2 = slice(before1.start, r1.stop)
-        out[:, :, r1] = self._with_before(q, k, v, r1, own1, before1, first.chunk_id, received, ctx, layer, scale)
-        out[:, :, r2] = self._with_before(q, k, v, r2, own2, before2, second.chunk_id, received, ctx, layer, scale)
+        if split:
+            self._anchor_share_rows(ctx, q, a, anchor_kv, out, scale)
+        elif has_anchor:
+            anchor_kv = (k[:, :, a], v[:, :, a])
+        before1 = [] if anchor_kv is None else [anchor_kv]
+        before2 = before1 + [(k[:, :, r1], v[:, :, r1])]
+        out[:, :, r1] = self._with_before(q, r1, own1, before1, first.chunk_id, received, ctx, layer, scale)
+        out[:, :, r2] = self._with_before(q, r2, own2, before2, second.chunk_id, received, ctx, layer, scale)
         if q_part is not None:
             out[:, :, qr] = q_part().to(q.dtype)
         return out
 
-    def _with_before(self, q, k, v, rows, own, before, block_id, received, ctx, layer, scale):
+    def _splits_anchor(self, ctx) -> bool:
+        """Whether the anchor's rows are split over the hosts (``method.share_anchor``)."""
+        return bool(self.config.share_anchor) and ctx.comm.size > 1 and ctx.plan.anchor_len > 0
+
+    @staticmethod
+    def _anchor_share_rows(ctx, q, a, anchor_kv, out, scale) -> None:
+        """A split anchor: this host's share of the anchor rows, causally over the whole anchor's
+        K/V up to its last row (the shares before it arrived with the all-gather)."""
+        if a.stop == a.start:
+            return
+        hi = next(c.stop for c in ctx.mine.chunks if c.kind == "anchor")
+        ak, av = anchor_kv
+        # the share is the last rows of the keys up to ``hi``: a bottom-right causal call
+        out[:, :, a] = attention(q[:, :, a], ak[:, :, :hi], av[:, :, :hi], causal=True, scale=scale,
+                                 **ctx.score_opts)[0]
+
+    def _with_before(self, q, rows, own, before, block_id, received, ctx, layer, scale):
         """``own`` (the block over itself) merged with one call over the passing blocks this block
-        sees and the local rows ``before`` it (in full)."""
+        sees and the keys ``before`` it here ((K, V) pairs, attended in full)."""
         ks, vs = self._remote(block_id, received, ctx, layer, q.shape[-1])
-        if before.stop > before.start:
-            ks.append(k[:, :, before])
-            vs.append(v[:, :, before])
+        for kb, vb in before:
+            if kb.shape[2]:
+                ks.append(kb)
+                vs.append(vb)
         if not ks:
             return own[0].to(q.dtype)
         keys, vals = (ks[0], vs[0]) if len(ks) == 1 else (torch.cat(ks, 2), torch.cat(vs, 2))
         part = attention(q[:, :, rows], keys, vals, causal=False, scale=scale, **ctx.score_opts)
         return merge_many([own, part])[0].to(q.dtype)
 
-    def _share_passing(self, ctx, layer, q_query, k, v, scale, block_rows):
+    def _share(self, ctx, layer, q_query, k, v, scale, block_rows, anchor_rows):
+        """Start this layer's one all-gather: both virtual blocks' passing tokens and, where the
+        anchor is split (``anchor_rows``: this host's share), the share's K/V. None when neither
+        travels."""
+        passing = self._passing_shares(ctx, layer, q_query, k, v, scale, block_rows)
+        if anchor_rows is None:
+            return None if passing is None else _Gathered(ctx.comm.all_gather_start(passing))
+        sizes = [sum(c.size for c in s.chunks if c.kind == "anchor") for s in ctx.slices]
+        share = torch.cat([k[:, :, anchor_rows], v[:, :, anchor_rows]], -1)
+        if share.shape[2] < max(sizes):  # every host sends the same size: the largest share
+            share = torch.cat([share, share.new_zeros(*share.shape[:2], max(sizes) - share.shape[2],
+                                                      share.shape[3])], 2)
+        flat = share.reshape(-1) if passing is None else torch.cat([passing.reshape(-1), share.reshape(-1)])
+        return _Gathered(ctx.comm.all_gather_start(flat), None if passing is None else passing.shape,
+                         (share.shape, sizes, k.shape[-1]))
+
+    def _passing_shares(self, ctx, layer, q_query, k, v, scale, block_rows):
+        """Both virtual blocks' passing tokens, K and V side by side, padded to one width:
+        (2, batch, kv_heads, width, dk + dv); None where nothing is passed."""
         world = ctx.comm.size
         p = ctx.plan.passing[layer]
         if world == 1 or p <= 0:
@@ -194,7 +263,7 @@ class Spava(Method):
             shares.append(share)
         if chosen:  # both virtual blocks, side by side: (kv_heads, p_first + p_second)
             ctx.scratch[("passing", layer)] = torch.cat(chosen, -1)
-        return ctx.comm.all_gather_start(torch.stack(shares))
+        return torch.stack(shares)
 
     @staticmethod
     def _remote(block_id, received, ctx, layer, dk) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -208,6 +277,25 @@ class Spava(Method):
             ks.append(received[host][slot, :, :, :size, :dk])
             vs.append(received[host][slot, :, :, :size, dk:])
         return ks, vs
+
+
+class _Gathered:
+    """The layer's all-gather in flight; ``wait()`` gives (every host's passing shares or None,
+    the whole anchor's (K, V) from the hosts' shares in order, or None)."""
+
+    def __init__(self, pending, passing_shape=None, anchor=None):
+        self.pending, self.passing_shape, self.anchor = pending, passing_shape, anchor
+
+    def wait(self):
+        parts = self.pending.wait()
+        if self.anchor is None:
+            return parts, None
+        shape, sizes, dk = self.anchor
+        at = 0 if self.passing_shape is None else self.passing_shape.numel()
+        passing = None if self.passing_shape is None else [t[:at].view(self.passing_shape) for t in parts]
+        shares = [t[at:].view(shape)[:, :, :n] for t, n in zip(parts, sizes)]
+        anchor = torch.cat(shares, 2)
+        return passing, (anchor[..., :dk], anchor[..., dk:])
 
 
 def _rows(x: torch.Tensor, runs: list[slice]) -> torch.Tensor:
