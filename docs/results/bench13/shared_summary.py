@@ -3,6 +3,8 @@
 # Run: .venv/bin/python docs/results/bench13/shared_summary.py > docs/results/bench13/shared_summary.txt
 # and, for the runs after spava's one local call (run-s23-fused.sh):
 # .venv/bin/python docs/results/bench13/shared_summary.py fused > docs/results/bench13/fused_summary.txt
+# Session 24, spava's anchor split (run-s24-split.sh):
+# .venv/bin/python docs/results/bench13/shared_summary.py s24-split > docs/results/bench13/split_summary.txt
 import json
 import statistics
 import sys
@@ -10,31 +12,36 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 KIND = sys.argv[1] if len(sys.argv) > 1 else "shared"
-RUNS = sorted(p.name for p in HERE.glob(f"bench-attn-w8-32k-s23-{KIND}*.json"))
+TAG = KIND if "-" in KIND else f"s23-{KIND}"  # a session's tag, or one of session 23's
+RUNS = sorted(p.name for p in HERE.glob(f"bench-attn-w8-32k-{TAG}*.json"))
 present = {r["method"] for r in json.loads((HERE / RUNS[0]).read_text())["results"]}
-METHODS = [m for m in ["ring", "apb", "apb:shared", "spava", "star", "star:shared"] if m in present]
+METHODS = [m for m in ["ring", "apb", "apb:shared", "spava", "spava:shared", "star", "star:shared"] if m in present]
 PAIRS = [(a, b) for a, b in [("apb", "ring"), ("apb:shared", "ring"), ("apb:shared", "apb"), ("spava", "ring"),
-                             ("spava", "apb"), ("spava", "apb:shared"), ("star:shared", "star")]
+                             ("spava", "apb"), ("spava", "apb:shared"), ("spava:shared", "ring"),
+                             ("spava:shared", "spava"), ("spava:shared", "apb"), ("spava:shared", "apb:shared"),
+                             ("star:shared", "star")]
          if a in present and b in present]
 ratios = {p: [] for p in PAIRS}
+LABEL = max(26, max(len(f"{a} vs {b}") for a, b in PAIRS) + 2)
+COL = {m: max(12, len(m) + 1) for m in METHODS}
 print("projected seconds per run (rates in ms per GFLOP: attention / per-token, before -> after the rows)")
-print(f"{'run':<40}{'rates':>22}" + "".join(f"{m:>12}" for m in METHODS) + f"{'peak MiB':>10}")
+print(f"{'run':<40}{'rates':>22}" + "".join(f"{m:>{COL[m]}}" for m in METHODS) + f"{'peak MiB':>10}")
 for name in RUNS:
     rep = json.loads((HERE / name).read_text())
     by = {r["method"]: r for r in rep["results"]}
     r, b = rep["rates"], rep.get("rates_before", rep["rates"])
     rates = f"{b['attn_s_per_gflop'] * 1e3:.1f}/{b['linear_s_per_gflop'] * 1e3:.1f}->" \
             f"{r['attn_s_per_gflop'] * 1e3:.1f}/{r['linear_s_per_gflop'] * 1e3:.1f}"
-    print(f"{name:<40}{rates:>22}" + "".join(f"{by[m]['projected_s']:>12.3f}" for m in METHODS)
+    print(f"{name:<40}{rates:>22}" + "".join(f"{by[m]['projected_s']:>{COL[m]}.3f}" for m in METHODS)
           + f"{max(max(x['rank_peak_mem_mib']) for x in by.values()):>10.0f}")
     for num, den in PAIRS:  # "num vs den": how many times faster num is
         measured = by[den]["projected_s"] / by[num]["projected_s"]
         ideal = by[den]["ideal_s"] / by[num]["ideal_s"]
         ratios[(num, den)].append((measured, ideal))
 print()
-print(f"{'ratio (x faster)':<26}" + "".join(f"{n:>16}" for n in RUNS and [f"run {i + 1}" for i in range(len(RUNS))])
+print(f"{'ratio (x faster)':<{LABEL}}" + "".join(f"{n:>16}" for n in RUNS and [f"run {i + 1}" for i in range(len(RUNS))])
       + f"{'median':>10}{'ideal':>8}{'eff':>6}")
 for (num, den), v in ratios.items():
     cells = "".join(f"{f'{m:.2f} ({i:.2f})':>16}" for m, i in v)
-    print(f"{num + ' vs ' + den:<26}{cells}{statistics.median(m for m, _ in v):>10.2f}"
+    print(f"{num + ' vs ' + den:<{LABEL}}{cells}{statistics.median(m for m, _ in v):>10.2f}"
           f"{statistics.median(i for _, i in v):>8.2f}{statistics.median(m / i for m, i in v):>6.2f}")

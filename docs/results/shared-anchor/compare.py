@@ -1,13 +1,18 @@
 # Per document: each method's answer with its anchor shared against its answer without, the
 # first answer token's lead (logit margin) in both, and the prefill wall times.
 # Run: .venv/bin/python docs/results/shared-anchor/compare.py > docs/results/shared-anchor/compare.txt
+# and for spava's split anchor (session 24, run-spava.sh):
+# .venv/bin/python docs/results/shared-anchor/compare.py passkey-4096-w4-spava.json spava > .../compare-spava.txt
 import json
 import statistics
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-docs = [json.loads(line) for line in (HERE / "passkey-4096-w4.json.docs.jsonl").read_text().splitlines()]
-for base in ("apb", "star"):
+REPORT = sys.argv[1] if len(sys.argv) > 1 else "passkey-4096-w4.json"
+BASES = sys.argv[2:] or ["apb", "star"]
+docs = [json.loads(line) for line in (HERE / f"{REPORT}.docs.jsonl").read_text().splitlines()]
+for base in BASES:
     shared = f"{base}:shared"
     same = sum(d["answers"][base]["answer"] == d["answers"][shared]["answer"] for d in docs)
     right = [sum(bool(d["answers"][m]["correct"]) for d in docs) for m in (base, shared)]
