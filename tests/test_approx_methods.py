@@ -36,7 +36,7 @@ def _ops(reply, phase, op=None):
 
 def test_apb_one_all_gather_per_layer_of_the_passing_block(group3):
     p = 24
-    for reply in _run(group3, "apb", passing_len=p, anchor_len=64):
+    for reply in _run(group3, "apb", passing_len=p, anchor_len=64, share_anchor=False):
         ctx_ops = _ops(reply, "context")
         assert sorted((o["layer"], o["op"]) for o in ctx_ops) == [(layer, "all_gather") for layer in range(LAYERS)]
         for o in ctx_ops:
@@ -45,7 +45,7 @@ def test_apb_one_all_gather_per_layer_of_the_passing_block(group3):
 
 
 def test_apb_per_layer_passing_budget(group3):
-    for reply in _run(group3, "apb", passing_len=[8, 40]):
+    for reply in _run(group3, "apb", passing_len=[8, 40], share_anchor=False):
         sent = {o["layer"]: o["bytes"] for o in _ops(reply, "context", "all_gather")}
         assert sent == {0: 8 * 2 * KV_HEADS * HEAD_DIM * 4, 1: 40 * 2 * KV_HEADS * HEAD_DIM * 4}
 
@@ -59,7 +59,7 @@ def test_star_context_phase_sends_nothing(group3):
 
 def test_spava_one_overlapped_all_gather_per_layer(group3):
     p = 16
-    for reply in _run(group3, "spava", passing_len=p, anchor_len=32):
+    for reply in _run(group3, "spava", passing_len=p, anchor_len=32, share_anchor=False):
         gathers = _ops(reply, "context", "all_gather")
         assert sorted(o["layer"] for o in gathers) == list(range(LAYERS))
         # two virtual blocks per host, each sending p K/V pairs per KV head
@@ -92,7 +92,8 @@ def test_decode_modes_give_identical_tokens(group3, method):
 def test_retaining_heads_compressor_runs_from_a_weights_file(group3, tmp_path):
     path = resolve_model("tiny-llama")
     weights = random_retaining_heads(tmp_path / "heads.safetensors", AutoConfig.from_pretrained(path), hidden=32)
-    replies = _run(group3, "apb", compressor="retaining_heads", retaining_heads_path=str(weights), passing_len=12)
+    replies = _run(group3, "apb", compressor="retaining_heads", retaining_heads_path=str(weights), passing_len=12,
+                   share_anchor=False)
     assert replies[0].tokens and len(replies[0].tokens) == 4
     assert all(o["bytes"] == 12 * 2 * KV_HEADS * HEAD_DIM * 4 for o in _ops(replies[1], "context", "all_gather"))
 
@@ -210,7 +211,7 @@ def test_an_exact_layer_sends_one_packed_exchange_each_way_and_no_passing(group3
     heads {0,1}, {1,2}, {2,3}), then back to each host its rows of my 4 heads' output."""
     n_ctx = 900 - 20
     sizes = [294, 293, 293]  # the context's even split over 3 hosts
-    for rank, reply in enumerate(_run(group3, "apb", exact_layers=[1])):
+    for rank, reply in enumerate(_run(group3, "apb", exact_layers=[1], share_anchor=False)):
         ctx_ops = _ops(reply, "context")
         assert sorted((o["layer"], o["op"]) for o in ctx_ops) == [(0, "all_gather"), (1, "exact_layer")]
         (ex,) = [o for o in ctx_ops if o["op"] == "exact_layer"]
@@ -226,9 +227,9 @@ def test_messages_through_host_copies_change_nothing(group3, monkeypatch):
     method reads it."""
     monkeypatch.setenv(STAGE_ENV, "1")  # the workers spawned below inherit it
     with LocalWorkerGroup(3, worker_kwargs={"device": "cpu", "timeout_s": 120}, timeout_s=300) as staged:
-        for method, options in [("ring", {}), ("ulysses", {}), ("star", {}), ("apb", {"passing_len": 24}),
-                                ("spava", {}), ("apb", {"share_anchor": True}),
-                                ("spava", {"share_anchor": True, "anchor_len": 40})]:
+        for method, options in [("ring", {}), ("ulysses", {}), ("star", {}),
+                                ("apb", {"passing_len": 24, "share_anchor": False}), ("spava", {"share_anchor": False}),
+                                ("apb", {}), ("spava", {"anchor_len": 40})]:  # apb and spava share by default
             for mode in ("gather", "distributed"):
                 want = _run(group3, method, decode_mode=mode, **options)[0]
                 got = _run(staged, method, decode_mode=mode, **options)[0]
@@ -241,8 +242,8 @@ def test_a_shared_anchor_sends_its_kv_and_the_query_vectors_once_per_layer(group
     broadcasts its K and V and the query's vectors, which host 2 chooses its passing block with;
     the answer is the one every host's own anchor gives."""
     heads = 12
-    want = _run(group3, "apb", passing_len=24, anchor_len=64)
-    got = _run(group3, "apb", passing_len=24, anchor_len=64, share_anchor=True)
+    want = _run(group3, "apb", passing_len=24, anchor_len=64, share_anchor=False)
+    got = _run(group3, "apb", passing_len=24, anchor_len=64)  # shared: apb's default
     for rank, reply in enumerate(got):
         sent = {o["layer"]: o["bytes"] for o in _ops(reply, "context", "anchor_broadcast")}
         per_layer = (64 + 20) * 2 * KV_HEADS * HEAD_DIM * 4 + 20 * heads * HEAD_DIM * 4 if rank == 1 else 0
@@ -271,7 +272,7 @@ SPAVA_SPLIT = {"anchor_len": 40}
 ])
 def test_a_shared_anchor_changes_nothing_but_who_computes_it(group3, model, cases):
     for method, options, mode in cases:
-        want = _run(group3, method, model=model, decode_mode=mode, **options)
+        want = _run(group3, method, model=model, decode_mode=mode, share_anchor=False, **options)
         got = _run(group3, method, model=model, decode_mode=mode, share_anchor=True, **options)
         assert torch.allclose(got[0].last_logits, want[0].last_logits, atol=1e-5, rtol=0), (method, options, mode)
         assert got[0].tokens == want[0].tokens, (method, options, mode)

@@ -372,3 +372,8 @@ def test_share_anchor_is_refused_where_the_anchor_cannot_be_shared():
         build_method(name, MethodConfig(name=name, share_anchor=True)).check(model_config, 4)
     for name in ("apb:shared", "star:shared", "spava:shared"):
         assert build_method(name, MethodConfig(name=name)).config.share_anchor
+    # unset, each method's own default: apb and spava share, star keeps its context phase silent
+    defaults = {name: build_method(name, MethodConfig(name=name)).config.share_anchor
+                for name in ("star", "apb", "spava", "apb:unshared", "spava:unshared", "ring")}
+    assert defaults == {"star": False, "apb": True, "spava": True, "apb:unshared": False, "spava:unshared": False,
+                        "ring": False}, defaults

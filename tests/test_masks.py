@@ -133,9 +133,10 @@ def random_vecs(n, seed=0):
 
 @pytest.mark.parametrize("world,n_ctx,n_query,anchor,passing", [(3, 91, 7, 9, 4), (4, 130, 5, 12, 6), (2, 50, 3, 0, 5)])
 def test_apb_mask(world, n_ctx, n_query, anchor, passing):
+    """apb with every host's own anchor (the shared anchor, the default, is tested below)."""
     n = n_ctx + n_query
     method = build_method("apb", MethodConfig(compressor="stride", anchor_len=anchor, passing_len=passing,
-                                            query_insert_pos=3))
+                                            query_insert_pos=3, share_anchor=False))
     vecs = random_vecs(n)
     slices, plan, outs = run_hosts(method, n, n_query, world, vecs)
     blocks = [s.blocks()[0] for s in slices]
@@ -345,7 +346,9 @@ def test_cost_formula_counts_the_pairs_the_attention_steps_compute(pair_counter,
         _query_phase(slices, vecs, n_ctx, n_query)
     else:
         run_hosts(method, n_ctx + n_query, n_query, world, vecs)
-    shape = SimpleNamespace(layers=1, heads=H, kv_heads=KV, head_dim=D, bytes_per_param=4)
+    # apb's default shared anchor: its cost is the slower of two hosts by FLOPs, here by pairs alone
+    shape = SimpleNamespace(layers=1, heads=H, kv_heads=KV, head_dim=D, bytes_per_param=4,
+                            linear_flops=lambda tokens: 0.0, attn_flops_per_pair=lambda: 1.0)
     formula = method_class(name).cost(n_ctx, world, shape, Sizes(query=n_query)).pairs
     slowest = max(pair_counter.values())
     # the formulas count a causal square of m tokens as m^2/2 pairs; the kernel also computes its
@@ -366,6 +369,8 @@ def test_cost_formula_counts_the_pairs_the_attention_steps_compute(pair_counter,
     ("spava", 4, {"exact_layers": [0, 2], "anchor_len": 0}),
     ("apb", 4, {"share_anchor": True, "passing_len": [16, 64, 0]}),
     ("star", 3, {"share_anchor": True, "anchor_len": 64}),
+    ("star", 4, {"share_anchor": True, "exact_layers": [1]}),
+    ("apb", 3, {"share_anchor": False, "exact_layers": [2], "passing_len": 16}),
     ("spava", 4, {"share_anchor": True, "passing_len": [8, "all", 0], "anchor_len": 32}),
     ("spava", 3, {"share_anchor": True, "exact_layers": [1], "anchor_len": 30}),
 ])
@@ -386,7 +391,7 @@ def test_cost_formula_counts_each_layers_pairs(pair_counter, name, world, option
                     for c in comms.values())
         total += max(pair_counter.values())  # the formula sums the slowest host of each layer
         per_host.update(pair_counter)
-    if options.get("share_anchor"):
+    if method.config.share_anchor and name != "spava":  # (apb's default, star's option)
         # except with a shared anchor: then it is the host slower over the whole prefill (the
         # source or the last host; which one can change from layer to layer with the sizes)
         total = max(per_host.values())
@@ -398,7 +403,7 @@ def test_cost_formula_counts_each_layers_pairs(pair_counter, name, world, option
     assert formula <= total <= formula * 1.01, (name, options, total, formula)
     if options.get("exact_layers"):  # and the exchange's bytes: the formula's beyond the query merge
         moved = layers * (work.comm_bytes - merge_bytes(n_query, shape))
-        if name == "spava" and options.get("share_anchor"):  # and the split anchor's shares, gathered first
+        if name == "spava" and method.config.share_anchor:  # and the split anchor's shares, gathered first
             moved -= len(options["exact_layers"]) * (world - 1) * work.anchor / world * 2 * KV * D * 4
         assert sent == pytest.approx(moved, rel=0.01), (sent, moved)
 
@@ -430,5 +435,6 @@ def test_a_shared_anchors_cost_is_the_slower_of_source_and_last_host():
     assert last.tokens == b + q and last.pairs == b * ((w - 1) * p + a) + b * b / 2 + q * n / w
     assert source.tokens == a + b + q and source.pairs == a * a / 2 + b * (p + a) + b * b / 2 + q * n / w
     # not shared: host W-1 with its own anchor, more than either
-    own = method_class("apb").cost(n, w, by_pairs, Sizes(query=q))
+    own = method_class("apb").cost(n, w, by_pairs, Sizes(query=q, share_anchor=False))
+    assert method_class("apb").cost(n, w, by_pairs, Sizes(query=q)) == last  # shared is apb's default
     assert own.tokens == a + b + q and own.pairs > last.pairs

@@ -142,10 +142,11 @@ def test_a_shared_anchor_is_counted_where_it_is_held():
     n, n_query, world = 2000, 20, 4
     per_tok = memory.kv_bytes_per_token(cfg, 4)
     for name, receivers in (("apb", (2, 3)), ("star", (1, 2, 3))):
-        own = memory.estimate(build_method(name, MethodConfig()), cfg, 0, n, n_query, world, "float32", "gather", 1)
+        plain = build_method(name, MethodConfig(share_anchor=False))
+        own = memory.estimate(plain, cfg, 0, n, n_query, world, "float32", "gather", 1)
         method = build_method(name, MethodConfig(share_anchor=True))
         shared = memory.estimate(method, cfg, 0, n, n_query, world, "float32", "gather", 1)
-        before, after = build_method(name, MethodConfig()).layout(n, world, n_query), method.layout(n, world, n_query)
+        before, after = plain.layout(n, world, n_query), method.layout(n, world, n_query)
         for r, (o, s) in enumerate(zip(own, shared)):
             assert s.kv == o.kv, (name, r)
             # activations follow the rows a host runs: the receivers lose the anchor's
@@ -161,7 +162,7 @@ def test_a_split_anchor_is_counted_where_it_is_held():
     cfg = load_model(resolve_model("tiny-llama")).config
     n, n_query, world = 2000, 20, 4
     per_tok = memory.kv_bytes_per_token(cfg, 4)
-    plain, method = build_method("spava", MethodConfig()), build_method("spava", MethodConfig(share_anchor=True))
+    plain, method = build_method("spava", MethodConfig(share_anchor=False)), build_method("spava", MethodConfig())
     own = memory.estimate(plain, cfg, 0, n, n_query, world, "float32", "gather", 1)
     split = memory.estimate(method, cfg, 0, n, n_query, world, "float32", "gather", 1)
     before, after = plain.layout(n, world, n_query), method.layout(n, world, n_query)

@@ -91,7 +91,7 @@ class Anchored(Method):
     def cost(cls, n, w, shape, sizes):
         q, b = sizes.query, n / w
         a, passing, exact = cls._cost_sizes(n, b, shape.layers, sizes)
-        if not (sizes.share_anchor and a > 0 and w > 1 + (cls.anchor_source > 0)):
+        if not (cls.shares_anchor_with(sizes) and a > 0 and w > 1 + (cls.anchor_source > 0)):
             return over_layers([_exact_layer_cost(n, w, shape, q, a) if i in exact else
                                 cls._layer_cost(n, w, shape, q, a, p) for i, p in enumerate(passing)])
         # a shared anchor: the source host does the anchor's work, the last host attends the most
@@ -99,7 +99,7 @@ class Anchored(Method):
         hosts = []
         for role in ("source", "receiver"):
             own = a if role == "source" and cls.anchor_source > 0 else 0.0  # star's source: its block start
-            hosts.append(over_layers([_exact_layer_cost(n, w, shape, q, own) if i in exact else
+            hosts.append(over_layers([_exact_layer_cost(n, w, shape, q, own, a) if i in exact else
                                       cls._shared_layer_cost(n, w, shape, q, a, p, role) for i, p in enumerate(passing)]))
         return max(hosts, key=lambda h: work_flops(h, shape))
 
@@ -256,10 +256,11 @@ class _SharedAnchor:
         return self.own
 
 
-def _exact_layer_cost(n: float, w: int, shape, q: float, a: float) -> HostWork:
-    """An exact layer on a host with an anchor: the anchor causally, its head shard of the whole
-    context (:func:`apb.methods.exact_layers.exact_work`; the exchange is not hidden behind
-    compute), the query phase over its block."""
+def _exact_layer_cost(n: float, w: int, shape, q: float, a: float, assumed: float | None = None) -> HostWork:
+    """An exact layer on a host running an anchor of ``a`` rows: the anchor causally, its head
+    shard of the whole context (:func:`apb.methods.exact_layers.exact_work`; the exchange is not
+    hidden behind compute), the query phase over its block. ``assumed``: the method's anchor
+    length where this host runs none of it (a shared anchor's receivers; default ``a``)."""
     pairs, moved = exact_work(n, 0, w, shape)
     return HostWork(a + n / w + q, a * a / 2 + pairs + q * n / w, n / w, comm_bytes=merge_bytes(q, shape) + moved,
-                    steps=3, anchor=a)
+                    steps=3, anchor=a if assumed is None else assumed)

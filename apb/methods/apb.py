@@ -24,7 +24,10 @@ class APB(Anchored):
     uses_passing = True
     embeds_query = True
     anchor_source = 1
-    variants = {"uncompressed": {"anchor_len": 0, "passing_len": "all"}, "shared": {"share_anchor": True}}
+    # host 1's anchor sent to hosts 2..W-1: less work from W = 3 on, the same attention
+    share_anchor_default = True
+    variants = {"uncompressed": {"anchor_len": 0, "passing_len": "all"}, "shared": {"share_anchor": True},
+                "unshared": {"share_anchor": False}}
 
     def __init__(self, config):
         super().__init__(config)

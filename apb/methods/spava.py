@@ -52,7 +52,9 @@ class Spava(Method):
     exact = False
     has_anchor = True
     shares_anchor = True
-    variants = {"uncompressed": {"anchor_len": 0, "passing_len": "all"}, "shared": {"share_anchor": True}}
+    share_anchor_default = True  # the split anchor: less work, no new message, the same attention
+    variants = {"uncompressed": {"anchor_len": 0, "passing_len": "all"}, "shared": {"share_anchor": True},
+                "unshared": {"share_anchor": False}}
 
     def __init__(self, config):
         super().__init__(config)
@@ -82,7 +84,7 @@ class Spava(Method):
         exact = resolve_exact_layers(sizes.exact_layers, shape.layers)
         fused = q * (a / w + 2 * v)
         per_token = 2 * shape.kv_heads * shape.head_dim * shape.bytes_per_param
-        if sizes.share_anchor and a > 0:
+        if cls.shares_anchor_with(sizes) and a > 0:
             # a split anchor: each host runs its 1/W share of the anchor rows; host W-1's share
             # attends the whole anchor before it. The shares' K/V travel with the passing blocks
             anchor_tokens, anchor_pairs = a / w, a * a / w - a * a / (2 * w * w)

@@ -2,7 +2,8 @@
 # first answer token's lead (logit margin) in both, and the prefill wall times.
 # Run: .venv/bin/python docs/results/shared-anchor/compare.py > docs/results/shared-anchor/compare.txt
 # and for spava's split anchor (session 24, run-spava.sh):
-# .venv/bin/python docs/results/shared-anchor/compare.py passkey-4096-w4-spava.json spava > .../compare-spava.txt
+# .venv/bin/python docs/results/shared-anchor/compare.py passkey-4096-w4-spava.json spava:unshared,spava:shared \
+#   > docs/results/shared-anchor/compare-spava.txt
 import json
 import statistics
 import sys
@@ -10,10 +11,10 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 REPORT = sys.argv[1] if len(sys.argv) > 1 else "passkey-4096-w4.json"
-BASES = sys.argv[2:] or ["apb", "star"]
+# (without, with) the anchor shared
+PAIRS = [tuple(a.split(",")) for a in sys.argv[2:]] or [("apb", "apb:shared"), ("star", "star:shared")]
 docs = [json.loads(line) for line in (HERE / f"{REPORT}.docs.jsonl").read_text().splitlines()]
-for base in BASES:
-    shared = f"{base}:shared"
+for base, shared in PAIRS:
     same = sum(d["answers"][base]["answer"] == d["answers"][shared]["answer"] for d in docs)
     right = [sum(bool(d["answers"][m]["correct"]) for d in docs) for m in (base, shared)]
     lead_gap = max(abs(d["answers"][base]["lead"] - d["answers"][shared]["lead"]) for d in docs)

@@ -6,6 +6,6 @@
 set -x
 OUT=docs/results/shared-anchor
 .venv/bin/apb eval --config configs/tiny-cpu.yaml --model smollm2-135m-instruct --set decode.max_new_tokens=32 \
-  --samples 15 --tasks passkey --methods spava,spava:shared --world-size 4 --lengths 4096 \
+  --samples 15 --tasks passkey --methods spava:unshared,spava:shared --world-size 4 --lengths 4096 \
   --json $OUT/passkey-4096-w4-spava.json
-.venv/bin/python $OUT/compare.py passkey-4096-w4-spava.json spava > $OUT/compare-spava.txt
+.venv/bin/python $OUT/compare.py passkey-4096-w4-spava.json spava:unshared,spava:shared > $OUT/compare-spava.txt
