@@ -72,10 +72,11 @@ LAYOUTS = {
     "ring": lambda n, w, q: build_method("ring", MethodConfig()).layout(n, w, q),
     "ulysses": lambda n, w, q: build_method("ulysses", MethodConfig()).layout(n, w, q),
     "star": lambda n, w, q: build_method("star", MethodConfig()).layout(n, w, q),
-    "apb": lambda n, w, q: build_method("apb", MethodConfig()).layout(n, w, q),
-    "spava": lambda n, w, q: build_method("spava", MethodConfig(anchor_len=20)).layout(n, w, q),
-    # the anchor split over the hosts: its tokens, real and each on one host, come as halo too
-    "spava:shared": lambda n, w, q: build_method("spava", MethodConfig(anchor_len=20, share_anchor=True)).layout(n, w, q),
+    "apb": lambda n, w, q: build_method("apb", MethodConfig()).layout(n, w, q),  # shared: hosts 2.. hold no anchor
+    "apb:unshared": lambda n, w, q: build_method("apb", MethodConfig(share_anchor=False)).layout(n, w, q),
+    "spava": lambda n, w, q: build_method("spava", MethodConfig(anchor_len=20, share_anchor=False)).layout(n, w, q),
+    # the anchor split over the hosts (spava's default): its tokens, real and each on one host, come as halo too
+    "spava:shared": lambda n, w, q: build_method("spava", MethodConfig(anchor_len=20)).layout(n, w, q),
 }
 
 

@@ -81,9 +81,7 @@ class Method:
     def check(self, model_config: Any, world_size: int) -> None:
         """Raise a readable error if this method cannot run this model at this world size."""
         if getattr(self.config, "share_anchor", False) and self.has_anchor and not self.shares_anchor:
-            from apb.methods.registry import method_class, method_names  # the registry imports this module
-
-            can = ", ".join(n for n in method_names() if method_class(n).shares_anchor)
+            can = ", ".join(dict.fromkeys(c.name for c in _subclasses(Method) if c.name and c.shares_anchor))
             raise ValueError(f"method {self.label!r} computes its anchor on every host and cannot share it "
                              f"(method.share_anchor is for {can}); unset method.share_anchor")
         layers = getattr(self.config, "exact_layers", None)
@@ -221,6 +219,15 @@ class AttnContext:
             # a compressor's pre-RoPE projections serve their own layer only: keeping them for every
             # layer would hold 3 x hidden per token per layer on each host through the prefill
             self.scratch.pop(("pre_rope", layer), None)
+
+
+def _subclasses(cls: type) -> list[type]:
+    """Every subclass of ``cls``, depth first, in the order they were defined (the registry's
+    order, without importing it: the registry imports this module)."""
+    out = []
+    for sub in cls.__subclasses__():
+        out += [sub, *_subclasses(sub)]
+    return out
 
 
 def score_options(softcap: float | None, sinks: torch.Tensor | None) -> dict[str, Any]:

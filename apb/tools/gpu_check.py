@@ -32,8 +32,9 @@ import torch
 from apb.kernels import attention, available_backends
 
 #: star:shared at W = 2 sends host 0's anchor to host 1 each layer: the broadcast on the device;
-#: spava:shared gathers the anchor's shares with its passing blocks (one flat buffer)
-METHODS = "full,ring,ulysses,star,star:shared,apb,spava,spava:shared"
+#: spava (its anchor split by default) gathers the anchor's shares with its passing blocks in one
+#: flat buffer, spava:unshared does not
+METHODS = "full,ring,ulysses,star,star:shared,apb,spava,spava:unshared"
 BENCH_METHODS = "full,ring,apb,spava"
 #: with --quick (the CPU plumbing check): fewer methods, one short length
 QUICK_METHODS, QUICK_BENCH_METHODS, QUICK_LENGTHS = "full,ring,apb", "full,apb", "512"

@@ -5,6 +5,8 @@
 # .venv/bin/python docs/results/bench13/shared_summary.py fused > docs/results/bench13/fused_summary.txt
 # Session 24, spava's anchor split (run-s24-split.sh):
 # .venv/bin/python docs/results/bench13/shared_summary.py s24-split > docs/results/bench13/split_summary.txt
+# and at the new defaults (apb and spava shared; run-s24-defaults.sh):
+# .venv/bin/python docs/results/bench13/shared_summary.py s24-defaults > docs/results/bench13/defaults_summary.txt
 import json
 import statistics
 import sys
@@ -15,11 +17,13 @@ KIND = sys.argv[1] if len(sys.argv) > 1 else "shared"
 TAG = KIND if "-" in KIND else f"s23-{KIND}"  # a session's tag, or one of session 23's
 RUNS = sorted(p.name for p in HERE.glob(f"bench-attn-w8-32k-{TAG}*.json"))
 present = {r["method"] for r in json.loads((HERE / RUNS[0]).read_text())["results"]}
-METHODS = [m for m in ["ring", "apb", "apb:shared", "spava", "spava:shared", "star", "star:shared"] if m in present]
+METHODS = [m for m in ["ring", "apb", "apb:shared", "apb:unshared", "spava", "spava:shared", "spava:unshared",
+                       "star", "star:shared"] if m in present]
 PAIRS = [(a, b) for a, b in [("apb", "ring"), ("apb:shared", "ring"), ("apb:shared", "apb"), ("spava", "ring"),
                              ("spava", "apb"), ("spava", "apb:shared"), ("spava:shared", "ring"),
                              ("spava:shared", "spava"), ("spava:shared", "apb"), ("spava:shared", "apb:shared"),
-                             ("star:shared", "star")]
+                             ("star:shared", "star"), ("apb", "apb:unshared"), ("spava", "spava:unshared"),
+                             ("spava:unshared", "apb:unshared")]
          if a in present and b in present]
 ratios = {p: [] for p in PAIRS}
 LABEL = max(26, max(len(f"{a} vs {b}") for a, b in PAIRS) + 2)
