@@ -236,7 +236,8 @@ def test_an_exact_layer_attends_every_earlier_context_token(name, world, n_ctx, 
 # at uneven shares too (anchor 10 over 3 hosts: 3, 3, 4; 7 over 4: 1, 2, 2, 2), and no key changes
 @pytest.mark.parametrize("world,n_ctx,n_query,anchor,passing,split", [
     (3, 100, 6, 10, 3, False), (2, 61, 4, 0, 2, False), (1, 40, 3, 5, 2, False),
-    (3, 100, 6, 10, 3, True), (4, 130, 5, 7, 2, True), (2, 61, 4, 9, 0, True), (1, 40, 3, 5, 2, True)])
+    (3, 100, 6, 10, 3, True), (4, 130, 5, 7, 2, True), (2, 61, 4, 9, 0, True), (1, 40, 3, 5, 2, True),
+    (3, 100, 6, 2, 3, True)])  # host 0 holds none of an anchor of 2
 def test_spava_mask_and_exact_query(world, n_ctx, n_query, anchor, passing, split):
     n = n_ctx + n_query
     method = build_method("spava", MethodConfig(compressor="stride", anchor_len=anchor, passing_len=passing,

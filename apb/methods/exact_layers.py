@@ -98,7 +98,8 @@ def exact_rows(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: lis
     The context is ``len(sizes)`` runs in prompt order, run ``i`` on host ``owners[i]`` with
     ``sizes[i]`` rows (:func:`context_runs`); ``runs`` are this host's, as (run index, local rows).
     ``prefix``: the (K, V) of the tokens before the first run, which every host holds (spava's
-    anchor, computed here or gathered from the hosts' shares): keys for every run, sent nowhere. Returns each of ``runs``' outputs, (batch, H, rows, dv).
+    anchor, computed here or gathered from the hosts' shares): keys for every run, sent nowhere.
+    Returns each of ``runs``' outputs, (batch, H, rows, dv).
     """
     comm, rank, world = ctx.comm, ctx.rank, ctx.comm.size
     batch, heads, _, dq = q.shape

@@ -182,12 +182,14 @@ class Spava(Method):
         if (has_anchor and a.stop != r1.start) or r1.stop != r2.start:  # [anchor, block, block, query]
             raise RuntimeError(f"spava's layout on host {ctx.rank} is not [anchor, block, block, query]: anchor "
                                f"rows {a}, blocks {r1} and {r2}")
-        if split:
+        if split:  # the gathered anchor, then (block 2) block 1
             self._anchor_share_rows(ctx, q, a, anchor_kv, out, scale)
-        elif has_anchor:
-            anchor_kv = (k[:, :, a], v[:, :, a])
-        before1 = [] if anchor_kv is None else [anchor_kv]
-        before2 = before1 + [(k[:, :, r1], v[:, :, r1])]
+            before1 = [anchor_kv]
+            before2 = [anchor_kv, (k[:, :, r1], v[:, :, r1])]
+        else:  # what is here before each block is one run of rows: a view, no copy
+            start = a.start if has_anchor else r1.start
+            before1 = [(k[:, :, start:r1.start], v[:, :, start:r1.start])]
+            before2 = [(k[:, :, start:r1.stop], v[:, :, start:r1.stop])]
         out[:, :, r1] = self._with_before(q, r1, own1, before1, first.chunk_id, received, ctx, layer, scale)
         out[:, :, r2] = self._with_before(q, r2, own2, before2, second.chunk_id, received, ctx, layer, scale)
         if q_part is not None:
