@@ -219,7 +219,7 @@ class Comm:
         if self.size == 1:
             return [t]
         sizes = self._sizes(t, dim)
-        padded = _pad_along(t, dim, max(sizes))
+        padded = pad_along(t, dim, max(sizes))
         parts = self.all_gather(padded)
         return [p.narrow(dim, 0, s) for p, s in zip(parts, sizes)]
 
@@ -368,7 +368,9 @@ class Pending:
         return self.result
 
 
-def _pad_along(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+def pad_along(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``t`` zero-padded along ``dim`` to ``size`` (contiguous): same-shape messages from parts
+    that differ in length there."""
     if t.shape[dim] == size:
         return t.contiguous()
     shape = list(t.shape)

@@ -17,6 +17,7 @@ from apb.methods.anchored import Anchored
 from apb.methods.compressors import ScoreInputs, build_compressor, take
 from apb.methods.cost import HostWork, merge_bytes
 from apb.parallel import layout
+from apb.parallel.comm import pad_along
 
 
 @register_method("apb")
@@ -108,10 +109,7 @@ class APB(Anchored):
         packed = torch.cat([take(kb, idx), take(vb, idx)], -1)
         # blocks differ in size by at most one, so with p = 'all' the shares may too: pad to one shape
         width = max(_share(s, p) for s in ctx.slices)
-        if packed.shape[2] < width:
-            packed = torch.cat([packed, packed.new_zeros(*packed.shape[:2], width - packed.shape[2],
-                                                         packed.shape[3])], 2)
-        return ctx.comm.all_gather_start(packed), k.shape[-1]
+        return ctx.comm.all_gather_start(pad_along(packed, 2, width)), k.shape[-1]
 
     def _received(self, ctx, layer, pending):
         handle, dk = pending

@@ -38,6 +38,7 @@ from apb.methods.cost import HostWork, merge_bytes, over_layers
 from apb.methods.exact_layers import context_runs, exact_rows, exact_work, with_exchange
 from apb.methods.sizes import resolve_exact_layers, resolve_len, resolve_passing
 from apb.parallel import layout
+from apb.parallel.comm import pad_along
 
 
 @dataclass(frozen=True)
@@ -234,10 +235,8 @@ class Spava(Method):
         if anchor_rows is None:
             return None if passing is None else _Gathered(ctx.comm.all_gather_start(passing))
         sizes = [sum(c.size for c in s.chunks if c.kind == "anchor") for s in ctx.slices]
-        share = torch.cat([k[:, :, anchor_rows], v[:, :, anchor_rows]], -1)
-        if share.shape[2] < max(sizes):  # every host sends the same size: the largest share
-            share = torch.cat([share, share.new_zeros(*share.shape[:2], max(sizes) - share.shape[2],
-                                                      share.shape[3])], 2)
+        # every host sends the same size: the largest share
+        share = pad_along(torch.cat([k[:, :, anchor_rows], v[:, :, anchor_rows]], -1), 2, max(sizes))
         flat = share.reshape(-1) if passing is None else torch.cat([passing.reshape(-1), share.reshape(-1)])
         return _Gathered(ctx.comm.all_gather_start(flat), None if passing is None else passing.shape,
                          (share.shape, sizes, k.shape[-1]))
@@ -260,11 +259,7 @@ class Spava(Method):
             if ctx.diagnostics:  # block-local rows -> global prompt indices
                 chosen.append(ctx.mine.indices[rows].to(idx.device)[idx[0]])
             # keys and values side by side in the last dim (their head sizes may differ: MLA)
-            share = torch.cat([take(kb, idx), take(vb, idx)], -1)
-            if share.shape[2] < width:
-                share = torch.cat([share, share.new_zeros(*share.shape[:2], width - share.shape[2],
-                                                          share.shape[3])], 2)
-            shares.append(share)
+            shares.append(pad_along(torch.cat([take(kb, idx), take(vb, idx)], -1), 2, width))
         if chosen:  # both virtual blocks, side by side: (kv_heads, p_first + p_second)
             ctx.scratch[("passing", layer)] = torch.cat(chosen, -1)
         return torch.stack(shares)
