@@ -81,3 +81,48 @@ def test_ulysses_refuses_ranks_that_share_a_gpu():
     q, k, v = (torch.empty(1, h, 8, 16, device="meta") for h in (4, 2, 2))
     with pytest.raises(RuntimeError, match="share a GPU.*own GPU"):
         method.attention(ctx, SimpleNamespace(layer_idx=0), q, k, v, 0.25)
+
+
+def test_the_sync_census_says_where_and_in_which_method(tmp_path):
+    """The census hook (CUDA's sync debug mode is stood in for by warning by hand): a sync inside
+    a prefill's model forward is counted for its method, a staged one (under comm.py) apart, one
+    outside the model apart, and decode's apart; each with the line that made it."""
+    pkg = tmp_path / "pkg"
+    (pkg / "runtime").mkdir(parents=True)
+    (pkg / "parallel").mkdir()
+    models = tmp_path / "transformers" / "models"
+    models.mkdir(parents=True)
+    sync = "warnings.warn('called a synchronizing CUDA operation')"
+    (models / "fake.py").write_text("def forward(step):\n    step()\n")
+    (pkg / "parallel" / "comm.py").write_text(f"import warnings\ndef staged():\n    {sync}\n")
+    (pkg / "runtime" / "prefill.py").write_text(
+        "import warnings, sys\n"
+        f"sys.path[:0] = [{str(models)!r}, {str(pkg / 'parallel')!r}]\n"
+        "import fake, comm\n"
+        f"def step():\n    {sync}\n"
+        "def prefill(method):\n"
+        "    fake.forward(step); fake.forward(step); fake.forward(comm.staged)\n"
+        f"    {sync}\n")
+    (pkg / "runtime" / "decode.py").write_text(f"import warnings\ndef decode():\n    {sync}\n")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(gpu_check.CENSUS_HOOK)
+    records = tmp_path / "records"
+    records.mkdir()
+    script = ("import sys, types; sys.path.insert(0, %r)\n"
+              "import prefill, decode\n"
+              "prefill.prefill(types.SimpleNamespace(label='apb')); decode.decode()\n") % str(pkg / "runtime")
+    env = {"PATH": "/usr/bin:/bin", "APB_SYNC_CENSUS": str(records), "APB_SYNC_CENSUS_ROOTS": str(pkg),
+           "APB_SYNC_CENSUS_TEST": "1", "PYTHONPATH": str(hook)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    summary = gpu_check.census_summary(gpu_check._read_census(records))
+    apb = summary["apb"]
+    assert apb["in_model_unstaged"] == {"count": 2, "sites": {"pkg/runtime/prefill.py:5 step": 2}}
+    assert apb["in_model_staged"] == {"count": 1, "sites": {"pkg/parallel/comm.py:3 staged": 1}}
+    assert apb["prefill_outside_model"] == {"count": 1, "sites": {"pkg/runtime/prefill.py:8 prefill": 1}}
+    assert summary["(decode)"]["decode"]["count"] == 1
+    # without the census variables the hook does nothing
+    plain = subprocess.run([sys.executable, "-c", script], env={**env, "APB_SYNC_CENSUS": ""}, capture_output=True,
+                           text=True, timeout=120)
+    assert plain.returncode == 0 and "synchronizing" in plain.stderr and len(list(records.iterdir())) == 1

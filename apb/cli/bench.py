@@ -22,7 +22,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--query-len", type=int, default=32)
     p.add_argument("--bandwidth-gbs", type=float, default=100.0, help="link bandwidth for the projection")
     p.add_argument("--hf-baseline", action="store_true",
-                   help="also time transformers' own forward (sdpa, one thread) per length: row hf-sdpa")
+                   help="also time transformers' own forward (sdpa, on the run's device; on a CPU one "
+                        "thread, as a worker has) per length: row hf-sdpa")
     p.add_argument("--trace", help="write a Chrome trace (Perfetto, chrome://tracing) of each method's median "
                                    "run: per rank and layer, compute and communication intervals")
     p.add_argument("--json", help="write the report as JSON here")

@@ -42,6 +42,7 @@ from transformers import AutoConfig
 from apb.config import Config
 from apb.engine import available_cores, start_group
 from apb.methods import build_method, method_names
+from apb.runtime import measure
 from apb.runtime.decode import Sampling
 from apb.model.catalog import resolve_model
 from apb.model.loading import load_model
@@ -83,17 +84,22 @@ def _model_flop(method: str, n: int, world: int, model_config, n_query: int,
 
 def hf_forward_seconds(model, ids, repeats: int) -> list[float]:
     """Wall seconds of transformers' own prefill (``model`` loaded with ``sdpa`` attention, one
-    forward filling its cache, last-token logits only) on this process with one thread, as each
-    bench worker has: the single-device baseline ``full`` is compared with."""
+    forward filling its cache, last-token logits only) on the model's device: on a CPU with one
+    thread, as each bench worker has; on a GPU synced before each clock is read. The single-device
+    baseline ``full`` is compared with."""
+    device = next(model.parameters()).device
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    ids = ids.to(device)
     try:
         with torch.no_grad():
             model(ids[None], use_cache=True, logits_to_keep=1)  # warm-up
             walls = []
             for _ in range(repeats):
+                measure.sync(device)
                 t0 = time.perf_counter()
                 model(ids[None], use_cache=True, logits_to_keep=1)
+                measure.sync(device)
                 walls.append(time.perf_counter() - t0)
         return walls
     finally:
@@ -104,7 +110,7 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
               n_query: int = 32, bandwidth_gbs: float = 100.0, progress=print, hf_baseline: bool = False,
               trace: bool = False) -> dict:
     """Every method at every length (see module doc); ``hf_baseline`` adds a row ``hf-sdpa``:
-    transformers' own forward on one thread (:func:`hf_forward_seconds`), wall = projected;
+    transformers' own forward on the run's device (:func:`hf_forward_seconds`), wall = projected;
     ``trace`` keeps each row's median run as a timeline (``trace_events``, see :func:`write_trace`)."""
     path = resolve_model(cfg.model.name_or_path, cfg.model.seed)
     model_config = AutoConfig.from_pretrained(path)
@@ -163,7 +169,8 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
                 progress(f"{method:<20} n={n:<7} wall {median:8.3f}s  projected {projected:8.3f}s")
             if hf_baseline:
                 if hf_model is None:  # once per run, the first time it is needed
-                    hf_model = load_model(path, cfg.model.dtype, "cpu", attn_implementation="sdpa")
+                    hf_model = load_model(path, cfg.model.dtype, pick_device(0, cfg.parallel.device),
+                                          attn_implementation="sdpa")
                 walls = hf_forward_seconds(hf_model, ids, repeats)
                 median = statistics.median(walls)
                 attn_gf, linear_gf = _model_flop("full", n, 1, model_config, n_query)
@@ -172,7 +179,8 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
                              "projected_comm_s": 0.0, "rank_compute_cpu_s": [median], "rank_comm_s": [0.0],
                              "rank_comm_bytes": [0], "attn_gflop_slowest_host": attn_gf,
                              "linear_gflop_slowest_host": linear_gf, "rank_peak_mem_mib": [None]})
-                progress(f"{'hf-sdpa':<20} n={n:<7} wall {median:8.3f}s  (transformers' forward, one thread)")
+                on = "one thread" if hf_model.device.type == "cpu" else str(hf_model.device)
+                progress(f"{'hf-sdpa':<20} n={n:<7} wall {median:8.3f}s  (transformers' forward, {on})")
     finally:
         group.close()
     del hf_model

@@ -1,18 +1,25 @@
 """``make gpu-check``: one run that says whether the GPU hot path works here, and how fast.
 
-Stages, each recorded in one JSON file (a failing stage is recorded with its error and the
-others still run):
+Stages, each recorded in one JSON file as soon as it ends (a failing stage is recorded with its
+error and the others still run; a run stopped from outside keeps the stages it finished):
 
 1. ``kernels``: every attention backend available on the device (flash-attn, torch's, the naive
    reference) on the same bfloat16 inputs (GQA, causal, a windowed call), against ``naive`` in
    float32: largest output and LSE differences;
 2. ``verify``: ``apb verify`` for every method at W=1, and at W=2; on a machine with one GPU the
    two ranks share it (``parallel.share_gpus``: NCCL refuses two ranks on one device, so they talk
-   over gloo through host copies, and ulysses, whose all-to-all needs NCCL, is left out);
+   over gloo through host copies, and ulysses, whose all-to-all needs NCCL, is left out). On CUDA
+   the workers run under torch's sync debug mode and every host-device synchronization is
+   recorded where it happened (:data:`CENSUS_HOOK`): ``syncs`` says, per method, how many fell
+   inside a prefill's layers and were not the staged copies a shared GPU needs (the hot path's
+   promise is none);
 3. ``bench``: ``apb bench`` (its default model, ``bench-attn``) for full, ring, apb and spava in
-   bfloat16 at 32K-128K tokens at W=2
+   bfloat16 at 32K-128K tokens at W=2, one length at a time
    (on one GPU, shared as above: the code runs on CUDA, but the two ranks' kernels take turns on
    one device, so the times are not those of two GPUs; ``shared_gpu`` says which it was).
+
+The whole run keeps to ``--budget-s`` (8 minutes by default): each command gets what is left,
+and what did not fit is recorded as cut short, not waited for.
 
 ``--device cpu --quick`` runs the same plumbing with small sizes on CPU (tests do).
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -66,9 +74,131 @@ def kernels_stage(device: str, quick: bool) -> dict:
     return {"rows": rows, "window_128_max_abs_out_diff": float((win_out.float() - win_ref).abs().max())}
 
 
-def _apb(args: list[str], timeout_s: float) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "apb", *args], capture_output=True, text=True, timeout=timeout_s)
+class Deadline:
+    """The run's time budget: each command is given what is left of it."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return max(0.0, self.end - time.monotonic())
+
+
+def _apb(args: list[str], timeout_s: float, env: dict | None = None) -> tuple[int, str]:
+    """Run ``apb ARGS``; (exit code, the output's tail); 124 when it outran ``timeout_s``."""
+    if timeout_s < 5:
+        return 124, "not started: the run's time budget is spent"
+    try:
+        proc = subprocess.run([sys.executable, "-m", "apb", *args], capture_output=True, text=True,
+                              timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"") + (e.stderr or b"")
+        out = out.decode(errors="replace") if isinstance(out, bytes) else out
+        return 124, out[-4000:] + f"\n[cut short after {timeout_s:.0f} s: the run's time budget]"
     return proc.returncode, (proc.stdout + proc.stderr)[-4000:]
+
+
+#: Installed as ``sitecustomize`` in every process of a census run (the driver and its spawned
+#: workers): torch's sync debug mode turns each host-device synchronization into a warning, and
+#: each warning becomes one JSON line saying where it happened. Never raises: a census must not
+#: change what it watches.
+CENSUS_HOOK = r"""
+import json, os, sys, warnings
+
+def _install():
+    out, roots = os.environ.get("APB_SYNC_CENSUS"), os.environ.get("APB_SYNC_CENSUS_ROOTS", "")
+    if not out:
+        return
+    import torch
+    if not torch.cuda.is_available() and not os.environ.get("APB_SYNC_CENSUS_TEST"):
+        return
+    roots = tuple(r for r in roots.split(os.pathsep) if r)
+    path = os.path.join(out, f"{os.getpid()}.jsonl")
+    shown = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing CUDA operation" not in str(message):
+            return shown(message, category, filename, lineno, file, line)
+        try:
+            frame, site, event = sys._getframe(1), None, {"prefill": False, "decode": False, "model": False,
+                                                         "staged": False, "method": None}
+            while frame is not None:
+                name, code = frame.f_code.co_filename, frame.f_code.co_name
+                if name.startswith(roots):
+                    if site is None:
+                        site = f"{os.path.relpath(name, os.path.dirname(roots[0]))}:{frame.f_lineno} {code}"
+                    if name.endswith(os.path.join("runtime", "prefill.py")) and code == "prefill":
+                        event["prefill"] = True
+                        method = frame.f_locals.get("method")
+                        event["method"] = getattr(method, "label", None)
+                    elif name.endswith(os.path.join("runtime", "decode.py")):
+                        event["decode"] = True
+                    elif name.endswith("comm.py"):
+                        event["staged"] = True
+                elif os.sep + "models" + os.sep in name and "transformers" in name:
+                    event["model"] = True  # inside the model's forward (embedding, layers, head)
+                frame = frame.f_back
+            at = f"{os.path.basename(filename)}:{lineno}"  # where the warning names: torch's or a library's code
+            event["site"] = at if site is None else site if filename.startswith(roots) else f"{site} [{at}]"
+            with open(path, "a") as f:
+                f.write(json.dumps(event) + "\n")
+        except Exception:
+            pass
+
+    warnings.showwarning = record
+    warnings.filterwarnings("always", message=".*synchronizing CUDA operation")
+    if torch.cuda.is_available():
+        torch.cuda.set_sync_debug_mode("warn")
+
+try:
+    _install()
+except Exception:
+    pass
+"""
+
+
+def census_env(work: Path) -> tuple[dict, Path]:
+    """The environment for a census run (the hook on the path, a folder for its records)."""
+    import apb
+    import apb.kernels
+    import apb.parallel
+
+    hook, records = work / "census-hook", work / f"census-{time.monotonic_ns()}"
+    hook.mkdir(exist_ok=True)
+    records.mkdir()
+    (hook / "sitecustomize.py").write_text(CENSUS_HOOK)
+    roots = [str(Path(m.__file__).parent) for m in (apb, apb.parallel, apb.kernels)]
+    env = {**os.environ, "APB_SYNC_CENSUS": str(records), "APB_SYNC_CENSUS_ROOTS": os.pathsep.join(roots),
+           "PYTHONPATH": os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    return env, records
+
+
+def census_summary(events: list[dict]) -> dict:
+    """Per method, the prefill's synchronizations: inside the model's forward and not a staged
+    copy (the hot path's promise is none), inside it staged (a shared GPU's host copies), and the
+    rest of the prefill (layouts, the cache); decode's and the rest apart. Each with the sites that
+    made them, most frequent first."""
+    out: dict = {}
+    for e in events:
+        if not e.get("prefill"):
+            kind = "decode" if e.get("decode") else "elsewhere"
+            row = out.setdefault(f"({kind})", {})
+        else:
+            row = out.setdefault(e.get("method") or "?", {})
+            kind = "in_model_unstaged" if e["model"] and not e["staged"] else \
+                "in_model_staged" if e["model"] else "prefill_outside_model"
+        entry = row.setdefault(kind, {"count": 0, "sites": {}})
+        entry["count"] += 1
+        entry["sites"][e["site"]] = entry["sites"].get(e["site"], 0) + 1
+    for row in out.values():
+        for entry in row.values():
+            entry["sites"] = dict(sorted(entry["sites"].items(), key=lambda kv: -kv[1])[:12])
+    return out
+
+
+def _read_census(records: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted(records.glob("*.jsonl")) for line in f.read_text().splitlines()
+            if line.strip()]
 
 
 def shares_gpu(device: str, world: int) -> bool:
@@ -85,64 +215,111 @@ def _placement(device: str, world: int, methods: str) -> tuple[list[str], str]:
     return sets, methods
 
 
-def verify_stage(device: str, quick: bool, work: Path) -> dict:
+def verify_stage(device: str, quick: bool, work: Path, deadline: Deadline) -> dict:
     out = {}
     n = 301 if quick else 4097
     for world in (1, 2):
         sets, methods = _placement(device, world, QUICK_METHODS if quick else METHODS)
         path = work / f"verify-w{world}.json"
+        env, records = census_env(work) if device == "cuda" else (None, None)
+        # half of what is left for W=1, so W=2 and the bench still get their turn
         rc, tail = _apb(["verify", "--methods", methods, "--world-size", str(world), "--prompt-len", str(n),
                          "--tokens", "4", "--dtype", "bfloat16" if device == "cuda" else "float32", *sets,
-                         "--json", str(path)], 1200)
+                         "--json", str(path)], deadline.left() * (0.3 if world == 1 else 0.5), env)
         out[f"W{world}"] = {"exit": rc, "shared_gpu": shares_gpu(device, world), "methods": methods,
                             "rows": json.loads(path.read_text())["results"] if path.exists() else None,
                             "output_tail": tail}
+        if records is not None:
+            out[f"W{world}"]["syncs"] = census_summary(_read_census(records))
     return out
 
 
-def bench_stage(device: str, quick: bool, work: Path) -> dict:
+def bench_stage(device: str, quick: bool, work: Path, deadline: Deadline) -> dict:
+    """One ``apb bench`` per length, shortest first, so a length that outruns the budget keeps the
+    ones before it; ``report`` is their rows in one report."""
     world = 2
     sets, methods = _placement(device, world, QUICK_BENCH_METHODS if quick else BENCH_METHODS)
-    lengths = QUICK_LENGTHS if quick else "32768,65536,131072"
-    path = work / "bench.json"
-    rc, tail = _apb(["bench", "--methods", methods, "--lengths", lengths, "--world-size", str(world), "--repeats",
-                     "1" if quick else "3", *sets, "--set",
-                     f"model.dtype={'bfloat16' if device == 'cuda' else 'float32'}", "--json", str(path)], 3600)
-    return {"exit": rc, "world_size": world, "shared_gpu": shares_gpu(device, world),
-            "report": json.loads(path.read_text()) if path.exists() else None, "output_tail": tail}
+    lengths = (QUICK_LENGTHS if quick else "32768,65536,131072").split(",")
+    out: dict = {"exit": 0, "world_size": world, "shared_gpu": shares_gpu(device, world), "report": None,
+                 "lengths": {}}
+    for length in lengths:
+        path = work / f"bench-{length}.json"
+        rc, tail = _apb(["bench", "--methods", methods, "--lengths", length, "--world-size", str(world),
+                         "--repeats", "1" if quick else "3", *sets, "--set",
+                         f"model.dtype={'bfloat16' if device == 'cuda' else 'float32'}", "--json", str(path)],
+                        deadline.left())
+        out["lengths"][length] = {"exit": rc, "output_tail": tail}
+        out["exit"] = out["exit"] or rc
+        if path.exists():
+            report = json.loads(path.read_text())
+            if out["report"] is None:
+                out["report"] = report
+            else:
+                out["report"]["results"] += report["results"]
+    return out
 
 
-STAGES = {"kernels": lambda d, q, w: kernels_stage(d, q), "verify": verify_stage, "bench": bench_stage}
+def environment(device: str) -> dict:
+    """What ran the check: versions, the GPU, and which attention backends it offered."""
+    import transformers
+
+    env = {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+           "python": sys.version.split()[0], "backends": available_backends(), "cpus": os.cpu_count()}
+    try:
+        import flash_attn
+
+        env["flash_attn"] = flash_attn.__version__
+    except ImportError as e:
+        env["flash_attn"] = f"not installed ({e})"
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=props.name, gpus=torch.cuda.device_count(), capability=f"{props.major}.{props.minor}",
+                   gpu_memory_gib=round(props.total_memory / 2**30, 1), multiprocessors=props.multi_processor_count)
+    return env
 
 
-def run(device: str, quick: bool) -> dict:
-    report: dict = {"device": device, "quick": quick, "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None}
+STAGES = {"kernels": lambda d, q, w, t: kernels_stage(d, q), "verify": verify_stage, "bench": bench_stage}
+
+
+def run(device: str, quick: bool, budget_s: float, json_path: Path | None = None) -> dict:
+    """Every stage in turn within ``budget_s``; with ``json_path`` the report is written there
+    after each stage, so a run stopped from outside keeps what it finished."""
+    deadline = Deadline(budget_s)
+    report: dict = {"device": device, "quick": quick, "budget_s": budget_s, "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+                    "environment": environment(device)}
     with tempfile.TemporaryDirectory(prefix="apb-gpu-check-") as tmp:
         for name, stage in STAGES.items():
             t0 = time.perf_counter()
             try:
-                report[name] = stage(device, quick, Path(tmp))
+                report[name] = stage(device, quick, Path(tmp), deadline)
             except Exception as e:  # a failed stage is a finding; the others still run
                 report[name] = {"error": f"{type(e).__name__}: {e}"}
             report[name]["stage_seconds"] = round(time.perf_counter() - t0, 1)
+            if json_path is not None:
+                json_path.write_text(json.dumps(report, indent=1))
     return report
+
+
+def failed_stages(report: dict) -> list[str]:
+    return [k for k in STAGES if k not in report or "error" in report[k] or report[k].get("exit", 0) != 0
+            or any(isinstance(v, dict) and v.get("exit", 0) != 0 for v in report[k].values())]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m apb.tools.gpu_check", description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     ap.add_argument("--quick", action="store_true", help="small sizes (the CPU plumbing check)")
+    ap.add_argument("--budget-s", type=float, default=480.0,
+                    help="the whole run's time budget in seconds (default 480: 8 minutes)")
     ap.add_argument("--json", required=True, help="write the whole report here")
     args = ap.parse_args(argv)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         print("gpu-check: no CUDA device here; use --device cpu --quick for the plumbing", file=sys.stderr)
         return 2
-    report = run(device, args.quick)
-    Path(args.json).write_text(json.dumps(report, indent=1))
-    failed = [k for k in STAGES if "error" in report[k] or report[k].get("exit", 0) != 0
-              or any(isinstance(v, dict) and v.get("exit", 0) != 0 for v in report[k].values())]
+    report = run(device, args.quick, args.budget_s, Path(args.json))
+    failed = failed_stages(report)
     print(f"gpu-check on {device}: " + ("all stages passed" if not failed else f"failed: {', '.join(failed)}")
           + f"; wrote {args.json}")
     return 1 if failed else 0
