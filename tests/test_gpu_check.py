@@ -126,3 +126,9 @@ def test_the_sync_census_says_where_and_in_which_method(tmp_path):
     plain = subprocess.run([sys.executable, "-c", script], env={**env, "APB_SYNC_CENSUS": ""}, capture_output=True,
                            text=True, timeout=120)
     assert plain.returncode == 0 and "synchronizing" in plain.stderr and len(list(records.iterdir())) == 1
+
+
+def test_a_command_gets_what_is_left_of_the_budget():
+    assert gpu_check._apb(["--help"], 1.0)[0] == 124  # nothing left: not started
+    rc, tail = gpu_check._apb(["verify", "--methods", "full,ring", "--world-size", "2", "--prompt-len", "65536"], 6.0)
+    assert rc == 124 and "cut short after 6 s" in tail

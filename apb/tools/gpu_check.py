@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -88,14 +89,16 @@ def _apb(args: list[str], timeout_s: float, env: dict | None = None) -> tuple[in
     """Run ``apb ARGS``; (exit code, the output's tail); 124 when it outran ``timeout_s``."""
     if timeout_s < 5:
         return 124, "not started: the run's time budget is spent"
+    # its own process group, so that a command cut short takes its workers with it
+    proc = subprocess.Popen([sys.executable, "-m", "apb", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
     try:
-        proc = subprocess.run([sys.executable, "-m", "apb", *args], capture_output=True, text=True,
-                              timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"") + (e.stderr or b"")
-        out = out.decode(errors="replace") if isinstance(out, bytes) else out
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
         return 124, out[-4000:] + f"\n[cut short after {timeout_s:.0f} s: the run's time budget]"
-    return proc.returncode, (proc.stdout + proc.stderr)[-4000:]
+    return proc.returncode, out[-4000:]
 
 
 #: Installed as ``sitecustomize`` in every process of a census run (the driver and its spawned

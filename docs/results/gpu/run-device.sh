@@ -26,8 +26,8 @@ if [ "${QUICK:-0}" = 1 ]; then
 else
   CHECK="--budget-s 400"; DEV=cuda; DT=bfloat16; LENS=32768,65536; MODEL=bench-llama8b-2layer
 fi
-timeout 470 python3 -m apb.tools.gpu_check $CHECK --json "$OUT/gpu-check.json" 2>&1 | tee "$OUT/gpu-check.log"
-timeout 110 python3 -m apb bench --model $MODEL --methods full --world-size 1 --lengths $LENS --repeats 3 \
+timeout 440 python3 -m apb.tools.gpu_check $CHECK --json "$OUT/gpu-check.json" 2>&1 | tee "$OUT/gpu-check.log"
+timeout 100 python3 -m apb bench --model $MODEL --methods full --world-size 1 --lengths $LENS --repeats 3 \
   --hf-baseline --set model.dtype=$DT --set parallel.device=$DEV --json "$OUT/bench-llama8b-w1.json" 2>&1 \
   | tee "$OUT/bench-llama8b-w1.log"
 echo "done in ${SECONDS} s"
