@@ -8,7 +8,7 @@ them:
   (query ``i`` sees keys ``0 .. kv_len - q_len + i``). flash-attn does this natively; torch's
   kernels are top-left aligned, so for them a bottom-right call is split into a non-causal
   part (the keys every query sees) and a square causal part, merged by LSE;
-* grouped-query attention: flash-attn, torch's CPU flash kernel (probed once, see
+* grouped-query attention: flash-attn, torch's CPU and CUDA flash kernels (probed once, see
   :func:`_native_gqa`) and ``naive`` take fewer KV heads as they are; K/V are repeated (a copy)
   only for a torch kernel that cannot.
 
@@ -49,8 +49,9 @@ override the automatic choice):
 
 =================  ==========================================================
 ``flash_attn``     flash-attn 2, CUDA tensors in fp16/bf16 (the ``[gpu]`` extra)
-``torch_flash``    ``aten._scaled_dot_product_flash_attention_for_cpu`` on CPU,
-                   ``aten._scaled_dot_product_efficient_attention`` on CUDA
+``torch_flash``    ``aten._scaled_dot_product_flash_attention_for_cpu`` on CPU; on CUDA
+                   ``aten._scaled_dot_product_flash_attention`` in fp16/bf16 (head
+                   size <= 256, a multiple of 8), else ``..._efficient_attention``
 ``naive``          explicit softmax in float32; the reference for tests
 =================  ==========================================================
 """
@@ -315,14 +316,31 @@ def _naive_rows(q, kf, vf, causal, scale, softcap, offset, visible=None):
 
 @register_backend("torch_flash")
 def _torch_flash(q, k, v, causal: bool, scale: float):
-    if not _native_gqa(q.device.type):
+    if k.shape[1] != q.shape[1] and not _native_gqa(q.device.type, _torch_kernel(q)):
         rep = q.shape[1] // k.shape[1]
         k, v = repeat_kv(k, rep), repeat_kv(v, rep)
     return _torch_sdpa(q, k, v, causal, scale)
 
 
+def _torch_kernel(q: torch.Tensor) -> str:
+    """Which of torch's kernels runs ``q``'s call: on CUDA its flash kernel (FlashAttention-2, the
+    one ``F.scaled_dot_product_attention`` picks for half precision: about twice the memory-
+    efficient kernel's speed on a Hopper GPU, measured) where it applies, else the memory-
+    efficient one (float32, head sizes flash does not take)."""
+    if not q.is_cuda:
+        return "cpu"
+    d = q.shape[-1]
+    return "flash" if q.dtype in (torch.float16, torch.bfloat16) and d <= 256 and d % 8 == 0 else "efficient"
+
+
 def _torch_sdpa(q, k, v, causal: bool, scale: float):
-    if q.is_cuda:
+    # only square causal calls reach here (attention() splits the others), so the flash kernel's
+    # bottom-right alignment and torch's top-left one agree
+    kernel = _torch_kernel(q)
+    if kernel == "flash":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+        return out, lse.float()
+    if kernel == "efficient":
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, None, True, 0.0, causal, scale=scale)[:2]
         return out, lse[:, :, : q.shape[2]].float()
@@ -331,27 +349,32 @@ def _torch_sdpa(q, k, v, causal: bool, scale: float):
     return out, lse.float()
 
 
-# per device type: whether torch's kernel takes fewer KV heads than query heads itself
-_GQA_NATIVE: dict[str, bool] = {}
+# per (device type, torch kernel): whether it takes fewer KV heads than query heads itself
+_GQA_NATIVE: dict[tuple[str, str], bool] = {}
 
 
-def _native_gqa(device_type: str) -> bool:
-    """Whether torch's kernel on ``device_type`` does grouped-query attention without repeated K/V.
+def _native_gqa(device_type: str, kernel: str = "cpu") -> bool:
+    """Whether torch's ``kernel`` on ``device_type`` does grouped-query attention without repeated
+    K/V.
 
-    Probed once per device type against the repeated call (torch >= 2.5's CPU flash kernel does;
-    older builds raise or differ), so every torch in the supported range gets the copy-free call
-    where it exists and the repeat where it does not."""
-    if device_type not in _GQA_NATIVE:
+    Probed once per kernel against the repeated call (torch >= 2.5's CPU flash kernel does, the
+    CUDA flash kernel does as FlashAttention-2 does; the memory-efficient one raises; older builds
+    raise or differ), so every torch in the supported range gets the copy-free call where it
+    exists and the repeat where it does not."""
+    key = (device_type, kernel)
+    if key not in _GQA_NATIVE:
         g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(1, h, 5, 8, generator=g).to(device_type) for h in (4, 2, 2))
+        dtype = torch.bfloat16 if kernel == "flash" else torch.float32
+        q, k, v = (torch.randn(1, h, 5, 8, generator=g).to(device_type, dtype) for h in (4, 2, 2))
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
         try:
             out, lse = _torch_sdpa(q, k, v, True, 0.35)
             ref, ref_lse = _torch_sdpa(q, repeat_kv(k, 2), repeat_kv(v, 2), True, 0.35)
-            _GQA_NATIVE[device_type] = bool(torch.allclose(out, ref, atol=1e-5) and
-                                            torch.allclose(lse, ref_lse, atol=1e-5))
+            _GQA_NATIVE[key] = bool(torch.allclose(out.float(), ref.float(), atol=tol) and
+                                    torch.allclose(lse, ref_lse, atol=tol))
         except RuntimeError:
-            _GQA_NATIVE[device_type] = False
-    return _GQA_NATIVE[device_type]
+            _GQA_NATIVE[key] = False
+    return _GQA_NATIVE[key]
 
 
 def _flash_attn_func():

@@ -128,7 +128,7 @@ def test_grouped_query_attention_never_repeats_kv(backend, causal, monkeypatch):
     is made: a repeat would fail the call. Where it cannot, the repeat keeps the result exact."""
     q, k, v = make_qkv(1, 9, 3, 6, 14, seed=5)
     ref_out, ref_lse = ref_attention(q, k, v, causal)
-    assert attn_mod._native_gqa("cpu")
+    assert attn_mod._native_gqa("cpu", "cpu")
 
     def no_repeat(x, n_rep):
         raise AssertionError(f"K/V repeated {n_rep}x")
@@ -136,7 +136,7 @@ def test_grouped_query_attention_never_repeats_kv(backend, causal, monkeypatch):
         m.setattr(attn_mod, "repeat_kv", no_repeat)
         out, lse = attention(q, k, v, causal=causal, backend=backend)
     assert_matches(out, lse, ref_out, ref_lse, torch.float32)
-    monkeypatch.setitem(attn_mod._GQA_NATIVE, "cpu", False)  # a torch whose kernel cannot
+    monkeypatch.setitem(attn_mod._GQA_NATIVE, ("cpu", "cpu"), False)  # a torch whose kernel cannot
     out, lse = attention(q, k, v, causal=causal, backend=backend)
     assert_matches(out, lse, ref_out, ref_lse, torch.float32)
 

@@ -26,13 +26,19 @@ import torch
 COMPOSABLE = ("default", "linear", "llama3", "yarn")
 
 
+def _position(position: int, device: torch.device) -> torch.Tensor:
+    """A (1, 1) position id made on ``device`` (a fill, not a copy from host memory, which on a
+    GPU waits for the device: the census of ``make gpu-check`` found it inside apb's layers)."""
+    return torch.full((1, 1), position, dtype=torch.long, device=device)
+
+
 @dataclass
 class RopeShift:
     rotary: torch.nn.Module  # the model's rotary embedding: forward(x, position_ids) -> (cos, sin)
     apply: Callable  # its modeling module's apply_rotary_pos_emb(q, k, cos, sin)
 
     def _cos_sin(self, x: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.rotary(x, torch.tensor([[position]], device=x.device))
+        cos, sin = self.rotary(x, _position(position, x.device))
         # attention_scaling (yarn) multiplies cos and sin; a vector already carries it once
         scale = float(getattr(self.rotary, "attention_scaling", 1.0) or 1.0)
         return cos / scale, sin / scale
@@ -45,7 +51,7 @@ class RopeShift:
 
     def rotate(self, x: torch.Tensor, position: int) -> torch.Tensor:
         """``x`` rotated as the model rotates a vector at ``position`` (used to check :meth:`shift`)."""
-        return self._apply(x, *self.rotary(x, torch.tensor([[position]], device=x.device)))
+        return self._apply(x, *self.rotary(x, _position(position, x.device)))
 
     def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # a head wider than the rotary (multi-head latent attention: DeepSeek) rotates only its

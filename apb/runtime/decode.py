@@ -47,10 +47,14 @@ def token_lead(logits: torch.Tensor, tok: int) -> float:
 
     Positive where greedy decoding picks ``tok``; near 0 at a near tie, where a small change in
     the cache (an approximate method's, or a different rounding order) can change the answer."""
+    return float(_lead(logits, tok))
+
+
+def _lead(logits: torch.Tensor, tok: int) -> torch.Tensor:
+    """:func:`token_lead` left on the logits' device (read once the loop ends: no wait per token)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    mine = logp[tok].clone()
-    logp[tok] = float("-inf")
-    return float(mine - logp.max())
+    others = torch.arange(logp.shape[-1], device=logp.device) != tok
+    return logp[tok] - logp.masked_fill(~others, float("-inf")).max()
 
 
 def decode_loop(step: Callable[[int, int], torch.Tensor], first_logits: torch.Tensor, n_past: int,
@@ -63,18 +67,28 @@ def decode_loop(step: Callable[[int, int], torch.Tensor], first_logits: torch.Te
     """
     gen = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
     tokens: list[int] = []
+    pending: list[torch.Tensor] = []
     logits = first_logits
     for i in range(sampling.max_new_tokens):
-        tok = pick_token(logits, sampling, gen)
+        tok = pick_token(logits, sampling, gen)  # the one wait per token: the next step needs it
         if choose is not None:
             tok = choose(tok)
         tokens.append(tok)
         if leads is not None:
-            leads.append(token_lead(logits, tok))
+            pending.append(_lead(logits, tok))
         if (sampling.stop_at_eos and tok in eos_ids) or i == sampling.max_new_tokens - 1:
             break
         logits = step(tok, n_past + i)
+    if pending:
+        leads.extend(torch.stack(pending).tolist())
     return tokens
+
+
+def _token_ids(tok: int, pos: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step's (1, 1) token and position ids, filled on ``device`` (a copy from host
+    memory would wait for a GPU)."""
+    return (torch.full((1, 1), tok, dtype=torch.long, device=device),
+            torch.full((1, 1), pos, dtype=torch.long, device=device))
 
 
 @torch.no_grad()
@@ -85,8 +99,8 @@ def decode(model, hf_cache, first_logits: torch.Tensor, n_past: int, sampling: S
     device = next(model.parameters()).device
 
     def step(tok: int, pos: int) -> torch.Tensor:
-        out = model(input_ids=torch.tensor([[tok]], device=device), position_ids=torch.tensor([[pos]], device=device),
-                    past_key_values=hf_cache, use_cache=True)
+        ids, position = _token_ids(tok, pos, device)
+        out = model(input_ids=ids, position_ids=position, past_key_values=hf_cache, use_cache=True)
         return out.logits[0, -1]
 
     return decode_loop(step, first_logits, n_past, sampling, eos_ids, leads=leads)
@@ -115,8 +129,8 @@ def decode_distributed(model, result, comm: Comm, n_past: int, sampling: Samplin
 
     def step(tok: int, pos: int) -> torch.Tensor:
         ctx.start_step(torch.tensor([pos]))
-        out = model(input_ids=torch.tensor([[tok]], device=device), position_ids=torch.tensor([[pos]], device=device),
-                    use_cache=False, apb_ctx=ctx)
+        ids, position = _token_ids(tok, pos, device)
+        out = model(input_ids=ids, position_ids=position, use_cache=False, apb_ctx=ctx)
         comm.stats.tick(None)
         comm.stats.layer = None
         return out.logits[0, -1]

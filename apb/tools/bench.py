@@ -194,8 +194,20 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
             "rates_before": None if rates_before is None else rates_before.to_dict(),
             "rates_drift": rates_drift(rates_before, rates),
             "latency_s": LATENCY_S, "machine": {"cpus": available_cores(), "platform": platform.platform()},
-            "labels": {"wall_s": f"measured on this machine ({world} processes sharing {available_cores()} cores)",
-                       "projected_s": f"projected on {world} dedicated cores + links of {bandwidth_gbs} GB/s"}}
+            "labels": _labels(world, pick_device(0, cfg.parallel.device), cfg.parallel.share_gpus, bandwidth_gbs)}
+
+
+def _labels(world: int, device: torch.device, share_gpus: bool, bandwidth_gbs: float) -> dict:
+    """What the wall and projected columns stand for on this run's device."""
+    if device.type == "cuda":
+        gpus = torch.cuda.device_count()
+        shared = share_gpus and gpus < world
+        return {"wall_s": f"measured on this machine ({world} processes on {gpus} GPU(s)"
+                          + (", taking turns on shared GPUs: not the time of separate GPUs)" if shared else ")"),
+                "projected_s": f"projected on {world} dedicated GPUs + links of {bandwidth_gbs} GB/s"
+                               + (" (from per-layer clocks of ranks that shared GPUs)" if shared else "")}
+    return {"wall_s": f"measured on this machine ({world} processes sharing {available_cores()} cores)",
+            "projected_s": f"projected on {world} dedicated cores + links of {bandwidth_gbs} GB/s"}
 
 
 def _measure_rates(path, cfg: Config, progress) -> tuple[Rates | None, str | None]:

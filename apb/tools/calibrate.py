@@ -38,6 +38,10 @@ from apb.tools import simulate as costmodel
 ROWS, KEYS = 2048, 4096  # one of the calls ring and apb make at 32K over 8 hosts
 TARGET_GFLOP = 20.0  # linear work of the rest's longer forward: well above a call's fixed cost, under a second
 MIN_TOKENS, MAX_TOKENS = 256, 8192
+#: on a GPU the CPU's sizes are over in microseconds, where launches, not work, set the time
+#: (seen on an H200: 64 and 256 tokens of the rest took the same time): 16x the attention call,
+#: 100x the rest's work, up to 8x the tokens
+GPU_SCALE = dict(rows=4, keys=4, target=100.0, max_tokens=8)
 
 
 @dataclass(frozen=True)
@@ -77,11 +81,11 @@ def _best_seconds(fn, repeats: int, device: torch.device) -> float:
 
 
 def rest_lengths(shape: costmodel.ModelShape, target_gflop: float = TARGET_GFLOP,
-                 max_positions: int | None = None) -> tuple[int, int]:
+                 max_positions: int | None = None, max_tokens: int = MAX_TOKENS) -> tuple[int, int]:
     """The rest's two lengths: the longer holds about ``target_gflop`` of linear work (within
-    [MIN_TOKENS, MAX_TOKENS] and the model's positions, a multiple of 64), the shorter a quarter."""
+    [MIN_TOKENS, max_tokens] and the model's positions, a multiple of 64), the shorter a quarter."""
     per_token = shape.linear_flops(1) / 1e9
-    top = min(MAX_TOKENS, max_positions or MAX_TOKENS)
+    top = min(max_tokens, max_positions or max_tokens)
     long = int(min(top, max(MIN_TOKENS, target_gflop / per_token)) // 64 * 64)
     if long < 64:
         raise ValueError(f"the model has {max_positions} positions: too few to measure its per-token rate")
@@ -89,14 +93,17 @@ def rest_lengths(shape: costmodel.ModelShape, target_gflop: float = TARGET_GFLOP
 
 
 @torch.no_grad()
-def measure_rates(model, repeats: int = 5, rows: int = ROWS, keys: int = KEYS,
+def measure_rates(model, repeats: int = 5, rows: int | None = None, keys: int | None = None,
                   lengths: tuple[int, int] | None = None) -> Rates:
     """Both rates for ``model`` (loaded with the ``apb`` attention, in the bench's dtype, on the
-    device the bench's workers use)."""
+    device the bench's workers use); sizes unset are this module's, scaled up on a GPU."""
     shape = costmodel.ModelShape.from_config(model.config)
-    lengths = lengths or rest_lengths(shape, max_positions=getattr(model.config, "max_position_embeddings", None))
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
+    up = GPU_SCALE if device.type == "cuda" else dict(rows=1, keys=1, target=1.0, max_tokens=1)
+    rows, keys = rows or ROWS * up["rows"], keys or KEYS * up["keys"]
+    lengths = lengths or rest_lengths(shape, TARGET_GFLOP * up["target"], max_tokens=MAX_TOKENS * up["max_tokens"],
+                                      max_positions=getattr(model.config, "max_position_embeddings", None))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     gc.collect()

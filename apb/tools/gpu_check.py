@@ -49,30 +49,60 @@ BENCH_METHODS = "full,ring,apb,spava"
 QUICK_METHODS, QUICK_BENCH_METHODS, QUICK_LENGTHS = "full,ring,apb", "full,apb", "512"
 
 
+#: the kernels' cases: (name, query length, key length, causal); 4096 scaled down with --quick
+KERNEL_CASES = (("causal", 4096, 4096, True), ("causal, more keys", 1024, 4096, True),
+                ("not causal", 1024, 4096, False))
+
+
+def _median_seconds(fn, device: str, repeats: int = 5) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 def kernels_stage(device: str, quick: bool) -> dict:
     """Each backend against naive float32, on bfloat16 inputs (float32 on CPU, where the fused
-    kernels take what the model runs in)."""
+    kernels take what the model runs in), grouped heads, in the three kinds of call the methods
+    make; then each backend's speed at a long causal call beside what transformers' ``sdpa``
+    attention runs (``F.scaled_dot_product_attention``, no LSE), on the Llama-3.1-8B head shape."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    n = 256 if quick else 4096
+    scale_down = 16 if quick else 1
     g = torch.Generator(device="cpu").manual_seed(0)
-    q = torch.randn(1, 8, n, 128, generator=g).to(device, dtype)
-    k = torch.randn(1, 2, n, 128, generator=g).to(device, dtype)
-    v = torch.randn(1, 2, n, 128, generator=g).to(device, dtype)
-    ref_out, ref_lse = attention(q.float(), k.float(), v.float(), causal=True, backend="naive")
+    backends = [b for b in available_backends() if b != "flash_attn" or device == "cuda"]
     rows = []
-    for name in available_backends():
-        if name == "flash_attn" and device != "cuda":
-            continue
-        t0 = time.perf_counter()
-        out, lse = attention(q, k, v, causal=True, backend=name)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        rows.append({"backend": name, "dtype": str(dtype).removeprefix("torch."), "n": n,
-                     "max_abs_out_diff": float((out.float() - ref_out).abs().max()),
-                     "max_abs_lse_diff": float((lse - ref_lse).abs().max()), "seconds": time.perf_counter() - t0})
+    for case, n_q, n_k, causal in KERNEL_CASES:
+        n_q, n_k = n_q // scale_down, n_k // scale_down
+        q = torch.randn(1, 8, n_q, 128, generator=g).to(device, dtype)
+        k = torch.randn(1, 2, n_k, 128, generator=g).to(device, dtype)
+        v = torch.randn(1, 2, n_k, 128, generator=g).to(device, dtype)
+        ref_out, ref_lse = attention(q.float(), k.float(), v.float(), causal=causal, backend="naive")
+        for name in backends:
+            out, lse = attention(q, k, v, causal=causal, backend=name)
+            rows.append({"backend": name, "case": case, "dtype": str(dtype).removeprefix("torch."), "q_len": n_q,
+                         "kv_len": n_k, "max_abs_out_diff": float((out.float() - ref_out).abs().max()),
+                         "max_abs_lse_diff": float((lse - ref_lse).abs().max())})
+    n = 4096 // scale_down
+    q, k, v = (torch.randn(1, h, n, 128, generator=g).to(device, dtype) for h in (8, 2, 2))
     win_out, _ = attention(q, k, v, causal=True, window=128)
     win_ref, _ = attention(q.float(), k.float(), v.float(), causal=True, window=128, backend="naive")
-    return {"rows": rows, "window_128_max_abs_out_diff": float((win_out.float() - win_ref).abs().max())}
+    n = 1024 if quick else 32768
+    q, k, v = (torch.randn(1, h, n, 128, generator=g).to(device, dtype) for h in (32, 8, 8))
+    speed = {"n": n, "heads": 32, "kv_heads": 8, "head_dim": 128, "causal": True,
+             "sdpa_ms": 1e3 * _median_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(
+                 q, k, v, is_causal=True, enable_gqa=True), device)}
+    for name in backends:
+        if name != "naive":
+            speed[f"{name}_ms"] = 1e3 * _median_seconds(lambda: attention(q, k, v, causal=True, backend=name), device)
+            speed[f"{name}_vs_sdpa"] = speed[f"{name}_ms"] / speed["sdpa_ms"]
+    return {"rows": rows, "window_128_max_abs_out_diff": float((win_out.float() - win_ref).abs().max()),
+            "speed": speed}
 
 
 class Deadline:

@@ -24,10 +24,10 @@ transformers.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_avai
 if [ "${QUICK:-0}" = 1 ]; then
   CHECK="--device cpu --quick --budget-s 200"; DEV=cpu; DT=float32; LENS=512,1024; MODEL=bench-attn
 else
-  CHECK="--budget-s 400"; DEV=cuda; DT=bfloat16; LENS=32768,65536; MODEL=bench-llama8b-2layer
+  CHECK="--budget-s 400"; DEV=cuda; DT=bfloat16; LENS=32768,65536,131072; MODEL=bench-llama8b-2layer
 fi
 timeout 440 python3 -m apb.tools.gpu_check $CHECK --json "$OUT/gpu-check.json" 2>&1 | tee "$OUT/gpu-check.log"
-timeout 100 python3 -m apb bench --model $MODEL --methods full --world-size 1 --lengths $LENS --repeats 3 \
+timeout 150 python3 -m apb bench --model $MODEL --methods full --world-size 1 --lengths $LENS --repeats 3 \
   --hf-baseline --set model.dtype=$DT --set parallel.device=$DEV --json "$OUT/bench-llama8b-w1.json" 2>&1 \
   | tee "$OUT/bench-llama8b-w1.log"
 echo "done in ${SECONDS} s"
