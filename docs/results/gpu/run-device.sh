@@ -6,11 +6,13 @@
 #   typing-extensions; see docs/results.md "On a GPU" for how they were fetched.
 # Writes under $OUT: nvidia-smi.txt, gpu-check.json and .log (python -m apb.tools.gpu_check: what
 # `make gpu-check` runs), and bench-llama8b-w1.json and .log (full at W=1 against transformers'
-# own forward on the GPU, the Llama-3.1-8B layer shape).
+# own forward on the GPU, the Llama-3.1-8B layer shape), profile-full.txt (profile_full.py: the
+# two kernel by kernel at half the longest length).
 # QUICK=1 WHEELS=.whl/apb-*.whl runs the same steps on CPU with small sizes (a rehearsal of the
 # script, not a result).
 set -u
 cd "$(dirname "$0")/../../.."
+REPO=$PWD
 OUT=${OUT:-/tmp/apb-gpu-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl/*.whl} \
@@ -30,4 +32,5 @@ timeout 440 python3 -m apb.tools.gpu_check $CHECK --json "$OUT/gpu-check.json" 2
 timeout 150 python3 -m apb bench --model $MODEL --methods full --world-size 1 --lengths $LENS --repeats 3 \
   --hf-baseline --set model.dtype=$DT --set parallel.device=$DEV --json "$OUT/bench-llama8b-w1.json" 2>&1 \
   | tee "$OUT/bench-llama8b-w1.log"
+timeout 90 python3 "$REPO/docs/results/gpu/profile_full.py" $((${LENS##*,} / 2)) $MODEL > "$OUT/profile-full.txt" 2>&1
 echo "done in ${SECONDS} s"
