@@ -314,8 +314,9 @@ def environment(device: str) -> dict:
 STAGES = {"kernels": lambda d, q, w, t: kernels_stage(d, q), "verify": verify_stage, "bench": bench_stage}
 
 
-def run(device: str, quick: bool, budget_s: float, json_path: Path | None = None) -> dict:
-    """Every stage in turn within ``budget_s``; with ``json_path`` the report is written there
+def run(device: str, quick: bool, budget_s: float, json_path: Path | None = None,
+        stages: tuple[str, ...] = tuple(STAGES)) -> dict:
+    """``stages`` in turn within ``budget_s``; with ``json_path`` the report is written there
     after each stage, so a run stopped from outside keeps what it finished."""
     deadline = Deadline(budget_s)
     report: dict = {"device": device, "quick": quick, "budget_s": budget_s, "torch": torch.__version__,
@@ -323,6 +324,8 @@ def run(device: str, quick: bool, budget_s: float, json_path: Path | None = None
                     "environment": environment(device)}
     with tempfile.TemporaryDirectory(prefix="apb-gpu-check-") as tmp:
         for name, stage in STAGES.items():
+            if name not in stages:
+                continue
             t0 = time.perf_counter()
             try:
                 report[name] = stage(device, quick, Path(tmp), deadline)
@@ -334,8 +337,8 @@ def run(device: str, quick: bool, budget_s: float, json_path: Path | None = None
     return report
 
 
-def failed_stages(report: dict) -> list[str]:
-    return [k for k in STAGES if k not in report or "error" in report[k] or report[k].get("exit", 0) != 0
+def failed_stages(report: dict, stages: tuple[str, ...] = tuple(STAGES)) -> list[str]:
+    return [k for k in stages if k not in report or "error" in report[k] or report[k].get("exit", 0) != 0
             or any(isinstance(v, dict) and v.get("exit", 0) != 0 for v in report[k].values())]
 
 
@@ -345,14 +348,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes (the CPU plumbing check)")
     ap.add_argument("--budget-s", type=float, default=480.0,
                     help="the whole run's time budget in seconds (default 480: 8 minutes)")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)} (default: all)")
     ap.add_argument("--json", required=True, help="write the whole report here")
     args = ap.parse_args(argv)
+    stages = tuple(args.stages.split(","))
+    if set(stages) - set(STAGES):
+        ap.error(f"--stages: unknown {sorted(set(stages) - set(STAGES))}; valid: {', '.join(STAGES)}")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         print("gpu-check: no CUDA device here; use --device cpu --quick for the plumbing", file=sys.stderr)
         return 2
-    report = run(device, args.quick, args.budget_s, Path(args.json))
-    failed = failed_stages(report)
+    report = run(device, args.quick, args.budget_s, Path(args.json), stages)
+    failed = failed_stages(report, stages)
     print(f"gpu-check on {device}: " + ("all stages passed" if not failed else f"failed: {', '.join(failed)}")
           + f"; wrote {args.json}")
     return 1 if failed else 0

@@ -8,6 +8,7 @@
 # `make gpu-check` runs), and bench-llama8b-w1.json and .log (full at W=1 against transformers'
 # own forward on the GPU, the Llama-3.1-8B layer shape), profile-full.txt (profile_full.py: the
 # two kernel by kernel at half the longest length).
+# STAGES=kernels,verify runs only those stages of the check (the third run did).
 # QUICK=1 WHEELS=.whl/apb-*.whl runs the same steps on CPU with small sizes (a rehearsal of the
 # script, not a result).
 set -u
@@ -28,7 +29,7 @@ if [ "${QUICK:-0}" = 1 ]; then
 else
   CHECK="--budget-s 400"; DEV=cuda; DT=bfloat16; LENS=32768,65536,131072; MODEL=bench-llama8b-2layer
 fi
-timeout 440 python3 -m apb.tools.gpu_check $CHECK --json "$OUT/gpu-check.json" 2>&1 | tee "$OUT/gpu-check.log"
+timeout 440 python3 -m apb.tools.gpu_check $CHECK --stages ${STAGES:-kernels,verify,bench} --json "$OUT/gpu-check.json" 2>&1 | tee "$OUT/gpu-check.log"
 timeout 150 python3 -m apb bench --model $MODEL --methods full --world-size 1 --lengths $LENS --repeats 3 \
   --hf-baseline --set model.dtype=$DT --set parallel.device=$DEV --json "$OUT/bench-llama8b-w1.json" 2>&1 \
   | tee "$OUT/bench-llama8b-w1.log"
