@@ -94,7 +94,10 @@ def kernels_stage(device: str, quick: bool) -> dict:
     win_ref, _ = attention(q.float(), k.float(), v.float(), causal=True, window=128, backend="naive")
     n = 1024 if quick else 32768
     q, k, v = (torch.randn(1, h, n, 128, generator=g).to(device, dtype) for h in (32, 8, 8))
+    from apb.kernels import attention as kernels
+
     speed = {"n": n, "heads": 32, "kv_heads": 8, "head_dim": 128, "causal": True,
+             "torch_kernel": kernels._torch_kernel(q),  # which of torch's kernels torch_flash runs here
              "sdpa_ms": 1e3 * _median_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(
                  q, k, v, is_causal=True, enable_gqa=True), device)}
     for name in backends:
