@@ -691,3 +691,48 @@ def test_merge_in_place_equals_merge_many():
     empty_out, empty_lse = torch.zeros(1, 4, 6, 8), torch.full((1, 4, 6), -math.inf)
     merge_(empty_out, empty_lse, torch.zeros(1, 4, 6, 8), torch.full((1, 4, 6), -math.inf))
     assert torch.isneginf(empty_lse).all() and not empty_out.isnan().any()
+
+
+def _cpu_stands_in(monkeypatch, cudnn=None):
+    """torch's CUDA kernels played by its CPU kernel (``cudnn``: what cuDNN's call returns)."""
+    real = attn_mod._torch_sdpa
+    calls = []
+
+    def sdpa(q, k, v, causal, scale, kernel):
+        calls.append(kernel)
+        if kernel == "cudnn":
+            return attn_mod._cudnn(q, k, v, causal, scale)
+        return real(q, k, v, causal, scale, "cpu")
+    monkeypatch.setattr(attn_mod, "_torch_sdpa", sdpa)
+    if cudnn is not None:
+        monkeypatch.setattr(attn_mod, "_cudnn", cudnn)
+    return calls
+
+
+def test_cudnn_is_used_only_where_it_agrees_with_the_flash_kernel(monkeypatch):
+    """cuDNN's attention feeds LSEs into every merge: the probe takes it only when its output and
+    LSE match torch's flash kernel; a cuDNN that is missing (this CPU: torch has no CPU kernel
+    for it) or that returns its statistics in another convention (base 2 here) is never used."""
+    assert not attn_mod._cudnn_ok(torch.device("cpu"), torch.float32)  # no such kernel here: refused, not raised
+    cpu = lambda q, k, v, causal, scale: attn_mod._torch_sdpa(q, k, v, causal, scale, "cpu")
+    _cpu_stands_in(monkeypatch, cudnn=lambda *a: cpu(*a))
+    monkeypatch.setattr(attn_mod, "_CUDNN_OK", {})
+    assert attn_mod._cudnn_ok(torch.device("cpu"), torch.float32)
+    _cpu_stands_in(monkeypatch, cudnn=lambda *a: (cpu(*a)[0], cpu(*a)[1] * math.log2(math.e)))
+    monkeypatch.setattr(attn_mod, "_CUDNN_OK", {})
+    assert not attn_mod._cudnn_ok(torch.device("cpu"), torch.float32)
+
+
+def test_a_call_cudnn_refuses_runs_on_the_flash_kernel(monkeypatch):
+    q, k, v = make_qkv(1, 8, 2, 40, 40, seed=9)
+    ref_out, ref_lse = ref_attention(q, k, v, True)
+
+    def refuse(*a):
+        raise RuntimeError("cuDNN: no engine for this shape")
+    calls = _cpu_stands_in(monkeypatch, cudnn=refuse)
+    monkeypatch.setattr(attn_mod, "_torch_kernel", lambda q: "cudnn")
+    monkeypatch.setitem(attn_mod._GQA_NATIVE, ("cpu", "cudnn"), True)
+    monkeypatch.setitem(attn_mod._GQA_NATIVE, ("cpu", "flash"), True)
+    out, lse = attention(q, k, v, causal=True, backend="torch_flash")
+    assert calls == ["cudnn", "flash"]
+    assert_matches(out, lse, ref_out, ref_lse, torch.float32)

@@ -38,7 +38,11 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
+import apb
+import apb.kernels
+import apb.parallel
 from apb.kernels import attention, available_backends
 
 #: star:shared at W = 2 sends host 0's anchor to host 1 each layer: the broadcast on the device;
@@ -105,8 +109,10 @@ def kernels_stage(device: str, quick: bool) -> dict:
         if name != "naive":
             speed[f"{name}_ms"] = 1e3 * _median_seconds(lambda: attention(q, k, v, causal=True, backend=name), device)
             speed[f"{name}_vs_sdpa"] = speed[f"{name}_ms"] / speed["sdpa_ms"]
+    probes = {"gqa_native": {"/".join(k): v for k, v in kernels._GQA_NATIVE.items()},
+              "cudnn_agrees": {f"{d}/{str(t).removeprefix('torch.')}": v for (d, t), v in kernels._CUDNN_OK.items()}}
     return {"rows": rows, "window_128_max_abs_out_diff": float((win_out.float() - win_ref).abs().max()),
-            "speed": speed}
+            "speed": speed, "probes": probes}
 
 
 class Deadline:
@@ -196,10 +202,6 @@ except Exception:
 
 def census_env(work: Path) -> tuple[dict, Path]:
     """The environment for a census run (the hook on the path, a folder for its records)."""
-    import apb
-    import apb.kernels
-    import apb.parallel
-
     hook, records = work / "census-hook", work / f"census-{time.monotonic_ns()}"
     hook.mkdir(exist_ok=True)
     records.mkdir()
@@ -298,12 +300,10 @@ def bench_stage(device: str, quick: bool, work: Path, deadline: Deadline) -> dic
 
 def environment(device: str) -> dict:
     """What ran the check: versions, the GPU, and which attention backends it offered."""
-    import transformers
-
     env = {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
            "python": sys.version.split()[0], "backends": available_backends(), "cpus": os.cpu_count()}
     try:
-        import flash_attn
+        import flash_attn  # the optional [gpu] extra: its absence is a finding, not an error
 
         env["flash_attn"] = flash_attn.__version__
     except ImportError as e:
