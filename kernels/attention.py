@@ -50,9 +50,9 @@ override the automatic choice):
 =================  ==========================================================
 ``flash_attn``     flash-attn 2, CUDA tensors in fp16/bf16 (the ``[gpu]`` extra)
 ``torch_flash``    ``aten._scaled_dot_product_flash_attention_for_cpu`` on CPU; on CUDA
-                   in fp16/bf16 (head size <= 256, a multiple of 8) cuDNN's attention
-                   where it is probed to agree, else ``..._flash_attention``; else
-                   ``..._efficient_attention``
+                   in fp16/bf16 (head size <= 256, a multiple of 8) cuDNN's attention,
+                   else ``..._flash_attention``, whichever first is probed to run and
+                   agree; else ``..._efficient_attention``
 ``naive``          explicit softmax in float32; the reference for tests
 =================  ==========================================================
 """
@@ -318,11 +318,11 @@ def _naive_rows(q, kf, vf, causal, scale, softcap, offset, visible=None):
 @register_backend("torch_flash")
 def _torch_flash(q, k, v, causal: bool, scale: float):
     kernel = _torch_kernel(q)
-    if kernel == "cudnn":
+    while kernel in _FUSED:
         try:
             return _torch_sdpa(*_grouped(q, k, v, kernel), causal, scale, kernel)
-        except RuntimeError:  # a shape this cuDNN does not take: torch's flash kernel does
-            kernel = "flash"
+        except RuntimeError:  # a shape this kernel does not take: the next one that runs here
+            kernel = _next_kernel(q, kernel)
     return _torch_sdpa(*_grouped(q, k, v, kernel), causal, scale, kernel)
 
 
@@ -334,19 +334,31 @@ def _grouped(q, k, v, kernel: str):
     return q, k, v
 
 
+#: torch's half-precision CUDA kernels that must pass :func:`_fused_ok` first, fastest first:
+#: cuDNN's fused attention (what ``F.scaled_dot_product_attention``, and so transformers' ``sdpa``,
+#: runs on a Hopper GPU: 56 ms a layer where torch's flash kernel took 104 and its memory-
+#: efficient one about twice that, Llama-3.1-8B's heads at 64K tokens on an H200), then torch's
+#: flash kernel (FlashAttention-2, sm80 and newer). The memory-efficient kernel runs the rest.
+_FUSED = ("cudnn", "flash")
+
+
 def _torch_kernel(q: torch.Tensor) -> str:
-    """Which of torch's kernels runs ``q``'s call. On CUDA in half precision: cuDNN's fused
-    attention where it passes :func:`_cudnn_ok` (what ``F.scaled_dot_product_attention`` and so
-    transformers' ``sdpa`` run on a Hopper GPU: 56 ms a layer where torch's flash kernel took 104
-    and its memory-efficient one about twice that, Llama-3.1-8B's heads at 64K tokens on an H200),
-    else torch's flash kernel (FlashAttention-2); float32 and head sizes flash does not take get
-    the memory-efficient kernel."""
+    """Which of torch's kernels runs ``q``'s call: the first of :data:`_FUSED` that runs here and
+    agrees with the memory-efficient kernel, for fp16/bf16 with a head size they take (<= 256, a
+    multiple of 8); else the memory-efficient kernel (float32, other head sizes, older GPUs)."""
     if not q.is_cuda:
         return "cpu"
     d = q.shape[-1]
     if q.dtype in (torch.float16, torch.bfloat16) and d <= 256 and d % 8 == 0:
-        return "cudnn" if _cudnn_ok(q.device, q.dtype) else "flash"
+        return _next_kernel(q, None)
     return "efficient"
+
+
+def _next_kernel(q: torch.Tensor, after: str | None) -> str:
+    """The first kernel of :data:`_FUSED` after ``after`` (None: from the start) that passes its
+    probe on ``q``'s device and dtype, else the memory-efficient one."""
+    later = _FUSED if after is None else _FUSED[_FUSED.index(after) + 1:]
+    return next((k for k in later if _fused_ok(q.device, q.dtype, k)), "efficient")
 
 
 def _torch_sdpa(q, k, v, causal: bool, scale: float, kernel: str):
@@ -354,7 +366,9 @@ def _torch_sdpa(q, k, v, causal: bool, scale: float, kernel: str):
     here (attention() splits the others), so the fused kernels' bottom-right alignment and
     torch's top-left one agree."""
     if kernel == "cudnn":
-        return _cudnn(q, k, v, causal, scale)
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
+                                                                      scale=scale)[:2]
+        return out, lse.reshape(q.shape[:3]).float()  # (b, h, q_len, 1) -> (b, h, q_len)
     if kernel == "flash":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
         return out, lse.float()
@@ -367,35 +381,30 @@ def _torch_sdpa(q, k, v, causal: bool, scale: float, kernel: str):
     return out, lse.float()
 
 
-def _cudnn(q, k, v, causal: bool, scale: float):
-    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
-                                                                  scale=scale)[:2]
-    return out, lse.reshape(q.shape[:3]).float()  # (b, h, q_len, 1) -> (b, h, q_len)
+# per (device, dtype, kernel of _FUSED): whether it runs here and agrees with the memory-efficient one
+_FUSED_OK: dict[tuple[str, torch.dtype, str], bool] = {}
 
 
-# per (device, dtype): whether cuDNN's attention runs here and agrees with torch's flash kernel
-_CUDNN_OK: dict[tuple[str, torch.dtype], bool] = {}
-
-
-def _cudnn_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    """Probed once per device and dtype against torch's flash kernel, output and LSE, causal and
-    not, at an odd length: a cuDNN that is missing, refuses, or returns its statistics in another
-    convention is never used (its LSE feeds every merge of partial attentions)."""
-    key = (str(device), dtype)
-    if key not in _CUDNN_OK:
+def _fused_ok(device: torch.device, dtype: torch.dtype, kernel: str) -> bool:
+    """Probed once per device, dtype and kernel against torch's memory-efficient kernel, output and
+    LSE, causal and not, at an odd length: a kernel that is missing (cuDNN's attention before
+    Ampere, or not built in; FlashAttention-2 before sm80), refuses, or returns its statistics in
+    another convention is never used (its LSE feeds every merge of partial attentions)."""
+    key = (str(device), dtype, kernel)
+    if key not in _FUSED_OK:
         g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(1, 4, n, 64, generator=g).to(device, dtype) for n in (37, 37, 37))
+        q, k, v = (torch.randn(1, 4, 37, 64, generator=g).to(device, dtype) for _ in range(3))
         ok = True
         try:
             for causal in (True, False):
-                out, lse = _cudnn(q, k, v, causal, 0.125)
-                ref, ref_lse = _torch_sdpa(q, k, v, causal, 0.125, "flash")
+                out, lse = _torch_sdpa(q, k, v, causal, 0.125, kernel)
+                ref, ref_lse = _torch_sdpa(q, k, v, causal, 0.125, "efficient")
                 ok = ok and bool(torch.allclose(out.float(), ref.float(), atol=2e-2) and
                                  torch.allclose(lse, ref_lse, atol=2e-2))
         except (RuntimeError, AttributeError):
             ok = False
-        _CUDNN_OK[key] = ok
-    return _CUDNN_OK[key]
+        _FUSED_OK[key] = ok
+    return _FUSED_OK[key]
 
 
 # per (device type, torch kernel): whether it takes fewer KV heads than query heads itself

@@ -693,46 +693,61 @@ def test_merge_in_place_equals_merge_many():
     assert torch.isneginf(empty_lse).all() and not empty_out.isnan().any()
 
 
-def _cpu_stands_in(monkeypatch, cudnn=None):
-    """torch's CUDA kernels played by its CPU kernel (``cudnn``: what cuDNN's call returns)."""
+def _cpu_stands_in(monkeypatch, **kernels):
+    """torch's CUDA kernels played by its CPU kernel; ``kernels`` replaces named ones (a function
+    ``(q, k, v, causal, scale) -> (out, lse)``). Returns the list of kernels called, in order."""
     real = attn_mod._torch_sdpa
     calls = []
 
     def sdpa(q, k, v, causal, scale, kernel):
         calls.append(kernel)
-        if kernel == "cudnn":
-            return attn_mod._cudnn(q, k, v, causal, scale)
-        return real(q, k, v, causal, scale, "cpu")
+        return kernels[kernel](q, k, v, causal, scale) if kernel in kernels else real(q, k, v, causal, scale, "cpu")
     monkeypatch.setattr(attn_mod, "_torch_sdpa", sdpa)
-    if cudnn is not None:
-        monkeypatch.setattr(attn_mod, "_cudnn", cudnn)
+    monkeypatch.setattr(attn_mod, "_FUSED_OK", {})
     return calls
 
 
-def test_cudnn_is_used_only_where_it_agrees_with_the_flash_kernel(monkeypatch):
-    """cuDNN's attention feeds LSEs into every merge: the probe takes it only when its output and
-    LSE match torch's flash kernel; a cuDNN that is missing (this CPU: torch has no CPU kernel
-    for it) or that returns its statistics in another convention (base 2 here) is never used."""
-    assert not attn_mod._cudnn_ok(torch.device("cpu"), torch.float32)  # no such kernel here: refused, not raised
-    cpu = lambda q, k, v, causal, scale: attn_mod._torch_sdpa(q, k, v, causal, scale, "cpu")
-    _cpu_stands_in(monkeypatch, cudnn=lambda *a: cpu(*a))
-    monkeypatch.setattr(attn_mod, "_CUDNN_OK", {})
-    assert attn_mod._cudnn_ok(torch.device("cpu"), torch.float32)
-    _cpu_stands_in(monkeypatch, cudnn=lambda *a: (cpu(*a)[0], cpu(*a)[1] * math.log2(math.e)))
-    monkeypatch.setattr(attn_mod, "_CUDNN_OK", {})
-    assert not attn_mod._cudnn_ok(torch.device("cpu"), torch.float32)
+def _cpu(q, k, v, causal, scale):
+    return attn_mod._torch_sdpa(q, k, v, causal, scale, "cpu")
 
 
-def test_a_call_cudnn_refuses_runs_on_the_flash_kernel(monkeypatch):
+def _refuse(*a):
+    raise RuntimeError("no kernel for this shape on this GPU")
+
+
+def test_a_fused_kernel_is_used_only_where_it_agrees(monkeypatch):
+    """cuDNN's and FlashAttention's LSEs feed every merge: a fused kernel is taken only when its
+    output and LSE match the memory-efficient kernel's; one that is missing (this CPU: torch has
+    no CPU kernel for either) or returns its statistics in another convention (base 2 here) is
+    never used."""
+    for kernel in attn_mod._FUSED:
+        assert not attn_mod._fused_ok(torch.device("cpu"), torch.float32, kernel)  # refused, not raised
+    _cpu_stands_in(monkeypatch)
+    assert attn_mod._fused_ok(torch.device("cpu"), torch.float32, "cudnn")
+    _cpu_stands_in(monkeypatch, cudnn=lambda *a: (_cpu(*a)[0], _cpu(*a)[1] * math.log2(math.e)))
+    assert not attn_mod._fused_ok(torch.device("cpu"), torch.float32, "cudnn")
+    q = torch.zeros(1, 2, 3, 8)
+    assert attn_mod._next_kernel(q, None) == "flash"  # cuDNN disagreed; flash (the CPU kernel) agrees
+    _cpu_stands_in(monkeypatch, cudnn=_refuse, flash=_refuse)  # an older GPU: neither runs
+    assert attn_mod._next_kernel(q, None) == "efficient"
+
+
+@pytest.mark.parametrize("refused,used", [(("cudnn",), "flash"), (("cudnn", "flash"), "efficient")])
+def test_a_call_a_fused_kernel_refuses_runs_on_the_next(monkeypatch, refused, used):
+    """Probes pass on a small shape; a call whose shape a kernel then refuses goes to the next
+    kernel that runs here, down to the memory-efficient one, with the same result."""
     q, k, v = make_qkv(1, 8, 2, 40, 40, seed=9)
     ref_out, ref_lse = ref_attention(q, k, v, True)
-
-    def refuse(*a):
-        raise RuntimeError("cuDNN: no engine for this shape")
-    calls = _cpu_stands_in(monkeypatch, cudnn=refuse)
+    calls = _cpu_stands_in(monkeypatch)
+    for kernel in attn_mod._FUSED:
+        assert attn_mod._fused_ok(q.device, q.dtype, kernel)  # the probes pass
+    for kernel in refused:
+        monkeypatch.setattr(attn_mod, "_torch_sdpa", lambda *a, _k=kernel, _f=attn_mod._torch_sdpa:
+                            _refuse() if a[-1] == _k else _f(*a))
     monkeypatch.setattr(attn_mod, "_torch_kernel", lambda q: "cudnn")
-    monkeypatch.setitem(attn_mod._GQA_NATIVE, ("cpu", "cudnn"), True)
-    monkeypatch.setitem(attn_mod._GQA_NATIVE, ("cpu", "flash"), True)
+    for kernel in (*attn_mod._FUSED, "efficient"):
+        monkeypatch.setitem(attn_mod._GQA_NATIVE, ("cpu", kernel), True)
+    calls.clear()
     out, lse = attention(q, k, v, causal=True, backend="torch_flash")
-    assert calls == ["cudnn", "flash"]
+    assert calls == [used]  # the refused ones raised before reaching the stand-in
     assert_matches(out, lse, ref_out, ref_lse, torch.float32)

@@ -110,7 +110,8 @@ def kernels_stage(device: str, quick: bool) -> dict:
             speed[f"{name}_ms"] = 1e3 * _median_seconds(lambda: attention(q, k, v, causal=True, backend=name), device)
             speed[f"{name}_vs_sdpa"] = speed[f"{name}_ms"] / speed["sdpa_ms"]
     probes = {"gqa_native": {"/".join(k): v for k, v in kernels._GQA_NATIVE.items()},
-              "cudnn_agrees": {f"{d}/{str(t).removeprefix('torch.')}": v for (d, t), v in kernels._CUDNN_OK.items()}}
+              "fused_agrees": {f"{d}/{str(t).removeprefix('torch.')}/{kernel}": v
+                               for (d, t, kernel), v in kernels._FUSED_OK.items()}}
     return {"rows": rows, "window_128_max_abs_out_diff": float((win_out.float() - win_ref).abs().max()),
             "speed": speed, "probes": probes}
 
