@@ -30,6 +30,9 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
         assert verify["exit"] == 0 and {r["method"] for r in verify["rows"]} >= {"full", "ring", "apb"}
         assert all(r["passed"] for r in verify["rows"])
     assert report["bench"]["exit"] == 0 and report["bench"]["report"] is not None
+    baseline = report["baseline"]
+    assert baseline["exit"] == 0 and {r["method"] for r in baseline["rows"]} == {"full", "hf-sdpa"}
+    assert set(baseline["full_over_transformers"]) == {"512"} and baseline["full_over_transformers"]["512"] > 0
 
 
 def _gpus(monkeypatch, count):

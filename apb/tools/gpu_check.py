@@ -4,8 +4,10 @@ Stages, each recorded in one JSON file as soon as it ends (a failing stage is re
 error and the others still run; a run stopped from outside keeps the stages it finished):
 
 1. ``kernels``: every attention backend available on the device (flash-attn, torch's, the naive
-   reference) on the same bfloat16 inputs (GQA, causal, a windowed call), against ``naive`` in
-   float32: largest output and LSE differences;
+   reference) on the same bfloat16 inputs (GQA; causal, causal with more keys, not causal, a
+   windowed call), against ``naive`` in float32: largest output and LSE differences; then each
+   one's speed at 32K tokens beside ``F.scaled_dot_product_attention``, and which of torch's
+   kernels ran (the probes' answers);
 2. ``verify``: ``apb verify`` for every method at W=1, and at W=2; on a machine with one GPU the
    two ranks share it (``parallel.share_gpus``: NCCL refuses two ranks on one device, so they talk
    over gloo through host copies, and ulysses, whose all-to-all needs NCCL, is left out). On CUDA
@@ -13,7 +15,10 @@ error and the others still run; a run stopped from outside keeps the stages it f
    recorded where it happened (:data:`CENSUS_HOOK`): ``syncs`` says, per method, how many fell
    inside a prefill's layers and were not the staged copies a shared GPU needs (the hot path's
    promise is none);
-3. ``bench``: ``apb bench`` (its default model, ``bench-attn``) for full, ring, apb and spava in
+3. ``baseline``: ``full`` at W=1 against transformers' own forward (``--hf-baseline``) on
+   Llama-3.1-8B's layer shape at 32K-128K tokens, in bfloat16: the shared model path at
+   transformers' speed, or not (``full_over_transformers``, per length);
+4. ``bench``: ``apb bench`` (its default model, ``bench-attn``) for full, ring, apb and spava in
    bfloat16 at 32K-128K tokens at W=2, one length at a time
    (on one GPU, shared as above: the code runs on CUDA, but the two ranks' kernels take turns on
    one device, so the times are not those of two GPUs; ``shared_gpu`` says which it was).
@@ -274,6 +279,31 @@ def verify_stage(device: str, quick: bool, work: Path, deadline: Deadline) -> di
     return out
 
 
+#: the baseline stage's model: Llama-3.1-8B's layer shape (2 layers), where the GPU's kernels
+#: and the linear layers both weigh
+BASELINE_MODEL = "bench-llama8b-2layer"
+
+
+def baseline_stage(device: str, quick: bool, work: Path, deadline: Deadline) -> dict:
+    """``full`` at W = 1 beside transformers' own forward (``--hf-baseline``: ``sdpa``, the same
+    device and dtype) at 32K-128K tokens: whether the one model path every method shares runs at
+    transformers' speed on this device. (Session 25's first H200 run found it at half.)"""
+    path = work / "baseline.json"
+    rc, tail = _apb(["bench", "--model", "bench-attn" if quick else BASELINE_MODEL, "--methods", "full",
+                     "--lengths", "512" if quick else "32768,65536,131072", "--world-size", "1", "--repeats",
+                     "1" if quick else "3", "--hf-baseline", "--set", f"parallel.device={device}", "--set",
+                     f"model.dtype={'bfloat16' if device == 'cuda' else 'float32'}", "--json", str(path)],
+                    deadline.left() * 0.4)
+    out: dict = {"exit": rc, "output_tail": tail, "rows": None}
+    if path.exists():
+        rows = json.loads(path.read_text())["results"]
+        out["rows"] = rows
+        walls = {(r["method"], r["length"]): r["wall_s"] for r in rows if "wall_s" in r}
+        out["full_over_transformers"] = {str(n): walls[("full", n)] / walls[("hf-sdpa", n)] for m, n in walls
+                                         if m == "full" and ("hf-sdpa", n) in walls}
+    return out
+
+
 def bench_stage(device: str, quick: bool, work: Path, deadline: Deadline) -> dict:
     """One ``apb bench`` per length, shortest first, so a length that outruns the budget keeps the
     ones before it; ``report`` is their rows in one report."""
@@ -316,7 +346,8 @@ def environment(device: str) -> dict:
     return env
 
 
-STAGES = {"kernels": lambda d, q, w, t: kernels_stage(d, q), "verify": verify_stage, "bench": bench_stage}
+STAGES = {"kernels": lambda d, q, w, t: kernels_stage(d, q), "verify": verify_stage, "baseline": baseline_stage,
+          "bench": bench_stage}
 
 
 def run(device: str, quick: bool, budget_s: float, json_path: Path | None = None,
