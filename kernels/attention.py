@@ -8,8 +8,9 @@ them:
   (query ``i`` sees keys ``0 .. kv_len - q_len + i``). flash-attn does this natively; torch's
   kernels are top-left aligned, so for them a bottom-right call is split into a non-causal
   part (the keys every query sees) and a square causal part, merged by LSE;
-* grouped-query attention: flash-attn, torch's CPU and CUDA flash kernels (probed once, see
-  :func:`_native_gqa`) and ``naive`` take fewer KV heads as they are; K/V are repeated (a copy)
+* grouped-query attention: flash-attn, ``naive`` and each of torch's kernels that a one-time
+  probe finds takes them (:func:`_native_gqa`; torch's CPU flash kernel does) take fewer KV heads
+  as they are; K/V are repeated (a copy)
   only for a torch kernel that cannot.
 
 Shapes: ``q`` is (batch, heads, q_len, dim), ``k`` is (batch, kv_heads, kv_len, dim) and ``v``
@@ -415,10 +416,10 @@ def _native_gqa(device_type: str, kernel: str = "cpu") -> bool:
     """Whether torch's ``kernel`` on ``device_type`` does grouped-query attention without repeated
     K/V.
 
-    Probed once per kernel against the repeated call (torch >= 2.5's CPU flash kernel does, the
-    CUDA flash kernel does as FlashAttention-2 does; the memory-efficient one raises; older builds
-    raise or differ), so every torch in the supported range gets the copy-free call where it
-    exists and the repeat where it does not."""
+    Probed once per kernel against the repeated call (torch >= 2.5's CPU flash kernel does; a
+    kernel that raises or differs does not), so every torch in the supported range gets the
+    copy-free call where it exists and the repeat where it does not; ``make gpu-check`` records
+    the answers for the CUDA kernels (``kernels.probes``)."""
     key = (device_type, kernel)
     if key not in _GQA_NATIVE:
         g = torch.Generator().manual_seed(0)

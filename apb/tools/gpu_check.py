@@ -222,7 +222,8 @@ def census_summary(events: list[dict]) -> dict:
     """Per method, the prefill's synchronizations: inside the model's forward and not a staged
     copy (the hot path's promise is none), inside it staged (a shared GPU's host copies), and the
     rest of the prefill (layouts, the cache); decode's and the rest apart. Each with the sites that
-    made them, most frequent first."""
+    made them, most frequent first. "Staged" means under ``parallel/comm.py``: on a shared GPU
+    (gloo) those are the host copies themselves; over NCCL any such sync would be a finding."""
     out: dict = {}
     for e in events:
         if not e.get("prefill"):
