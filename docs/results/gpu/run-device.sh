@@ -8,7 +8,9 @@
 # `make gpu-check` runs), and bench-llama8b-w1.json and .log (full at W=1 against transformers'
 # own forward on the GPU, the Llama-3.1-8B layer shape), profile-full.txt (profile_full.py: the
 # two kernel by kernel at half the longest length).
-# STAGES=kernels,verify runs only those stages of the check (the third run did).
+# STAGES=kernels,verify runs only those stages of the check (the third run did). The check has
+# since gained a `baseline` stage that is the separate bench below; STAGES=kernels,verify,bench
+# (the default here) runs what runs 1-2 ran.
 # QUICK=1 WHEELS=.whl/apb-*.whl runs the same steps on CPU with small sizes (a rehearsal of the
 # script, not a result).
 set -u
