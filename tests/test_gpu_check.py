@@ -53,6 +53,16 @@ def test_one_gpu_runs_two_ranks_shared_and_leaves_out_ulysses(monkeypatch):
     assert not gpu_check.shares_gpu("cpu", 2)
 
 
+def test_the_check_runs_at_the_gpu_count_where_there_are_several(monkeypatch):
+    """One GPU: W = 1 and 2 (shared); 2-3 GPUs: the bench on all of them; 4-8: verify too;
+    more: capped at 8. On CPU: 1 and 2."""
+    assert gpu_check.worlds("cpu") == ((1, 2), 2)
+    for count, expected in ((1, ((1, 2), 2)), (2, ((1, 2), 2)), (3, ((1, 2), 3)), (4, ((1, 2, 4), 4)),
+                            (8, ((1, 2, 8), 8)), (16, ((1, 2, 8), 8))):
+        _gpus(monkeypatch, count)
+        assert gpu_check.worlds("cuda") == expected, count
+
+
 def test_shared_gpus_place_ranks_round_robin_and_split_the_memory(monkeypatch):
     _gpus(monkeypatch, 2)
     placed = [pick_device(r, "cuda", share_gpus=True) for r in range(5)]

@@ -19,7 +19,8 @@ error and the others still run; a run stopped from outside keeps the stages it f
    Llama-3.1-8B's layer shape at 32K-128K tokens, in bfloat16: the shared model path at
    transformers' speed, or not (``full_over_transformers``, per length);
 4. ``bench``: ``apb bench`` (its default model, ``bench-attn``) for full, ring, apb and spava in
-   bfloat16 at 32K-128K tokens at W=2, one length at a time
+   bfloat16 at 32K-128K tokens at W=2 (W = the GPU count, up to 8, on a machine of 2 or more; verify
+   then runs at that W too from 4), one length at a time
    (on one GPU, shared as above: the code runs on CUDA, but the two ranks' kernels take turns on
    one device, so the times are not those of two GPUs; ``shared_gpu`` says which it was).
 
@@ -261,17 +262,26 @@ def _placement(device: str, world: int, methods: str) -> tuple[list[str], str]:
     return sets, methods
 
 
+def worlds(device: str) -> tuple[tuple[int, ...], int]:
+    """(the verify stage's world sizes, the bench's): W = 1 and 2 everywhere (two ranks share a
+    lone GPU), and on a machine of 4 or more GPUs its GPUs too (up to 8), one rank per GPU over
+    NCCL: the distributed speed a shared GPU cannot show."""
+    gpus = min(8, torch.cuda.device_count()) if device == "cuda" else 0
+    return ((1, 2, gpus) if gpus >= 4 else (1, 2)), max(2, gpus)
+
+
 def verify_stage(device: str, quick: bool, work: Path, deadline: Deadline) -> dict:
     out = {}
     n = 301 if quick else 4097
-    for world in (1, 2):
+    sizes = worlds(device)[0]
+    for i, world in enumerate(sizes):
         sets, methods = _placement(device, world, QUICK_METHODS if quick else METHODS)
         path = work / f"verify-w{world}.json"
         env, records = census_env(work) if device == "cuda" else (None, None)
-        # half of what is left for W=1, so W=2 and the bench still get their turn
+        # a share of what is left, so the later sizes and stages still get their turn
         rc, tail = _apb(["verify", "--methods", methods, "--world-size", str(world), "--prompt-len", str(n),
                          "--tokens", "4", "--dtype", "bfloat16" if device == "cuda" else "float32", *sets,
-                         "--json", str(path)], deadline.left() * (0.3 if world == 1 else 0.5), env)
+                         "--json", str(path)], deadline.left() * 0.5 / (len(sizes) - i) * (0.6 if i == 0 else 1), env)
         out[f"W{world}"] = {"exit": rc, "shared_gpu": shares_gpu(device, world), "methods": methods,
                             "rows": json.loads(path.read_text())["results"] if path.exists() else None,
                             "output_tail": tail}
@@ -308,7 +318,7 @@ def baseline_stage(device: str, quick: bool, work: Path, deadline: Deadline) -> 
 def bench_stage(device: str, quick: bool, work: Path, deadline: Deadline) -> dict:
     """One ``apb bench`` per length, shortest first, so a length that outruns the budget keeps the
     ones before it; ``report`` is their rows in one report."""
-    world = 2
+    world = worlds(device)[1]
     sets, methods = _placement(device, world, QUICK_BENCH_METHODS if quick else BENCH_METHODS)
     lengths = (QUICK_LENGTHS if quick else "32768,65536,131072").split(",")
     out: dict = {"exit": 0, "world_size": world, "shared_gpu": shares_gpu(device, world), "report": None,
