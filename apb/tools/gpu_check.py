@@ -13,8 +13,8 @@ error and the others still run; a run stopped from outside keeps the stages it f
    over gloo through host copies, and ulysses, whose all-to-all needs NCCL, is left out). On CUDA
    the workers run under torch's sync debug mode and every host-device synchronization is
    recorded where it happened (:data:`CENSUS_HOOK`): ``syncs`` says, per method, how many fell
-   inside a prefill's layers and were not the staged copies a shared GPU needs (the hot path's
-   promise is none);
+   inside a prefill's layers and were not the staged copies a shared GPU needs nor a kernel's
+   one-time probe; the hot path's promise is none, so any (``sync_findings``) fails the stage;
 3. ``baseline``: ``full`` at W=1 against transformers' own forward (``--hf-baseline``) on
    Llama-3.1-8B's layer shape at 32K-128K tokens, in bfloat16: the shared model path at
    transformers' speed, or not (``full_over_transformers``, per length);
@@ -155,6 +155,8 @@ def _apb(args: list[str], timeout_s: float, env: dict | None = None) -> tuple[in
 CENSUS_HOOK = r"""
 import json, os, sys, warnings
 
+PROBES = ("_fused_ok", "_native_gqa")  # the kernels' one-time probes (apb.kernels.attention)
+
 def _install():
     out, roots = os.environ.get("APB_SYNC_CENSUS"), os.environ.get("APB_SYNC_CENSUS_ROOTS", "")
     if not out:
@@ -171,7 +173,7 @@ def _install():
             return shown(message, category, filename, lineno, file, line)
         try:
             frame, site, event = sys._getframe(1), None, {"prefill": False, "decode": False, "model": False,
-                                                         "staged": False, "method": None}
+                                                         "staged": False, "probe": False, "method": None}
             while frame is not None:
                 name, code = frame.f_code.co_filename, frame.f_code.co_name
                 if name.startswith(roots):
@@ -185,6 +187,8 @@ def _install():
                         event["decode"] = True
                     elif name.endswith("comm.py"):
                         event["staged"] = True
+                    elif code in PROBES:
+                        event["probe"] = True
                 elif os.sep + "models" + os.sep in name and "transformers" in name:
                     event["model"] = True  # inside the model's forward (embedding, layers, head)
                 frame = frame.f_back
@@ -232,7 +236,8 @@ def census_summary(events: list[dict]) -> dict:
             row = out.setdefault(f"({kind})", {})
         else:
             row = out.setdefault(e.get("method") or "?", {})
-            kind = "in_model_unstaged" if e["model"] and not e["staged"] else \
+            kind = "kernel_probes" if e.get("probe") else \
+                "in_model_unstaged" if e["model"] and not e["staged"] else \
                 "in_model_staged" if e["model"] else "prefill_outside_model"
         entry = row.setdefault(kind, {"count": 0, "sites": {}})
         entry["count"] += 1
@@ -241,6 +246,14 @@ def census_summary(events: list[dict]) -> dict:
         for entry in row.values():
             entry["sites"] = dict(sorted(entry["sites"].items(), key=lambda kv: -kv[1])[:12])
     return out
+
+
+def census_findings(summary: dict) -> list[str]:
+    """The census's breaches of the hot path's promise: syncs inside a method's model forward that
+    are neither a shared GPU's staged copies nor a kernel's one-time probe."""
+    return [f"{method}: {row['in_model_unstaged']['count']} sync(s) inside the forward, at "
+            + ", ".join(f"{site} ({n})" for site, n in row["in_model_unstaged"]["sites"].items())
+            for method, row in summary.items() if "in_model_unstaged" in row]
 
 
 def _read_census(records: Path) -> list[dict]:
@@ -286,7 +299,10 @@ def verify_stage(device: str, quick: bool, work: Path, deadline: Deadline) -> di
                             "rows": json.loads(path.read_text())["results"] if path.exists() else None,
                             "output_tail": tail}
         if records is not None:
-            out[f"W{world}"]["syncs"] = census_summary(_read_census(records))
+            summary = census_summary(_read_census(records))
+            findings = census_findings(summary)
+            # a sync in the layer loop stalls the pipeline on every layer: a failure, not a note
+            out[f"W{world}"].update(syncs=summary, sync_findings=findings, exit=rc or (3 if findings else 0))
     return out
 
 
