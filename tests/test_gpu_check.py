@@ -152,3 +152,18 @@ def test_a_command_gets_what_is_left_of_the_budget():
     assert gpu_check._apb(["--help"], 1.0)[0] == 124  # nothing left: not started
     rc, tail = gpu_check._apb(["verify", "--methods", "full,ring", "--world-size", "2", "--prompt-len", "65536"], 6.0)
     assert rc == 124 and "cut short after 6 s" in tail
+
+
+def test_a_kernel_off_the_naive_softmax_fails_the_kernels_stage(monkeypatch):
+    """The kernels stage is a gate: a backend whose LSE is off (as a wrong convention would make
+    it) fails its rows and the stage; the same stage passes unchanged."""
+    assert gpu_check.kernels_stage("cpu", quick=True)["exit"] == 0
+    real = gpu_check.attention
+
+    def off(q, k, v, backend=None, **kw):
+        out, lse = real(q, k, v, backend=backend, **kw)
+        return (out, lse * 1.4427) if backend == "torch_flash" else (out, lse)  # base 2, not e
+    monkeypatch.setattr(gpu_check, "attention", off)
+    report = gpu_check.kernels_stage("cpu", quick=True)
+    assert report["exit"] == 1
+    assert {r["backend"] for r in report["rows"] if not r["passed"]} == {"torch_flash"}
