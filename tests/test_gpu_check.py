@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -167,3 +168,21 @@ def test_a_kernel_off_the_naive_softmax_fails_the_kernels_stage(monkeypatch):
     report = gpu_check.kernels_stage("cpu", quick=True)
     assert report["exit"] == 1
     assert {r["backend"] for r in report["rows"] if not r["passed"]} == {"torch_flash"}
+
+
+def test_full_slower_than_transformers_on_a_gpu_fails_the_baseline_stage(monkeypatch, tmp_path):
+    """What found session 25's kernel gap is a gate on a GPU: full over 1.1x transformers' own
+    forward at any length fails the stage and says where; at parity it passes."""
+    def fake_bench(full_s):
+        def run(args, timeout_s, env=None):
+            rows = [{"method": m, "length": n, "wall_s": s} for n in (32768, 65536)
+                    for m, s in (("full", full_s * n / 32768), ("hf-sdpa", 0.1 * n / 32768))]
+            Path(args[args.index("--json") + 1]).write_text(json.dumps({"results": rows}))
+            return 0, ""
+        return run
+    monkeypatch.setattr(gpu_check, "_apb", fake_bench(0.2))
+    out = gpu_check.baseline_stage("cuda", False, tmp_path, gpu_check.Deadline(100))
+    assert out["exit"] == 4 and out["full_over_transformers"] == {"32768": 2.0, "65536": 2.0}
+    assert "32768 tokens (2.00x)" in out["finding"]
+    monkeypatch.setattr(gpu_check, "_apb", fake_bench(0.097))
+    assert gpu_check.baseline_stage("cuda", False, tmp_path, gpu_check.Deadline(100))["exit"] == 0

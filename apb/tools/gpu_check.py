@@ -18,7 +18,8 @@ error and the others still run; a run stopped from outside keeps the stages it f
    one-time probe; the hot path's promise is none, so any (``sync_findings``) fails the stage;
 3. ``baseline``: ``full`` at W=1 against transformers' own forward (``--hf-baseline``) on
    Llama-3.1-8B's layer shape at 32K-128K tokens, in bfloat16: the shared model path at
-   transformers' speed, or not (``full_over_transformers``, per length);
+   transformers' speed, or not (``full_over_transformers``, per length; on a GPU over
+   :data:`BASELINE_LIMIT` fails the stage);
 4. ``bench``: ``apb bench`` (its default model, ``bench-attn``) for full, ring, apb and spava in
    bfloat16 at 32K-128K tokens at W=2 (W = the GPU count, up to 8, on a machine of 2 or more; verify
    then runs at that W too from 4), one length at a time
@@ -330,6 +331,9 @@ def verify_stage(device: str, quick: bool, work: Path, deadline: Deadline) -> di
 #: the baseline stage's model: Llama-3.1-8B's layer shape (2 layers), where the GPU's kernels
 #: and the linear layers both weigh
 BASELINE_MODEL = "bench-llama8b-2layer"
+#: the issue's bound on ``full`` at W = 1 against transformers' own forward (a gate on a GPU only:
+#: the CPU plumbing run's 512 tokens are over in milliseconds, where noise rules)
+BASELINE_LIMIT = 1.1
 
 
 def baseline_stage(device: str, quick: bool, work: Path, deadline: Deadline) -> dict:
@@ -349,6 +353,10 @@ def baseline_stage(device: str, quick: bool, work: Path, deadline: Deadline) -> 
         walls = {(r["method"], r["length"]): r["wall_s"] for r in rows if "wall_s" in r}
         out["full_over_transformers"] = {str(n): walls[("full", n)] / walls[("hf-sdpa", n)] for m, n in walls
                                          if m == "full" and ("hf-sdpa", n) in walls}
+        slow = {n: r for n, r in out["full_over_transformers"].items() if r > BASELINE_LIMIT}
+        if slow and device == "cuda" and not quick:
+            out.update(exit=rc or 4, finding=f"full at W=1 is more than {BASELINE_LIMIT}x transformers' forward at "
+                                             + ", ".join(f"{n} tokens ({r:.2f}x)" for n, r in slow.items()))
     return out
 
 
