@@ -68,7 +68,9 @@ class _NoAttention:
         return query.new_zeros(*query.shape[:3], value.shape[-1])
 
 
-def _best_seconds(fn, repeats: int, device: torch.device) -> float:
+def best_seconds(fn, repeats: int, device: torch.device) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn`` after one warm-up, each clock read with
+    ``device`` idle (noise on a shared machine only ever slows a call down)."""
     fn()  # warm-up: first-call allocations
     times = []
     for _ in range(repeats):
@@ -110,7 +112,7 @@ def measure_rates(model, repeats: int = 5, rows: int | None = None, keys: int | 
     try:
         q = torch.randn(1, shape.heads, rows, shape.head_dim, dtype=dtype, device=device)
         k, v = (torch.randn(1, shape.kv_heads, keys, shape.head_dim, dtype=dtype, device=device) for _ in range(2))
-        attn_s = _best_seconds(lambda: attention(q, k, v, causal=False), repeats, device)
+        attn_s = best_seconds(lambda: attention(q, k, v, causal=False), repeats, device)
         attn_gflop = rows * keys * shape.attn_flops_per_pair() / 1e9
 
         short, long = lengths
@@ -122,7 +124,7 @@ def measure_rates(model, repeats: int = 5, rows: int | None = None, keys: int | 
             model(input_ids=ids[:, :n], position_ids=torch.arange(n, device=device)[None], use_cache=False,
                   logits_to_keep=1, apb_ctx=_NoAttention())
 
-        rest = [_best_seconds(lambda n=n: forward(n), repeats, device) for n in lengths]
+        rest = [best_seconds(lambda n=n: forward(n), repeats, device) for n in lengths]
         linear_gflop = (shape.linear_flops(long) - shape.linear_flops(short)) / 1e9
     finally:
         torch.set_num_threads(threads)

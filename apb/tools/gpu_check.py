@@ -52,6 +52,7 @@ import apb
 import apb.kernels
 import apb.parallel
 from apb.kernels import attention, available_backends
+from apb.tools.calibrate import best_seconds
 
 #: star:shared at W = 2 sends host 0's anchor to host 1 each layer: the broadcast on the device;
 #: spava (its anchor split by default) gathers the anchor's shares with its passing blocks in one
@@ -73,24 +74,12 @@ KERNEL_CASES = (("causal", 4096, 4096, True), ("causal, more keys", 1024, 4096, 
 KERNEL_TOLERANCE = {"bfloat16": (0.05, 0.01), "float32": (1e-4, 1e-4)}
 
 
-def _median_seconds(fn, device: str, repeats: int = 5) -> float:
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def kernels_stage(device: str, quick: bool) -> dict:
     """Each backend against naive float32, on bfloat16 inputs (float32 on CPU, where the fused
     kernels take what the model runs in), grouped heads, in the three kinds of call the methods
-    make; then each backend's speed at a long causal call beside what transformers' ``sdpa``
-    attention runs (``F.scaled_dot_product_attention``, no LSE), on the Llama-3.1-8B head shape."""
+    make; then each backend's speed at a long causal call (the fastest of 5) beside what
+    transformers' ``sdpa`` attention runs (``F.scaled_dot_product_attention``, no LSE), on the
+    Llama-3.1-8B head shape."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     scale_down = 16 if quick else 1
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -121,10 +110,11 @@ def kernels_stage(device: str, quick: bool) -> dict:
 
     speed = {"n": n, "heads": 32, "kv_heads": 8, "head_dim": 128, "causal": True,
              "torch_kernel": kernels._torch_kernel(q),  # which of torch's kernels torch_flash runs here
-             "sdpa_ms": 1e3 * _median_seconds(lambda: _sdpa(q, k, v), device)}
+             "sdpa_ms": 1e3 * best_seconds(lambda: _sdpa(q, k, v), 5, torch.device(device))}
     for name in backends:
         if name != "naive":
-            speed[f"{name}_ms"] = 1e3 * _median_seconds(lambda: attention(q, k, v, causal=True, backend=name), device)
+            speed[f"{name}_ms"] = 1e3 * best_seconds(lambda: attention(q, k, v, causal=True, backend=name), 5,
+                                                     torch.device(device))
             speed[f"{name}_vs_sdpa"] = speed[f"{name}_ms"] / speed["sdpa_ms"]
     probes = {"gqa_native": {"/".join(k): v for k, v in kernels._GQA_NATIVE.items()},
               "fused_agrees": {f"{d}/{str(t).removeprefix('torch.')}/{kernel}": v
