@@ -284,6 +284,21 @@ def test_calibration_forward_does_everything_but_attention():
     assert rest_lengths(shape, target_gflop=1e-9) == (64, 256)
     assert rest_lengths(shape, target_gflop=1e9) == (2048, 8192)
     assert rest_lengths(shape, target_gflop=1e9, max_positions=1000) == (240, 960)  # within the model's positions
+    assert rest_lengths(shape, target_gflop=1e9, max_tokens=65536) == (16384, 65536)  # a GPU's bound (GPU_SCALE)
+
+
+def test_bench_labels_say_what_the_columns_are_on_each_device(monkeypatch):
+    """A CPU's cores; a GPU's, and on GPUs shared by ranks that the times are not separate GPUs'."""
+    from apb.tools.bench import _labels
+
+    cpu = _labels(2, torch.device("cpu"), False, 100.0)
+    assert "2 dedicated cores" in cpu["projected_s"] and "sharing" in cpu["wall_s"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    shared = _labels(2, torch.device("cuda", 0), True, 100.0)
+    assert "2 dedicated GPUs" in shared["projected_s"] and "not the time of separate GPUs" in shared["wall_s"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    own = _labels(2, torch.device("cuda", 0), True, 100.0)  # enough GPUs: share_gpus changes nothing
+    assert "separate" not in own["wall_s"] and "shared" not in own["projected_s"]
 
 
 def test_bench_ideal_flops_are_at_the_runs_sizes():
