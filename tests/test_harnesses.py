@@ -111,6 +111,8 @@ def test_bench_harness_on_a_tiny_run(apb_bin, repo, tmp_path):
         assert sum(e["args"]["bytes"] for e in calls) == ring_row["rank_comm_bytes"][rank]
     for r in (r for r in rows if r["method"] != "hf-sdpa"):
         assert r["wall_s"] > 0 and r["projected_s"] > 0 and len(r["rank_comm_bytes"]) == 2
+        # each rank's fastest clock per layer over the repeats: never above the median run's own
+        assert r["projected_s"] <= r["projected_median_run_s"] + 1e-12
         assert r["projected_speedup_vs_full"] > 0 and r["projected_speedup_vs_ring"] > 0
     ring = next(r for r in rows if r["method"] == "ring" and r["length"] == 256)
     # ring at W=2: per layer one step of K and V for 128 tokens, 4 KV heads x 16 dims, float32, 2 layers
@@ -229,6 +231,34 @@ def test_simulate_cli_runs_at_the_configs_sizes(apb_bin):
     assert bad.returncode == 2 and "passing_len has 2 entries but the model has 32 layers" in bad.stderr
     ref = run("--reference", "apb-paper", "--set", "method.anchor_len=0.5")
     assert ref.returncode == 2 and "method.anchor_len would not apply" in ref.stderr
+
+
+def test_the_projection_takes_each_ranks_fastest_clock_per_layer():
+    from apb.tools.bench import _projected, best_layer_clocks
+
+    def stats(clocks, sent=0):  # one rank's stats: {(phase, layer): cpu seconds}
+        return {"layer_cpu": [{"phase": p, "layer": l, "cpu_s": c} for (p, l), c in clocks.items()],
+                "ops": [{"phase": "context", "layer": 0, "op": "all_gather", "calls": 1, "bytes": sent,
+                         "seconds": 0.0}]}
+
+    # two ranks, three repeats; a noisy repeat on either rank must not become the layer's time
+    runs = [[stats({("context", -1): 0.1, ("context", 0): 1.0, ("context", 1): 2.0}, 10**9),
+             stats({("context", -1): 0.1, ("context", 0): 1.9, ("context", 1): 1.0})],
+            [stats({("context", -1): 0.3, ("context", 0): 1.5, ("context", 1): 2.0}, 10**9),
+             stats({("context", -1): 0.1, ("context", 0): 1.2, ("context", 1): 1.4})],
+            [stats({("context", -1): 0.1, ("context", 0): 1.1, ("context", 1): 2.6}, 10**9),
+             stats({("context", -1): 0.2, ("context", 0): 1.6, ("context", 1): 0.9})]]
+    best = best_layer_clocks(runs)
+    assert [{(x["phase"], x["layer"]): x["cpu_s"] for x in b["layer_cpu"]} for b in best] == [
+        {("context", -1): 0.1, ("context", 0): 1.0, ("context", 1): 2.0},
+        {("context", -1): 0.1, ("context", 0): 1.2, ("context", 1): 0.9}]
+    projected, compute, comm = _projected(best, bandwidth=1e9)
+    # per layer the slowest rank's fastest clock: 0.1 + 1.2 + 2.0; rank 0's 1 GB at 1 GB/s + one call
+    assert compute == pytest.approx(3.3) and comm == pytest.approx(1.0 + 20e-6)
+    assert projected == pytest.approx(compute + comm)
+    # from any one run's clocks alone the projection is higher: the noise of whichever rank it hit
+    assert all(_projected(run, 1e9)[0] > projected for run in runs)
+    assert best[0]["ops"] == runs[0][0]["ops"]  # bytes and calls from the run's own counters
 
 
 def test_bench_ideal_weighs_each_kind_of_work_at_its_own_rate():

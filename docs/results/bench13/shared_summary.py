@@ -7,6 +7,8 @@
 # .venv/bin/python docs/results/bench13/shared_summary.py s24-split > docs/results/bench13/split_summary.txt
 # and at the new defaults (apb and spava shared; run-s24-defaults.sh):
 # .venv/bin/python docs/results/bench13/shared_summary.py s24-defaults > docs/results/bench13/defaults_summary.txt
+# Session 26, the projection from each rank's fastest clock per layer (run-s26-best.sh):
+# .venv/bin/python docs/results/bench13/shared_summary.py s26-best > docs/results/bench13/best_summary.txt
 import json
 import statistics
 import sys
@@ -49,3 +51,14 @@ for (num, den), v in ratios.items():
     cells = "".join(f"{f'{m:.2f} ({i:.2f})':>16}" for m, i in v)
     print(f"{num + ' vs ' + den:<{LABEL}}{cells}{statistics.median(m for m, _ in v):>10.2f}"
           f"{statistics.median(i for _, i in v):>8.2f}{statistics.median(m / i for m, i in v):>6.2f}")
+# Session 26: the same ratios from the median run's clocks alone (the projection before session 26),
+# where the report has them
+if all("projected_median_run_s" in r for name in RUNS for r in json.loads((HERE / name).read_text())["results"]):
+    print()
+    print("the same from the median run's clocks alone (projected_median_run_s)")
+    for num, den in PAIRS:
+        v = []
+        for name in RUNS:
+            by = {r["method"]: r for r in json.loads((HERE / name).read_text())["results"]}
+            v.append(by[den]["projected_median_run_s"] / by[num]["projected_median_run_s"])
+        print(f"{num + ' vs ' + den:<{LABEL}}" + "".join(f"{m:>16.2f}" for m in v) + f"{statistics.median(v):>10.2f}")
