@@ -311,7 +311,8 @@ def start_group(cfg: Config, world_size: int | None = None, launcher: str | None
         raise ConfigError("parallel.share_gpus works with the local and torchrun launchers; Ray gives each worker "
                           "its own GPU: set parallel.launcher: local, or parallel.share_gpus: false")
     kwargs = {"device": cfg.parallel.device, "timeout_s": timeout_s, "share_gpus": cfg.parallel.share_gpus,
-              "threads": cfg.parallel.threads or (local_threads(world_size) if launcher == "local" else None)}
+              "threads": cfg.parallel.threads or (local_threads(world_size) if launcher == "local" else None),
+              "retain_freed_memory": cfg.parallel.retain_freed_memory}
     try:
         return groups.start_group(launcher, world_size, kwargs | worker_kwargs, timeout_s, ray_config=cfg.ray)
     except ValueError as e:

@@ -150,3 +150,16 @@ def test_local_workers_split_the_cores(monkeypatch):
     assert seen == {"local": 3, "ray": None}
     engine.start_group(load_config(None, {"parallel.world_size": 4}))
     assert seen["local"] == 2  # 8 cores over 4 local workers
+
+
+def test_workers_are_told_whether_to_keep_freed_memory(monkeypatch):
+    from apb import engine
+    from apb.config import load_config
+
+    seen = []
+    monkeypatch.setattr(engine.groups, "start_group", lambda launcher, world, kwargs, timeout, ray_config: seen.append(
+        kwargs["retain_freed_memory"]))
+    engine.start_group(load_config(None, {}))
+    engine.start_group(load_config(None, {"parallel.retain_freed_memory": False}))
+    engine.start_group(load_config(None, {"parallel.launcher": "ray"}))
+    assert seen == [True, False, True]

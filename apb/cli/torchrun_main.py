@@ -35,7 +35,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = config_from(args, ["parallel.launcher=torchrun", f"parallel.world_size={world}"])
     worker = Worker(None, int(os.environ["RANK"]), world, int(os.environ["LOCAL_RANK"]),
                     device=cfg.parallel.device, timeout_s=cfg.parallel.timeout_s, threads=cfg.parallel.threads,
-                    share_gpus=cfg.parallel.share_gpus)
+                    share_gpus=cfg.parallel.share_gpus, retain_freed_memory=cfg.parallel.retain_freed_memory)
     ctl = control_group(cfg.parallel.timeout_s)
     if worker.env.rank != 0:
         serve(worker, ctl)

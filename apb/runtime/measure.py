@@ -38,6 +38,12 @@ def reset_peak(device: torch.device) -> bool:
         return False
 
 
+def minor_faults() -> int:
+    """Minor page faults this process has taken so far: pages the system mapped for it (on first
+    touch, zeroed), the cost :mod:`apb.runtime.allocator` keeps out of every layer."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def peak_bytes(device: torch.device) -> int:
     """Peak memory since :func:`reset_peak`: max allocated on CUDA, peak RSS on a CPU host."""
     if device.type == "cuda":

@@ -22,7 +22,7 @@ from apb.model.loading import load_model
 from apb.parallel.comm import CommStats, Phase
 from apb.parallel.rendezvous import init_distributed, shutdown
 from apb.parallel.state import build_parallel_state
-from apb.runtime import measure
+from apb.runtime import allocator, measure
 from apb.runtime.cache import KVCache, gather_cache, to_hf_cache
 from apb.runtime.decode import Sampling, decode, decode_distributed
 from apb.runtime.prefill import prefill
@@ -64,16 +64,21 @@ class PromptResult:
     #: this host's peak memory through a timed prefill (max allocated on CUDA, peak RSS on a CPU
     #: host; None for an untimed one, or where the peak cannot be reset per prompt)
     peak_prefill_bytes: int | None = None
+    #: minor page faults this host's process took through a timed prefill (pages the system had
+    #: to hand it and zero: see apb.runtime.allocator); None for an untimed one
+    prefill_faults: int | None = None
 
 
 class Worker:
     def __init__(self, init_method: str | None, rank: int, world_size: int, local_rank: int | None = None,
                  device: str = "auto", timeout_s: float = 300.0, device_index: int | None = None,
-                 threads: int | None = None, share_gpus: bool = False):
+                 threads: int | None = None, share_gpus: bool = False, retain_freed_memory: bool = True):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         hf_logging.disable_progress_bar()
         if threads:  # benchmarks pin each host to its share of the cores
             torch.set_num_threads(threads)
+        if retain_freed_memory:
+            allocator.retain_freed_memory()
         self.env = init_distributed(init_method, rank, world_size, local_rank, timeout_s, device, device_index,
                                     share_gpus)
         if self.env.device.type == "cpu":
@@ -101,11 +106,13 @@ class Worker:
                                          trace=[] if req.trace else None))
         peak_known = req.timed and measure.reset_peak(device)  # measured runs only: it touches process state
         comm.barrier()  # start the clock together
+        faults = measure.minor_faults()
         res = prefill(model, req.input_ids.to(device), method, comm, n_query=req.n_query,
                       diagnostics=req.diagnostics)
         out = PromptResult(rank=self.env.rank, stats={}, prefill_s=res.seconds,
                            diagnostics={"passing": res.passing} if req.diagnostics else None,
-                           peak_prefill_bytes=measure.peak_bytes(device) if peak_known else None)
+                           peak_prefill_bytes=measure.peak_bytes(device) if peak_known else None,
+                           prefill_faults=measure.minor_faults() - faults if req.timed else None)
         n = int(req.input_ids.numel())
         whole = None
         t0 = time.perf_counter()

@@ -7,7 +7,8 @@
 # .venv/bin/python docs/results/bench13/shared_summary.py s24-split > docs/results/bench13/split_summary.txt
 # and at the new defaults (apb and spava shared; run-s24-defaults.sh):
 # .venv/bin/python docs/results/bench13/shared_summary.py s24-defaults > docs/results/bench13/defaults_summary.txt
-# Session 26, the projection from each rank's fastest clock per layer (run-s26-best.sh):
+# Session 26, the projection from each rank's fastest clock per layer (run-s26-best.sh; in those
+# reports projected_s is that projection, projected_median_run_s the median run's):
 # .venv/bin/python docs/results/bench13/shared_summary.py s26-best > docs/results/bench13/best_summary.txt
 import json
 import statistics
