@@ -6,44 +6,41 @@ import sys
 
 import pytest
 
-# In a fresh interpreter, one host's prefill (full, bench-attn, 4K tokens) run again and again, as
-# a worker runs document after document: the minor page faults of each run after the first two
-_PREFILLS = """
+# In a fresh interpreter: what a worker's tensors do over documents of growing length, each
+# document's tensors a little larger than the last one's (8 to 23 MiB, under the 32 MiB the
+# setting covers), each made, written in full and dropped; the minor page faults of it all.
+# (A real prefill's count per run depends on where the heap happens to end, so it makes a flaky
+# test: measured by `apb bench`'s rank_minor_faults instead, docs/results.md, session 26.)
+_DOCUMENTS = """
 import resource, sys, torch
-torch.set_num_threads(1)
 from apb.runtime import allocator
 applied = allocator.retain_freed_memory() if sys.argv[1] == "on" else None
-from apb.config import MethodConfig
-from apb.methods import build_method
-from apb.model.catalog import resolve_model
-from apb.model.loading import load_model
-from apb.parallel.comm import Comm
-from apb.runtime.prefill import prefill
-from apb.tools.verify import random_prompt
-model = load_model(resolve_model("bench-attn", 0), "float32", torch.device("cpu"))
-ids = random_prompt(4096, model.config.vocab_size, seed=1)
-faults = []
-for _ in range(5):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    prefill(model, ids, build_method("full", MethodConfig()), Comm(None), n_query=32)
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(applied, *faults[2:])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for mib in range(8, 24):
+    layer = [torch.empty(mib * 2**18) for _ in range(3)]  # float32: three tensors of mib MiB
+    for t in layer:
+        t.fill_(1.0)  # every page touched
+    del layer
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
+_PAGES_TOUCHED = 3 * sum(range(8, 24)) * 2**20 // 4096  # 3 x 248 MiB: 190K pages of 4 KiB
 
 
-def _faults(mode: str) -> tuple[str, list[int]]:
-    out = subprocess.run([sys.executable, "-c", _PREFILLS, mode], capture_output=True, text=True, timeout=300)
+def _faults(mode: str) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", _DOCUMENTS, mode], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    applied, *faults = out.stdout.split()
-    return applied, [int(f) for f in faults]
+    applied, faults = out.stdout.split()
+    return applied, int(faults)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's; elsewhere nothing is changed")
-def test_memory_a_prefill_frees_is_reused_by_the_next_not_faulted_in_again():
+def test_memory_a_document_frees_is_reused_by_the_next_not_faulted_in_again():
     applied, retained = _faults("on")
     _, default = _faults("off")
     assert applied == "True"
-    # with the C library's defaults each run maps and zeroes thousands of pages again (measured
-    # here: 11-23K per run); kept, the runs after the first reuse what they freed
-    assert sum(default) > 3 * 4096
-    assert sum(retained) < sum(default) / 4
+    # glibc's defaults map every size larger than the largest it has seen freed afresh: every
+    # page of every document faulted in and zeroed by the system
+    assert default > 0.9 * _PAGES_TOUCHED
+    # kept: each document reuses what the last one freed and faults in little more than what
+    # it adds (measured: 46-49K of the 190K pages)
+    assert retained < 0.35 * _PAGES_TOUCHED
