@@ -160,6 +160,6 @@ def test_workers_are_told_whether_to_keep_freed_memory(monkeypatch):
     monkeypatch.setattr(engine.groups, "start_group", lambda launcher, world, kwargs, timeout, ray_config: seen.append(
         kwargs["retain_freed_memory"]))
     engine.start_group(load_config(None, {}))
-    engine.start_group(load_config(None, {"parallel.retain_freed_memory": False}))
-    engine.start_group(load_config(None, {"parallel.launcher": "ray"}))
-    assert seen == [True, False, True]
+    engine.start_group(load_config(None, {"parallel.retain_freed_memory": True}))
+    engine.start_group(load_config(None, {"parallel.launcher": "ray", "parallel.retain_freed_memory": True}))
+    assert seen == [False, True, True]  # opt-in: it costs peak memory

@@ -72,7 +72,7 @@ class PromptResult:
 class Worker:
     def __init__(self, init_method: str | None, rank: int, world_size: int, local_rank: int | None = None,
                  device: str = "auto", timeout_s: float = 300.0, device_index: int | None = None,
-                 threads: int | None = None, share_gpus: bool = False, retain_freed_memory: bool = True):
+                 threads: int | None = None, share_gpus: bool = False, retain_freed_memory: bool = False):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         hf_logging.disable_progress_bar()
         if threads:  # benchmarks pin each host to its share of the cores

@@ -1,6 +1,6 @@
 #!/bin/sh
-# Session 26: the issue's command with the workers' allocator keeping freed memory (on, the new
-# default: parallel.retain_freed_memory, apb.runtime.allocator) and with the C library's defaults
+# Session 26: the issue's command with the workers' allocator keeping freed memory (on:
+# parallel.retain_freed_memory, apb.runtime.allocator; opt-in after run-s26-retain-smollm2.sh) and with the C library's defaults
 # (off), alternating, four runs each. Run from the repository root: sh docs/results/bench13/run-s26-retain.sh
 # then: .venv/bin/python docs/results/bench13/retain_summary.py > docs/results/bench13/retain_summary.txt
 set -e
