@@ -60,7 +60,8 @@ class ParallelConfig(_Section):
         False, description="worker processes keep the memory a layer frees for the next layer instead of returning "
                            "it to the system (glibc's malloc; apb.runtime.allocator): page faults per prefill fell "
                            "10-50x and prefill 1-3% faster on CPU, for 2-7% more peak memory per host and resident "
-                           "memory kept near that peak between documents; false: the C library's defaults")
+                           "memory kept near that peak between documents; false: the C library's defaults. A worker whose C library is "
+                           "not glibc refuses to start with it set")
     memory_gb: Optional[float] = Field(
         None, gt=0, description="memory one host may use, in GiB: documents whose estimate (apb.runtime.memory) "
                                 "exceeds it are refused before they run; unset: the CUDA device's total memory, "

@@ -163,3 +163,14 @@ def test_workers_are_told_whether_to_keep_freed_memory(monkeypatch):
     engine.start_group(load_config(None, {"parallel.retain_freed_memory": True}))
     engine.start_group(load_config(None, {"parallel.launcher": "ray", "parallel.retain_freed_memory": True}))
     assert seen == [False, True, True]  # opt-in: it costs peak memory
+
+
+def test_a_worker_refuses_to_keep_freed_memory_where_the_allocator_cannot(monkeypatch):
+    from apb.runtime import allocator
+    from apb.runtime.worker import Worker
+
+    # a C library that is not glibc (or refuses mallopt): the setting cannot be honoured, so it is
+    # refused before the worker joins any group, naming the field and the fix
+    monkeypatch.setattr(allocator, "retain_freed_memory", lambda: False)
+    with pytest.raises(ValueError, match="parallel.retain_freed_memory is set.*set parallel.retain_freed_memory: false"):
+        Worker(None, 0, 1, device="cpu", retain_freed_memory=True)

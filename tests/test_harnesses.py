@@ -234,7 +234,7 @@ def test_simulate_cli_runs_at_the_configs_sizes(apb_bin):
     assert ref.returncode == 2 and "method.anchor_len would not apply" in ref.stderr
 
 
-def test_the_projection_takes_each_ranks_fastest_clock_per_layer():
+def test_the_fastest_projection_takes_each_ranks_fastest_clock_per_layer_over_the_repeats():
     from apb.tools.bench import _projected, best_layer_clocks
 
     def stats(clocks, sent=0):  # one rank's stats: {(phase, layer): cpu seconds}

@@ -14,7 +14,8 @@ prefill cut 10-50x and the prefill 1-3% faster, for 2% (bench-attn, W=8) to 4-7%
 request of another size cannot use; and a worker's resident memory stays near its peak between
 documents. So it is opt-in (``parallel.retain_freed_memory``), not the default.
 
-Where the C library is not glibc (macOS, musl) nothing is changed.
+Where the C library is not glibc (macOS, musl) nothing is changed and :func:`retain_freed_memory`
+says so (a worker asked for it then refuses to start: ``apb.runtime.worker``).
 """
 
 from __future__ import annotations

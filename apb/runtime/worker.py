@@ -77,8 +77,9 @@ class Worker:
         hf_logging.disable_progress_bar()
         if threads:  # benchmarks pin each host to its share of the cores
             torch.set_num_threads(threads)
-        if retain_freed_memory:
-            allocator.retain_freed_memory()
+        if retain_freed_memory and not allocator.retain_freed_memory():
+            raise ValueError("parallel.retain_freed_memory is set, but this host's C library is not glibc or refused "
+                             "the setting (apb.runtime.allocator): set parallel.retain_freed_memory: false")
         self.env = init_distributed(init_method, rank, world_size, local_rank, timeout_s, device, device_index,
                                     share_gpus)
         if self.env.device.type == "cpu":
