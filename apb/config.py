@@ -111,12 +111,14 @@ class MethodConfig(_Section):
                             "the real query at the end of the prompt) or 'anchor' (its copy's own positions, the "
                             "behaviour before the fix, kept for comparison)")
     round_to: int = Field(1, ge=1, description="round anchor/passing sizes to a multiple of this (spava: 128)")
-    share_anchor: Optional[bool] = Field(
+    share_anchor: Optional[Union[bool, Literal["split"]]] = Field(
         None, description="compute the anchor once instead of on every host; unset: the method's default (apb, "
                           "spava: on; star: off). star, apb: one host computes it and sends its K/V (and apb's "
                           "query vectors) to the other anchored hosts each layer (star: host 0's own block start; "
                           "apb: host 1), one broadcast per layer; spava: each host computes the 1/W share of the "
-                          "anchor it caches and the shares' K/V travel with the passing blocks. The same attention "
+                          "anchor it caches and the shares' K/V travel with the passing blocks. 'split' (apb, "
+                          "spava): every host computes a 1/W share of the anchor (apb: with the query embedded) "
+                          "and the shares' K/V are all-gathered; for spava the same as true. The same attention "
                           "up to rounding, less linear work")
 
     @field_validator("name")

@@ -202,24 +202,48 @@ def anchor_chunks(n_ctx: int, n_query: int, anchor_len: int, insert_pos: int | N
     return tuple(c for c in parts if c.size > 0)
 
 
+def anchor_share(chunks: tuple[Chunk, ...], lo: int, hi: int) -> tuple[Chunk, ...]:
+    """The part of an anchor (``chunks``, as :func:`anchor_chunks` gives them) at its rows
+    ``[lo, hi)``, counted from the anchor's first row: the same tokens at the same positions."""
+    out, at = [], 0
+    for c in chunks:
+        a, b = max(lo, at), min(hi, at + c.size)
+        if a < b:
+            first = c.start if c.pos_start is None else c.pos_start
+            out.append(Chunk(c.chunk_id, c.start + a - at, c.start + b - at, c.kind, first + a - at, c.cached))
+        at += c.size
+    return tuple(out)
+
+
 def anchored(n_ctx: int, n_query: int, world_size: int, anchor_len: int, insert_pos: int | None = None,
-             query_tail_on: tuple[int, ...] = (), anchor_on: tuple[int, ...] | None = None) -> list[HostSlice]:
+             query_tail_on: tuple[int, ...] = (), anchor_on: tuple[int, ...] | None = None,
+             split_anchor: bool = False) -> list[HostSlice]:
     """Star / APB: context in ``W`` contiguous blocks; hosts ``r > 0`` prepend the anchor.
 
     Hosts in ``query_tail_on`` append the query after their block (so its Q vectors exist
     there for scoring); those query tokens are neither cached nor used as outputs. ``anchor_on``
     names the hosts that prepend the anchor when not all ``r > 0`` do (a shared anchor: the
-    others receive its K/V instead of computing it).
+    others receive its K/V instead of computing it). ``split_anchor``: host ``r`` (host 0 too)
+    prepends only the ``r``-th of ``W`` contiguous shares of the anchor's rows (with an embedded
+    query, the query counts as anchor rows), shares differing by at most one row.
     """
     _check_world(world_size)
     if n_ctx < world_size:
         raise ValueError(f"a context of {n_ctx} tokens cannot be split over {world_size} hosts; "
                          f"use a longer context or fewer hosts")
+    if split_anchor and (query_tail_on or anchor_on is not None):
+        raise ValueError("a split anchor is held by every host in shares: no host carries the whole anchor or a "
+                         "query tail")
     n = n_ctx + n_query
+    whole = anchor_chunks(n_ctx, n_query, anchor_len, insert_pos)
+    shares = even_split(0, sum(c.size for c in whole), world_size)
     slices = []
     for r, (lo, hi) in enumerate(even_split(0, n_ctx, world_size)):
-        carries = r > 0 if anchor_on is None else r in anchor_on
-        chunks = (anchor_chunks(n_ctx, n_query, anchor_len, insert_pos) if carries else ()) + (Chunk(r, lo, hi),)
+        if split_anchor:
+            anchor = anchor_share(whole, *shares[r])
+        else:
+            anchor = whole if (r > 0 if anchor_on is None else r in anchor_on) else ()
+        chunks = anchor + (Chunk(r, lo, hi),)
         if r in query_tail_on and n_query:
             chunks += (Chunk(-1, n_ctx, n, ChunkKind.QUERY, n_ctx, cached=False),)
         slices.append(HostSlice(r, n, chunks))

@@ -255,8 +255,11 @@ def test_a_shared_anchor_sends_its_kv_and_the_query_vectors_once_per_layer(group
 # the same attention whoever computes the anchor: softcap and sliding layers (gemma2), multi-head
 # latent attention (deepseek-v3), sinks and sliding layers (gpt-oss); an exact layer (no broadcast
 # there; spava's split anchor gathers its shares there too); a compressor that needs no query
-# vectors; both decode modes. spava's anchor of 40 is split 13, 13, 14 over the hosts
+# vectors; both decode modes. spava's anchor of 40 is split 13, 13, 14 over the hosts; apb's
+# split anchor (its default 30-token anchor and the 20 query tokens) 17, 17, 16, with the query at
+# its true positions except where a test says otherwise
 SPAVA_SPLIT = {"anchor_len": 40}
+APB_SPLIT = {"share_anchor": "split"}
 
 
 @pytest.mark.parametrize("model,cases", [
@@ -264,16 +267,23 @@ SPAVA_SPLIT = {"anchor_len": 40}
                     ("apb", {"exact_layers": [1], "passing_len": 24}, "gather"),
                     ("apb", {"compressor": "stride"}, "gather"), ("star", {"anchor_len": 100}, "distributed"),
                     ("spava", SPAVA_SPLIT, "gather"), ("spava", SPAVA_SPLIT, "distributed"),
-                    ("spava", {**SPAVA_SPLIT, "exact_layers": [1]}, "gather")]),
-    ("tiny-gemma2", [("star", {}, "gather"), ("apb", {}, "gather"), ("spava", SPAVA_SPLIT, "gather")]),
-    ("tiny-deepseek-v3", [("star", {}, "gather"), ("apb", {}, "gather"), ("spava", SPAVA_SPLIT, "gather")]),
+                    ("spava", {**SPAVA_SPLIT, "exact_layers": [1]}, "gather"),
+                    ("apb", APB_SPLIT, "gather"), ("apb", APB_SPLIT, "distributed"),
+                    ("apb", {**APB_SPLIT, "exact_layers": [1], "passing_len": 24}, "gather"),
+                    ("apb", {**APB_SPLIT, "compressor": "stride"}, "gather")]),
+    ("tiny-gemma2", [("star", {}, "gather"), ("apb", {}, "gather"), ("spava", SPAVA_SPLIT, "gather"),
+                     ("apb", APB_SPLIT, "gather")]),
+    ("tiny-deepseek-v3", [("star", {}, "gather"), ("apb", {}, "gather"), ("spava", SPAVA_SPLIT, "gather"),
+                          ("apb", APB_SPLIT, "gather")]),
     ("tiny-gpt-oss", [("star", {}, "gather"), ("apb", {"query_positions": "anchor"}, "distributed"),
-                      ("spava", SPAVA_SPLIT, "distributed")]),
+                      ("spava", SPAVA_SPLIT, "distributed"),
+                      ("apb", {**APB_SPLIT, "query_positions": "anchor"}, "distributed")]),
 ])
 def test_a_shared_anchor_changes_nothing_but_who_computes_it(group3, model, cases):
     for method, options, mode in cases:
-        want = _run(group3, method, model=model, decode_mode=mode, share_anchor=False, **options)
-        got = _run(group3, method, model=model, decode_mode=mode, share_anchor=True, **options)
+        options = {"share_anchor": True, **options}
+        want = _run(group3, method, model=model, decode_mode=mode, **{**options, "share_anchor": False})
+        got = _run(group3, method, model=model, decode_mode=mode, **options)
         assert torch.allclose(got[0].last_logits, want[0].last_logits, atol=1e-5, rtol=0), (method, options, mode)
         assert got[0].tokens == want[0].tokens, (method, options, mode)
         exact = set(options.get("exact_layers", []))
@@ -284,6 +294,13 @@ def test_a_shared_anchor_changes_nothing_but_who_computes_it(group3, model, case
                 assert set(shared) == set(gathered) | exact and shared, (shared, gathered)
                 share = {layer: shared[layer] - gathered.get(layer, 0) for layer in shared}
                 assert len(set(share.values())) == 1 and min(share.values()) > 0, share
+            continue
+        if options["share_anchor"] == "split":  # one gather of the shares per layer, exact ones too; no broadcast
+            for reply in got:
+                gathered = {o["layer"] for o in _ops(reply, "context", "anchor_gather")}
+                layers = {o["layer"] for o in _ops(reply, "context")}
+                assert gathered == layers == set(range(len(layers))) and len(layers) >= 2, (gathered, layers)
+                assert not _ops(reply, "context", "anchor_broadcast")
             continue
         broadcasts = [o for r in got for o in _ops(r, "context", "anchor_broadcast")]
         assert broadcasts and all(o["layer"] not in exact for o in broadcasts), broadcasts

@@ -377,3 +377,22 @@ def test_share_anchor_is_refused_where_the_anchor_cannot_be_shared():
                 for name in ("star", "apb", "spava", "apb:unshared", "spava:unshared", "ring")}
     assert defaults == {"star": False, "apb": True, "spava": True, "apb:unshared": False, "spava:unshared": False,
                         "ring": False}, defaults
+
+
+def test_a_split_anchor_is_for_apb_and_spava_and_named_where_refused():
+    from transformers import AutoConfig
+
+    from apb.config import ConfigError
+    from apb.model.catalog import resolve_model
+
+    model_config = AutoConfig.from_pretrained(resolve_model("tiny-llama"))
+    cfg = load_config(None, ["method.name=apb", "method.share_anchor=split"])
+    assert cfg.method.share_anchor == "split"
+    assert build_method("apb:split", MethodConfig(name="apb:split")).config.share_anchor == "split"
+    for name in ("apb", "spava", "ring"):  # spava's split is its shared anchor; ring has no anchor to split
+        build_method(name, MethodConfig(name=name, share_anchor="split")).check(model_config, 4)
+    with pytest.raises(ValueError, match=r"method 'star' cannot split its anchor over the hosts \(method.share_anchor: "
+                                         r"split is for apb, spava\); set method.share_anchor to true or false"):
+        build_method("star", MethodConfig(name="star", share_anchor="split")).check(model_config, 4)
+    with pytest.raises(ConfigError, match="share_anchor"):
+        load_config(None, ["method.share_anchor=halves"])

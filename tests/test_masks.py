@@ -202,12 +202,79 @@ def test_a_shared_anchor_gives_every_block_the_same_keys(name, world, n_ctx, n_q
             assert torch.allclose(got, dense(vecs, g, keys), atol=1e-5), (r, row, g)
 
 
+# share_anchor: split (apb): every host, host 0 too, runs a contiguous share of the anchor's rows
+# (the query embedded counts: 9 + 7 = 16 over 3 hosts; 2 + 9 = 11 over 4: 3, 3, 3, 2, the query
+# over all four), gathered with the query's scoring vectors; every row attends exactly the keys
+# it attends with its own anchor, and the passing blocks chosen with the query are the same
+@pytest.mark.parametrize("world,n_ctx,n_query,anchor,passing", [
+    (3, 91, 7, 9, 4), (4, 130, 5, 12, 6), (2, 50, 3, 5, 5), (4, 60, 9, 2, 3), (3, 40, 0, 6, 2)])
+def test_a_split_anchor_gives_every_row_the_keys_of_its_own_anchor(world, n_ctx, n_query, anchor, passing):
+    n = n_ctx + n_query
+    method = build_method("apb", MethodConfig(compressor="stride", anchor_len=anchor, passing_len=passing,
+                                              query_insert_pos=3, share_anchor="split"))
+    vecs = random_vecs(n, seed=6)
+    slices, plan, outs = run_hosts(method, n, n_query, world, vecs, comms=(comms := {}))
+    assert plan.split and plan.anchor_from is None
+    cut = min(3, anchor)  # A': the query after 3 tokens (or the whole anchor, if shorter)
+    whole = list(range(cut)) + list(range(n_ctx, n)) + list(range(cut, anchor))
+    held = [s.indices[s.rows("anchor")].tolist() for s in slices]
+    assert [t for h in held for t in h] == whole  # contiguous shares, in host order, host 0 first
+    assert max(map(len, held)) - min(map(len, held)) <= 1
+    assert all("query" not in [c.kind for c in s.chunks] for s in slices)  # no scoring tail on host 0
+    blocks = [s.blocks()[0] for s in slices]
+    per_token = 2 * KV * D * 4
+    for r, c in comms.items():  # every host sends the largest share (stride needs no query vectors)
+        sent = sum(o.bytes for (_, _, op), o in c.stats.ops.items() if op == "anchor_gather")
+        assert sent == max(map(len, held)) * per_token, (r, sent)
+    checked = 0
+    for r, s in enumerate(slices):
+        idx = s.indices.tolist()
+        n_anchor = len(held[r])
+        before = sum(map(len, held[:r]))
+        passed = [t for src in range(r) for t in stride_pick(blocks[src].start, blocks[src].stop, passing)]
+        for row, g in enumerate(idx):
+            if row < n_anchor:  # the anchor up to this row, the shares before it included
+                keys = whole[: before + row + 1]
+            else:
+                keys = passed + (whole if r > 0 else []) + list(range(blocks[r].start, g + 1))
+            got = outs[r][0, :, row].double()
+            assert torch.allclose(got, dense(vecs, g, keys), atol=1e-5), (r, row, g)
+            checked += 1
+    assert checked == n_ctx + len(whole)
+
+
+@pytest.mark.parametrize("world,n_ctx,n_query,anchor", [(3, 91, 7, 9), (4, 60, 9, 2), (2, 50, 12, 5)])
+def test_a_split_anchor_chooses_the_passing_blocks_with_the_querys_own_vectors(world, n_ctx, n_query, anchor):
+    """The query compressor scores each block with the query's vectors, which a split anchor
+    spreads over one or more hosts: gathered, they choose what every host's own copy chooses."""
+    n = n_ctx + n_query
+    vecs = random_vecs(n, seed=7)
+    outs = {}
+    for share in (False, "split"):
+        method = build_method("apb", MethodConfig(compressor="query", anchor_len=anchor, passing_len=3,
+                                                  query_insert_pos=1, query_positions="anchor", share_anchor=share))
+        slices, plan, got = run_hosts(method, n, n_query, world, vecs, comms=(comms := {}))
+        outs[share] = {g: got[r][0, :, row] for r, s in enumerate(slices) for row, g in
+                       enumerate(s.indices.tolist()) if row >= s.rows("anchor").stop and g < n_ctx}
+        if share:
+            q_rows = [sum(c.size for c in s.chunks if c.kind == "anchor" and c.start >= n_ctx) for s in slices]
+            assert sum(q_rows) == n_query and sum(1 for x in q_rows if x) >= 2 - (world == 2 and n_query < 8)
+            for r, c in comms.items():  # the largest share's K/V and the most query rows any host holds
+                sent = sum(o.bytes for (_, _, op), o in c.stats.ops.items() if op == "anchor_gather")
+                share_rows = max(s.rows("anchor").stop - s.rows("anchor").start for s in slices)
+                assert sent == (share_rows * 2 * KV * D + max(q_rows) * H * D) * 4, (r, sent)
+    assert outs[False].keys() == outs["split"].keys() and len(outs[False]) == n_ctx
+    for g, want in outs[False].items():
+        assert torch.allclose(outs["split"][g], want, atol=1e-5), g
+
+
 # an exact layer at uneven blocks, with GQA shares (H=4 over KV=2 heads: at W=3 two heads per
 # host, the last share one real head and one of padding) and with an anchor or none
 @pytest.mark.parametrize("name,world,n_ctx,n_query,anchor", [("star", 3, 91, 7, 9), ("apb", 4, 130, 5, 12),
                                                              ("apb", 3, 100, 6, 0), ("spava", 3, 100, 6, 10),
                                                              ("spava", 4, 130, 5, 0), ("spava", 2, 61, 4, 7),
-                                                             ("spava:shared", 3, 100, 6, 10)])
+                                                             ("spava:shared", 3, 100, 6, 10), ("apb:split", 4, 130, 5, 12),
+                                                             ("apb:split", 3, 100, 6, 2)])
 def test_an_exact_layer_attends_every_earlier_context_token(name, world, n_ctx, n_query, anchor):
     n = n_ctx + n_query
     method = build_method(name, MethodConfig(name=name, compressor="stride", anchor_len=anchor, passing_len=3,
@@ -220,7 +287,8 @@ def test_an_exact_layer_attends_every_earlier_context_token(name, world, n_ctx, 
     checked = 0
     for r, s in enumerate(slices):
         for c, rows in s.chunk_rows():
-            if c.kind == "anchor" and name.startswith("spava"):  # the anchor causally over itself (split: gathered)
+            if c.kind == "anchor" and (name.startswith("spava") or name == "apb:split"):
+                # the anchor causally over itself (split: gathered; apb's context pass holds no query)
                 for row, g in zip(range(rows.start, rows.stop), range(c.start, c.stop)):
                     assert torch.allclose(outs[r][0, :, row].double(), dense(vecs, g, list(range(g + 1))), atol=1e-5)
             if c.kind != "block":
@@ -374,6 +442,8 @@ def test_cost_formula_counts_the_pairs_the_attention_steps_compute(pair_counter,
     ("apb", 3, {"share_anchor": False, "exact_layers": [2], "passing_len": 16}),
     ("spava", 4, {"share_anchor": True, "passing_len": [8, "all", 0], "anchor_len": 32}),
     ("spava", 3, {"share_anchor": True, "exact_layers": [1], "anchor_len": 30}),
+    ("apb", 4, {"share_anchor": "split", "passing_len": [16, 64, 0]}),
+    ("apb", 3, {"share_anchor": "split", "exact_layers": [1], "passing_len": 16, "anchor_len": 60}),
 ])
 def test_cost_formula_counts_each_layers_pairs(pair_counter, name, world, options):
     n_ctx, n_query, layers = 1024, 8, 3
@@ -404,7 +474,8 @@ def test_cost_formula_counts_each_layers_pairs(pair_counter, name, world, option
     assert formula <= total <= formula * 1.01, (name, options, total, formula)
     if options.get("exact_layers"):  # and the exchange's bytes: the formula's beyond the query merge
         moved = layers * (work.comm_bytes - merge_bytes(n_query, shape))
-        if name == "spava" and method.config.share_anchor:  # and the split anchor's shares, gathered first
+        if method.config.share_anchor and name == "spava" or method.config.share_anchor == "split":
+            # and the split anchor's shares, gathered first
             moved -= len(options["exact_layers"]) * (world - 1) * work.anchor / world * 2 * KV * D * 4
         assert sent == pytest.approx(moved, rel=0.01), (sent, moved)
 

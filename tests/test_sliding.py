@@ -77,6 +77,8 @@ LAYOUTS = {
     "spava": lambda n, w, q: build_method("spava", MethodConfig(anchor_len=20, share_anchor=False)).layout(n, w, q),
     # the anchor split over the hosts (spava's default): its tokens, real and each on one host, come as halo too
     "spava:shared": lambda n, w, q: build_method("spava", MethodConfig(anchor_len=20)).layout(n, w, q),
+    # apb's anchor split over every host: copies (host 0's share too), never real, never sent as halo
+    "apb:split": lambda n, w, q: build_method("apb", MethodConfig(share_anchor="split")).layout(n, w, q),
 }
 
 
@@ -114,6 +116,9 @@ def test_anchor_copies_are_not_real_and_spava_anchors_are():
     assert real_chunks(star, 1) == [False, True]  # anchor copy, block
     apb = LAYOUTS["apb"](301, 3, 9)
     assert [c.kind for c in apb[1].chunks][:3] == ["anchor"] * 3 and not any(real_chunks(apb, 1)[:3])
+    split = LAYOUTS["apb:split"](301, 3, 9)
+    assert all([c.kind for c in s.chunks][0] == "anchor" for s in split)  # every host, host 0 too
+    assert [real_chunks(split, r) for r in range(3)] == [[False, True], [False, False, True], [False, False, True]]
     spava = LAYOUTS["spava"](301, 3, 9)
     kinds = [c.kind for c, real in zip(spava[1].chunks, real_chunks(spava, 1)) if real]
     assert kinds.count("anchor") == 3 and kinds.count("block") == 2 and kinds.count("query") == 1
@@ -164,7 +169,7 @@ def test_hybrid_models_are_exact_under_the_exact_methods(group, tmp_path, family
     assert_exact(rows, f"{family} distributed")
 
 
-@pytest.mark.parametrize("name", ["star", "spava"])
+@pytest.mark.parametrize("name", ["star", "spava", "apb:split"])
 def test_approximate_methods_keep_sliding_layers_exact(group, tmp_path, name):
     """Gemma 3 (sliding, sliding, global, sliding): the K/V of layers 0-2 come from the inputs of
     layers 0-2, which only sliding layers computed, so they equal eager's; layer 3's come after the
@@ -173,7 +178,9 @@ def test_approximate_methods_keep_sliding_layers_exact(group, tmp_path, name):
     ref_model = load_model(path, attn_implementation="eager")
     ids = random_prompt(241, ref_model.config.vocab_size, 3)
     ref = reference_run(ref_model, ids, N_NEW)
-    req = PromptRequest(str(path), ids, name, n_query=17, return_cache=True,
+    # apb: gemma3's RoPE differs by layer type, so the query scores at its copy's positions
+    options = {"query_positions": "anchor"} if name.startswith("apb") else {}
+    req = PromptRequest(str(path), ids, name, n_query=17, return_cache=True, method_options=options,
                         sampling=Sampling(max_new_tokens=N_NEW, stop_at_eos=False))
     got = group.call("run_prompt", req)[0]
     for layer in range(3):

@@ -29,7 +29,7 @@ from apb.methods.cost import HostWork, merge_bytes, over_layers, work_flops
 from apb.methods.exact_layers import context_runs, exact_rows, exact_work, with_exchange
 from apb.methods.sizes import resolve_exact_layers, resolve_len, resolve_passing
 from apb.parallel import layout
-from apb.parallel.comm import Pending
+from apb.parallel.comm import Pending, pad_along
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,9 @@ class AnchorPlan:
     #: ``method.share_anchor``: the host whose anchor K/V the hosts without an anchor receive each
     #: layer (:meth:`Anchored.anchor_receivers`); None when every anchored host computes its own
     anchor_from: int | None = None
+    #: ``method.share_anchor: split``: every host runs a ``1/W`` share of the anchor's rows and the
+    #: shares' K/V (and the query's scoring vectors) are all-gathered each layer
+    split: bool = False
 
 
 class Anchored(Method):
@@ -59,9 +62,13 @@ class Anchored(Method):
     def anchor_receivers(self, world_size: int, anchor_len: int) -> tuple[int, ...]:
         """Hosts that receive the anchor's K/V instead of computing it (``method.share_anchor``):
         every host ``r > 0`` but the source; none unless the anchor is shared and not empty."""
-        if not self.config.share_anchor or anchor_len <= 0:
+        if not self.config.share_anchor or self.config.share_anchor == "split" or anchor_len <= 0:
             return ()
         return tuple(r for r in range(1, world_size) if r != self.anchor_source)
+
+    def splits_anchor_rows(self, world_size: int, anchor_len: int) -> bool:
+        """Whether ``method.share_anchor: split`` applies: an anchor to split and hosts to split it over."""
+        return self.config.share_anchor == "split" and world_size > 1 and anchor_len > 0
 
     def _anchor_hosts(self, world_size: int, anchor_len: int) -> tuple[int, ...] | None:
         """Hosts whose sequence carries the anchor: all ``r > 0`` (None) unless it is shared."""
@@ -85,12 +92,15 @@ class Anchored(Method):
         passing = [0 if i in exact else p for i, p in enumerate(passing)]
         anchor = self.anchor_len(n_ctx, world_size)
         source = self.anchor_source if self.anchor_receivers(world_size, anchor) else None
-        return AnchorPlan(anchor, tuple(passing), exact, source)
+        return AnchorPlan(anchor, tuple(passing), exact, source, self.splits_anchor_rows(world_size, anchor))
 
     @classmethod
     def cost(cls, n, w, shape, sizes):
         q, b = sizes.query, n / w
         a, passing, exact = cls._cost_sizes(n, b, shape.layers, sizes)
+        if sizes.share_anchor == "split" and cls.splits_anchor and a > 0 and w > 1:
+            return over_layers([cls._split_layer_cost(n, w, shape, q, a, p, exact=i in exact)
+                                for i, p in enumerate(passing)])
         if not (cls.shares_anchor_with(sizes) and a > 0 and w > 1 + (cls.anchor_source > 0)):
             return over_layers([_exact_layer_cost(n, w, shape, q, a) if i in exact else
                                 cls._layer_cost(n, w, shape, q, a, p) for i, p in enumerate(passing)])
@@ -112,6 +122,13 @@ class Anchored(Method):
     def _shared_layer_cost(cls, n: float, w: int, shape, q: float, a: float, p: float, role: str) -> HostWork:
         """With a shared anchor, the work in one layer that is not exact of the anchor's source
         (``role`` 'source') or of the last host, which receives it ('receiver')."""
+        raise NotImplementedError
+
+    @classmethod
+    def _split_layer_cost(cls, n: float, w: int, shape, q: float, a: float, p: float, exact: bool) -> HostWork:
+        """With the anchor split over the hosts (``share_anchor: split``), host W-1's work in one
+        layer (exact or not): it attends the most passing, and its share of the anchor rows the
+        whole anchor."""
         raise NotImplementedError
 
     @classmethod
@@ -138,7 +155,11 @@ class Anchored(Method):
     def transfer_bytes(self, local, n_tokens, world, per_tok, passing, model_config, dtype_bytes):
         passed = super().transfer_bytes(local, n_tokens, world, per_tok, passing, model_config, dtype_bytes)
         anchor = self.anchor_len(n_tokens, world)  # the whole prompt's: a bound on the context's
-        if self.anchor_receivers(world, anchor):
+        if self.splits_anchor_rows(world, anchor):
+            # every host's share received (padded to the largest), then the whole anchor put
+            # together (the query's scoring vectors ride along, a few rows more)
+            passed += 2 * world * -(-anchor // world) * per_tok
+        elif self.anchor_receivers(world, anchor):
             # one layer's anchor K/V in flight (apb's query vectors ride along, a few rows more)
             passed += anchor * per_tok * 2
         return with_exchange(passed, self.config, local, n_tokens, world, model_config, dtype_bytes)
@@ -146,11 +167,15 @@ class Anchored(Method):
     def layout(self, n_tokens, world_size, n_query=0):
         n_ctx = n_tokens - n_query
         anchor = self.anchor_len(n_ctx, world_size)
+        split = self.splits_anchor_rows(world_size, anchor)
         return layout.anchored(n_ctx, n_query, world_size, anchor,
                                self.config.query_insert_pos if self.embeds_query else None,
-                               self.tail_hosts(n_query, world_size, anchor), self._anchor_hosts(world_size, anchor))
+                               () if split else self.tail_hosts(n_query, world_size, anchor),
+                               None if split else self._anchor_hosts(world_size, anchor), split_anchor=split)
 
     def attention(self, ctx, module, q, k, v, scale):
+        if ctx.plan.split:
+            return self._split_attention(ctx, module, q, k, v, scale)
         mine, layer, opts = ctx.mine, int(module.layer_idx), ctx.score_opts
         a, b, t = mine.rows("anchor"), mine.rows("block"), mine.rows("query")
         shared = self._share_anchor(ctx, layer, q, k, v, a, b)
@@ -192,6 +217,50 @@ class Anchored(Method):
             own = merge(own, own_lse, part, part_lse)[0]
         out[:, :, b] = own.to(q.dtype)
         return out
+
+    def _split_attention(self, ctx, module, q, k, v, scale):
+        """The step with the anchor split over the hosts (``method.share_anchor: split``). Host
+        ``r`` holds ``[A'_r, B_r]``, ``A'_r`` its contiguous share of the anchor's rows (the query
+        embedded). One all-gather brings every share's K/V and the query's scoring vectors; then
+        the share's rows attend the anchor up to their last row and the block attends as with its
+        own anchor. The gather travels while the block attends itself; the passing all-gather,
+        which needs the query's vectors, while the share's rows are attended."""
+        layer, opts = int(module.layer_idx), ctx.score_opts
+        a, b = ctx.mine.rows("anchor"), ctx.mine.rows("block")
+        with_query = self._scores_with_query(ctx, layer)
+        gathered = _SplitAnchor.start(self, ctx, q, k, v, a, with_query)
+        out = q.new_empty(*q.shape[:3], v.shape[-1])
+        if layer in ctx.plan.exact:
+            gathered.share_rows(ctx, q, a, out, scale)
+            owners, sizes = context_runs(ctx.slices)
+            out[:, :, b] = exact_rows(ctx, q, k, v, [(ctx.mine.blocks()[0].chunk_id, b)], owners, sizes, scale)[0]
+            return out
+        pending = None if with_query else self._share_passing(ctx, layer, None, k, v, scale, b)
+        qb = q[:, :, b]
+        own, own_lse = attention(qb, k[:, :, b], v[:, :, b], causal=True, scale=scale, **opts)
+        if with_query:
+            pending = self._share_passing(ctx, layer, gathered.query(), k, v, scale, b)
+        gathered.share_rows(ctx, q, a, out, scale)
+        extra_k, extra_v = self._received(ctx, layer, pending) if pending is not None else ([], [])
+        if ctx.rank > 0:  # host 0's block precedes the anchor's copy: it attends only itself
+            anchor_k, anchor_v = gathered.anchor()
+            extra_k.append(anchor_k)
+            extra_v.append(anchor_v)
+        if extra_k:
+            part, part_lse = attention(qb, torch.cat(extra_k, 2), torch.cat(extra_v, 2), causal=False, scale=scale,
+                                       **opts)
+            own = merge(own, own_lse, part, part_lse)[0]
+        out[:, :, b] = own.to(q.dtype)
+        return out
+
+    def gathered_anchor(self, ctx, q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A split anchor's whole K and V and its position ids, from every host's share: what a
+        sliding layer's anchor rows attend (:mod:`apb.methods.sliding`). Every host must call it."""
+        key = "split_anchor_positions"
+        if key not in ctx.scratch:
+            ctx.scratch[key] = torch.cat([c.positions for s in ctx.slices for c in s.chunks if c.kind == "anchor"]
+                                         ).to(q.device)
+        return (*_SplitAnchor.start(self, ctx, q, k, v, ctx.mine.rows("anchor"), False).anchor(), ctx.scratch[key])
 
     def _share_anchor(self, ctx, layer, q, k, v, a, b) -> "_SharedAnchor | None":
         """Start this layer's anchor broadcast (``method.share_anchor``) on every host: the source
@@ -254,6 +323,70 @@ class _SharedAnchor:
                 at += size
             self.own = tuple(parts)
         return self.own
+
+
+@dataclass
+class _SplitAnchor:
+    """One layer's all-gather of a split anchor in flight (:meth:`Anchored._split_attention`):
+    each host sends its share's K and V side by side (padded to the largest share) and the
+    query's scoring vectors it holds (padded to the most any host holds), one flat buffer."""
+
+    pending: Pending
+    shares: list[int]  # anchor rows per host
+    queries: list[int]  # query rows per host (0 where the query's vectors are not sent)
+    kv_shape: tuple[int, ...]  # (batch, kv_heads, largest share, dk + dv)
+    q_shape: tuple[int, ...]  # (batch, heads, most query rows, dk)
+    dk: int
+    _parts: list[torch.Tensor] | None = None
+    _anchor: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def start(cls, method, ctx, q, k, v, a, with_query: bool) -> "_SplitAnchor":
+        shares = [s.rows("anchor").stop - s.rows("anchor").start for s in ctx.slices]
+        queries = [sum(c.size for c in s.chunks if c.kind == "anchor" and c.start >= ctx.n_ctx) if with_query else 0
+                   for s in ctx.slices]
+        kv = torch.cat([k[:, :, a], v[:, :, a]], -1)
+        kv_shape = (*kv.shape[:2], max(shares), kv.shape[3])
+        q_shape = (*q.shape[:2], max(queries), q.shape[3])
+        mine = [pad_along(kv, 2, kv_shape[2]).reshape(-1)]
+        if q_shape[2]:
+            rows = method._query_rows(ctx, q) if queries[ctx.rank] else q[:, :, :0]
+            if rows.shape[2] != queries[ctx.rank]:
+                raise RuntimeError(f"host {ctx.rank} holds {rows.shape[2]} of the query's rows, its layout says "
+                                   f"{queries[ctx.rank]}")
+            mine.append(pad_along(rows, 2, q_shape[2]).reshape(-1))
+        pending = ctx.comm.all_gather_start(torch.cat(mine) if len(mine) > 1 else mine[0], op="anchor_gather")
+        return cls(pending, shares, queries, kv_shape, q_shape, k.shape[-1])
+
+    def _wait(self) -> list[torch.Tensor]:
+        if self._parts is None:
+            self._parts = self.pending.wait()
+        return self._parts
+
+    def anchor(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole anchor's K and V, the shares in host order."""
+        if self._anchor is None:
+            at = math.prod(self.kv_shape)
+            kv = torch.cat([t[:at].view(self.kv_shape)[:, :, :n] for t, n in zip(self._wait(), self.shares)], 2)
+            self._anchor = (kv[..., :self.dk], kv[..., self.dk:])
+        return self._anchor
+
+    def query(self) -> torch.Tensor:
+        """The query's scoring vectors, from the hosts holding them, in order."""
+        at, size = math.prod(self.kv_shape), math.prod(self.q_shape)
+        return torch.cat([t[at:at + size].view(self.q_shape)[:, :, :n]
+                          for t, n in zip(self._wait(), self.queries) if n], 2)
+
+    def share_rows(self, ctx, q, a, out, scale) -> None:
+        """This host's share of the anchor's rows, causally over the anchor up to its last row
+        (the shares before it arrived with the gather): a bottom-right causal call."""
+        if a.stop == a.start:
+            self._wait()  # nothing to attend, but the gather must still complete here
+            return
+        hi = sum(self.shares[:ctx.rank + 1])
+        ak, av = self.anchor()
+        out[:, :, a] = attention(q[:, :, a], ak[:, :, :hi], av[:, :, :hi], causal=True, scale=scale,
+                                 **ctx.score_opts)[0]
 
 
 def _exact_layer_cost(n: float, w: int, shape, q: float, a: float, assumed: float | None = None) -> HostWork:

@@ -16,6 +16,7 @@ from apb.model.rope import shiftable
 from apb.methods.anchored import Anchored
 from apb.methods.compressors import ScoreInputs, build_compressor, take
 from apb.methods.cost import HostWork, merge_bytes
+from apb.methods.exact_layers import exact_work
 from apb.parallel import layout
 from apb.parallel.comm import pad_along
 
@@ -27,8 +28,9 @@ class APB(Anchored):
     anchor_source = 1
     # host 1's anchor sent to hosts 2..W-1: less work from W = 3 on, the same attention
     share_anchor_default = True
+    splits_anchor = True
     variants = {"uncompressed": {"anchor_len": 0, "passing_len": "all"}, "shared": {"share_anchor": True},
-                "unshared": {"share_anchor": False}}
+                "unshared": {"share_anchor": False}, "split": {"share_anchor": "split"}}
 
     def __init__(self, config):
         super().__init__(config)
@@ -66,6 +68,25 @@ class APB(Anchored):
         pairs = b * ((w - 1) * p + a) + b * b / 2 + q * n / w
         return HostWork(b + q, pairs, b, comm_bytes=merge_bytes(q, shape), steps=3, overlap_bytes=gathered + sent,
                         anchor=a, passing=p)
+
+    @classmethod
+    def _split_layer_cost(cls, n, w, shape, q, a, p, exact):
+        # host W-1: its share (a/W rows) over the anchor up to it, which is the whole anchor; its
+        # block as with its own anchor; the query phase. The shares' K/V (and the query's scoring
+        # vectors) are gathered behind its block's own attention, its passing block behind the
+        # share's rows; in an exact layer the shares arrive before the exchange, not hidden
+        b, share = n / w, a / w
+        kv = 2 * shape.kv_heads * shape.head_dim * shape.bytes_per_param
+        anchor_pairs = share * a - share * share / 2
+        shares_in = (w - 1) * share * kv
+        if exact:
+            pairs, moved = exact_work(n, 0, w, shape)
+            return HostWork(share + b + q, anchor_pairs + pairs + q * n / w, b,
+                            comm_bytes=merge_bytes(q, shape) + moved + shares_in, steps=4, anchor=a)
+        pairs = anchor_pairs + b * ((w - 1) * p + a) + b * b / 2 + q * n / w
+        sent = shares_in + q * shape.heads * shape.head_dim * shape.bytes_per_param
+        return HostWork(share + b + q, pairs, b, comm_bytes=merge_bytes(q, shape), steps=3,
+                        overlap_bytes=sent + (w - 1) * p * kv, anchor=a, passing=p)
 
     def check(self, model_config, world_size):
         super().check(model_config, world_size)

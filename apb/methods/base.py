@@ -43,6 +43,8 @@ class Method:
     has_anchor: ClassVar[bool] = False
     #: what an unset ``method.share_anchor`` means for this method
     share_anchor_default: ClassVar[bool] = False
+    #: True when ``method.share_anchor: split`` splits the anchor's rows over the hosts (apb, spava)
+    splits_anchor: ClassVar[bool] = False
     #: True when host 0 runs the whole prompt alone and the other hosts idle (full)
     one_host: ClassVar[bool] = False
     variant: str | None = None
@@ -84,6 +86,10 @@ class Method:
             can = ", ".join(dict.fromkeys(c.name for c in _subclasses(Method) if c.name and c.shares_anchor))
             raise ValueError(f"method {self.label!r} computes its anchor on every host and cannot share it "
                              f"(method.share_anchor is for {can}); unset method.share_anchor")
+        if getattr(self.config, "share_anchor", False) == "split" and self.has_anchor and not self.splits_anchor:
+            can = ", ".join(dict.fromkeys(c.name for c in _subclasses(Method) if c.name and c.splits_anchor))
+            raise ValueError(f"method {self.label!r} cannot split its anchor over the hosts (method.share_anchor: "
+                             f"split is for {can}); set method.share_anchor to true or false")
         layers = getattr(self.config, "exact_layers", None)
         if layers:  # a multimodal config keeps its layer count in the text model's config
             text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config

@@ -80,7 +80,7 @@ class Sizes:
     anchor_len: Any = None
     passing_len: Any = None
     exact_layers: Any = None
-    share_anchor: bool | None = None  # None: the method's default (Method.share_anchor_default)
+    share_anchor: bool | str | None = None  # None: the method's default; "split" (apb, spava): split over hosts
 
     def with_method(self, method_config: Any) -> "Sizes":
         """These knobs with a method config's anchor, passing, exact-layer and anchor-sharing settings."""

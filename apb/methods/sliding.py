@@ -236,8 +236,12 @@ def sliding_attention(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
         keys = pool.index_select(1, near)[None]
         out[:, :, r] = attention(q[:, :, r], keys[..., :dk], keys[..., dk:], causal=True, scale=scale,
                                  window=window, q_pos=q_pos, k_pos=k_pos, **opts)[0]
+    if getattr(ctx.plan, "split", False):  # a split anchor: each host's copy rows are a share of it
+        copy_k, copy_v, copy_pos = ctx.method.gathered_anchor(ctx, q, k, v)
+    elif t.copy_rows is not None:
+        copy_k, copy_v, copy_pos = k[:, :, t.copy_rows], v[:, :, t.copy_rows], t.copy_pos
     if t.copy_rows is not None:
         cr = t.copy_rows
-        out[:, :, cr] = attention(q[:, :, cr], k[:, :, cr], v[:, :, cr], causal=True, scale=scale, window=window,
-                                  q_pos=t.copy_pos, k_pos=t.copy_pos, **opts)[0]
+        out[:, :, cr] = attention(q[:, :, cr], copy_k, copy_v, causal=True, scale=scale, window=window,
+                                  q_pos=t.copy_pos, k_pos=copy_pos, **opts)[0]
     return out

@@ -54,6 +54,7 @@ class Spava(Method):
     has_anchor = True
     shares_anchor = True
     share_anchor_default = True  # the split anchor: less work, no new message, the same attention
+    splits_anchor = True  # share_anchor: split is share_anchor: true
     variants = {"uncompressed": {"anchor_len": 0, "passing_len": "all"}, "shared": {"share_anchor": True},
                 "unshared": {"share_anchor": False}}
 
