@@ -117,8 +117,8 @@ class MethodConfig(_Section):
                           "query vectors) to the other anchored hosts each layer (star: host 0's own block start; "
                           "apb: host 1), one broadcast per layer; spava: each host computes the 1/W share of the "
                           "anchor it caches and the shares' K/V travel with the passing blocks. 'split' (apb, "
-                          "spava): every host computes a 1/W share of the anchor (apb: with the query embedded) "
-                          "and the shares' K/V are all-gathered; for spava the same as true. The same attention "
+                          "spava): apb's hosts 0..W-2 each compute a share of the anchor (the query embedded), "
+                          "whose K/V are all-gathered each layer; for spava the same as true. The same attention "
                           "up to rounding, less linear work")
 
     @field_validator("name")

@@ -223,9 +223,10 @@ def anchored(n_ctx: int, n_query: int, world_size: int, anchor_len: int, insert_
     Hosts in ``query_tail_on`` append the query after their block (so its Q vectors exist
     there for scoring); those query tokens are neither cached nor used as outputs. ``anchor_on``
     names the hosts that prepend the anchor when not all ``r > 0`` do (a shared anchor: the
-    others receive its K/V instead of computing it). ``split_anchor``: host ``r`` (host 0 too)
-    prepends only the ``r``-th of ``W`` contiguous shares of the anchor's rows (with an embedded
-    query, the query counts as anchor rows), shares differing by at most one row.
+    others receive its K/V instead of computing it). ``split_anchor``: host ``r < W-1`` (host 0
+    too) prepends only the ``r``-th of ``W-1`` contiguous shares of the anchor's rows (with an
+    embedded query, the query counts as anchor rows), shares differing by at most one row; host
+    ``W-1``, whose block attends the most passing blocks, holds none.
     """
     _check_world(world_size)
     if n_ctx < world_size:
@@ -236,7 +237,7 @@ def anchored(n_ctx: int, n_query: int, world_size: int, anchor_len: int, insert_
                          "query tail")
     n = n_ctx + n_query
     whole = anchor_chunks(n_ctx, n_query, anchor_len, insert_pos)
-    shares = even_split(0, sum(c.size for c in whole), world_size)
+    shares = even_split(0, sum(c.size for c in whole), max(1, world_size - 1)) + [(0, 0)]
     slices = []
     for r, (lo, hi) in enumerate(even_split(0, n_ctx, world_size)):
         if split_anchor:

@@ -99,8 +99,11 @@ class Anchored(Method):
         q, b = sizes.query, n / w
         a, passing, exact = cls._cost_sizes(n, b, shape.layers, sizes)
         if sizes.share_anchor == "split" and cls.splits_anchor and a > 0 and w > 1:
-            return over_layers([cls._split_layer_cost(n, w, shape, q, a, p, exact=i in exact)
-                                for i, p in enumerate(passing)])
+            # host W-2 runs the last share and attends the most passing of the hosts with one;
+            # host W-1 runs none and attends the most passing: which is slower depends on the shape
+            hosts = [over_layers([cls._split_layer_cost(n, w, shape, q, a, p, i in exact, host)
+                                  for i, p in enumerate(passing)]) for host in (w - 2, w - 1)]
+            return max(hosts, key=lambda h: work_flops(h, shape))
         if not (cls.shares_anchor_with(sizes) and a > 0 and w > 1 + (cls.anchor_source > 0)):
             return over_layers([_exact_layer_cost(n, w, shape, q, a) if i in exact else
                                 cls._layer_cost(n, w, shape, q, a, p) for i, p in enumerate(passing)])
@@ -125,10 +128,11 @@ class Anchored(Method):
         raise NotImplementedError
 
     @classmethod
-    def _split_layer_cost(cls, n: float, w: int, shape, q: float, a: float, p: float, exact: bool) -> HostWork:
-        """With the anchor split over the hosts (``share_anchor: split``), host W-1's work in one
-        layer (exact or not): it attends the most passing, and its share of the anchor rows the
-        whole anchor."""
+    def _split_layer_cost(cls, n: float, w: int, shape, q: float, a: float, p: float, exact: bool,
+                          host: int) -> HostWork:
+        """With the anchor split over hosts ``0..W-2`` (``share_anchor: split``), the work in one
+        layer (exact or not) of ``host``: ``W-2`` (the last share, which attends the whole anchor)
+        or ``W-1`` (no share, the most passing)."""
         raise NotImplementedError
 
     @classmethod
@@ -158,7 +162,7 @@ class Anchored(Method):
         if self.splits_anchor_rows(world, anchor):
             # every host's share received (padded to the largest), then the whole anchor put
             # together (the query's scoring vectors ride along, a few rows more)
-            passed += 2 * world * -(-anchor // world) * per_tok
+            passed += 2 * world * -(-anchor // (world - 1)) * per_tok
         elif self.anchor_receivers(world, anchor):
             # one layer's anchor K/V in flight (apb's query vectors ride along, a few rows more)
             passed += anchor * per_tok * 2
@@ -220,8 +224,9 @@ class Anchored(Method):
 
     def _split_attention(self, ctx, module, q, k, v, scale):
         """The step with the anchor split over the hosts (``method.share_anchor: split``). Host
-        ``r`` holds ``[A'_r, B_r]``, ``A'_r`` its contiguous share of the anchor's rows (the query
-        embedded). One all-gather brings every share's K/V and the query's scoring vectors; then
+        ``r < W-1`` holds ``[A'_r, B_r]``, ``A'_r`` its contiguous share of the anchor's rows (the
+        query embedded); host ``W-1`` only its block. One all-gather brings every share's K/V and
+        the query's scoring vectors; then
         the share's rows attend the anchor up to their last row and the block attends as with its
         own anchor. The gather travels while the block attends itself; the passing all-gather,
         which needs the query's vectors, while the share's rows are attended."""

@@ -70,23 +70,25 @@ class APB(Anchored):
                         anchor=a, passing=p)
 
     @classmethod
-    def _split_layer_cost(cls, n, w, shape, q, a, p, exact):
-        # host W-1: its share (a/W rows) over the anchor up to it, which is the whole anchor; its
-        # block as with its own anchor; the query phase. The shares' K/V (and the query's scoring
-        # vectors) are gathered behind its block's own attention, its passing block behind the
-        # share's rows; in an exact layer the shares arrive before the exchange, not hidden
-        b, share = n / w, a / w
+    def _split_layer_cost(cls, n, w, shape, q, a, p, exact, host):
+        # host W-2: its share (a/(W-1) rows) over the anchor up to it, which is the whole anchor;
+        # its block over W-2 passing blocks and the anchor (at W = 2 host 0's block sees neither);
+        # host W-1: no share, its block over W-1 passing blocks and the anchor. Then the query
+        # phase. The shares' K/V (and the query's scoring vectors) are gathered behind the
+        # block's own attention, the passing blocks behind the share's rows; in an exact layer
+        # the shares arrive before the exchange, not hidden
+        b, share = n / w, (a / (w - 1) if host < w - 1 else 0.0)
         kv = 2 * shape.kv_heads * shape.head_dim * shape.bytes_per_param
         anchor_pairs = share * a - share * share / 2
-        shares_in = (w - 1) * share * kv
+        shares_in = (w - 2 + (host == w - 1)) * a / (w - 1) * kv
         if exact:
             pairs, moved = exact_work(n, 0, w, shape)
             return HostWork(share + b + q, anchor_pairs + pairs + q * n / w, b,
                             comm_bytes=merge_bytes(q, shape) + moved + shares_in, steps=4, anchor=a)
-        pairs = anchor_pairs + b * ((w - 1) * p + a) + b * b / 2 + q * n / w
+        pairs = anchor_pairs + b * (host * p + (a if host > 0 else 0)) + b * b / 2 + q * n / w
         sent = shares_in + q * shape.heads * shape.head_dim * shape.bytes_per_param
         return HostWork(share + b + q, pairs, b, comm_bytes=merge_bytes(q, shape), steps=3,
-                        overlap_bytes=sent + (w - 1) * p * kv, anchor=a, passing=p)
+                        overlap_bytes=sent + host * p * kv, anchor=a, passing=p)
 
     def check(self, model_config, world_size):
         super().check(model_config, world_size)
