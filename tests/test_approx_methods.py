@@ -243,7 +243,7 @@ def test_a_shared_anchor_sends_its_kv_and_the_query_vectors_once_per_layer(group
     the answer is the one every host's own anchor gives."""
     heads = 12
     want = _run(group3, "apb", passing_len=24, anchor_len=64, share_anchor=False)
-    got = _run(group3, "apb", passing_len=24, anchor_len=64)  # shared: apb's default
+    got = _run(group3, "apb", passing_len=24, anchor_len=64, share_anchor=True)
     for rank, reply in enumerate(got):
         sent = {o["layer"]: o["bytes"] for o in _ops(reply, "context", "anchor_broadcast")}
         per_layer = (64 + 20) * 2 * KV_HEADS * HEAD_DIM * 4 + 20 * heads * HEAD_DIM * 4 if rank == 1 else 0

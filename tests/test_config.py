@@ -375,7 +375,7 @@ def test_share_anchor_is_refused_where_the_anchor_cannot_be_shared():
     # unset, each method's own default: apb and spava share, star keeps its context phase silent
     defaults = {name: build_method(name, MethodConfig(name=name)).config.share_anchor
                 for name in ("star", "apb", "spava", "apb:unshared", "spava:unshared", "ring")}
-    assert defaults == {"star": False, "apb": True, "spava": True, "apb:unshared": False, "spava:unshared": False,
+    assert defaults == {"star": False, "apb": "split", "spava": True, "apb:unshared": False, "spava:unshared": False,
                         "ring": False}, defaults
 
 

@@ -289,7 +289,7 @@ def test_an_exact_layer_attends_every_earlier_context_token(name, world, n_ctx, 
     checked = 0
     for r, s in enumerate(slices):
         for c, rows in s.chunk_rows():
-            if c.kind == "anchor" and (name.startswith("spava") or name == "apb:split"):
+            if c.kind == "anchor" and (name.startswith("spava") or method.config.share_anchor == "split"):
                 # the anchor causally over itself (split: gathered; apb's context pass holds no query)
                 for row, g in zip(range(rows.start, rows.stop), range(c.start, c.stop)):
                     assert torch.allclose(outs[r][0, :, row].double(), dense(vecs, g, list(range(g + 1))), atol=1e-5)
@@ -417,7 +417,7 @@ def test_cost_formula_counts_the_pairs_the_attention_steps_compute(pair_counter,
         _query_phase(slices, vecs, n_ctx, n_query)
     else:
         run_hosts(method, n_ctx + n_query, n_query, world, vecs)
-    # apb's default shared anchor: its cost is the slower of two hosts by FLOPs, here by pairs alone
+    # apb's default split anchor: its cost is the slower of two hosts by FLOPs, here by pairs alone
     shape = SimpleNamespace(layers=1, heads=H, kv_heads=KV, head_dim=D, bytes_per_param=4,
                             linear_flops=lambda tokens: 0.0, attn_flops_per_pair=lambda: 1.0)
     formula = method_class(name).cost(n_ctx, world, shape, Sizes(query=n_query)).pairs
@@ -512,5 +512,15 @@ def test_a_shared_anchors_cost_is_the_slower_of_source_and_last_host():
     assert source.tokens == a + b + q and source.pairs == a * a / 2 + b * (p + a) + b * b / 2 + q * n / w
     # not shared: host W-1 with its own anchor, more than either
     own = method_class("apb").cost(n, w, by_pairs, Sizes(query=q, share_anchor=False))
-    assert method_class("apb").cost(n, w, by_pairs, Sizes(query=q)) == last  # shared is apb's default
     assert own.tokens == a + b + q and own.pairs > last.pairs
+    # split (apb's default): host W-1 does what the broadcast's receiver does, host W-2 runs a
+    # share of a/(W-1) anchor tokens, over the whole anchor: by either rate no more than shared
+    split = Sizes(query=q, share_anchor="split")
+    for shape in (by_pairs, by_tokens):
+        assert method_class("apb").cost(n, w, shape, Sizes(query=q)) == method_class("apb").cost(n, w, shape, split)
+    by_keys = method_class("apb").cost(n, w, by_pairs, split)
+    assert (by_keys.tokens, by_keys.pairs) == (last.tokens, last.pairs)
+    share = a / (w - 1)
+    by_rows = method_class("apb").cost(n, w, by_tokens, split)
+    assert by_rows.tokens == share + b + q < source.tokens
+    assert by_rows.pairs == share * a - share * share / 2 + b * ((w - 2) * p + a) + b * b / 2 + q * n / w

@@ -72,13 +72,14 @@ LAYOUTS = {
     "ring": lambda n, w, q: build_method("ring", MethodConfig()).layout(n, w, q),
     "ulysses": lambda n, w, q: build_method("ulysses", MethodConfig()).layout(n, w, q),
     "star": lambda n, w, q: build_method("star", MethodConfig()).layout(n, w, q),
-    "apb": lambda n, w, q: build_method("apb", MethodConfig()).layout(n, w, q),  # shared: hosts 2.. hold no anchor
+    # apb's broadcast anchor: hosts 2.. hold none
+    "apb:shared": lambda n, w, q: build_method("apb", MethodConfig(share_anchor=True)).layout(n, w, q),
     "apb:unshared": lambda n, w, q: build_method("apb", MethodConfig(share_anchor=False)).layout(n, w, q),
     "spava": lambda n, w, q: build_method("spava", MethodConfig(anchor_len=20, share_anchor=False)).layout(n, w, q),
     # the anchor split over the hosts (spava's default): its tokens, real and each on one host, come as halo too
     "spava:shared": lambda n, w, q: build_method("spava", MethodConfig(anchor_len=20)).layout(n, w, q),
-    # apb's anchor split over every host: copies (host 0's share too), never real, never sent as halo
-    "apb:split": lambda n, w, q: build_method("apb", MethodConfig(share_anchor="split")).layout(n, w, q),
+    # apb's default, the anchor split over hosts 0..W-2: copies (host 0's share too), never real
+    "apb": lambda n, w, q: build_method("apb", MethodConfig()).layout(n, w, q),
 }
 
 
@@ -114,9 +115,9 @@ def test_halo_plan_gives_every_real_row_its_whole_window_once(name, n, world, wi
 def test_anchor_copies_are_not_real_and_spava_anchors_are():
     star = LAYOUTS["star"](301, 3, 9)
     assert real_chunks(star, 1) == [False, True]  # anchor copy, block
-    apb = LAYOUTS["apb"](301, 3, 9)
+    apb = LAYOUTS["apb:shared"](301, 3, 9)
     assert [c.kind for c in apb[1].chunks][:3] == ["anchor"] * 3 and not any(real_chunks(apb, 1)[:3])
-    split = LAYOUTS["apb:split"](301, 3, 9)
+    split = LAYOUTS["apb"](301, 3, 9)
     kinds = [[c.kind for c in s.chunks] for s in split]  # shares on hosts 0..W-2, host 0 too
     assert kinds == [["anchor", "anchor", "block"], ["anchor", "anchor", "block"], ["block"]], kinds
     assert [real_chunks(split, r) for r in range(3)] == [[False, False, True], [False, False, True], [True]]

@@ -98,7 +98,7 @@ class Anchored(Method):
     def cost(cls, n, w, shape, sizes):
         q, b = sizes.query, n / w
         a, passing, exact = cls._cost_sizes(n, b, shape.layers, sizes)
-        if sizes.share_anchor == "split" and cls.splits_anchor and a > 0 and w > 1:
+        if cls.shares_anchor_with(sizes) == "split" and cls.splits_anchor and a > 0 and w > 1:
             # host W-2 runs the last share and attends the most passing of the hosts with one;
             # host W-1 runs none and attends the most passing: which is slower depends on the shape
             hosts = [over_layers([cls._split_layer_cost(n, w, shape, q, a, p, i in exact, host)

@@ -26,8 +26,10 @@ class APB(Anchored):
     uses_passing = True
     embeds_query = True
     anchor_source = 1
-    # host 1's anchor sent to hosts 2..W-1: less work from W = 3 on, the same attention
-    share_anchor_default = True
+    # the anchor's rows split over hosts 0..W-2: the same attention, no host doing more work than
+    # with host 1's broadcast (share_anchor: true, apb:shared) at the default sizes, less on the
+    # host that was slowest where linear work dominates (docs/methods.md, "A shared anchor")
+    share_anchor_default = "split"
     splits_anchor = True
     variants = {"uncompressed": {"anchor_len": 0, "passing_len": "all"}, "shared": {"share_anchor": True},
                 "unshared": {"share_anchor": False}, "split": {"share_anchor": "split"}}

@@ -41,8 +41,8 @@ class Method:
     shares_anchor: ClassVar[bool] = False
     #: True when the method has an anchor (so ``method.share_anchor``, if it cannot share it, is refused)
     has_anchor: ClassVar[bool] = False
-    #: what an unset ``method.share_anchor`` means for this method
-    share_anchor_default: ClassVar[bool] = False
+    #: what an unset ``method.share_anchor`` means for this method (``"split"``: split over hosts)
+    share_anchor_default: ClassVar[bool | str] = False
     #: True when ``method.share_anchor: split`` splits the anchor's rows over the hosts (apb, spava)
     splits_anchor: ClassVar[bool] = False
     #: True when host 0 runs the whole prompt alone and the other hosts idle (full)
@@ -51,13 +51,16 @@ class Method:
 
     def __init__(self, config: MethodConfig):
         if getattr(config, "share_anchor", False) is None:  # unset: this method's own choice
-            config = config.model_copy(update={"share_anchor": self.share_anchor_default and self.shares_anchor})
+            config = config.model_copy(update={"share_anchor": self.share_anchor_default if self.shares_anchor else False})
         self.config = config
 
     @classmethod
-    def shares_anchor_with(cls, sizes: Sizes) -> bool:
-        """Whether the cost formula's knobs ``sizes`` mean a shared anchor (unset: the method's default)."""
-        return cls.share_anchor_default and cls.shares_anchor if sizes.share_anchor is None else bool(sizes.share_anchor)
+    def shares_anchor_with(cls, sizes: Sizes) -> bool | str:
+        """What the cost formula's knobs ``sizes`` mean for the anchor (unset: the method's
+        default): False (every host its own), True (shared) or ``"split"``."""
+        if sizes.share_anchor is None:
+            return cls.share_anchor_default if cls.shares_anchor else False
+        return sizes.share_anchor if sizes.share_anchor == "split" else bool(sizes.share_anchor)
 
     @property
     def label(self) -> str:
