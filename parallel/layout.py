@@ -232,9 +232,8 @@ def anchored(n_ctx: int, n_query: int, world_size: int, anchor_len: int, insert_
     if n_ctx < world_size:
         raise ValueError(f"a context of {n_ctx} tokens cannot be split over {world_size} hosts; "
                          f"use a longer context or fewer hosts")
-    if split_anchor and (query_tail_on or anchor_on is not None):
-        raise ValueError("a split anchor is held by every host in shares: no host carries the whole anchor or a "
-                         "query tail")
+    if split_anchor and anchor_on is not None:
+        raise ValueError("a split anchor is held in shares: no host carries the whole anchor")
     n = n_ctx + n_query
     whole = anchor_chunks(n_ctx, n_query, anchor_len, insert_pos)
     shares = even_split(0, sum(c.size for c in whole), max(1, world_size - 1)) + [(0, 0)]

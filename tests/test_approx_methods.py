@@ -252,6 +252,26 @@ def test_a_shared_anchor_sends_its_kv_and_the_query_vectors_once_per_layer(group
     assert got[0].tokens == want[0].tokens
 
 
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gemma2"])
+def test_a_split_anchor_passes_what_every_hosts_own_anchor_passes(group3, model):
+    """apb split at W=3: hosts 1 and 2 choose their passing blocks with the query's vectors
+    gathered from the anchor's shares, host 0 with its own scoring tail (the query after its
+    block, as without the split): in every layer each host passes the very tokens it passes with
+    every host's own anchor. (gemma2: the query at its copy's positions, its RoPE differs by layer.)"""
+    def passing(share):
+        options = {"share_anchor": share} | ({"query_positions": "anchor"} if model == "tiny-gemma2" else {})
+        req = PromptRequest(str(resolve_model(model)), random_prompt(900, 512, seed=900), "apb",
+                            method_options=options, n_query=20, diagnostics=True,
+                            sampling=Sampling(max_new_tokens=1, stop_at_eos=False))
+        return [reply.diagnostics["passing"] for reply in group3.call("run_prompt", req)]
+
+    want, got = passing(False), passing("split")
+    for rank, (w, g) in enumerate(zip(want, got)):
+        assert w.keys() == g.keys() and w, (rank, w.keys(), g.keys())  # gemma2: its global layer only
+        for layer in w:
+            assert torch.equal(torch.as_tensor(w[layer]), torch.as_tensor(g[layer])), (rank, layer)
+
+
 # the same attention whoever computes the anchor: softcap and sliding layers (gemma2), multi-head
 # latent attention (deepseek-v3), sinks and sliding layers (gpt-oss); an exact layer (no broadcast
 # there; spava's split anchor gathers its shares there too); a compressor that needs no query

@@ -192,7 +192,8 @@ def test_apbs_split_anchor_is_counted_where_it_is_held():
     assert sum(shares) == anchor + n_query and max(shares) - min(shares[:-1]) <= 1 and shares[-1] == 0, shares
     for r, (o, s) in enumerate(zip(own, split)):
         assert s.kv == o.kv, r
-        # host 0 held the query as a scoring tail, the others the whole anchor with the query
-        assert after[r].size == before[r].size - (n_query if r == 0 else anchor + n_query) + shares[r], r
+        # host 0 keeps its scoring tail (the query after its block) and adds a share; the others
+        # held the whole anchor with the query
+        assert after[r].size == before[r].size - (0 if r == 0 else anchor + n_query) + shares[r], r
         assert s.activations * before[r].size == o.activations * after[r].size, r
         assert s.transfer == o.transfer + 2 * world * -(-method.anchor_len(n, world) // (world - 1)) * per_tok, r

@@ -118,9 +118,9 @@ def test_anchor_copies_are_not_real_and_spava_anchors_are():
     apb = LAYOUTS["apb:shared"](301, 3, 9)
     assert [c.kind for c in apb[1].chunks][:3] == ["anchor"] * 3 and not any(real_chunks(apb, 1)[:3])
     split = LAYOUTS["apb"](301, 3, 9)
-    kinds = [[c.kind for c in s.chunks] for s in split]  # shares on hosts 0..W-2, host 0 too
-    assert kinds == [["anchor", "anchor", "block"], ["anchor", "anchor", "block"], ["block"]], kinds
-    assert [real_chunks(split, r) for r in range(3)] == [[False, False, True], [False, False, True], [True]]
+    kinds = [[c.kind for c in s.chunks] for s in split]  # shares on hosts 0..W-2; host 0 keeps its scoring tail
+    assert kinds == [["anchor", "anchor", "block", "query"], ["anchor", "anchor", "block"], ["block"]], kinds
+    assert [real_chunks(split, r) for r in range(3)] == [[False, False, True, True], [False, False, True], [True]]
     spava = LAYOUTS["spava"](301, 3, 9)
     kinds = [c.kind for c, real in zip(spava[1].chunks, real_chunks(spava, 1)) if real]
     assert kinds.count("anchor") == 3 and kinds.count("block") == 2 and kinds.count("query") == 1

@@ -174,7 +174,7 @@ class Anchored(Method):
         split = self.splits_anchor_rows(world_size, anchor)
         return layout.anchored(n_ctx, n_query, world_size, anchor,
                                self.config.query_insert_pos if self.embeds_query else None,
-                               () if split else self.tail_hosts(n_query, world_size, anchor),
+                               self.tail_hosts(n_query, world_size, anchor),
                                None if split else self._anchor_hosts(world_size, anchor), split_anchor=split)
 
     def attention(self, ctx, module, q, k, v, scale):
@@ -231,19 +231,28 @@ class Anchored(Method):
         own anchor. The gather travels while the block attends itself; the passing all-gather,
         which needs the query's vectors, while the share's rows are attended."""
         layer, opts = int(module.layer_idx), ctx.score_opts
-        a, b = ctx.mine.rows("anchor"), ctx.mine.rows("block")
+        a, b, t = ctx.mine.rows("anchor"), ctx.mine.rows("block"), ctx.mine.rows("query")
         with_query = self._scores_with_query(ctx, layer)
         gathered = _SplitAnchor.start(self, ctx, q, k, v, a, with_query)
         out = q.new_empty(*q.shape[:3], v.shape[-1])
+        if t.stop > t.start:  # host 0's scoring-only query rows follow its block, as without the split
+            keys = slice(b.start, t.stop)
+            out[:, :, t] = attention(q[:, :, t], k[:, :, keys], v[:, :, keys], causal=True, scale=scale, **opts)[0]
         if layer in ctx.plan.exact:
             gathered.share_rows(ctx, q, a, out, scale)
             owners, sizes = context_runs(ctx.slices)
             out[:, :, b] = exact_rows(ctx, q, k, v, [(ctx.mine.blocks()[0].chunk_id, b)], owners, sizes, scale)[0]
             return out
-        pending = None if with_query else self._share_passing(ctx, layer, None, k, v, scale, b)
+        # host 0 scores its block with its own tail (the query after its block), the others with
+        # the anchor's copy of the query, gathered: what each scores with when every host has its
+        # own anchor. A host that need not wait for the gather to choose sends at once
+        tail = with_query and t.stop > t.start
+        early = not with_query or tail
+        pending = self._share_passing(ctx, layer, self._query_rows(ctx, q, kind="query") if tail else None, k, v,
+                                      scale, b) if early else None
         qb = q[:, :, b]
         own, own_lse = attention(qb, k[:, :, b], v[:, :, b], causal=True, scale=scale, **opts)
-        if with_query:
+        if not early:
             pending = self._share_passing(ctx, layer, gathered.query(), k, v, scale, b)
         gathered.share_rows(ctx, q, a, out, scale)
         extra_k, extra_v = self._received(ctx, layer, pending) if pending is not None else ([], [])
@@ -296,7 +305,7 @@ class Anchored(Method):
         """Whether this layer's passing block is chosen with the query's vectors (apb's query compressor)."""
         return False
 
-    def _query_rows(self, ctx, q) -> torch.Tensor | None:
+    def _query_rows(self, ctx, q, kind=None) -> torch.Tensor | None:
         """The query's vectors this host scores its block with (from its own copy of the query)."""
         return None
 
@@ -355,7 +364,7 @@ class _SplitAnchor:
         q_shape = (*q.shape[:2], max(queries), q.shape[3])
         mine = [pad_along(kv, 2, kv_shape[2]).reshape(-1)]
         if q_shape[2]:
-            rows = method._query_rows(ctx, q) if queries[ctx.rank] else q[:, :, :0]
+            rows = method._query_rows(ctx, q, kind="anchor") if queries[ctx.rank] else q[:, :, :0]
             if rows.shape[2] != queries[ctx.rank]:
                 raise RuntimeError(f"host {ctx.rank} holds {rows.shape[2]} of the query's rows, its layout says "
                                    f"{queries[ctx.rank]}")

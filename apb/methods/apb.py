@@ -76,20 +76,23 @@ class APB(Anchored):
         # host W-2: its share (a/(W-1) rows) over the anchor up to it, which is the whole anchor;
         # its block over W-2 passing blocks and the anchor (at W = 2 host 0's block sees neither);
         # host W-1: no share, its block over W-1 passing blocks and the anchor. Then the query
-        # phase. The shares' K/V (and the query's scoring vectors) are gathered behind the
-        # block's own attention, the passing blocks behind the share's rows; in an exact layer
-        # the shares arrive before the exchange, not hidden
+        # phase. At W = 2 host W-2 is host 0, which also runs its scoring tail (the query after
+        # its block, with a query-scoring compressor, the default). The shares' K/V (and the
+        # query's scoring vectors) are gathered behind the block's own attention, the passing
+        # blocks behind the share's rows; in an exact layer the shares arrive before the
+        # exchange, not hidden
         b, share = n / w, (a / (w - 1) if host < w - 1 else 0.0)
+        tail = q if host == 0 else 0.0
         kv = 2 * shape.kv_heads * shape.head_dim * shape.bytes_per_param
         anchor_pairs = share * a - share * share / 2
         shares_in = (w - 2 + (host == w - 1)) * a / (w - 1) * kv
         if exact:
             pairs, moved = exact_work(n, 0, w, shape)
-            return HostWork(share + b + q, anchor_pairs + pairs + q * n / w, b,
+            return HostWork(share + b + q + tail, anchor_pairs + pairs + q * n / w + tail * b, b,
                             comm_bytes=merge_bytes(q, shape) + moved + shares_in, steps=4, anchor=a)
-        pairs = anchor_pairs + b * (host * p + (a if host > 0 else 0)) + b * b / 2 + q * n / w
+        pairs = anchor_pairs + b * (host * p + (a if host > 0 else 0)) + b * b / 2 + q * n / w + tail * b
         sent = shares_in + q * shape.heads * shape.head_dim * shape.bytes_per_param
-        return HostWork(share + b + q, pairs, b, comm_bytes=merge_bytes(q, shape), steps=3,
+        return HostWork(share + b + q + tail, pairs, b, comm_bytes=merge_bytes(q, shape), steps=3,
                         overlap_bytes=sent + host * p * kv, anchor=a, passing=p)
 
     def check(self, model_config, world_size):
@@ -147,10 +150,12 @@ class APB(Anchored):
             vs.append(parts[src][:, :, :size, dk:])
         return ks, vs
 
-    def _query_rows(self, ctx, q):
+    def _query_rows(self, ctx, q, kind=None):
         """The query's vectors for scoring, moved to the real query's positions (hosts r > 0 hold a
-        copy at anchor positions; see :mod:`apb.model.rope`)."""
-        rows, delta = self._query_rows_at(ctx)
+        copy at anchor positions; see :mod:`apb.model.rope`). ``kind``: only the rows of chunks of
+        that kind (``anchor``: the copy; ``query``: host 0's scoring tail), where a host holds
+        both (a split anchor's share on host 0); None: the rows this host has."""
+        rows, delta = self._query_rows_at(ctx, kind)
         q_rows = q[:, :, rows]
         if delta == 0 or not self._scores_at_true_positions():
             return q_rows
@@ -160,20 +165,23 @@ class APB(Anchored):
         return ctx.rope.shift(q_rows, delta)
 
     @staticmethod
-    def _query_rows_at(ctx) -> tuple[slice, int]:
+    def _query_rows_at(ctx, kind=None) -> tuple[slice, int]:
         """(local rows of the query's copy, true position - its position), once per prompt from the
         layout on the CPU: a slice and an int, so no layer syncs with the device over them."""
-        if "query_rows" not in ctx.scratch:
+        key = ("query_rows", kind)
+        if key not in ctx.scratch:
             mine = ctx.mine
-            rows = ((mine.indices >= ctx.n_ctx) & (mine.indices < ctx.n_tokens)).nonzero().flatten().tolist()
+            held = (mine.indices >= ctx.n_ctx) & (mine.indices < ctx.n_tokens)
+            if kind is not None:
+                held &= torch.cat([torch.full((c.size,), c.kind == kind) for c in mine.chunks])
+            rows = held.nonzero().flatten().tolist()
             if rows and rows != list(range(rows[0], rows[-1] + 1)):
                 raise RuntimeError(f"the query's rows on host {ctx.rank} are not contiguous: {rows}")
             deltas = (mine.indices - mine.positions)[rows].tolist()
             if len(set(deltas)) > 1:  # the layout keeps the query contiguous
                 raise RuntimeError(f"the query's rows sit at uneven offsets from their true positions: {deltas}")
-            ctx.scratch["query_rows"] = (slice(rows[0], rows[-1] + 1) if rows else slice(0, 0),
-                                         deltas[0] if deltas else 0)
-        return ctx.scratch["query_rows"]
+            ctx.scratch[key] = (slice(rows[0], rows[-1] + 1) if rows else slice(0, 0), deltas[0] if deltas else 0)
+        return ctx.scratch[key]
 
 
 def _share(host, p: int) -> int:

@@ -4,6 +4,7 @@
 # and for spava's split anchor (session 24, run-spava.sh):
 # .venv/bin/python docs/results/shared-anchor/compare.py passkey-4096-w4-spava.json spava:unshared,spava:shared \
 #   > docs/results/shared-anchor/compare-spava.txt
+# and for apb's split anchor (session 27, run-split.sh): passkey-4096-w4-apb-split.json apb:unshared,apb:split
 import json
 import statistics
 import sys
