@@ -155,45 +155,30 @@ def test_a_shared_anchor_is_counted_where_it_is_held():
             assert s.transfer == o.transfer + 2 * method.anchor_len(n, world) * per_tok, (name, r)
 
 
-def test_a_split_anchor_is_counted_where_it_is_held():
-    """spava at W=4 on tiny-llama: with share_anchor every host runs (so holds activations for)
-    only its share of the anchor, caches what it cached before, and counts every host's share
-    arriving (padded to the largest) beside the passing blocks."""
+@pytest.mark.parametrize("name", ["spava", "apb"])
+def test_a_split_anchor_is_counted_where_it_is_held(name):
+    """W=4 on tiny-llama, against every host's own anchor: split, a host runs (so holds
+    activations for) only its share of the anchor, caches what it cached before, and counts
+    every host's share arriving (padded to the largest). spava: a share on every host, the one it
+    caches; apb: shares of the anchor with the query embedded on hosts 0..2, none on host 3
+    (which attends the most passing), host 0 keeping its scoring tail, the others dropping the
+    whole anchor they held."""
     cfg = load_model(resolve_model("tiny-llama")).config
     n, n_query, world = 2000, 20, 4
     per_tok = memory.kv_bytes_per_token(cfg, 4)
-    plain, method = build_method("spava", MethodConfig(share_anchor=False)), build_method("spava", MethodConfig())
+    plain, method = build_method(name, MethodConfig(share_anchor=False)), build_method(name, MethodConfig())
+    assert method.config.share_anchor in (True, "split")  # the default
     own = memory.estimate(plain, cfg, 0, n, n_query, world, "float32", "gather", 1)
     split = memory.estimate(method, cfg, 0, n, n_query, world, "float32", "gather", 1)
     before, after = plain.layout(n, world, n_query), method.layout(n, world, n_query)
     anchor = method.anchor_len(n - n_query, world)
     shares = [sum(c.size for c in s.chunks if c.kind == "anchor") for s in after]
-    assert sum(shares) == anchor and max(shares) - min(shares) <= 1, shares
+    holders = world if name == "spava" else world - 1
+    assert sum(shares) == anchor + (n_query if name == "apb" else 0) and not any(shares[holders:]), shares
+    assert max(shares) - min(shares[:holders]) <= 1, shares
     for r, (o, s) in enumerate(zip(own, split)):
         assert s.kv == o.kv, r
-        assert after[r].size == before[r].size - anchor + shares[r], r
+        dropped = anchor if name == "spava" else (0 if r == 0 else anchor + n_query)
+        assert after[r].size == before[r].size - dropped + shares[r], r
         assert s.activations * before[r].size == o.activations * after[r].size, r
-        assert s.transfer == o.transfer + 2 * world * -(-method.anchor_len(n, world) // world) * per_tok, r
-
-
-def test_apbs_split_anchor_is_counted_where_it_is_held():
-    """apb at W=4 on tiny-llama: split, hosts 0..2 run a share of the anchor with the query
-    embedded (host 3 none) instead of every host r > 0 running all of it, cache what they cached
-    before, and count every host's share arriving (padded to the largest)."""
-    cfg = load_model(resolve_model("tiny-llama")).config
-    n, n_query, world = 2000, 20, 4
-    per_tok = memory.kv_bytes_per_token(cfg, 4)
-    plain, method = build_method("apb", MethodConfig(share_anchor=False)), build_method("apb:split", MethodConfig())
-    own = memory.estimate(plain, cfg, 0, n, n_query, world, "float32", "gather", 1)
-    split = memory.estimate(method, cfg, 0, n, n_query, world, "float32", "gather", 1)
-    before, after = plain.layout(n, world, n_query), method.layout(n, world, n_query)
-    anchor = method.anchor_len(n - n_query, world)
-    shares = [sum(c.size for c in s.chunks if c.kind == "anchor") for s in after]
-    assert sum(shares) == anchor + n_query and max(shares) - min(shares[:-1]) <= 1 and shares[-1] == 0, shares
-    for r, (o, s) in enumerate(zip(own, split)):
-        assert s.kv == o.kv, r
-        # host 0 keeps its scoring tail (the query after its block) and adds a share; the others
-        # held the whole anchor with the query
-        assert after[r].size == before[r].size - (0 if r == 0 else anchor + n_query) + shares[r], r
-        assert s.activations * before[r].size == o.activations * after[r].size, r
-        assert s.transfer == o.transfer + 2 * world * -(-method.anchor_len(n, world) // (world - 1)) * per_tok, r
+        assert s.transfer == o.transfer + 2 * world * -(-method.anchor_len(n, world) // holders) * per_tok, r
