@@ -40,8 +40,8 @@ class AnchorPlan:
     #: ``method.share_anchor``: the host whose anchor K/V the hosts without an anchor receive each
     #: layer (:meth:`Anchored.anchor_receivers`); None when every anchored host computes its own
     anchor_from: int | None = None
-    #: ``method.share_anchor: split``: every host runs a ``1/W`` share of the anchor's rows and the
-    #: shares' K/V (and the query's scoring vectors) are all-gathered each layer
+    #: ``method.share_anchor: split``: hosts ``0..W-2`` each run a share of the anchor's rows and
+    #: the shares' K/V (and the query's scoring vectors) are all-gathered each layer
     split: bool = False
 
 
@@ -226,10 +226,10 @@ class Anchored(Method):
         """The step with the anchor split over the hosts (``method.share_anchor: split``). Host
         ``r < W-1`` holds ``[A'_r, B_r]``, ``A'_r`` its contiguous share of the anchor's rows (the
         query embedded); host ``W-1`` only its block. One all-gather brings every share's K/V and
-        the query's scoring vectors; then
-        the share's rows attend the anchor up to their last row and the block attends as with its
-        own anchor. The gather travels while the block attends itself; the passing all-gather,
-        which needs the query's vectors, while the share's rows are attended."""
+        the query's scoring vectors; then the share's rows attend the anchor up to their last row
+        and the block attends as with its own anchor. The gather travels while the block attends
+        itself; the passing all-gather, which needs the query's vectors, while the share's rows
+        are attended."""
         layer, opts = int(module.layer_idx), ctx.score_opts
         a, b, t = ctx.mine.rows("anchor"), ctx.mine.rows("block"), ctx.mine.rows("query")
         with_query = self._scores_with_query(ctx, layer)
@@ -356,9 +356,13 @@ class _SplitAnchor:
 
     @classmethod
     def start(cls, method, ctx, q, k, v, a, with_query: bool) -> "_SplitAnchor":
-        shares = [s.rows("anchor").stop - s.rows("anchor").start for s in ctx.slices]
-        queries = [sum(c.size for c in s.chunks if c.kind == "anchor" and c.start >= ctx.n_ctx) if with_query else 0
-                   for s in ctx.slices]
+        key = "split_anchor_rows"
+        if key not in ctx.scratch:  # from the layout, once per prompt: (anchor rows, query copy rows) per host
+            ctx.scratch[key] = ([s.rows("anchor").stop - s.rows("anchor").start for s in ctx.slices],
+                                [sum(c.size for c in s.chunks if c.kind == "anchor" and c.start >= ctx.n_ctx)
+                                 for s in ctx.slices])
+        shares, held = ctx.scratch[key]
+        queries = held if with_query else [0] * len(held)
         kv = torch.cat([k[:, :, a], v[:, :, a]], -1)
         kv_shape = (*kv.shape[:2], max(shares), kv.shape[3])
         q_shape = (*q.shape[:2], max(queries), q.shape[3])

@@ -2,9 +2,10 @@
 
 ``A`` embeds the query after ``query_insert_pos`` context tokens; each layer, every host picks
 ``P_r`` (``passing_len`` K/V per KV head, by the compressor) from its block and one all-gather
-shares them; host ``r`` sees ``P_0..P_{r-1}``. Host 0, which has no anchor, appends the query
-after its block when the compressor needs query vectors; those rows are used for scoring only.
-The shared layout, mask and query phase are in :mod:`apb.methods.anchored`.
+shares them; host ``r`` sees ``P_0..P_{r-1}``. Host 0, whose block sees no anchor, appends the
+query after its block when the compressor needs query vectors; those rows are used for scoring
+only. By default the anchor's rows are split over hosts ``0..W-2`` (``method.share_anchor:
+split``). The shared layout, mask and query phase are in :mod:`apb.methods.anchored`.
 """
 
 from __future__ import annotations
