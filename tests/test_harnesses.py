@@ -367,6 +367,32 @@ def test_bench_keeps_its_rows_when_the_rates_cannot_be_measured(monkeypatch):
     assert "ideal:" not in bench.format_table(report)
 
 
+def test_bench_runs_its_repeats_in_rounds_over_the_methods(monkeypatch):
+    """A slow spell of a shared machine must fall on every method alike: each method warms up,
+    then the repeats go A, B, A, B, not A, A, B, B; each row's repeats are its own method's."""
+    from apb.config import load_config
+    from apb.tools import bench
+
+    order, real = [], bench.start_group
+
+    def recording(*args, **kwargs):
+        group = real(*args, **kwargs)
+        call = group.call
+
+        def spy(name, req, *a, **kw):
+            order.append(req.method)
+            return call(name, req, *a, **kw)
+
+        group.call = spy
+        return group
+
+    monkeypatch.setattr(bench, "start_group", recording)
+    monkeypatch.setattr(bench, "_measure_rates", lambda *a: (None, "not measured here"))
+    report = bench.run_bench(load_config(None), ["full", "ring"], [96], 1, repeats=2, progress=lambda s: None)
+    assert order == ["full", "ring"] * 3
+    assert [(r["method"], len(r["wall_all_s"])) for r in report["results"]] == [("full", 2), ("ring", 2)]
+
+
 def test_rates_drift_is_the_larger_relative_change():
     before = Rates(0.010, 0.020, "float32", "cpu")
     assert rates_drift(before, Rates(0.011, 0.015, "float32", "cpu")) == pytest.approx(0.25)  # per-token 20 -> 15

@@ -419,7 +419,8 @@ def test_cost_formula_counts_the_pairs_the_attention_steps_compute(pair_counter,
         run_hosts(method, n_ctx + n_query, n_query, world, vecs)
     # apb's default split anchor: its cost is the slower of two hosts by FLOPs, here by pairs alone
     shape = SimpleNamespace(layers=1, heads=H, kv_heads=KV, head_dim=D, bytes_per_param=4,
-                            linear_flops=lambda tokens: 0.0, attn_flops_per_pair=lambda: 1.0)
+                            linear_flops=lambda tokens: 0.0, attn_flops_per_pair=lambda: 1.0,
+                            rates=(1.0, 1.0))
     formula = method_class(name).cost(n_ctx, world, shape, Sizes(query=n_query)).pairs
     slowest = max(pair_counter.values())
     # the formulas count a causal square of m tokens as m^2/2 pairs; the kernel also computes its
@@ -470,7 +471,8 @@ def test_cost_formula_counts_each_layers_pairs(pair_counter, name, world, option
         total = max(per_host.values())
     # a shared anchor's cost picks the slower of two hosts by FLOPs: by pairs alone here
     shape = SimpleNamespace(layers=layers, heads=H, kv_heads=KV, head_dim=D, bytes_per_param=4,
-                            linear_flops=lambda tokens: 0.0, attn_flops_per_pair=lambda: 1.0)
+                            linear_flops=lambda tokens: 0.0, attn_flops_per_pair=lambda: 1.0,
+                            rates=(1.0, 1.0))
     work = method_class(name).cost(n_ctx, world, shape, Sizes(query=n_query).with_method(method.config))
     formula = layers * work.pairs
     assert formula <= total <= formula * 1.01, (name, options, total, formula)
@@ -495,6 +497,31 @@ def test_exact_layers_refuse_a_layout_whose_blocks_are_not_the_context_in_order(
         context_runs(layout.spava(100, 4, 2, 12))  # the anchor is not a prefix every host holds
 
 
+def test_the_slowest_host_is_the_one_with_more_seconds_at_the_devices_rates():
+    """apb's split anchor on SmolLM2-135M's shape, W=8, 8K: host W-2 runs more tokens, host W-1
+    attends more pairs. By FLOPs alone host W-1 has more; where a linear FLOP takes 1.2x an
+    attention FLOP (this CPU's measured rates in float32, docs/results.md) host W-2 takes longer,
+    and the formula must count that host: the ideal would be optimistic otherwise."""
+    from dataclasses import replace
+
+    from apb.tools.simulate import ModelShape
+
+    shape = ModelShape("smollm2", 30, 576, 9, 3, 64, 1536, 49152, bytes_per_param=4)
+    n, w, sizes = 8192 - 32, 8, Sizes(query=32, share_anchor="split")
+    cost = method_class("apb").cost
+    tokens_host = cost(n, w, replace(shape, rates=(1.0, 0.0)), sizes)  # counted by its tokens alone
+    pairs_host = cost(n, w, replace(shape, rates=(0.0, 1.0)), sizes)
+    assert tokens_host.tokens > pairs_host.tokens and tokens_host.pairs < pairs_host.pairs
+
+    def seconds(work, linear, attn):  # independent of the formula's own pick
+        return linear * shape.linear_flops(work.tokens) + attn * shape.layers * work.pairs * shape.attn_flops_per_pair()
+
+    by_flops = cost(n, w, shape, sizes)
+    at_rates = cost(n, w, replace(shape, rates=(18.77, 15.35)), sizes)
+    assert seconds(pairs_host, 1, 1) > seconds(tokens_host, 1, 1) and by_flops == pairs_host
+    assert seconds(tokens_host, 18.77, 15.35) > seconds(pairs_host, 18.77, 15.35) and at_rates == tokens_host
+
+
 def test_a_shared_anchors_cost_is_the_slower_of_source_and_last_host():
     """apb:shared at W=4: the last host attends more passing pairs, the source (host 1) runs the
     anchor's tokens besides; with linear work free the formula is the last host's, with attention
@@ -503,9 +530,11 @@ def test_a_shared_anchors_cost_is_the_slower_of_source_and_last_host():
     b, a, p = n / w, n / w / 4, n / w / 8
     sizes = Sizes(query=q, share_anchor=True)
     by_pairs = SimpleNamespace(layers=1, heads=H, kv_heads=KV, head_dim=D, bytes_per_param=4,
-                               linear_flops=lambda tokens: 0.0, attn_flops_per_pair=lambda: 1.0)
+                               linear_flops=lambda tokens: 0.0, attn_flops_per_pair=lambda: 1.0,
+                            rates=(1.0, 1.0))
     by_tokens = SimpleNamespace(layers=1, heads=H, kv_heads=KV, head_dim=D, bytes_per_param=4,
-                                linear_flops=lambda tokens: tokens, attn_flops_per_pair=lambda: 0.0)
+                                linear_flops=lambda tokens: tokens, attn_flops_per_pair=lambda: 0.0,
+                                rates=(1.0, 1.0))
     last = method_class("apb").cost(n, w, by_pairs, sizes)
     source = method_class("apb").cost(n, w, by_tokens, sizes)
     assert last.tokens == b + q and last.pairs == b * ((w - 1) * p + a) + b * b / 2 + q * n / w

@@ -25,7 +25,7 @@ import torch
 
 from apb.kernels import attention, merge
 from apb.methods.base import Method
-from apb.methods.cost import HostWork, merge_bytes, over_layers, work_flops
+from apb.methods.cost import HostWork, merge_bytes, over_layers, slowest
 from apb.methods.exact_layers import context_runs, exact_rows, exact_work, with_exchange
 from apb.methods.sizes import resolve_exact_layers, resolve_len, resolve_passing
 from apb.parallel import layout
@@ -101,20 +101,22 @@ class Anchored(Method):
         if cls.shares_anchor_with(sizes) == "split" and cls.splits_anchor and a > 0 and w > 1:
             # host W-2 runs the last share and attends the most passing of the hosts with one;
             # host W-1 runs none and attends the most passing: which is slower depends on the shape
+            # and the device's rates (shape.rates)
             hosts = [over_layers([cls._split_layer_cost(n, w, shape, q, a, p, i in exact, host)
                                   for i, p in enumerate(passing)]) for host in (w - 2, w - 1)]
-            return max(hosts, key=lambda h: work_flops(h, shape))
+            return slowest(hosts, shape)
         if not (cls.shares_anchor_with(sizes) and a > 0 and w > 1 + (cls.anchor_source > 0)):
             return over_layers([_exact_layer_cost(n, w, shape, q, a) if i in exact else
                                 cls._layer_cost(n, w, shape, q, a, p) for i, p in enumerate(passing)])
         # a shared anchor: the source host does the anchor's work, the last host attends the most
-        # passing; which is slower depends on the shape, so both are costed over the whole prefill
+        # passing; which is slower depends on the shape and the device's rates, so both are costed
+        # over the whole prefill
         hosts = []
         for role in ("source", "receiver"):
             own = a if role == "source" and cls.anchor_source > 0 else 0.0  # star's source: its block start
             hosts.append(over_layers([_exact_layer_cost(n, w, shape, q, own, a) if i in exact else
                                       cls._shared_layer_cost(n, w, shape, q, a, p, role) for i, p in enumerate(passing)]))
-        return max(hosts, key=lambda h: work_flops(h, shape))
+        return slowest(hosts, shape)
 
     @classmethod
     def _layer_cost(cls, n: float, w: int, shape, q: float, a: float, p: float) -> HostWork:

@@ -36,6 +36,12 @@ class AttnShape(Protocol):
 
     def attn_flops_per_pair(self) -> float: ...
 
+    @property
+    def rates(self) -> tuple[float, float]:
+        """Seconds per linear and per attention FLOP on the device costed, or any pair in their
+        ratio: which of two hosts a formula counts as the slowest depends on it (:func:`slowest`)."""
+        ...
+
 
 @dataclass(frozen=True)
 class HostWork:
@@ -98,7 +104,15 @@ def merge_bytes(query: float, shape: AttnShape) -> float:
     return query * shape.heads * shape.head_dim * 4
 
 
-def work_flops(work: HostWork, shape: AttnShape) -> float:
-    """The FLOPs of a whole prefill's :class:`HostWork`: which of two hosts is slower, where one
-    runs more tokens and the other attends more pairs."""
-    return shape.linear_flops(work.tokens) + shape.layers * work.pairs * shape.attn_flops_per_pair()
+def work_seconds(work: HostWork, shape: AttnShape) -> float:
+    """A whole prefill's :class:`HostWork` at the shape's device rates (``shape.rates``)."""
+    linear, attn = shape.rates
+    return linear * shape.linear_flops(work.tokens) + attn * shape.layers * work.pairs * shape.attn_flops_per_pair()
+
+
+def slowest(hosts: list[HostWork], shape: AttnShape) -> HostWork:
+    """The host that takes longest at the shape's device rates, of hosts whose work differs in
+    kind (one runs more tokens through the linear layers, another attends more pairs): by FLOPs
+    alone the one with more of them may be the faster, where a linear FLOP and an attention FLOP
+    take different times."""
+    return max(hosts, key=lambda h: work_seconds(h, shape))

@@ -166,6 +166,7 @@ class Spava(Method):
         if layer in ctx.plan.exact:  # both blocks over the anchor and every earlier block, by head shards
             received, anchor_kv = pending.wait() if pending is not None else (None, None)
             if split:
+                anchor_kv = _joined(anchor_kv)
                 self._anchor_share_rows(ctx, q, a, anchor_kv, out, scale)
             else:
                 anchor_kv = (k[:, :, a], v[:, :, a])
@@ -184,16 +185,18 @@ class Spava(Method):
         if (has_anchor and a.stop != r1.start) or r1.stop != r2.start:  # [anchor, block, block, query]
             raise RuntimeError(f"spava's layout on host {ctx.rank} is not [anchor, block, block, query]: anchor "
                                f"rows {a}, blocks {r1} and {r2}")
-        if split:  # the gathered anchor, then (block 2) block 1
-            self._anchor_share_rows(ctx, q, a, anchor_kv, out, scale)
-            before1 = [anchor_kv]
-            before2 = [anchor_kv, (k[:, :, r1], v[:, :, r1])]
-        else:  # what is here before each block is one run of rows: a view, no copy
+        if split:  # the gathered anchor's shares, then block 1
+            here = [*anchor_kv, (k[:, :, r1], v[:, :, r1])]
+            n_anchor = sum(kb.shape[2] for kb, _ in anchor_kv)
+        else:  # the anchor and block 1 are one run of rows here: a view
             start = a.start if has_anchor else r1.start
-            before1 = [(k[:, :, start:r1.start], v[:, :, start:r1.start])]
-            before2 = [(k[:, :, start:r1.stop], v[:, :, start:r1.stop])]
-        out[:, :, r1] = self._with_before(q, r1, own1, before1, first.chunk_id, received, ctx, layer, scale)
-        out[:, :, r2] = self._with_before(q, r2, own2, before2, second.chunk_id, received, ctx, layer, scale)
+            here = [(k[:, :, start:r1.stop], v[:, :, start:r1.stop])]
+            n_anchor = a.stop - a.start if has_anchor else 0
+        keys, vals, n_first, at = self._keys(ctx, layer, second.chunk_id, received, here, n_anchor, q.shape[-1])
+        if split:  # this host's share of the anchor rows, over the anchor up to its last row
+            self._anchor_share_rows(ctx, q, a, (keys[:, :, at:], vals[:, :, at:]), out, scale)
+        out[:, :, r1] = self._with_before(q, r1, own1, keys[:, :, :n_first], vals[:, :, :n_first], ctx, scale)
+        out[:, :, r2] = self._with_before(q, r2, own2, keys, vals, ctx, scale)
         if q_part is not None:
             out[:, :, qr] = q_part().to(q.dtype)
         return out
@@ -205,7 +208,8 @@ class Spava(Method):
     @staticmethod
     def _anchor_share_rows(ctx, q, a, anchor_kv, out, scale) -> None:
         """A split anchor: this host's share of the anchor rows, causally over the whole anchor's
-        K/V up to its last row (the shares before it arrived with the all-gather)."""
+        K/V up to its last row (the shares before it arrived with the all-gather); ``anchor_kv``
+        starts with the whole anchor's rows."""
         if a.stop == a.start:
             return
         hi = next(c.stop for c in ctx.mine.chunks if c.kind == "anchor")
@@ -214,19 +218,28 @@ class Spava(Method):
         out[:, :, a] = attention(q[:, :, a], ak[:, :, :hi], av[:, :, :hi], causal=True, scale=scale,
                                  **ctx.score_opts)[0]
 
-    def _with_before(self, q, rows, own, before, block_id, received, ctx, layer, scale):
-        """``own`` (the block over itself) merged with one call over the passing blocks this block
-        sees and the keys ``before`` it here ((K, V) pairs, attended in full)."""
-        ks, vs = self._remote(block_id, received, ctx, layer, q.shape[-1])
-        for kb, vb in before:
-            if kb.shape[2]:
-                ks.append(kb)
-                vs.append(vb)
-        if not ks:
+    @staticmethod
+    def _with_before(q, rows, own, keys, vals, ctx, scale):
+        """``own`` (the block over itself) merged with one call over ``keys``: everything before
+        the block that it sees, attended in full."""
+        if not keys.shape[2]:
             return own[0].to(q.dtype)
-        keys, vals = (ks[0], vs[0]) if len(ks) == 1 else (torch.cat(ks, 2), torch.cat(vs, 2))
         part = attention(q[:, :, rows], keys, vals, causal=False, scale=scale, **ctx.score_opts)
         return merge_many([own, part])[0].to(q.dtype)
+
+    def _keys(self, ctx, layer, second_id, received, here, n_anchor, dk):
+        """The keys and values virtual block 2 attends before itself, in one tensor whose first
+        ``n_first`` rows are all that block 1 attends before itself, so one copy serves both:
+        the passing blocks block 1 sees (hosts before this one, first slots), the anchor and block
+        1 (``here``: (K, V) pairs in that order), then the passing blocks only block 2 sees. Also
+        where the anchor starts in it. A single part is returned as it is (a view)."""
+        remote = self._remote(second_id, received, ctx, layer, dk)
+        # block 1 (virtual block ``rank``) sees exactly the first ``rank`` of block 2's sources
+        mine = ctx.rank if remote else 0
+        parts = remote[:mine] + here + remote[mine:]
+        at = sum(kb.shape[2] for kb, _ in remote[:mine])
+        keys, vals = _joined([(kb, vb) for kb, vb in parts if kb.shape[2]])
+        return keys, vals, at + n_anchor, at
 
     def _share(self, ctx, layer, q_query, k, v, scale, block_rows, anchor_rows):
         """Start this layer's one all-gather: both virtual blocks' passing tokens and, where the
@@ -266,22 +279,22 @@ class Spava(Method):
         return torch.stack(shares)
 
     @staticmethod
-    def _remote(block_id, received, ctx, layer, dk) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The K and V of the passing blocks virtual block ``block_id`` sees (none before they arrive)."""
-        ks, vs = [], []
+    def _remote(block_id, received, ctx, layer, dk) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The (K, V) of the passing blocks virtual block ``block_id`` sees, in the order of
+        :func:`layout.spava_passing_sources` (none before they arrive)."""
         if received is None:
-            return ks, vs
+            return []
         p = ctx.plan.passing[layer]
+        parts = []
         for host, slot in layout.spava_passing_sources(block_id, ctx.comm.size):
             size = min(p, ctx.slices[host].blocks()[slot].size)
-            ks.append(received[host][slot, :, :, :size, :dk])
-            vs.append(received[host][slot, :, :, :size, dk:])
-        return ks, vs
+            parts.append((received[host][slot, :, :, :size, :dk], received[host][slot, :, :, :size, dk:]))
+        return parts
 
 
 class _Gathered:
     """The layer's all-gather in flight; ``wait()`` gives (every host's passing shares or None,
-    the whole anchor's (K, V) from the hosts' shares in order, or None)."""
+    the anchor's shares as (K, V) views in the hosts' order, or None)."""
 
     def __init__(self, pending, passing_shape=None, anchor=None):
         self.pending, self.passing_shape, self.anchor = pending, passing_shape, anchor
@@ -294,8 +307,14 @@ class _Gathered:
         at = 0 if self.passing_shape is None else self.passing_shape.numel()
         passing = None if self.passing_shape is None else [t[:at].view(self.passing_shape) for t in parts]
         shares = [t[at:].view(shape)[:, :, :n] for t, n in zip(parts, sizes)]
-        anchor = torch.cat(shares, 2)
-        return passing, (anchor[..., :dk], anchor[..., dk:])
+        return passing, [(x[..., :dk], x[..., dk:]) for x in shares if x.shape[2]]
+
+
+def _joined(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, V) pairs along the rows, as one (K, V) pair."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([kb for kb, _ in parts], 2), torch.cat([vb for _, vb in parts], 2)
 
 
 def _rows(x: torch.Tensor, runs: list[slice]) -> torch.Tensor:

@@ -11,6 +11,8 @@ Two figures per (method, length), labelled everywhere:
   the work around the forwards, such as the layout and stacking the cache),
   summed over layers, plus every byte the slowest rank sent at ``bandwidth_gbs`` and a fixed
   latency per collective call. On CUDA the same clocks are read after a synchronize.
+  Each method runs once to warm up, then the repeats run in rounds over the methods (A, B, C,
+  A, B, C, ...), so a slow spell of the machine is shared, not one method's.
   The clocks are those of the run with the median wall time. ``projected_fastest_s`` is the same
   sum with each rank's fastest clock per layer over the repeats (:func:`best_layer_clocks`): a
   lower bound, for a balanced method on an oversubscribed machine, where the slowest of ``W``
@@ -40,6 +42,7 @@ import platform
 import statistics
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -93,10 +96,13 @@ def _projected(stats: list[dict], bandwidth: float) -> tuple[float, float, float
 
 
 def _model_flop(method: str, n: int, world: int, model_config, n_query: int,
-                method_config=None) -> tuple[float, float]:
+                method_config=None, rates: Rates | None = None) -> tuple[float, float]:
     """(attention, linear) GFLOP of the slowest host, from the method's own cost formula with the
-    run's sizes (``method_config``, with the variant's; None: the defaults)."""
+    run's sizes (``method_config``, with the variant's; None: the defaults); the slowest at
+    ``rates`` where a formula weighs hosts with different kinds of work (FLOPs alone without)."""
     shape = costmodel.ModelShape.from_config(model_config)
+    if rates is not None:
+        shape = replace(shape, rates=(rates.linear_s_per_gflop, rates.attn_s_per_gflop))
     sizes = costmodel.Sizes(query=n_query) if method_config is None else \
         costmodel.Sizes(query=n_query).with_method(build_method(method, method_config).config)
     work = costmodel.host_work(method, n, world, shape, sizes)
@@ -154,19 +160,27 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
     try:
         for n in lengths:
             ids = random_prompt(n, model_config.vocab_size, seed=n)
-            for method in runnable:
-                req = PromptRequest(str(path), ids, method, method_options=options, n_query=n_query,
-                                    dtype=cfg.model.dtype, sampling=Sampling(max_new_tokens=1), timed=True,
-                                    trace=trace)
+            reqs = {method: PromptRequest(str(path), ids, method, method_options=options, n_query=n_query,
+                                          dtype=cfg.model.dtype, sampling=Sampling(max_new_tokens=1), timed=True,
+                                          trace=trace) for method in runnable}
+            for req in reqs.values():
                 group.call("run_prompt", req)  # warm-up: first-call allocations, imports
-                runs = [group.call("run_prompt", req) for _ in range(repeats)]
+            # the repeats in rounds over the methods: a slow spell of a shared machine falls on
+            # every method's runs alike, not on one method's, so their ratios hold
+            by_method = {method: [] for method in runnable}
+            for _ in range(repeats):
+                for method, req in reqs.items():
+                    by_method[method].append(group.call("run_prompt", req))
+            for method in runnable:
+                runs = by_method[method]
                 walls = [r[0].prefill_s for r in runs]
                 median = statistics.median(walls)
                 mid = runs[walls.index(sorted(walls)[len(walls) // 2])]
                 stats = [r.stats for r in mid]
                 projected, p_compute, p_comm = _projected(stats, bandwidth)
                 fastest = _projected(best_layer_clocks([[r.stats for r in run] for run in runs]), bandwidth)[0]
-                attn_gf, linear_gf = _model_flop(method, n, world, model_config, n_query, cfg.method)
+                attn_gf, linear_gf = _model_flop(method, n, world, model_config, n_query, cfg.method,
+                                                 rates_before)
                 row = {
                     "method": method, "length": n, "world_size": world, "repeats": repeats,
                     "wall_s": median, "wall_all_s": walls, "projected_s": projected,
@@ -217,6 +231,10 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
     rates, rates_error = None, None
     if measured:  # after the workers are gone: the rates are measured on a quiet process
         rates, rates_error = _measure_rates(path, cfg, progress)
+    for row in measured:  # the slowest host at these rates (which it is may depend on them)
+        if rates is not None and row["method"] != "hf-sdpa":
+            row["attn_gflop_slowest_host"], row["linear_gflop_slowest_host"] = _model_flop(
+                row["method"], row["length"], world, model_config, n_query, cfg.method, rates)
     add_ideals(measured, rates)
     return {"results": rows, "model": cfg.model.name_or_path, "bandwidth_gbs": bandwidth_gbs,
             "rates": None if rates is None else rates.to_dict(), "rates_error": rates_error,

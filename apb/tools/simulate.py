@@ -24,7 +24,7 @@ own formula, :meth:`apb.methods.base.Method.cost`, with its default sizes from t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from apb.methods import build_method, method_class
 from apb.methods.cost import HostWork, Sizes, single_device
@@ -67,6 +67,10 @@ class ModelShape:
     intermediate: int
     vocab: int
     bytes_per_param: int = 2
+    # seconds per linear and per attention FLOP on the device costed (any pair in that ratio):
+    # where a formula weighs two hosts, one with more tokens and one with more pairs, the slower
+    # is the one with more seconds (apb.methods.cost.slowest); FLOPs alone by default
+    rates: tuple[float, float] = (1.0, 1.0)
 
     @classmethod
     def from_config(cls, config, name: str = "bench") -> "ModelShape":
@@ -130,7 +134,7 @@ class Prediction:
 
 
 def predict(method: str, n: int, w: int, model: ModelShape, device: Device, sizes: Sizes = Sizes()) -> Prediction:
-    work = host_work(method, n, w, model, sizes)
+    work = host_work(method, n, w, replace(model, rates=(1 / LINEAR_EFF, 1 / ATTN_EFF)), sizes)
     weights = model.params * model.bytes_per_param
     memory = weights + model.kv_bytes(work.cached) + model.act_bytes(work.tokens)
     if memory > device.memory * MEM_RESERVE:
