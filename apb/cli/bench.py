@@ -18,7 +18,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--methods", default="full,ring,ulysses,star,apb,spava")
     p.add_argument("--lengths", type=positive_ints, default=[4096, 8192])
     p.add_argument("--world-size", type=int, help="default: parallel.world_size (2 without --config)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs per method and length, after one warm-up each; run in rounds over the "
+                        "methods (A, B, A, B), so a slow spell of the machine is shared")
     p.add_argument("--query-len", type=int, default=32)
     p.add_argument("--bandwidth-gbs", type=float, default=100.0, help="link bandwidth for the projection")
     p.add_argument("--hf-baseline", action="store_true",
