@@ -21,6 +21,7 @@ import torch
 from apb.config import MethodConfig
 from apb.kernels import attention
 from apb.methods import build_method, method_class
+from apb.methods.anchored import passing_first
 from apb.methods.base import AttnContext
 from apb.methods.cache_attention import local_partial
 from apb.methods.cost import Sizes, merge_bytes
@@ -417,7 +418,8 @@ def test_cost_formula_counts_the_pairs_the_attention_steps_compute(pair_counter,
         _query_phase(slices, vecs, n_ctx, n_query)
     else:
         run_hosts(method, n_ctx + n_query, n_query, world, vecs)
-    # apb's default split anchor: its cost is the slower of two hosts by FLOPs, here by pairs alone
+    # apb's default split anchor: its cost is the slower of two hosts at the shape's rates, here
+    # by pairs alone
     shape = SimpleNamespace(layers=1, heads=H, kv_heads=KV, head_dim=D, bytes_per_param=4,
                             linear_flops=lambda tokens: 0.0, attn_flops_per_pair=lambda: 1.0,
                             rates=(1.0, 1.0))
@@ -447,6 +449,7 @@ def test_cost_formula_counts_the_pairs_the_attention_steps_compute(pair_counter,
     ("spava", 3, {"share_anchor": True, "exact_layers": [1], "anchor_len": 30}),
     ("apb", 4, {"share_anchor": "split", "passing_len": [16, 64, 0]}),
     ("apb", 3, {"share_anchor": "split", "exact_layers": [1], "passing_len": 16, "anchor_len": 60}),
+    ("apb", 4, {"share_anchor": "split", "exact_layers": [1], "passing_len": 64}),  # passing outweighs the shares
 ])
 def test_cost_formula_counts_each_layers_pairs(pair_counter, name, world, options):
     n_ctx, n_query, layers = 1024, 8, 3
@@ -469,7 +472,7 @@ def test_cost_formula_counts_each_layers_pairs(pair_counter, name, world, option
         # except with a shared anchor: then it is the host slower over the whole prefill (the
         # source or the last host; which one can change from layer to layer with the sizes)
         total = max(per_host.values())
-    # a shared anchor's cost picks the slower of two hosts by FLOPs: by pairs alone here
+    # a shared anchor's cost picks the slower of two hosts at the shape's rates: by pairs alone here
     shape = SimpleNamespace(layers=layers, heads=H, kv_heads=KV, head_dim=D, bytes_per_param=4,
                             linear_flops=lambda tokens: 0.0, attn_flops_per_pair=lambda: 1.0,
                             rates=(1.0, 1.0))
@@ -480,7 +483,17 @@ def test_cost_formula_counts_each_layers_pairs(pair_counter, name, world, option
         moved = layers * (work.comm_bytes - merge_bytes(n_query, shape))
         if method.config.share_anchor == "split":  # apb: hosts 0..W-2 hold shares; W-1 receives them all
             others = world - 1 if work.tokens == n_ctx / world + n_query else world - 2  # the host costed
-            moved -= len(options["exact_layers"]) * others * work.anchor / (world - 1) * 2 * KV * D * 4
+            host = others  # host W-1 receives W-1 shares, host W-2 W-2
+            shares_in = others * work.anchor / (world - 1) * 2 * KV * D * 4
+            moved -= len(options["exact_layers"]) * shares_in  # waited for before the exchange
+            # in the other layers the smaller message is waited for (not on host 0): the shares
+            # with the query's scoring vectors, or the passing blocks
+            p = options["passing_len"]
+            other = layers - len(options["exact_layers"])
+            if passing_first(p, world, work.anchor + n_query):
+                moved -= other * (shares_in + n_query * H * D * 4)
+            else:
+                moved -= other * host * p * 2 * KV * D * 4
         elif method.config.share_anchor and name == "spava":  # and the split anchor's shares, gathered first
             moved -= len(options["exact_layers"]) * (world - 1) * work.anchor / world * 2 * KV * D * 4
         assert sent == pytest.approx(moved, rel=0.01), (sent, moved)
@@ -495,6 +508,47 @@ def test_exact_layers_refuse_a_layout_whose_blocks_are_not_the_context_in_order(
     assert owners == [0, 1, 1, 0] and sum(sizes) == 88
     with pytest.raises(ValueError, match="starts at 12, expected block 0 at 0"):
         context_runs(layout.spava(100, 4, 2, 12))  # the anchor is not a prefix every host holds
+
+
+@pytest.mark.parametrize("passing", [64, 8])
+def test_a_split_anchor_hides_the_larger_message_behind_the_blocks_own_attention(monkeypatch, passing):
+    """apb split at W=4 (anchor 64 rows + an 8-row query): with 64-token passing blocks (3 x 64
+    rows received) a host r > 0 waits for the shares, chooses and sends its passing block, then
+    attends its block causally, which hides the passing blocks; with 8-token ones (24 rows) it
+    attends its block while the shares travel and sends after. Host 0 scores with its own tail
+    and sends at once either way. Every block row attends what it attends with its own anchor."""
+    from apb.methods import anchored
+
+    n_ctx, n_query, world = 1024, 8, 4
+    method = build_method("apb", MethodConfig(share_anchor="split", anchor_len=64, passing_len=passing,
+                                              query_positions="anchor"))
+    events, real_attention, real_start = [], anchored.attention, ThreadComm.all_gather_start
+
+    def attending(q, k, v, *args, **kwargs):
+        if kwargs.get("causal") and q.shape[2] == k.shape[2] == n_ctx // world:  # the block over itself
+            events.append((threading.current_thread().name, "block"))
+        return real_attention(q, k, v, *args, **kwargs)
+
+    def starting(self, t, op="all_gather"):
+        events.append((threading.current_thread().name, op))
+        return real_start(self, t, op)
+
+    vecs = random_vecs(n_ctx + n_query, seed=5)
+    own = build_method("apb", MethodConfig(share_anchor=False, anchor_len=64, passing_len=passing,
+                                           query_positions="anchor"))
+    slices, _, want = run_hosts(own, n_ctx + n_query, n_query, world, vecs)
+    monkeypatch.setattr(anchored, "attention", attending)
+    monkeypatch.setattr(ThreadComm, "all_gather_start", starting)
+    split_slices, _, got = run_hosts(method, n_ctx + n_query, n_query, world, vecs)
+    for r in range(world):  # every block row as with each host's own anchor
+        b, b_own = split_slices[r].rows("block"), slices[r].rows("block")
+        assert torch.allclose(got[r][:, :, b], want[r][:, :, b_own], atol=1e-5), r
+    order = {h: [e for name, e in events if name == f"host-{h}"] for h in range(world)}
+    assert anchored.passing_first(passing, world, 64 + n_query) == (passing == 64)
+    assert order[0] == ["anchor_gather", "all_gather", "block"]
+    for h in range(1, world):
+        assert order[h] == (["anchor_gather", "all_gather", "block"] if passing == 64 else
+                            ["anchor_gather", "block", "all_gather"]), (h, order[h])
 
 
 def test_the_slowest_host_is_the_one_with_more_seconds_at_the_devices_rates():

@@ -229,9 +229,11 @@ class Anchored(Method):
         ``r < W-1`` holds ``[A'_r, B_r]``, ``A'_r`` its contiguous share of the anchor's rows (the
         query embedded); host ``W-1`` only its block. One all-gather brings every share's K/V and
         the query's scoring vectors; then the share's rows attend the anchor up to their last row
-        and the block attends as with its own anchor. The gather travels while the block attends
-        itself; the passing all-gather, which needs the query's vectors, while the share's rows
-        are attended."""
+        and the block attends as with its own anchor. Hosts that score with the gathered query
+        vectors choose their passing blocks after the gather: before the block attends itself
+        where the passing blocks are the larger message (:func:`passing_first`), so that they
+        travel behind it, else after (host 0, scoring with its own tail, and every host of a
+        compressor without the query, send at once)."""
         layer, opts = int(module.layer_idx), ctx.score_opts
         a, b, t = ctx.mine.rows("anchor"), ctx.mine.rows("block"), ctx.mine.rows("query")
         with_query = self._scores_with_query(ctx, layer)
@@ -247,14 +249,18 @@ class Anchored(Method):
             return out
         # host 0 scores its block with its own tail (the query after its block), the others with
         # the anchor's copy of the query, gathered: what each scores with when every host has its
-        # own anchor. A host that need not wait for the gather to choose sends at once
+        # own anchor. Those choose after the gather arrives; the larger of the two messages
+        # travels while the block attends itself: the passing blocks (chosen and sent first) or,
+        # where the anchor outweighs them (W = 2 and 3 at the default sizes), the gather
         tail = with_query and t.stop > t.start
-        early = not with_query or tail
-        pending = self._share_passing(ctx, layer, self._query_rows(ctx, q, kind="query") if tail else None, k, v,
-                                      scale, b) if early else None
+        wait = with_query and not tail
+        first = not wait or passing_first(ctx.plan.passing[layer], ctx.comm.size, sum(gathered.shares))
+        if first:
+            q_query = self._query_rows(ctx, q, kind="query") if tail else gathered.query() if wait else None
+            pending = self._share_passing(ctx, layer, q_query, k, v, scale, b)
         qb = q[:, :, b]
         own, own_lse = attention(qb, k[:, :, b], v[:, :, b], causal=True, scale=scale, **opts)
-        if not early:
+        if not first:
             pending = self._share_passing(ctx, layer, gathered.query(), k, v, scale, b)
         gathered.share_rows(ctx, q, a, out, scale)
         extra_k, extra_v = self._received(ctx, layer, pending) if pending is not None else ([], [])
@@ -339,6 +345,15 @@ class _SharedAnchor:
                 at += size
             self.own = tuple(parts)
         return self.own
+
+
+def passing_first(passing: int, world: int, anchor_rows: int) -> bool:
+    """With a split anchor, whether a host that scores with the gathered query vectors waits for
+    them before its block attends itself, so that its passing all-gather travels behind that
+    attention: where the passing blocks it receives (``W-1`` of ``passing`` rows) are no fewer
+    rows than the anchor's shares (``anchor_rows``, the query copy included). Else the gather
+    travels behind the block's attention and the passing blocks are waited for."""
+    return passing * (world - 1) >= anchor_rows
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 
 from apb.methods.registry import register_method
 from apb.model.rope import shiftable
-from apb.methods.anchored import Anchored
+from apb.methods.anchored import Anchored, passing_first
 from apb.methods.compressors import ScoreInputs, build_compressor, take
 from apb.methods.cost import HostWork, merge_bytes
 from apb.methods.exact_layers import exact_work
@@ -78,10 +78,11 @@ class APB(Anchored):
         # its block over W-2 passing blocks and the anchor (at W = 2 host 0's block sees neither);
         # host W-1: no share, its block over W-1 passing blocks and the anchor. Then the query
         # phase. At W = 2 host W-2 is host 0, which also runs its scoring tail (the query after
-        # its block, with a query-scoring compressor, the default). The shares' K/V (and the
-        # query's scoring vectors) are gathered behind the block's own attention, the passing
-        # blocks behind the share's rows; in an exact layer the shares arrive before the
-        # exchange, not hidden
+        # its block, with a query-scoring compressor, the default). A host r > 0 chooses its
+        # passing block after the shares' K/V and the query's scoring vectors arrive: the larger
+        # of the two messages travels behind the block's own attention, the other is waited for
+        # (anchored.passing_first); host 0 sends both at once. In an exact layer the shares
+        # arrive before the exchange, not hidden
         b, share = n / w, (a / (w - 1) if host < w - 1 else 0.0)
         tail = q if host == 0 else 0.0
         kv = 2 * shape.kv_heads * shape.head_dim * shape.bytes_per_param
@@ -93,8 +94,10 @@ class APB(Anchored):
                             comm_bytes=merge_bytes(q, shape) + moved + shares_in, steps=4, anchor=a)
         pairs = anchor_pairs + b * (host * p + (a if host > 0 else 0)) + b * b / 2 + q * n / w + tail * b
         sent = shares_in + q * shape.heads * shape.head_dim * shape.bytes_per_param
-        return HostWork(share + b + q + tail, pairs, b, comm_bytes=merge_bytes(q, shape), steps=3,
-                        overlap_bytes=sent + host * p * kv, anchor=a, passing=p)
+        passed = host * p * kv
+        exposed = 0.0 if host == 0 else sent if passing_first(p, w, a + q) else passed
+        return HostWork(share + b + q + tail, pairs, b, comm_bytes=merge_bytes(q, shape) + exposed, steps=3,
+                        overlap_bytes=sent + passed - exposed, anchor=a, passing=p)
 
     def check(self, model_config, world_size):
         super().check(model_config, world_size)

@@ -231,8 +231,8 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
     rates, rates_error = None, None
     if measured:  # after the workers are gone: the rates are measured on a quiet process
         rates, rates_error = _measure_rates(path, cfg, progress)
-    for row in measured:  # the slowest host at these rates (which it is may depend on them)
-        if rates is not None and row["method"] != "hf-sdpa":
+    if rates is not None:  # the slowest host at these rates (which host it is may depend on them)
+        for row in (r for r in measured if r["method"] != "hf-sdpa"):
             row["attn_gflop_slowest_host"], row["linear_gflop_slowest_host"] = _model_flop(
                 row["method"], row["length"], world, model_config, n_query, cfg.method, rates)
     add_ideals(measured, rates)
