@@ -36,10 +36,15 @@ Sliding windows (``window=w``): a query sees only the keys less than ``w`` posit
 (transformers' convention: key ``j`` is visible to query ``i`` when ``i - w < j <= i``). Without
 positions, the query and key indices are those of the bottom-right causal alignment; with
 ``q_pos``/``k_pos`` (the tokens' positions in the prompt), visibility is decided by positions
-alone (``k_pos <= q_pos`` and ``k_pos > q_pos - w``), whatever order the keys come in, which is how
-a host attends a halo of keys received from other hosts. flash-attn applies an aligned window
-itself (``window_size``); every other windowed call runs ``naive`` with the mask, exact, with
-memory bounded by row chunks.
+alone (``k_pos <= q_pos`` and ``k_pos > q_pos - w``), whatever order the keys come in. flash-attn
+applies an aligned window itself (``window_size``), so a sliding layer hands it its tiles without
+positions wherever they are aligned (``apb.methods.sliding.aligned``: its own rows and the halo in
+position order); every other windowed call runs ``naive`` with the mask, exact, with memory bounded
+by row chunks.
+
+flash-attn takes float16 and bfloat16 only (anything else is refused, naming the fix), and writes
+``lse = +inf`` for a row that sees no key; its LSE is turned into this module's ``-inf`` before
+anything merges it.
 
 Backends that need equal key and value head sizes (all but ``naive``) get zero-padded inputs:
 zeros appended to ``v`` (or to ``q`` and ``k``, which adds nothing to ``q . k``) and the output
@@ -444,15 +449,35 @@ def _flash_attn_func():
     return flash_attn_func
 
 
+def _flash_inputs(q: torch.Tensor):
+    """flash-attn itself, once ``q`` is known to be what it takes."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"attention backend 'flash_attn' takes float16 or bfloat16 tensors, got {q.dtype}: set "
+                         "model.dtype to bfloat16 (or float16), or use APB_ATTN_BACKEND=torch_flash")
+    fn = _flash_attn_func()
+    if fn is None:
+        raise RuntimeError("attention backend 'flash_attn' was requested but flash-attn is not importable; "
+                           "install the [gpu] extra or use APB_ATTN_BACKEND=torch_flash")
+    return fn
+
+
+def _flash_lse(lse: torch.Tensor) -> torch.Tensor:
+    """flash-attn's LSE in this module's convention: its kernel writes ``+inf`` for a row that sees
+    no key (a window with fewer keys than queries), which would turn every merge into NaN; such a
+    row is ``-inf`` here, the merge's identity (its output is already 0)."""
+    lse = lse.float()
+    return lse.masked_fill(lse == math.inf, -math.inf)
+
+
 def _flash_attn_windowed(q, k, v, scale, softcap, sinks, window: int):
     """flash-attn's own sliding window (bottom-right aligned, as transformers' is): ``window - 1``
     keys to the left of each query's own."""
-    fn = _flash_attn_func()
+    fn = _flash_inputs(q)
     extra = {} if softcap is None else {"softcap": softcap}
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out, lse, _ = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=True,
                      window_size=(window - 1, 0), return_attn_probs=True, **extra)
-    out, lse = out.transpose(1, 2), lse.float()
+    out, lse = out.transpose(1, 2), _flash_lse(lse)
     if sinks is not None:
         out, lse = _add_sinks(out, lse, sinks, first=max(0, q.shape[2] - k.shape[2]))
     return out, lse
@@ -460,10 +485,7 @@ def _flash_attn_windowed(q, k, v, scale, softcap, sinks, window: int):
 
 @register_backend("flash_attn", available=lambda: _flash_attn_func() is not None)
 def _flash_attn(q, k, v, causal: bool, scale: float, softcap: float | None = None):
-    fn = _flash_attn_func()
-    if fn is None:
-        raise RuntimeError("attention backend 'flash_attn' was requested but flash-attn is not importable; "
-                           "install the [gpu] extra or use APB_ATTN_BACKEND=torch_flash")
+    fn = _flash_inputs(q)
     # softcap only when set: flash-attn before 2.6 has no such argument, and uncapped calls need none
     extra = {} if softcap is None else {"softcap": softcap}
     # flash-attn takes (batch, seq, heads, dim), handles GQA itself, and aligns causal bottom-right
@@ -475,4 +497,4 @@ def _flash_attn(q, k, v, causal: bool, scale: float, softcap: float | None = Non
             raise
         raise RuntimeError(f"this flash-attn has no attention softcap ({e}); install flash-attn >= 2.6, or use "
                            "APB_ATTN_BACKEND=naive for models with attn_logit_softcapping") from e
-    return out.transpose(1, 2), lse.float()
+    return out.transpose(1, 2), _flash_lse(lse)

@@ -2,8 +2,8 @@
 value head size different from the key's (MLA), alone and split into merged partials.
 
 Everything is compared with an independent float64 reference written here (dense scores, an
-explicit boolean mask, bottom-right causal alignment). ``flash_attn`` exists only on CUDA and is
-not tested here.
+explicit boolean mask, bottom-right causal alignment). ``flash_attn`` exists only on CUDA: its
+calls are checked through a CPU stand-in in ``test_flash_attn_api``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import torch
 from apb.config import MethodConfig
 from apb.kernels import attention, merge_many
 from apb.methods import build_method
-from apb.methods.sliding import halo_plan, real_chunks
+from apb.methods.sliding import aligned, halo_plan, real_chunks
 from apb.model.loading import load_model
 from apb.parallel.groups.local import LocalWorkerGroup
 from apb.runtime.decode import Sampling
@@ -56,6 +56,23 @@ def test_window_kernel_equals_the_masked_softmax(window):
                        q_pos=torch.arange(8, 20), k_pos=p)
              for i, p in enumerate(perm.chunk(3))]
     torch.testing.assert_close(merge_many(parts)[0].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_tile_is_aligned_only_when_its_keys_end_at_its_last_query_without_gaps():
+    """An aligned tile's window is applied by the kernel (flash-attn's own), without positions."""
+    ar = torch.arange
+    assert aligned(ar(10, 14), ar(5, 14)) and aligned(ar(0, 4), ar(0, 4))
+    assert not aligned(ar(10, 14), ar(5, 13))  # the last query's own key missing
+    assert not aligned(ar(10, 14), torch.cat([ar(9, 14), ar(5, 9)]))  # a halo after the own rows
+    assert not aligned(ar(10, 14), torch.cat([ar(5, 8), ar(9, 14)]))  # a gap
+    assert not aligned(torch.tensor([10, 12, 13]), ar(5, 14))  # queries with a gap
+    assert not aligned(ar(10, 14), ar(12, 14)) and not aligned(ar(0, 0), ar(0, 3))
+    # aligned or not, the kernel's answer is the same: by positions, and as an aligned call
+    q, k, v = torch.randn(1, 4, 4, 8), torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)
+    by_pos = attention(q, k, v, causal=True, window=3, q_pos=ar(10, 14), k_pos=ar(5, 14))
+    as_call = attention(q, k, v, causal=True, window=3)
+    torch.testing.assert_close(as_call[0], by_pos[0])
+    torch.testing.assert_close(as_call[1], by_pos[1])
 
 
 def test_window_arguments_are_checked():

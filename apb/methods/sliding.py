@@ -187,8 +187,9 @@ class _Tiles:
     send_rows: dict[int, torch.Tensor]
     real_rows: list[slice]
     pool_pos: torch.Tensor
-    #: (query rows, their positions, the pool entries they may see, those entries' positions)
-    tiles: list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]
+    #: (query rows, their positions, the pool entries they may see in position order, those
+    #: entries' positions, whether the call is aligned: see :func:`aligned`)
+    tiles: list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor, bool]]
     copy_rows: torch.Tensor | None
     copy_pos: torch.Tensor | None
 
@@ -210,10 +211,25 @@ def _tiles(ctx, plan: HaloPlan, device) -> _Tiles:
             r = slice(lo, min(lo + tile, chunk.stop))
             q_pos = positions[r]
             near = ((pool_pos > q_pos.min() - window) & (pool_pos <= q_pos.max())).nonzero().flatten()
-            tiles.append((r, q_pos.to(device), near.to(device), pool_pos[near].to(device)))
+            near = near[pool_pos[near].argsort(stable=True)]  # the halo came after this host's rows
+            k_pos = pool_pos[near]
+            tiles.append((r, q_pos.to(device), near.to(device), k_pos.to(device), aligned(q_pos, k_pos)))
     cr = torch.cat([torch.arange(r.start, r.stop) for r in copy_rows]) if copy_rows else None
     return _Tiles({d: rows.to(device) for d, rows in plan.send_rows.items()}, real_rows, pool_pos, tiles,
                   None if cr is None else cr.to(device), None if cr is None else positions[cr].to(device))
+
+
+def aligned(q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool:
+    """Whether queries at ``q_pos`` over keys at ``k_pos`` (in that order) are a bottom-right
+    aligned causal call: consecutive queries, and keys the consecutive positions that end at the
+    last query's. Such a call's window needs no positions, so a kernel with its own window
+    (flash-attn) applies it; any other call is masked by positions (``naive``)."""
+    n, m = len(q_pos), len(k_pos)
+    if not 0 < n <= m:
+        return False
+    last = int(q_pos[-1])
+    return torch.equal(q_pos, torch.arange(last - n + 1, last + 1)) and \
+        torch.equal(k_pos, torch.arange(last - m + 1, last + 1))
 
 
 def sliding_attention(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -232,10 +248,11 @@ def sliding_attention(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     got = ctx.comm.exchange(sends, shapes, kv.dtype, kv.device, op="halo_exchange")
     pool = torch.cat([kv[:, r] for r in t.real_rows] + [got[src] for src in plan.recv], dim=1)
     out = q.new_empty(*q.shape[:3], v.shape[-1])
-    for r, q_pos, near, k_pos in t.tiles:
+    for r, q_pos, near, k_pos, is_aligned in t.tiles:
         keys = pool.index_select(1, near)[None]
+        by_pos = {} if is_aligned else dict(q_pos=q_pos, k_pos=k_pos)
         out[:, :, r] = attention(q[:, :, r], keys[..., :dk], keys[..., dk:], causal=True, scale=scale,
-                                 window=window, q_pos=q_pos, k_pos=k_pos, **opts)[0]
+                                 window=window, **by_pos, **opts)[0]
     if getattr(ctx.plan, "split", False):  # a split anchor: each host's copy rows are a share of it
         copy_k, copy_v, copy_pos = ctx.method.gathered_anchor(ctx, q, k, v)
     elif t.copy_rows is not None:
