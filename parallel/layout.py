@@ -215,6 +215,13 @@ def anchor_share(chunks: tuple[Chunk, ...], lo: int, hi: int) -> tuple[Chunk, ..
     return tuple(out)
 
 
+def split_anchor_positions(slices: list[HostSlice]) -> torch.Tensor:
+    """The position ids of an anchor split over the hosts, in the order the shares are gathered
+    (host by host, each share's rows in order)."""
+    parts = [c.positions for s in slices for c in s.chunks if c.kind == ChunkKind.ANCHOR]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
 def anchored(n_ctx: int, n_query: int, world_size: int, anchor_len: int, insert_pos: int | None = None,
              query_tail_on: tuple[int, ...] = (), anchor_on: tuple[int, ...] | None = None,
              split_anchor: bool = False) -> list[HostSlice]:

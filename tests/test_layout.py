@@ -255,3 +255,18 @@ def test_rows_of_gives_a_view_for_one_run_and_an_index_otherwise():
     assert isinstance(idx, torch.Tensor) and idx.tolist() == [0, 2]
     with pytest.raises(ValueError, match="on the CPU"):
         rows_of(torch.ones(3, dtype=torch.bool, device="meta"), "cpu")
+
+
+@pytest.mark.parametrize("build", [
+    lambda: layout.anchored(300, 17, 3, 90, split_anchor=True),
+    lambda: layout.anchored(300, 17, 3, 90, insert_pos=40, split_anchor=True),  # the query inside the anchor
+    lambda: layout.spava(300, 17, 4, 90, split_anchor=True),
+], ids=["apb", "apb-query-inside", "spava"])
+def test_a_split_anchors_gathered_positions_run_from_zero_without_gaps(build):
+    """What a sliding layer's copy rows attend (the shares gathered host by host) are the anchor's
+    positions in order, so their calls are aligned (``apb.methods.sliding.aligned``)."""
+    slices = build()
+    got = layout.split_anchor_positions(slices)
+    own = [c.positions for s in slices for c in s.chunks if c.kind == layout.ChunkKind.ANCHOR]
+    assert sum(len(p) for p in own) == len(got) > 0
+    assert torch.equal(got, torch.arange(len(got)))

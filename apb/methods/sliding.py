@@ -17,6 +17,11 @@ Rows and keys, on a host:
   query) attend to the copy chunks of their own host, by their position ids, as the anchor does
   in every other layer.
 
+Each call is *aligned* wherever it can be (:func:`aligned`): the keys in position order, ending at
+the last query's own, so the kernel applies the window itself (flash-attn's ``window_size`` on a
+GPU) instead of a mask by positions; the halo is sorted into place and the copy rows see the
+anchor only up to their last position, so at the layouts here every call is aligned.
+
 So ring and Ulysses stay exact, and star, apb and spava apply their approximation to the
 global layers alone: their sliding layers see exactly the keys a single device would, computed
 from the hidden states each host has. A layer whose window covers the whole prompt is a global
@@ -30,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from apb.kernels import attention
-from apb.parallel.layout import ChunkKind, HostSlice
+from apb.parallel.layout import ChunkKind, HostSlice, split_anchor_positions
 
 _REAL_KINDS = (ChunkKind.BLOCK, ChunkKind.QUERY)
 #: query rows per kernel call in a sliding layer (at least the window): bounds the masked scores
@@ -192,6 +197,9 @@ class _Tiles:
     tiles: list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor, bool]]
     copy_rows: torch.Tensor | None
     copy_pos: torch.Tensor | None
+    #: the copy rows' call is aligned over the anchor's first ``copy_end`` keys (the rest lie after
+    #: every copy row of this host); None: masked by positions
+    copy_end: int | None
 
 
 def _tiles(ctx, plan: HaloPlan, device) -> _Tiles:
@@ -215,8 +223,13 @@ def _tiles(ctx, plan: HaloPlan, device) -> _Tiles:
             k_pos = pool_pos[near]
             tiles.append((r, q_pos.to(device), near.to(device), k_pos.to(device), aligned(q_pos, k_pos)))
     cr = torch.cat([torch.arange(r.start, r.stop) for r in copy_rows]) if copy_rows else None
+    copy_end = None
+    if cr is not None:  # the keys sliding_attention gives the copy rows: the gathered anchor, or the rows themselves
+        key_pos = split_anchor_positions(ctx.slices) if getattr(ctx.plan, "split", False) else positions[cr]
+        end = int((key_pos <= positions[cr].max()).sum())
+        copy_end = end if aligned(positions[cr], key_pos[:end]) else None
     return _Tiles({d: rows.to(device) for d, rows in plan.send_rows.items()}, real_rows, pool_pos, tiles,
-                  None if cr is None else cr.to(device), None if cr is None else positions[cr].to(device))
+                  None if cr is None else cr.to(device), None if cr is None else positions[cr].to(device), copy_end)
 
 
 def aligned(q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool:
@@ -258,7 +271,11 @@ def sliding_attention(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     elif t.copy_rows is not None:
         copy_k, copy_v, copy_pos = k[:, :, t.copy_rows], v[:, :, t.copy_rows], t.copy_pos
     if t.copy_rows is not None:
-        cr = t.copy_rows
-        out[:, :, cr] = attention(q[:, :, cr], copy_k, copy_v, causal=True, scale=scale, window=window,
-                                  q_pos=t.copy_pos, k_pos=copy_pos, **opts)[0]
+        cr, end = t.copy_rows, t.copy_end
+        if end is None:
+            out[:, :, cr] = attention(q[:, :, cr], copy_k, copy_v, causal=True, scale=scale, window=window,
+                                      q_pos=t.copy_pos, k_pos=copy_pos, **opts)[0]
+        else:
+            out[:, :, cr] = attention(q[:, :, cr], copy_k[:, :, :end], copy_v[:, :, :end], causal=True, scale=scale,
+                                      window=window, **opts)[0]
     return out
