@@ -170,6 +170,23 @@ def test_a_kernel_off_the_naive_softmax_fails_the_kernels_stage(monkeypatch):
     assert {r["backend"] for r in report["rows"] if not r["passed"]} == {"torch_flash"}
 
 
+def test_rows_that_see_no_key_must_come_back_empty_on_every_backend(monkeypatch):
+    """flash-attn's kernel writes lse = +inf for a row that sees no key (a window with fewer keys
+    than queries); a backend that let it through would turn merges into NaN. The windowed cases
+    are in the stage, and such a backend fails exactly those rows."""
+    real = gpu_check.attention
+
+    def plus_inf(q, k, v, backend=None, **kw):
+        out, lse = real(q, k, v, backend=backend, **kw)
+        return (out, lse.masked_fill(torch.isneginf(lse), float("inf"))) if backend == "torch_flash" else (out, lse)
+    monkeypatch.setattr(gpu_check, "attention", plus_inf)
+    report = gpu_check.kernels_stage("cpu", quick=True)
+    assert report["exit"] == 1
+    failed = [(r["backend"], r["case"]) for r in report["rows"] if not r["passed"]]
+    assert failed == [("torch_flash", "window 128, fewer keys")]
+    assert {r["case"] for r in report["rows"]} >= {"window 128", "window 128, fewer keys"}
+
+
 def test_full_slower_than_transformers_on_a_gpu_fails_the_baseline_stage(monkeypatch, tmp_path):
     """What found session 25's kernel gap is a gate on a GPU: full over 1.1x transformers' own
     forward at any length fails the stage and says where; at parity it passes."""
