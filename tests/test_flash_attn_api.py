@@ -23,7 +23,7 @@ import torch
 
 from apb.kernels import attention, available_backends, merge_many, select_backend
 from apb.model.loading import PRESETS
-from test_kernels import make_qkv, ref_attention
+from test_kernels import SHAPES, make_qkv, ref_attention  # SHAPES: (batch, heads, kv_heads, q_len, kv_len)
 from test_sliding import _masked_softmax
 
 attn_mod = importlib.import_module("apb.kernels.attention")
@@ -61,17 +61,6 @@ def _check(out, lse, ref_out, ref_lse, dtype):
 def test_the_backend_is_offered_where_flash_attn_imports_and_chosen_only_on_cuda(fa):
     assert "flash_attn" in available_backends()
     assert select_backend(torch.zeros(1, 1, 1, 8, dtype=torch.bfloat16)) == "torch_flash"  # CPU tensors
-
-
-SHAPES = [  # (batch, heads, kv_heads, q_len, kv_len)
-    pytest.param(1, 4, 4, 9, 9, id="mha-square"),
-    pytest.param(1, 4, 4, 5, 13, id="mha-kv-longer"),
-    pytest.param(1, 4, 4, 11, 4, id="mha-kv-shorter"),
-    pytest.param(1, 12, 4, 6, 15, id="gqa3-kv-longer"),
-    pytest.param(1, 12, 2, 8, 3, id="gqa6-kv-shorter"),
-    pytest.param(2, 12, 2, 10, 10, id="batch2-gqa6-square"),
-    pytest.param(1, 4, 2, 1, 12, id="single-query"),
-]
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
