@@ -75,6 +75,38 @@ def test_a_tile_is_aligned_only_when_its_keys_end_at_its_last_query_without_gaps
     torch.testing.assert_close(as_call[1], by_pos[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("v_dim", [8, 12])
+def test_a_masked_call_on_cpu_runs_torchs_kernel_and_equals_the_masked_softmax(monkeypatch, dtype, v_dim):
+    """Calls masked by positions (a halo out of order, decoding's cached keys) run torch's CPU
+    flash kernel with the mask, not the naive softmax; rows that see no key stay empty. Only a
+    softcap, which torch's kernels lack, still goes to ``naive``."""
+    import importlib
+    kernels = importlib.import_module("apb.kernels.attention")
+    g = torch.Generator().manual_seed(v_dim)
+    q = torch.randn(1, 6, 12, 8, generator=g).to(dtype)
+    k, v = torch.randn(1, 2, 20, 8, generator=g).to(dtype), torch.randn(1, 2, 20, v_dim, generator=g).to(dtype)
+    q_pos, k_pos = torch.arange(8, 20), torch.randperm(20, generator=g)
+    k_pos[k_pos >= 17] -= 30  # three keys far back: the window hides them from every query
+    calls = []
+    real = kernels._naive
+    monkeypatch.setattr(kernels, "_naive", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    out, lse = attention(q, k, v, causal=True, scale=0.3, window=4, q_pos=q_pos, k_pos=k_pos)
+    assert not calls and out.dtype == dtype
+    ref = _masked_softmax(q, k, v, q_pos, k_pos, 4, 0.3)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    # queries whose window holds none of these keys (the keys are of another host)
+    far = torch.tensor([0, 1, 15])
+    out, lse = attention(q, k[:, :, :3], v[:, :, :3], causal=False, scale=0.3, window=4, q_pos=q_pos, k_pos=far)
+    d = q_pos[:, None] - far[None]
+    blind = ~((d >= 0) & (d < 4)).any(-1)
+    assert blind.any() and torch.isneginf(lse[:, :, blind]).all() and (out[:, :, blind] == 0).all()
+    assert torch.isfinite(lse[:, :, ~blind]).all()
+    attention(q, k, v, causal=True, scale=0.3, window=4, q_pos=q_pos, k_pos=k_pos, softcap=5.0)
+    assert calls
+
+
 def test_window_arguments_are_checked():
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(ValueError, match="both q_pos and k_pos"):
