@@ -398,3 +398,35 @@ def test_rates_drift_is_the_larger_relative_change():
     assert rates_drift(before, Rates(0.011, 0.015, "float32", "cpu")) == pytest.approx(0.25)  # per-token 20 -> 15
     assert rates_drift(before, before) == 0.0
     assert rates_drift(None, before) is None and rates_drift(before, None) is None
+
+
+def test_sliding_layers_cost_their_window_not_the_prompt():
+    """The bench's attention FLOPs (and so its ideal) count a sliding layer as what every method
+    runs there, the host's rows times the window's keys, not as a global layer: checked against
+    the pairs an explicit sliding mask keeps (an upper bound by the rows near the prompt's start,
+    at most w**2/2 a layer), and a window as long as the prompt is a global layer."""
+    from transformers import AutoConfig
+
+    from apb.model.features import sliding_windows
+    from apb.tools.bench import _model_flop
+
+    dims = dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                intermediate_size=128, vocab_size=512)
+    gemma2 = AutoConfig.for_model("gemma2", sliding_window=64, **dims)  # sliding and global layers alternate
+    assert sliding_windows(gemma2) == (64, 64)
+    assert sliding_windows(AutoConfig.for_model("mistral", sliding_window=32, **dims)) == (32,) * 4
+    assert sliding_windows(AutoConfig.for_model("llama", **dims)) == ()
+    n, w = 1000, 64
+    i = torch.arange(n)
+    d = i[:, None] - i[None, :]
+    causal, sliding = int((d >= 0).sum()), int(((d >= 0) & (d < w)).sum())
+    per_pair = 4 * 4 * 16 / 1e9
+    attn, _ = _model_flop("full", n, 1, gemma2, 0)
+    exact = per_pair * (2 * causal + 2 * sliding)
+    assert exact <= attn <= exact + per_pair * 2 * w * w / 2
+    llama = AutoConfig.for_model("llama", **dims)
+    assert attn < _model_flop("full", n, 1, llama, 0)[0] / 1.7  # two of four layers: 64 keys a row, not 500
+    assert _model_flop("full", 50, 1, gemma2, 0) == _model_flop("full", 50, 1, llama, 0)  # window >= prompt
+    # every method's sliding layers: its rows, each with the window's keys
+    ring, _ = _model_flop("ring", n, 4, gemma2, 0)
+    assert ring == pytest.approx(_model_flop("ring", n, 4, llama, 0)[0] / 2 + per_pair * 2 * (n / 4) * w)

@@ -104,7 +104,7 @@ class Anchored(Method):
             # and the device's rates (shape.rates)
             hosts = [over_layers([cls._split_layer_cost(n, w, shape, q, a, p, i in exact, host)
                                   for i, p in enumerate(passing)]) for host in (w - 2, w - 1)]
-            return slowest(hosts, shape)
+            return slowest(hosts, shape, n)
         if not (cls.shares_anchor_with(sizes) and a > 0 and w > 1 + (cls.anchor_source > 0)):
             return over_layers([_exact_layer_cost(n, w, shape, q, a) if i in exact else
                                 cls._layer_cost(n, w, shape, q, a, p) for i, p in enumerate(passing)])
@@ -116,7 +116,7 @@ class Anchored(Method):
             own = a if role == "source" and cls.anchor_source > 0 else 0.0  # star's source: its block start
             hosts.append(over_layers([_exact_layer_cost(n, w, shape, q, own, a) if i in exact else
                                       cls._shared_layer_cost(n, w, shape, q, a, p, role) for i, p in enumerate(passing)]))
-        return slowest(hosts, shape)
+        return slowest(hosts, shape, n)
 
     @classmethod
     def _layer_cost(cls, n: float, w: int, shape, q: float, a: float, p: float) -> HostWork:

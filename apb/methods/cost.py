@@ -37,6 +37,12 @@ class AttnShape(Protocol):
     def attn_flops_per_pair(self) -> float: ...
 
     @property
+    def windows(self) -> tuple[int, ...]:
+        """The window of each sliding layer (global layers are not listed): what every method runs
+        there is exact and local, whatever its formula says of the global layers."""
+        ...
+
+    @property
     def rates(self) -> tuple[float, float]:
         """Seconds per linear and per attention FLOP on the device costed, or any pair in their
         ratio: which of two hosts a formula counts as the slowest depends on it (:func:`slowest`)."""
@@ -104,15 +110,24 @@ def merge_bytes(query: float, shape: AttnShape) -> float:
     return query * shape.heads * shape.head_dim * 4
 
 
-def work_seconds(work: HostWork, shape: AttnShape) -> float:
+def attention_flops(work: HostWork, shape: AttnShape, n: float) -> float:
+    """A whole prefill's attention FLOPs on the host of ``work``, for a prompt of ``n`` tokens: the
+    formula's pairs in each global layer; in each sliding layer whose window ``w`` is shorter than
+    the prompt (``shape.windows``), the host's rows times ``w`` keys (at most: rows within ``w`` of
+    the prompt's start see fewer), which is what every method attends there."""
+    sliding = [w for w in getattr(shape, "windows", ()) if w < n]
+    return shape.attn_flops_per_pair() * ((shape.layers - len(sliding)) * work.pairs + work.tokens * sum(sliding))
+
+
+def work_seconds(work: HostWork, shape: AttnShape, n: float) -> float:
     """A whole prefill's :class:`HostWork` at the shape's device rates (``shape.rates``)."""
     linear, attn = shape.rates
-    return linear * shape.linear_flops(work.tokens) + attn * shape.layers * work.pairs * shape.attn_flops_per_pair()
+    return linear * shape.linear_flops(work.tokens) + attn * attention_flops(work, shape, n)
 
 
-def slowest(hosts: list[HostWork], shape: AttnShape) -> HostWork:
+def slowest(hosts: list[HostWork], shape: AttnShape, n: float) -> HostWork:
     """The host that takes longest at the shape's device rates, of hosts whose work differs in
     kind (one runs more tokens through the linear layers, another attends more pairs): by FLOPs
     alone the one with more of them may be the faster, where a linear FLOP and an attention FLOP
     take different times."""
-    return max(hosts, key=lambda h: work_seconds(h, shape))
+    return max(hosts, key=lambda h: work_seconds(h, shape, n))

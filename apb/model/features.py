@@ -61,3 +61,18 @@ def check_supported(model_config: Any) -> None:
                              f"{' and '.join(SUPPORTED_LAYER_TYPES)} layers, so this model is not supported")
     if getattr(cfg, "use_bidirectional_attention", False):
         raise ValueError(f"model type {family!r} has use_bidirectional_attention=True; apb runs causal decoders only")
+
+
+def sliding_windows(model_config: Any) -> tuple[int, ...]:
+    """The window of each sliding layer (global layers are not listed), as transformers' attention
+    modules get it: the ``sliding_attention`` layers of ``layer_types``, or every layer where a
+    config sets ``sliding_window`` and has no ``layer_types`` (Mistral). For the cost model; the
+    runtime takes each layer's window from the layer itself."""
+    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    window = getattr(cfg, "sliding_window", None)
+    if not window:
+        return ()
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        return tuple(window for kind in types if kind == "sliding_attention")
+    return (window,) * cfg.num_hidden_layers

@@ -106,7 +106,7 @@ def _model_flop(method: str, n: int, world: int, model_config, n_query: int,
     sizes = costmodel.Sizes(query=n_query) if method_config is None else \
         costmodel.Sizes(query=n_query).with_method(build_method(method, method_config).config)
     work = costmodel.host_work(method, n, world, shape, sizes)
-    return shape.layers * work.pairs * shape.attn_flops_per_pair() / 1e9, shape.linear_flops(work.tokens) / 1e9
+    return costmodel.attention_flops(work, shape, n) / 1e9, shape.linear_flops(work.tokens) / 1e9
 
 
 def hf_forward_seconds(model, ids, repeats: int) -> list[float]:

@@ -27,7 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from apb.methods import build_method, method_class
-from apb.methods.cost import HostWork, Sizes, single_device
+from apb.methods.cost import HostWork, Sizes, attention_flops, single_device
+from apb.model.features import sliding_windows
 
 LINEAR_EFF = 0.75
 ATTN_EFF = 0.70
@@ -71,13 +72,16 @@ class ModelShape:
     # where a formula weighs two hosts, one with more tokens and one with more pairs, the slower
     # is the one with more seconds (apb.methods.cost.slowest); FLOPs alone by default
     rates: tuple[float, float] = (1.0, 1.0)
+    # the window of each sliding layer (apb.methods.cost.attention_flops); global layers not listed
+    windows: tuple[int, ...] = ()
 
     @classmethod
     def from_config(cls, config, name: str = "bench") -> "ModelShape":
         """The shape of a transformers config."""
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(name, config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
-                   config.num_key_value_heads, head_dim, config.intermediate_size, config.vocab_size)
+                   config.num_key_value_heads, head_dim, config.intermediate_size, config.vocab_size,
+                   windows=sliding_windows(config))
 
     @property
     def params(self) -> float:
@@ -140,7 +144,7 @@ def predict(method: str, n: int, w: int, model: ModelShape, device: Device, size
     if memory > device.memory * MEM_RESERVE:
         return Prediction(method, n, w, None, memory_gb=memory / GB, notes=["out of memory"])
     linear = model.linear_flops(work.tokens) / (device.bf16_flops * LINEAR_EFF)
-    attn = model.layers * work.pairs * model.attn_flops_per_pair() / (device.bf16_flops * ATTN_EFF)
+    attn = attention_flops(work, model, n) / (device.bf16_flops * ATTN_EFF)
     bw = device.intra_bw if w <= device.gpus_per_node else device.inter_bw
     hidden = model.layers * work.overlap_bytes / (bw * COMM_EFF)
     comm = model.layers * work.comm_bytes / (bw * COMM_EFF) + max(0.0, hidden - attn)
