@@ -40,7 +40,7 @@ from apb.parallel.layout import ChunkKind, HostSlice, split_anchor_positions
 _REAL_KINDS = (ChunkKind.BLOCK, ChunkKind.QUERY)
 #: query rows per call in a sliding layer whose kernel computes every key it is given under a mask
 #: (torch's and the naive one): each call has ``_TILE + window - 1`` keys, so fewer rows waste fewer
-#: keys; 2x faster than tiles of ``max(window, 512)`` rows at windows of 128 and 4096 on this CPU
+#: keys; 1.3-2x faster than tiles of ``max(window, 512)`` rows at windows of 128-4096 on this CPU
 #: (session 29). A kernel with its own window (flash-attn) gets a whole chunk per call.
 _TILE = 256
 
