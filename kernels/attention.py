@@ -205,8 +205,8 @@ def _positional(q, k, v, causal, scale, backend, softcap, sinks, window, q_pos, 
     if q_len == 0 or kv_len == 0:
         return _empty(q, v.shape[-1])
     visible = _window_mask(q_pos.to(q.device), k_pos.to(q.device), window)
-    if softcap is None and q.device.type == "cpu" and (backend or select_backend(q)) == "torch_flash":
-        out, lse = _cpu_masked(q, k, v, scale, visible)
+    if softcap is None and (backend or select_backend(q)) == "torch_flash" and _masked_ok(q.device, q.dtype):
+        out, lse = _masked(q, k, v, scale, visible)
     else:
         out, lse = _naive(q, k, v, False, scale, softcap, visible=visible)
     if sinks is not None and causal:
@@ -214,28 +214,83 @@ def _positional(q, k, v, causal, scale, backend, softcap, sinks, window, q_pos, 
     return out, lse
 
 
-def _cpu_masked(q, k, v, scale: float, visible):
-    """A call masked by ``visible`` (see :func:`_window_mask`) on torch's CPU flash kernel, which
-    takes the mask as an additive one in ``q``'s dtype: 2.3-4.5x faster than ``naive`` on a
-    sliding layer's tiles here (session 29, ``docs/results.md``), the same to float32 rounding.
-    Rows in chunks, so the mask stays within ``_NAIVE_CHUNK`` elements; a row that sees no key
-    comes back empty (``out = 0``, ``lse = -inf``) whatever the kernel made of it."""
+def _masked(q, k, v, scale: float, visible):
+    """A call masked by ``visible`` (see :func:`_window_mask`) on one of torch's kernels that takes
+    an additive mask (:func:`_masked_kernel`): on this CPU 2.1-6.6x faster than ``naive`` on a
+    sliding layer's attention (session 29, ``docs/results.md``), the same to float32 rounding. Rows
+    in chunks, so the mask stays within ``_NAIVE_CHUNK`` elements; a row that sees no key comes
+    back empty (``out = 0``, ``lse = -inf``) whatever the kernel made of it."""
+    kernel = _masked_kernel(q.device)
     v_dim = v.shape[-1]
     if v_dim != q.shape[-1]:
         q, k, v = _pad_to_equal_dims(q, k, v)
-    q, k, v = _grouped(q, k, v, "cpu")
+    q, k, v = _grouped(q, k, v, kernel)
     q_len, kv_len = q.shape[2], k.shape[2]
     rows = max(1, _NAIVE_CHUNK // max(1, kv_len))
     outs, lses = [], []
     for s in range(0, q_len, rows):
         seen = visible(slice(s, s + rows))
-        mask = torch.zeros(seen.shape, dtype=q.dtype).masked_fill_(~seen, -math.inf)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q[:, :, s:s + rows], k, v, 0.0, False, attn_mask=mask, scale=scale)
+        mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~seen, -math.inf)
+        out, lse = _masked_sdpa(q[:, :, s:s + rows], k, v, mask, scale, kernel)
         seen = seen.any(-1)
         outs.append(out[..., :v_dim].masked_fill(~seen[:, None], 0.0))
-        lses.append(lse.float().masked_fill(~seen, -math.inf))
+        lses.append(lse.masked_fill(~seen, -math.inf))
     return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def _masked_kernel(device: torch.device) -> str:
+    """torch's kernel that takes an additive mask and returns its LSE on ``device``: the CPU flash
+    kernel, or on CUDA the memory-efficient one (its fused kernels take no mask)."""
+    return "cpu" if device.type == "cpu" else "efficient"
+
+
+def _masked_sdpa(q, k, v, mask, scale: float, kernel: str):
+    """One call of ``kernel`` (:func:`_masked_kernel`) under ``mask`` (rows, keys) in ``q``'s dtype."""
+    if kernel == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
+                                                                             scale=scale)
+        return out, lse.float()
+    # the memory-efficient kernel reads its bias in rows aligned to 16 elements (torch's own sdpa
+    # pads a mask the same way before handing it over) and returns an LSE padded to 32 rows
+    rows, keys = mask.shape
+    padded = mask.new_zeros(rows, -(-keys // 16) * 16)
+    padded[:, :keys] = mask
+    bias = padded[:, :keys].expand(q.shape[0], q.shape[1], rows, keys)
+    out, lse = _efficient_with_bias(q, k, v, bias, scale)
+    return out, lse[:, :, :rows].float()
+
+
+def _efficient_with_bias(q, k, v, bias, scale: float):
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False, scale=scale)[:2]
+
+
+# per (device, dtype): whether torch's masked kernel there agrees with the naive softmax
+_MASKED_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _masked_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Probed once per device and dtype against ``naive``, output and LSE, on a call masked by
+    positions with keys out of order and rows that see no key: a kernel that is missing, refuses
+    the mask, or disagrees is never used, and those calls stay on ``naive`` (exact, slower)."""
+    key = (str(device), dtype)
+    if key not in _MASKED_OK:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(1, 4, 37, 64, generator=g).to(device, dtype)
+        k, v = (torch.randn(1, 2, 45, 64, generator=g).to(device, dtype) for _ in range(2))
+        k_pos = torch.randperm(45, generator=g)
+        k_pos[(k_pos >= 10) & (k_pos <= 20)] += 100  # keys no query reaches: queries 15-20 see none
+        visible = _window_mask(torch.arange(8, 45).to(device), k_pos.to(device), 6)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        try:
+            out, lse = _masked(q, k, v, 0.125, visible)
+            ref, ref_lse = _naive(q, k, v, False, 0.125, visible=visible)
+            seen = torch.isfinite(ref_lse)
+            ok = bool(torch.equal(torch.isneginf(lse), ~seen) and torch.allclose(out.float(), ref.float(), atol=tol)
+                      and torch.allclose(lse[seen], ref_lse[seen], atol=tol))
+        except (RuntimeError, AttributeError, TypeError, NotImplementedError):
+            ok = False
+        _MASKED_OK[key] = ok
+    return _MASKED_OK[key]
 
 
 def windows_natively(q: torch.Tensor, v_dim: int, backend: str | None = None) -> bool:

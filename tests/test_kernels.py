@@ -751,3 +751,67 @@ def test_a_call_a_fused_kernel_refuses_runs_on_the_next(monkeypatch, refused, us
     out, lse = attention(q, k, v, causal=True, backend="torch_flash")
     assert calls == [used]  # the refused ones raised before reaching the stand-in
     assert_matches(out, lse, ref_out, ref_lse, torch.float32)
+
+
+# ----------------------------------------------------------------------------- masked calls
+
+
+def _by_positions(seed=4, window=5):
+    """A call masked by positions: keys out of order, some far back so that a few rows see none."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = make_qkv(1, 8, 2, 30, 40, seed=seed)
+    k_pos = torch.randperm(40, generator=g)
+    k_pos[(k_pos >= 12) & (k_pos <= 20)] -= 100
+    q_pos = torch.arange(10, 40)
+    d = q_pos[:, None] - k_pos[None, :]
+    visible = (d >= 0) & (d < window)
+    kk, vv = k.repeat_interleave(4, 1).double(), v.repeat_interleave(4, 1).double()
+    scores = (q.double() @ kk.transpose(-1, -2) * 0.3).masked_fill(~visible, -math.inf)
+    lse = torch.logsumexp(scores, -1)
+    ref = torch.nan_to_num(torch.softmax(scores, -1)) @ vv
+    return (q, k, v), dict(causal=True, scale=0.3, window=window, q_pos=q_pos, k_pos=k_pos), ref, lse
+
+
+def test_a_masked_kernel_that_disagrees_with_naive_is_never_used(monkeypatch):
+    """Position-masked calls run torch's masked kernel only where a one-time probe finds it agrees
+    with the naive softmax (output, LSE, empty rows); one in another LSE convention is refused and
+    the calls stay exact on ``naive``."""
+    args, kw, ref, ref_lse = _by_positions()
+    monkeypatch.setattr(attn_mod, "_MASKED_OK", {})
+    real = attn_mod._masked_sdpa
+    monkeypatch.setattr(attn_mod, "_masked_sdpa", lambda *a: (real(*a)[0], real(*a)[1] * math.log2(math.e)))
+    out, lse = attention(*args, **kw)
+    assert attn_mod._MASKED_OK == {("cpu", torch.float32): False}
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)) and torch.isneginf(lse).any()
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    seen = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse.double()[seen], ref_lse[seen], atol=1e-5, rtol=1e-5)
+
+
+def test_the_cuda_masked_kernel_gets_an_aligned_bias_and_its_lse_is_cut(monkeypatch):
+    """On CUDA the masked calls go to torch's memory-efficient kernel, which reads its bias in rows
+    aligned to 16 elements, as (batch, heads, rows, keys), and returns an LSE padded to 32 rows. A
+    stand-in with those demands (run by the CPU kernel) checks the plumbing: the probe passes
+    through it, and the result equals the reference."""
+    seen_biases = []
+
+    def efficient(q, k, v, bias, scale):
+        assert bias.dim() == 4 and tuple(bias.shape) == (*q.shape[:3], k.shape[2]), bias.shape
+        assert bias.stride(-2) % 16 == 0 and bias.stride(-1) == 1 and k.shape[1] == q.shape[1]
+        seen_biases.append(tuple(bias.shape))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=bias[0, 0].contiguous(), scale=scale)
+        pad = -(-q.shape[2] // 32) * 32 - q.shape[2]
+        return out, torch.cat([lse, torch.full((*lse.shape[:2], pad), math.nan)], 2)  # the padding is junk
+
+    monkeypatch.setattr(attn_mod, "_MASKED_OK", {})
+    monkeypatch.setattr(attn_mod, "_masked_kernel", lambda device: "efficient")
+    monkeypatch.setattr(attn_mod, "_efficient_with_bias", efficient)
+    monkeypatch.setitem(attn_mod._GQA_NATIVE, ("cpu", "efficient"), False)
+    args, kw, ref, ref_lse = _by_positions(seed=6)
+    out, lse = attention(*args, **kw)
+    assert attn_mod._MASKED_OK == {("cpu", torch.float32): True} and len(seen_biases) == 2  # probe, then call
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isneginf(lse), ~seen)
+    torch.testing.assert_close(lse.double()[seen], ref_lse[seen], atol=1e-5, rtol=1e-5)

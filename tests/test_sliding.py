@@ -88,6 +88,7 @@ def test_a_masked_call_on_cpu_runs_torchs_kernel_and_equals_the_masked_softmax(m
     k, v = torch.randn(1, 2, 20, 8, generator=g).to(dtype), torch.randn(1, 2, 20, v_dim, generator=g).to(dtype)
     q_pos, k_pos = torch.arange(8, 20), torch.randperm(20, generator=g)
     k_pos[k_pos >= 17] -= 30  # three keys far back: the window hides them from every query
+    assert kernels._masked_ok(torch.device("cpu"), dtype)  # probed once against naive, before the spy
     calls = []
     real = kernels._naive
     monkeypatch.setattr(kernels, "_naive", lambda *a, **kw: calls.append(1) or real(*a, **kw))

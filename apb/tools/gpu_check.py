@@ -122,7 +122,10 @@ def kernels_stage(device: str, quick: bool) -> dict:
             speed[f"{name}_vs_sdpa"] = speed[f"{name}_ms"] / speed["sdpa_ms"]
     probes = {"gqa_native": {"/".join(k): v for k, v in kernels._GQA_NATIVE.items()},
               "fused_agrees": {f"{d}/{str(t).removeprefix('torch.')}/{kernel}": v
-                               for (d, t, kernel), v in kernels._FUSED_OK.items()}}
+                               for (d, t, kernel), v in kernels._FUSED_OK.items()},
+              # whether torch's masked kernel (CUDA: the memory-efficient one with a bias) runs the
+              # windowed and position-masked calls, or they stay on the naive softmax
+              "masked_agrees": {f"{d}/{str(t).removeprefix('torch.')}": v for (d, t), v in kernels._MASKED_OK.items()}}
     passed = all(r["passed"] for r in rows)
     return {"exit": 0 if passed else 1, "rows": rows, "speed": speed, "probes": probes}
 
@@ -170,7 +173,7 @@ def _apb(args: list[str], timeout_s: float, env: dict | None = None) -> tuple[in
 CENSUS_HOOK = r"""
 import json, os, sys, warnings
 
-PROBES = ("_fused_ok", "_native_gqa")  # the kernels' one-time probes (apb.kernels.attention)
+PROBES = ("_fused_ok", "_native_gqa", "_masked_ok")  # the kernels' one-time probes (apb.kernels.attention)
 
 def _install():
     out, roots = os.environ.get("APB_SYNC_CENSUS"), os.environ.get("APB_SYNC_CENSUS_ROOTS", "")
