@@ -29,6 +29,7 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
     for world in ("W1", "W2"):
         verify = report["verify"][world]
         assert verify["exit"] == 0 and {r["method"] for r in verify["rows"]} >= {"full", "ring", "apb"}
+        assert {r["model"] for r in verify["rows"]} == set(gpu_check.VERIFY_MODELS.split(","))
         assert all(r["passed"] for r in verify["rows"])
     assert report["bench"]["exit"] == 0 and report["bench"]["report"] is not None
     baseline = report["baseline"]

@@ -10,7 +10,8 @@ error and the others still run; a run stopped from outside keeps the stages it f
    the rows that see no key, or the stage fails; then each
    one's speed at 32K tokens beside ``F.scaled_dot_product_attention``, and which of torch's
    kernels ran (the probes' answers);
-2. ``verify``: ``apb verify`` for every method at W=1, and at W=2; on a machine with one GPU the
+2. ``verify``: ``apb verify`` for every method at W=1, and at W=2, on :data:`VERIFY_MODELS` (one of
+   them all sliding layers); on a machine with one GPU the
    two ranks share it (``parallel.share_gpus``: NCCL refuses two ranks on one device, so they talk
    over gloo through host copies, and ulysses, whose all-to-all needs NCCL, is left out). On CUDA
    the workers run under torch's sync debug mode and every host-device synchronization is
@@ -62,6 +63,9 @@ METHODS = "full,ring,ulysses,star,star:shared,apb,spava,spava:unshared"
 BENCH_METHODS = "full,ring,apb,spava"
 #: with --quick (the CPU plumbing check): fewer methods, one short length
 QUICK_METHODS, QUICK_BENCH_METHODS, QUICK_LENGTHS = "full,ring,apb", "full,apb", "512"
+#: the verify stage's models: plain GQA, and every layer sliding (window 64), so the sliding path
+#: (flash-attn's own window, else torch's masked kernel) runs on the GPU under the sync census
+VERIFY_MODELS = "tiny-llama,tiny-mistral-sliding"
 
 
 #: the kernels' cases: (name, query length, key length, causal); 4096 scaled down with --quick
@@ -310,7 +314,8 @@ def verify_stage(device: str, quick: bool, work: Path, deadline: Deadline) -> di
         path = work / f"verify-w{world}.json"
         env, records = census_env(work) if device == "cuda" else (None, None)
         # a share of what is left, so the later sizes and stages still get their turn
-        rc, tail = _apb(["verify", "--methods", methods, "--world-size", str(world), "--prompt-len", str(n),
+        rc, tail = _apb(["verify", "--model", VERIFY_MODELS, "--methods", methods, "--world-size", str(world),
+                         "--prompt-len", str(n),
                          "--tokens", "4", "--dtype", "bfloat16" if device == "cuda" else "float32", *sets,
                          "--json", str(path)], deadline.left() * 0.5 / (len(sizes) - i) * (0.6 if i == 0 else 1), env)
         out[f"W{world}"] = {"exit": rc, "shared_gpu": shares_gpu(device, world), "methods": methods,
