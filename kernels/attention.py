@@ -205,7 +205,9 @@ def _positional(q, k, v, causal, scale, backend, softcap, sinks, window, q_pos, 
     if q_len == 0 or kv_len == 0:
         return _empty(q, v.shape[-1])
     visible = _window_mask(q_pos.to(q.device), k_pos.to(q.device), window)
-    if softcap is None and (backend or select_backend(q)) == "torch_flash" and _masked_ok(q.device, q.dtype):
+    # flash-attn takes no mask of positions: its calls by position go to torch's masked kernel too
+    if softcap is None and (backend or select_backend(q)) in ("torch_flash", "flash_attn") and \
+            _masked_ok(q.device, q.dtype):
         out, lse = _masked(q, k, v, scale, visible)
     else:
         out, lse = _naive(q, k, v, False, scale, softcap, visible=visible)
