@@ -39,8 +39,10 @@ positions, the query and key indices are those of the bottom-right causal alignm
 alone (``k_pos <= q_pos`` and ``k_pos > q_pos - w``), whatever order the keys come in. flash-attn
 applies an aligned window itself (``window_size``), so a sliding layer hands it its tiles without
 positions wherever they are aligned (``apb.methods.sliding.aligned``: its own rows and the halo in
-position order); every other windowed call runs ``naive`` with the mask, exact, with memory bounded
-by row chunks.
+position order). Every other windowed or position-masked call runs one of torch's kernels with the
+mask added to its scores (:func:`_masked`: the CPU flash kernel, or on CUDA the memory-efficient
+one), where a one-time probe finds it agrees with ``naive``; else, and for softcapped calls,
+``naive`` with the mask. Both bound their memory by row chunks.
 
 flash-attn takes float16 and bfloat16 only (anything else is refused, naming the fix), and writes
 ``lse = +inf`` for a row that sees no key; its LSE is turned into this module's ``-inf`` before
