@@ -26,6 +26,9 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
     rows = {r["backend"]: r for r in report["kernels"]["rows"]}
     assert {"naive", "torch_flash"} <= set(rows)
     assert all(r["max_abs_out_diff"] < 1e-5 and r["max_abs_lse_diff"] < 1e-5 for r in rows.values())
+    speed = report["kernels"]["speed"]
+    assert speed["window"] == speed["n"] // 8 and speed["window_sdpa_ms"] > 0
+    assert all(speed[f"{name}_window_ms"] > 0 for name in ("naive", "torch_flash"))
     for world in ("W1", "W2"):
         verify = report["verify"][world]
         assert verify["exit"] == 0 and {r["method"] for r in verify["rows"]} >= {"full", "ring", "apb"}

@@ -8,8 +8,9 @@ error and the others still run; a run stopped from outside keeps the stages it f
    window with as many keys as queries and with fewer), against ``naive`` in float32: largest
    output and LSE differences, each within :data:`KERNEL_TOLERANCE`, and ``lse = -inf`` on exactly
    the rows that see no key, or the stage fails; then each
-   one's speed at 32K tokens beside ``F.scaled_dot_product_attention``, and which of torch's
-   kernels ran (the probes' answers);
+   one's speed at 32K tokens beside ``F.scaled_dot_product_attention``, causal and as a sliding
+   layer of window 4096 (called as apb's sliding layers call it), and which of torch's kernels ran
+   (the probes' answers);
 2. ``verify``: ``apb verify`` for every method at W=1, and at W=2, on :data:`VERIFY_MODELS` (one of
    them all sliding layers); on a machine with one GPU the
    two ranks share it (``parallel.share_gpus``: NCCL refuses two ranks on one device, so they talk
@@ -53,7 +54,8 @@ import transformers
 import apb
 import apb.kernels
 import apb.parallel
-from apb.kernels import attention, available_backends
+from apb.kernels import attention, available_backends, windows_natively
+from apb.methods import sliding
 from apb.tools.calibrate import best_seconds
 
 #: star:shared at W = 2 sends host 0's anchor to host 1 each layer: the broadcast on the device;
@@ -124,6 +126,18 @@ def kernels_stage(device: str, quick: bool) -> dict:
             speed[f"{name}_ms"] = 1e3 * best_seconds(lambda: attention(q, k, v, causal=True, backend=name), 5,
                                                      torch.device(device))
             speed[f"{name}_vs_sdpa"] = speed[f"{name}_ms"] / speed["sdpa_ms"]
+    # a sliding layer's attention (window 4096, as Mistral's) the way apb's sliding layers call the
+    # kernels on a host holding the whole prompt, per backend (naive: where the masked kernel's probe
+    # fails), beside what transformers' sdpa runs for it (a dense band mask)
+    window = n // 8
+    band = torch.arange(n, device=device)
+    band = (band[:, None] >= band[None, :]) & (band[:, None] - band[None, :] < window)
+    speed["window"] = window
+    speed["window_sdpa_ms"] = 1e3 * best_seconds(lambda: _sdpa(q, k, v, band), 5, torch.device(device))
+    del band
+    for name in backends:
+        speed[f"{name}_window_ms"] = 1e3 * best_seconds(lambda: _sliding_layer(q, k, v, window, name), 3,
+                                                        torch.device(device))
     probes = {"gqa_native": {"/".join(k): v for k, v in kernels._GQA_NATIVE.items()},
               "fused_agrees": {f"{d}/{str(t).removeprefix('torch.')}/{kernel}": v
                                for (d, t, kernel), v in kernels._FUSED_OK.items()},
@@ -134,14 +148,27 @@ def kernels_stage(device: str, quick: bool) -> dict:
     return {"exit": 0 if passed else 1, "rows": rows, "speed": speed, "probes": probes}
 
 
-def _sdpa(q, k, v):
-    """What transformers' ``sdpa`` attention runs for a causal call with grouped heads."""
+def _sdpa(q, k, v, mask=None):
+    """What transformers' ``sdpa`` attention runs for a causal call with grouped heads (or one under
+    a boolean ``mask``, as for a sliding layer)."""
+    causal = dict(is_causal=True) if mask is None else dict(attn_mask=mask)
     try:
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True, **causal)
     except TypeError:  # torch < 2.5 has no enable_gqa: transformers repeats K/V there
         rep = q.shape[1] // k.shape[1]
         return torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1),
-                                                                v.repeat_interleave(rep, 1), is_causal=True)
+                                                                v.repeat_interleave(rep, 1), **causal)
+
+
+def _sliding_layer(q, k, v, window: int, backend: str) -> None:
+    """One sliding layer's attention as :mod:`apb.methods.sliding` calls the kernels on a host that
+    holds the whole prompt: aligned tiles of its ``_TILE`` rows over the keys they may see, or the
+    whole prompt in one call where the kernel windows itself."""
+    n = q.shape[2]
+    step = n if windows_natively(q, v.shape[-1], backend) else sliding._TILE
+    for lo in range(0, n, step):
+        hi, first = min(n, lo + step), max(0, lo - window + 1)
+        attention(q[:, :, lo:hi], k[:, :, first:hi], v[:, :, first:hi], causal=True, window=window, backend=backend)
 
 
 class Deadline:
