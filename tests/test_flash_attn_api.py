@@ -33,14 +33,16 @@ HALF = [torch.bfloat16, torch.float16]
 
 @pytest.fixture
 def fa(monkeypatch):
-    """flash-attn's stand-in importable as ``flash_attn``, its call log emptied."""
+    """flash-attn's stand-in importable as ``flash_attn``, its call log emptied; gone afterwards, so
+    no later test in this process finds a flash-attn."""
     monkeypatch.syspath_prepend(str(STAND_INS))
     monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
     monkeypatch.delenv("APB_ATTN_BACKEND", raising=False)
     module = importlib.import_module("flash_attn")
     assert module.__file__.startswith(str(STAND_INS))
     module.calls.clear()
-    return module
+    yield module
+    sys.modules.pop("flash_attn", None)
 
 
 def _tol(dtype):
