@@ -280,7 +280,7 @@ class Anchored(Method):
         sliding layer's anchor rows attend (:mod:`apb.methods.sliding`). Every host must call it."""
         key = "split_anchor_positions"
         if key not in ctx.scratch:
-            ctx.scratch[key] = layout.split_anchor_positions(ctx.slices).to(q.device)
+            ctx.scratch[key] = layout.split_anchor_positions(ctx.slices).to(q.device, non_blocking=True)
         return (*_SplitAnchor.start(self, ctx, q, k, v, ctx.mine.rows("anchor"), False).anchor(), ctx.scratch[key])
 
     def _share_anchor(self, ctx, layer, q, k, v, a, b) -> "_SharedAnchor | None":

@@ -208,6 +208,10 @@ class _Tiles:
 
 
 def _tiles(ctx, plan: HaloPlan, device, whole_chunks: bool) -> _Tiles:
+    # built on the CPU in the first sliding layer; moved without waiting, so no layer syncs with a GPU
+    def dev(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, non_blocking=True)
+
     mine, window = ctx.mine, plan.window
     positions = mine.positions
     real = real_chunks(ctx.slices, ctx.rank)
@@ -230,16 +234,16 @@ def _tiles(ctx, plan: HaloPlan, device, whole_chunks: bool) -> _Tiles:
             run = slice(int(torch.searchsorted(pool_pos, q_pos.min() - window, right=True)),
                         int(torch.searchsorted(pool_pos, q_pos.max(), right=True)))
             k_pos = pool_pos[run]
-            tiles.append((r, q_pos.to(device), run, k_pos.to(device), aligned(q_pos, k_pos)))
-    order = None if torch.equal(order, torch.arange(len(order))) else order.to(device)
+            tiles.append((r, dev(q_pos), run, dev(k_pos), aligned(q_pos, k_pos)))
+    order = None if torch.equal(order, torch.arange(len(order))) else dev(order)
     cr = torch.cat([torch.arange(r.start, r.stop) for r in copy_rows]) if copy_rows else None
     copy_end = None
     if cr is not None:  # the keys sliding_attention gives the copy rows: the gathered anchor, or the rows themselves
         key_pos = split_anchor_positions(ctx.slices) if getattr(ctx.plan, "split", False) else positions[cr]
         end = int((key_pos <= positions[cr].max()).sum())
         copy_end = end if aligned(positions[cr], key_pos[:end]) else None
-    return _Tiles({d: rows.to(device) for d, rows in plan.send_rows.items()}, real_rows, pool_pos, order, tiles,
-                  None if cr is None else cr.to(device), None if cr is None else positions[cr].to(device), copy_end)
+    return _Tiles({d: dev(rows) for d, rows in plan.send_rows.items()}, real_rows, pool_pos, order, tiles,
+                  None if cr is None else dev(cr), None if cr is None else dev(positions[cr]), copy_end)
 
 
 def aligned(q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool:
