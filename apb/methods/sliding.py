@@ -194,7 +194,6 @@ class _Tiles:
 
     send_rows: dict[int, torch.Tensor]
     real_rows: list[slice]
-    pool_pos: torch.Tensor
     #: the pool's entries in position order (None: they already are)
     order: torch.Tensor | None
     #: (query rows, their positions, the pool entries they may see: a run of the sorted pool, those
@@ -242,7 +241,7 @@ def _tiles(ctx, plan: HaloPlan, device, whole_chunks: bool) -> _Tiles:
         key_pos = split_anchor_positions(ctx.slices) if getattr(ctx.plan, "split", False) else positions[cr]
         end = int((key_pos <= positions[cr].max()).sum())
         copy_end = end if aligned(positions[cr], key_pos[:end]) else None
-    return _Tiles({d: dev(rows) for d, rows in plan.send_rows.items()}, real_rows, pool_pos, order, tiles,
+    return _Tiles({d: dev(rows) for d, rows in plan.send_rows.items()}, real_rows, order, tiles,
                   None if cr is None else dev(cr), None if cr is None else dev(positions[cr]), copy_end)
 
 
@@ -250,7 +249,7 @@ def aligned(q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool:
     """Whether queries at ``q_pos`` over keys at ``k_pos`` (in that order) are a bottom-right
     aligned causal call: consecutive queries, and keys the consecutive positions that end at the
     last query's. Such a call's window needs no positions, so a kernel with its own window
-    (flash-attn) applies it; any other call is masked by positions (``naive``)."""
+    (flash-attn) applies it; any other call is masked by positions (see ``apb.kernels.attention``)."""
     n, m = len(q_pos), len(k_pos)
     if not 0 < n <= m:
         return False
