@@ -49,6 +49,33 @@ def test_verify_fails_a_method_whose_logits_are_not_finite(apb_bin, repo, tmp_pa
     assert rows["apb:uncompressed"]["passed"] and rows["apb:uncompressed"]["token_agreement"] == 1.0
 
 
+def test_verify_refuses_a_row_it_cannot_run_and_runs_the_others(apb_bin, repo, tmp_path):
+    # with no query, star and apb cannot answer one: those rows are refused on the driver, naming
+    # the query length, and full still runs (the whole run used to stop in a worker)
+    out_json = tmp_path / "rows.json"
+    proc = subprocess.run([apb_bin, "verify", "--config", str(repo / "configs/tiny-cpu.yaml"), "--methods", "full,star",
+                           "--world-size", "2", "--prompt-len", "150", "--query-len", "0", "--tokens", "2",
+                           "--json", str(out_json)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    rows = {r["method"]: r for r in json.loads(out_json.read_text())["results"]}
+    assert rows["full"]["passed"] and rows["full"]["error"] is None
+    assert not rows["star"]["passed"] and "n_query >= 1" in rows["star"]["error"]
+
+
+def test_apb_scores_gpt_oss_with_the_query_at_its_true_positions(apb_bin, repo, tmp_path):
+    # GPT-OSS's rotary hands apply_rotary_pos_emb one angle per pair of dims; apb's default
+    # (query_positions: true) stopped every run mid-forward, it runs now, beside its exact variant
+    out_json = tmp_path / "rows.json"
+    proc = subprocess.run([apb_bin, "verify", "--config", str(repo / "configs/tiny-cpu.yaml"), "--model",
+                           "tiny-gpt-oss", "--methods", "apb", "--world-size", "3", "--prompt-len", "300",
+                           "--query-len", "4", "--tokens", "2", "--json", str(out_json)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {r["method"]: r for r in json.loads(out_json.read_text())["results"]}
+    assert rows["apb"]["error"] is None and rows["apb"]["finite_logits"]
+    assert rows["apb:uncompressed"]["passed"] and rows["apb:uncompressed"]["exact_expected"]
+
+
 def test_unknown_method_is_rejected_before_any_work(apb_bin):
     proc = subprocess.run([apb_bin, "verify", "--methods", "full,nope"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

@@ -40,7 +40,7 @@ def test_shift_moves_a_vector_as_naive_rope_would(scaling):
     inv_freq, att = shift.rotary.inv_freq, float(getattr(shift.rotary, "attention_scaling", 1.0))
     x = torch.randn(1, 2, 5, 32, generator=torch.Generator().manual_seed(1))
     at_p = naive_rope(x, 37, inv_freq, att)
-    moved = shift.shift(at_p, 2000)
+    moved = shift.turn(at_p, 2000)
     assert torch.allclose(moved, naive_rope(x, 2037, inv_freq, att), atol=1e-4)
     assert not torch.allclose(at_p, naive_rope(x, 2037, inv_freq, att), atol=1e-2)  # the shift did something
 
@@ -50,10 +50,10 @@ def test_length_dependent_rope_is_not_shifted():
     assert rope_shift(model) is None
 
 
-def _layer0_scoring_queries(query_positions: str, preset: str = "tiny-llama"):
-    """Run apb's context phase of ``preset`` with threads as 3 hosts; record, per host, the query
-    vectors its compressor scored with at layer 0."""
-    model = load_model(resolve_model(preset))
+def _layer0_scoring_queries(query_positions: str, preset: str = "tiny-llama", model=None):
+    """Run apb's context phase of ``preset`` (or ``model``) with threads as 3 hosts; record, per
+    host, the query vectors its compressor scored with at layer 0."""
+    model = load_model(resolve_model(preset)) if model is None else model
     world, n_ctx, n_query = 3, 150, 7
     n = n_ctx + n_query
     ids = torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(0))
@@ -72,12 +72,13 @@ def _layer0_scoring_queries(query_positions: str, preset: str = "tiny-llama"):
     plan = method.plan(n, world, n_query, model.config.num_hidden_layers)
     shared = {"slots": [None] * world, "barrier": threading.Barrier(world)}
     errors = []
+    rope = rope_shift(model)  # once, before the hosts share the model: its probe runs the model's layers
 
     def host(r):
         try:
             mine = slices[r]
             ctx = AttnContext(method, slices, ThreadComm(r, world, shared), plan=plan, n_query=n_query,
-                              rope=rope_shift(model))
+                              rope=rope)
             with torch.no_grad():
                 model(input_ids=ids[mine.indices][None], position_ids=mine.positions[None], use_cache=False,
                       apb_ctx=ctx)
@@ -121,14 +122,17 @@ def test_apb_refuses_true_positions_on_length_dependent_rope_at_load():
     build_method("apb:uncompressed", MethodConfig(name="apb")).check(dynamic, 4)  # nothing is scored
 
 
-def test_shift_of_an_mla_query_turns_only_its_rope_part():
-    """DeepSeek-V3's query is [no-rope part, rope part]: the layer-0 query of the same tokens at
-    positions p and p + 400, as the model computes them, differ by the shift of the rope part alone."""
+@pytest.mark.parametrize("preset", ["tiny-deepseek-v3", "tiny-gpt-oss", "tiny-smollm3"])
+def test_shift_moves_a_query_as_the_model_rotates_it(preset):
+    """The layer-0 query of the same tokens at positions p and p + 400, as the model computes them,
+    differ by the shift. DeepSeek-V3's query is [no-rope part, rope part]: only its rope part turns.
+    GPT-OSS's rotary hands its apply_rotary_pos_emb a cos half the head wide (one angle per pair),
+    which an earlier shift took for MLA's rope part and turned only half the head."""
     from transformers import AttentionInterface
 
     from apb.model.hf_bridge import ATTN_IMPLEMENTATION, apb_attention_forward
 
-    model = load_model(resolve_model("tiny-deepseek-v3"))
+    model = load_model(resolve_model(preset))
     seen = []
 
     def spy(module, q, k, v, mask, **kw):
@@ -145,6 +149,51 @@ def test_shift_of_an_mla_query_turns_only_its_rope_part():
     finally:
         AttentionInterface.register(ATTN_IMPLEMENTATION, apb_attention_forward)
     shift = rope_shift(model)
-    assert shift is not None and seen[0].shape[-1] == 24
-    torch.testing.assert_close(shift.shift(seen[0], 400), seen[1], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(seen[0][..., :16], seen[1][..., :16])
+    assert shift is not None
+    assert shift.turns[0]
+    torch.testing.assert_close(shift.shift(seen[0], 400, 0), seen[1], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(seen[0], seen[1], atol=1e-2)  # the positions do change the query
+    if preset == "tiny-deepseek-v3":
+        assert seen[0].shape[-1] == 24
+        torch.testing.assert_close(seen[0][..., :16], seen[1][..., :16])
+
+
+def _smollm3(no_rope_layers):
+    cfg = AutoConfig.for_model("smollm3", vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0,
+                               bos_token_id=1, eos_token_id=2, no_rope_layers=no_rope_layers)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="apb").eval()
+
+
+def test_a_layer_without_rope_keeps_the_query_copy_where_it_is():
+    """SmolLM3 leaves every fourth layer without RoPE (``no_rope_layers``): there the query is the
+    same at every position, so the anchor's copy scores as it is. Turning it, as every layer was
+    turned before, scored host 1's and 2's blocks with a query the real one never is."""
+    model = _smollm3([0, 1])  # layer 0 without RoPE, layer 1 with
+    shift = rope_shift(model)
+    assert shift is not None and shift.turns == {0: False, 1: True}
+    _, seen = _layer0_scoring_queries("true", model=model)
+    for r in ("1", "2"):
+        assert torch.allclose(seen[r], seen["0"], atol=1e-5), f"host {r}"
+    # the shift it no longer gets at layer 0 would have moved the copy away from the real query
+    assert not torch.allclose(shift.turn(seen["1"], 100), seen["0"], atol=1e-3)
+
+
+@pytest.mark.parametrize("model_type, extra", [("stablelm", {"partial_rotary_factor": 0.25}),
+                                               ("phi", {"partial_rotary_factor": 0.5})])
+def test_a_rotation_the_shift_cannot_reproduce_is_refused_before_the_prefill(model_type, extra):
+    """StableLM and Phi rotate only a head's first dims (a partial rotary). An earlier shift turned
+    the last ones and checked itself against itself, so apb scored these models' blocks with a
+    wrongly turned query; the check against each layer's own query now refuses the shift, and apb
+    refuses the model on each host before sending anything, naming the fix."""
+    cfg = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2, **extra)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    assert rope_shift(model) is None
+    apb = build_method("apb", MethodConfig(name="apb"))
+    apb.check(model.config, 3)  # the config alone promises fixed frequencies
+    with pytest.raises(ValueError, match="query_positions: anchor"):
+        apb.check_model(model)
+    build_method("apb", MethodConfig(name="apb", query_positions="anchor")).check_model(model)
+    build_method("apb:uncompressed", MethodConfig(name="apb")).check_model(model)  # nothing is scored

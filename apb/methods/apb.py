@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from apb.methods.registry import register_method
-from apb.model.rope import shiftable
+from apb.model.rope import rope_shift, shiftable
 from apb.methods.anchored import Anchored, passing_first
 from apb.methods.compressors import ScoreInputs, build_compressor, take
 from apb.methods.cost import HostWork, merge_bytes
@@ -101,12 +101,23 @@ class APB(Anchored):
 
     def check(self, model_config, world_size):
         super().check(model_config, world_size)
-        copy_scores = self.config.passing_len != "all" and self.config.anchor_len != 0  # else no shift is needed
-        if copy_scores and self._scores_at_true_positions() and not shiftable(model_config):
-            raise ValueError("the query compressor scores with the query moved to its true positions, which needs "
-                             "RoPE with fixed frequencies; this model's RoPE depends on the sequence length or the "
-                             "layer type. Set method.query_positions: anchor (score at the anchor copy's positions) "
-                             "or use a compressor that does not score against the query (stride, retaining_heads)")
+        if self._moves_query() and not shiftable(model_config):
+            raise ValueError(_UNMOVABLE.format(why="this model's RoPE depends on the sequence length or the layer "
+                                                   "type"))
+
+    def check_model(self, model):
+        super().check_model(model)
+        # the config can promise fixed frequencies where the loaded rotary still cannot be moved (its
+        # apply_rotary_pos_emb takes another form): refused before any message, not mid-forward
+        if self._moves_query() and rope_shift(model) is None:
+            raise ValueError(_UNMOVABLE.format(why=f"{type(model).__name__}'s rotary embedding could not be moved "
+                                                   "as the model itself rotates (apb.model.rope)"))
+
+    def _moves_query(self) -> bool:
+        """Whether hosts r > 0 move the anchor's copy of the query to its true positions to score
+        with it (with nothing chosen or no anchor, there is no copy to move)."""
+        return (self.config.passing_len != "all" and self.config.anchor_len != 0
+                and self._scores_at_true_positions())
 
     def _scores_at_true_positions(self) -> bool:
         return self.compressor.needs_query and self.config.query_positions == "true"
@@ -163,10 +174,10 @@ class APB(Anchored):
         q_rows = q[:, :, rows]
         if delta == 0 or not self._scores_at_true_positions():
             return q_rows
-        if ctx.rope is None:  # check() passed on the config, but the model's rotary could not be moved
+        if ctx.rope is None:  # check_model() refuses this before the forward
             raise RuntimeError("apb cannot move the query to its true positions with this model's rotary embedding; "
                                "set method.query_positions: anchor")
-        return ctx.rope.shift(q_rows, delta)
+        return ctx.rope.shift(q_rows, delta, ctx.layer)
 
     @staticmethod
     def _query_rows_at(ctx, kind=None) -> tuple[slice, int]:
@@ -186,6 +197,12 @@ class APB(Anchored):
                 raise RuntimeError(f"the query's rows sit at uneven offsets from their true positions: {deltas}")
             ctx.scratch[key] = (slice(rows[0], rows[-1] + 1) if rows else slice(0, 0), deltas[0] if deltas else 0)
         return ctx.scratch[key]
+
+
+_UNMOVABLE = ("the query compressor scores with the query moved to its true positions, which needs RoPE with "
+              "fixed frequencies that apb can apply; {why}. Set method.query_positions: anchor (score at the "
+              "anchor copy's positions) or use a compressor that does not score against the query (stride, "
+              "retaining_heads)")
 
 
 def _share(host, p: int) -> int:

@@ -124,10 +124,24 @@ class Method:
             lo, hi = (lo, mid) if fits(mid) else (mid, hi)
         return hi
 
+    def check_model(self, model: Any) -> None:
+        """Raise ``ValueError`` if this method cannot run the loaded ``model`` for what only the
+        model, not its config, shows. Called on every host before the prefill sends anything."""
+
+    def check_query(self, n_tokens: int, n_query: int) -> None:
+        """Raise ``ValueError`` when ``n_query`` cannot be this prompt's query: outside [0, n_tokens),
+        or none where the method answers a query after the context."""
+        if not 0 <= n_query < n_tokens:
+            raise ValueError(f"query length {n_query} must be in [0, prompt length {n_tokens})")
+        if self.query_phase and n_query == 0:
+            raise ValueError(f"method {self.label!r} answers a query after the context: give the prompt's "
+                             "query length (n_query >= 1)")
+
     def check_sizes(self, n_tokens: int, n_query: int, world_size: int) -> None:
         """Raise ``ValueError`` naming the context length, this method's minimum, W and the fix when
-        the prompt cannot be laid out over ``world_size`` hosts: the driver refuses exactly what a
-        worker's :meth:`layout` would, before any worker sees the prompt."""
+        the prompt cannot be laid out over ``world_size`` hosts (or :meth:`check_query` refuses its
+        query): the driver refuses exactly what a worker would, before any worker sees the prompt."""
+        self.check_query(n_tokens, n_query)
         try:
             self.layout(n_tokens, world_size, n_query)
         except ValueError as e:
@@ -181,6 +195,8 @@ class AttnContext:
     #: the current layer's score options for :func:`apb.kernels.attention` (``softcap``, ``sinks``);
     #: set by :meth:`step`, passed by the methods to every kernel call as ``**ctx.score_opts``
     score_opts: dict[str, Any] = field(default_factory=dict)
+    #: the layer :meth:`step` is running (None outside one)
+    layer: int | None = None
 
     @property
     def rank(self) -> int:
@@ -214,7 +230,7 @@ class AttnContext:
         """Run the method on this layer; ``latent`` is what an MLA layer caches instead of (k, v)
         (``expand``, which rebuilds k and v from it, only matters where a cache is attended)."""
         layer = int(module.layer_idx)
-        self.comm.stats.layer = layer
+        self.layer = self.comm.stats.layer = layer
         self.comm.stats.tick(layer)
         keep = self.kept_rows(k.device)
         self.kv[layer] = tuple(t[:, :, keep] for t in (latent or (k, v)))

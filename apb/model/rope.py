@@ -10,17 +10,20 @@ That holds only when the frequencies do not depend on the sequence (default, lin
 yarn scaling); dynamic NTK and longrope pick frequencies from the length, so for them, and for
 any model whose rotary module or ``apply_rotary_pos_emb`` we cannot find, :func:`rope_shift`
 returns ``None``; apb then refuses to score at true positions (:func:`shiftable` lets it refuse
-on the driver, from the config) rather than silently scoring at the anchor's. Every shift is checked once per model
-against the model's own rotation at ``p + delta``.
+on the driver, from the config) rather than silently scoring at the anchor's. Every model is
+checked once, layer by layer, against each attention layer's own query at ``p`` and ``p + delta``
+(:func:`_layer_turns`): a layer without RoPE (SmolLM3's every fourth) keeps its query as it is,
+and a model whose rotation the shift does not reproduce is refused.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from transformers import AttentionInterface
 
 #: rope types whose frequencies are fixed, so that rotations compose
 COMPOSABLE = ("default", "linear", "llama3", "yarn")
@@ -36,6 +39,13 @@ def _position(position: int, device: torch.device) -> torch.Tensor:
 class RopeShift:
     rotary: torch.nn.Module  # the model's rotary embedding: forward(x, position_ids) -> (cos, sin)
     apply: Callable  # its modeling module's apply_rotary_pos_emb(q, k, cos, sin)
+    #: how many trailing dims of a head the attention rotates, where it splits them off itself
+    #: before ``apply`` (multi-head latent attention's rope part: DeepSeek); None: ``apply`` takes
+    #: the whole head (cos may be narrower than it: GPT-OSS's holds one angle per pair)
+    rope_dim: int | None = None
+    #: layer index -> whether that layer's query turns with its position (False: a layer without
+    #: RoPE); checked against each layer's own query (:func:`rope_shift`)
+    turns: dict[int, bool] = field(default_factory=dict)
 
     def _cos_sin(self, x: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.rotary(x, _position(position, x.device))
@@ -43,21 +53,22 @@ class RopeShift:
         scale = float(getattr(self.rotary, "attention_scaling", 1.0) or 1.0)
         return cos / scale, sin / scale
 
-    def shift(self, x: torch.Tensor, delta: int) -> torch.Tensor:
-        """``x`` (batch, heads, tokens, head_dim), rotated by ``delta`` more positions."""
+    def shift(self, x: torch.Tensor, delta: int, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s query ``x`` (batch, heads, tokens, head_dim) at ``delta`` more positions:
+        rotated by ``delta``, or as it is in a layer without RoPE."""
+        return self.turn(x, delta) if self.turns[layer] else x
+
+    def turn(self, x: torch.Tensor, delta: int) -> torch.Tensor:
+        """``x`` rotated by ``delta`` more positions."""
         if delta == 0:
             return x
         return self._apply(x, *self._cos_sin(x, delta))
 
-    def rotate(self, x: torch.Tensor, position: int) -> torch.Tensor:
-        """``x`` rotated as the model rotates a vector at ``position`` (used to check :meth:`shift`)."""
-        return self._apply(x, *self.rotary(x, _position(position, x.device)))
-
     def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # a head wider than the rotary (multi-head latent attention: DeepSeek) rotates only its
-        # last dims, as the model does (its query is [no-rope part, rope part])
-        d = cos.shape[-1]
-        if x.shape[-1] > d:
+        # multi-head latent attention rotates only a head's last dims, as the model does (its
+        # query is [no-rope part, rope part])
+        d = self.rope_dim
+        if d is not None and x.shape[-1] > d:
             return torch.cat([x[..., :-d], self._apply(x[..., -d:].contiguous(), cos, sin)], -1)
         return self.apply(x, x, cos.to(x.dtype), sin.to(x.dtype))[0]
 
@@ -77,7 +88,8 @@ def rope_shift(model: torch.nn.Module) -> RopeShift | None:
     if cached is not False:
         return cached
     found = _find(model)
-    model._apb_rope_shift = found if found is not None and _composes(found, model) else None
+    turns = None if found is None else _layer_turns(found, model)
+    model._apb_rope_shift = None if turns is None else RopeShift(found.rotary, found.apply, found.rope_dim, turns)
     return model._apb_rope_shift
 
 
@@ -88,22 +100,85 @@ def _find(model: torch.nn.Module) -> RopeShift | None:
     rotary = rotaries[0]
     if getattr(rotary, "rope_type", "default") not in COMPOSABLE:
         return None
-    attn = next((m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")), None)
+    layers = _attention_layers(model)
+    attn = next(iter(layers.values()), None)
     apply = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None) if attn else None
-    return RopeShift(rotary, apply) if callable(apply) else None
+    if not callable(apply):
+        return None
+    return RopeShift(rotary, apply, getattr(model.config, "qk_rope_head_dim", None))
+
+
+def _attention_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """{layer index: attention module}: the modules that hand apb's bridge their query."""
+    return {int(m.layer_idx): m for m in model.modules()
+            if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")}
+
+
+class _Query(Exception):
+    """Carries an attention layer's query out of its forward: the probe stops there."""
+
+    def __init__(self, query: torch.Tensor):
+        super().__init__("an attention layer's query, caught by apb's RoPE probe")
+        self.query = query
+
+
+def _catch_query(module, query, key, value, attention_mask, **kwargs):
+    raise _Query(query)
+
+
+_PROBE = "apb_rope_probe"
+AttentionInterface.register(_PROBE, _catch_query)
 
 
 @torch.no_grad()
-def _composes(shift: RopeShift, model: torch.nn.Module) -> bool:
-    """Whether rotating at ``p`` then shifting by ``d`` equals the model's rotation at ``p + d``."""
+def _layer_turns(shift: RopeShift, model: torch.nn.Module, delta: int = 1000) -> dict[int, bool] | None:
+    """{layer: whether its query turns with its position}, checked against each attention layer's
+    own query: the same hidden states at positions ``p`` and ``p + delta``, through the layer's
+    projections, norms and rotation as the model runs them. A layer turns when ``shift`` moves its
+    query at ``p`` onto its query at ``p + delta``, and stays (a NoPE layer: SmolLM3's every
+    fourth) when the two are equal. None when any layer's query moves otherwise, or cannot be
+    caught: a model whose rotation ``shift`` does not reproduce (a partial rotary applied to a
+    head's first dims, say) is refused rather than scored with a wrongly turned query. It routes
+    the model's attention to the probe while it runs: not while another thread runs the model."""
+    layers = _attention_layers(model)
+    if not layers:
+        return None
     cfg = model.config
-    head_dim = getattr(cfg, "qk_head_dim", None) or getattr(cfg, "head_dim", None) \
-        or cfg.hidden_size // cfg.num_attention_heads
     param = next(model.parameters())
-    x = torch.randn(1, 2, 3, head_dim, generator=torch.Generator().manual_seed(0)).to(param.device)
+    hidden = torch.randn(1, 3, cfg.hidden_size, generator=torch.Generator().manual_seed(0)).to(param.device,
+                                                                                                param.dtype)
+    at = torch.arange(7, 10, device=param.device)[None]
+    angles = [shift.rotary(hidden, at), shift.rotary(hidden, at + delta)]
+    tol = 1e-3 if param.dtype == torch.float32 else 3e-2
+    before = cfg._attn_implementation
+    cfg._attn_implementation = _PROBE
     try:
-        moved = shift.shift(shift.rotate(x, 7), 1000)
-        direct = shift.rotate(x, 1007)
-    except Exception:  # an apply_rotary_pos_emb with another signature: do not guess
-        return False
-    return bool(torch.allclose(moved, direct, rtol=1e-3, atol=1e-4))
+        turns = {}
+        for idx, layer in sorted(layers.items()):
+            here, there = (_query_of(layer, hidden, a) for a in angles)
+            if here is None or there is None:
+                return None
+            scale = float(there.abs().max()) or 1.0
+            try:
+                turned = shift.turn(here, delta)
+            except Exception:  # an apply_rotary_pos_emb that takes another form
+                return None
+            if turned.shape == there.shape and float((turned - there).abs().max()) <= tol * scale:
+                turns[idx] = True
+            elif float((here - there).abs().max()) <= tol * scale:
+                turns[idx] = False
+            else:
+                return None
+        return turns
+    finally:
+        cfg._attn_implementation = before
+
+
+def _query_of(layer: torch.nn.Module, hidden: torch.Tensor, angles) -> torch.Tensor | None:
+    try:
+        layer(hidden_states=hidden, position_embeddings=angles, attention_mask=None)
+    except _Query as caught:
+        return caught.query.float()
+    except Exception:  # another forward signature: do not guess
+        return None
+    return None

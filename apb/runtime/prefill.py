@@ -60,11 +60,7 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
     if input_ids.dim() != 1 or input_ids.numel() == 0:
         raise ValueError(f"prefill takes a non-empty 1-D tensor of token ids, got shape {tuple(input_ids.shape)}")
     n = int(input_ids.numel())
-    if not 0 <= n_query < n:
-        raise ValueError(f"query length {n_query} must be in [0, prompt length {n})")
-    if method.query_phase and n_query == 0:
-        raise ValueError(f"method {method.label!r} answers a query after the context: give the prompt's "
-                         "query length (n_query >= 1)")
+    method.check_query(n, n_query)
     device = _device(model)
     measure.sync(device)  # the clock starts when the device is idle, and stops when it is again
     t0, cpu0 = time.perf_counter(), comm.stats.compute_clock()
@@ -72,6 +68,7 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
     input_ids = input_ids.to(device)
     check_supported(model.config)
     method.check(model.config, comm.size)
+    method.check_model(model)
     mla.install(model)
     # every host's rotary embedding sees the whole prompt's length (dynamic NTK, longrope)
     with prompt_length(model, n):

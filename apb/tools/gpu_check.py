@@ -204,7 +204,8 @@ def _apb(args: list[str], timeout_s: float, env: dict | None = None) -> tuple[in
 CENSUS_HOOK = r"""
 import json, os, sys, warnings
 
-PROBES = ("_fused_ok", "_native_gqa", "_masked_ok")  # the kernels' one-time probes (apb.kernels.attention)
+# the one-time probes: the kernels' (apb.kernels.attention) and RoPE's, per model (apb.model.rope)
+PROBES = ("_fused_ok", "_native_gqa", "_masked_ok", "_layer_turns")
 
 def _install():
     out, roots = os.environ.get("APB_SYNC_CENSUS"), os.environ.get("APB_SYNC_CENSUS_ROOTS", "")

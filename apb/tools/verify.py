@@ -279,13 +279,16 @@ def verify(cfg: Config, group, methods: list[str], prompt_lens: list[int], model
                 method = build_method(name, cfg.method)
                 base = dict(model=model_name, method=name, world_size=world, prompt_len=n,
                             exact_expected=method.exact)
+                n_query = min(query_len, n - 1)
                 try:
                     method.check(ref_model.config, world)
+                    method.check_model(ref_model)
+                    method.check_sizes(n, n_query, world)
                 except ValueError as e:
                     rows.append(VerifyRow(**base, max_abs_logit_diff=math.nan, kv_max_abs_diff=math.nan,
                                           tokens_match=False, passed=False, error=str(e)))
                     continue
-                req = PromptRequest(str(path), ids, name, method_options=options, n_query=min(query_len, n - 1),
+                req = PromptRequest(str(path), ids, name, method_options=options, n_query=n_query,
                                     dtype=dtype, sampling=Sampling(max_new_tokens=n_tokens, stop_at_eos=False),
                                     decode_mode=decode_mode, return_cache=True)
                 replies = group.call("run_prompt", req)
