@@ -140,12 +140,11 @@ MODELS = {
     "tiny-llama": ["full", "ring", "ulysses", "star", "apb", "spava"],
     # sliding layers of 64 (flash-attn's own window) and softcapped scores
     "tiny-gemma2": ["full", "ring", "star", "apb", "apb:split", "spava"],
-    # attention sinks on sliding and global layers; YaRN, so apb scores its query at the anchor
+    # attention sinks on sliding and global layers; YaRN, and apb's query turned to its true positions
     "tiny-gpt-oss": ["full", "ring", "star", "apb", "spava"],
     # MLA: value heads of 12 beside keys of 24, padded for flash-attn
     "tiny-deepseek-v3": ["full", "ring", "apb", "spava"],
 }
-EXTRA = {"tiny-gpt-oss": ["--set", "method.query_positions=anchor"]}
 
 
 @pytest.mark.parametrize("model", list(MODELS))
@@ -160,7 +159,7 @@ def test_apb_verify_passes_every_method_on_flash_attn(apb_bin, repo, tmp_path, m
                PYTHONPATH=os.pathsep.join([str(STAND_INS)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     proc = subprocess.run([apb_bin, "verify", "--config", str(repo / "configs/tiny-cpu.yaml"), "--model", model,
                            "--methods", ",".join(MODELS[model]), "--world-size", "2", "--dtype", "bfloat16",
-                           "--prompt-len", "300", "--tokens", "3", "--json", str(out), *EXTRA.get(model, [])],
+                           "--prompt-len", "300", "--tokens", "3", "--json", str(out)],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
