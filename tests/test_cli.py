@@ -50,16 +50,20 @@ def test_verify_fails_a_method_whose_logits_are_not_finite(apb_bin, repo, tmp_pa
 
 
 def test_verify_refuses_a_row_it_cannot_run_and_runs_the_others(apb_bin, repo, tmp_path):
-    # with no query, star and apb cannot answer one: those rows are refused on the driver, naming
-    # the query length, and full still runs (the whole run used to stop in a worker)
+    # with no query, star cannot answer one and spava's compressor cannot score against one: those
+    # rows are refused on the driver, naming the fix, and the others still run (the whole run used
+    # to stop in a worker)
     out_json = tmp_path / "rows.json"
-    proc = subprocess.run([apb_bin, "verify", "--config", str(repo / "configs/tiny-cpu.yaml"), "--methods", "full,star",
+    proc = subprocess.run([apb_bin, "verify", "--config", str(repo / "configs/tiny-cpu.yaml"), "--methods",
+                           "full,star,spava",
                            "--world-size", "2", "--prompt-len", "150", "--query-len", "0", "--tokens", "2",
                            "--json", str(out_json)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     rows = {r["method"]: r for r in json.loads(out_json.read_text())["results"]}
     assert rows["full"]["passed"] and rows["full"]["error"] is None
     assert not rows["star"]["passed"] and "n_query >= 1" in rows["star"]["error"]
+    assert not rows["spava"]["passed"] and "no query tokens" in rows["spava"]["error"]
+    assert rows["spava:uncompressed"]["passed"]  # nothing is scored, so no query is needed
 
 
 def test_apb_scores_gpt_oss_with_the_query_at_its_true_positions(apb_bin, repo, tmp_path):

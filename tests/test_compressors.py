@@ -379,6 +379,28 @@ def test_query_compressor_without_query_raises(name):
         assert "stride" in str(err.value) and "retaining_heads" in str(err.value)
 
 
+def test_a_prompt_without_a_query_is_refused_before_any_worker_sees_it():
+    """What the worker would refuse mid-forward, ``Method.check_sizes`` refuses on the driver
+    (``apb run`` makes it the document's error, ``apb verify`` the row's), and only that."""
+    from apb.config import MethodConfig
+    from apb.methods import build_method
+
+    def refusal(name, world=2, **options):
+        try:
+            build_method(name, MethodConfig(name=name.split(":")[0], **options)).check_sizes(400, 0, world)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    assert "no query tokens" in refusal("spava") and "stride" in refusal("spava")
+    assert "no query tokens" in refusal("spava", compressor="snapkv")
+    assert "n_query >= 1" in refusal("star") and "n_query >= 1" in refusal("apb")
+    assert refusal("spava", world=1) is None  # one host passes nothing, so nothing is scored
+    assert refusal("spava", compressor="stride") is None
+    assert refusal("spava:uncompressed") is None and refusal("spava", passing_len=0) is None
+    assert refusal("full") is None and refusal("ring") is None
+
+
 def test_needs_flags():
     assert build_compressor("query").needs_query and build_compressor("snapkv").needs_query
     assert not build_compressor("stride").needs_query

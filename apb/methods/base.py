@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from apb.methods.compressors import no_query_tokens
 from apb.methods.cost import AttnShape, HostWork, Sizes
 from apb.methods.sizes import resolve_exact_layers
 from apb.methods.sliding import sliding_attention
@@ -128,20 +129,31 @@ class Method:
         """Raise ``ValueError`` if this method cannot run the loaded ``model`` for what only the
         model, not its config, shows. Called on every host before the prefill sends anything."""
 
-    def check_query(self, n_tokens: int, n_query: int) -> None:
+    def check_query(self, n_tokens: int, n_query: int, world_size: int) -> None:
         """Raise ``ValueError`` when ``n_query`` cannot be this prompt's query: outside [0, n_tokens),
-        or none where the method answers a query after the context."""
+        or none where the method answers a query after the context, or where its compressor chooses
+        passing blocks by scoring against the query (on more than one host)."""
         if not 0 <= n_query < n_tokens:
             raise ValueError(f"query length {n_query} must be in [0, prompt length {n_tokens})")
-        if self.query_phase and n_query == 0:
+        if n_query > 0:
+            return
+        if self.query_phase:
             raise ValueError(f"method {self.label!r} answers a query after the context: give the prompt's "
                              "query length (n_query >= 1)")
+        compressor = getattr(self, "compressor", None)
+        if compressor is not None and compressor.needs_query and world_size > 1 and self._chooses_passing():
+            raise no_query_tokens(self.config.compressor)
+
+    def _chooses_passing(self) -> bool:
+        """Whether some layer's passing block is chosen (not none, not all of a block)."""
+        p = getattr(self.config, "passing_len", None)
+        return any(item not in (0, "all") for item in (p if isinstance(p, list) else [p]))
 
     def check_sizes(self, n_tokens: int, n_query: int, world_size: int) -> None:
         """Raise ``ValueError`` naming the context length, this method's minimum, W and the fix when
         the prompt cannot be laid out over ``world_size`` hosts (or :meth:`check_query` refuses its
         query): the driver refuses exactly what a worker would, before any worker sees the prompt."""
-        self.check_query(n_tokens, n_query)
+        self.check_query(n_tokens, n_query, world_size)
         try:
             self.layout(n_tokens, world_size, n_query)
         except ValueError as e:

@@ -99,10 +99,15 @@ def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return q.reshape(b, kv_heads, (h // kv_heads) * s, d)
 
 
+def no_query_tokens(name: str) -> ValueError:
+    """The refusal of a compressor that scores against the query, for a prompt without one."""
+    return ValueError(f"compressor {name!r} scores against the query, but this prompt has no query tokens; "
+                      "give a question, or use compressor 'stride' or 'retaining_heads'")
+
+
 def _need_query(x: ScoreInputs, name: str) -> torch.Tensor:
     if x.q_query is None or x.q_query.shape[2] == 0:
-        raise ValueError(f"compressor {name!r} scores against the query, but this prompt has no query tokens; "
-                         "give a question, or use compressor 'stride' or 'retaining_heads'")
+        raise no_query_tokens(name)
     return x.q_query
 
 

@@ -60,7 +60,7 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
     if input_ids.dim() != 1 or input_ids.numel() == 0:
         raise ValueError(f"prefill takes a non-empty 1-D tensor of token ids, got shape {tuple(input_ids.shape)}")
     n = int(input_ids.numel())
-    method.check_query(n, n_query)
+    method.check_query(n, n_query, comm.size)
     device = _device(model)
     measure.sync(device)  # the clock starts when the device is idle, and stops when it is again
     t0, cpu0 = time.perf_counter(), comm.stats.compute_clock()

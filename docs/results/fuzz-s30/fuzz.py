@@ -1,0 +1,86 @@
+# Session 30: random `apb verify` runs over presets, world sizes, prompt and query lengths, decode
+# modes, dtypes and method settings, hunting for an exact row that does not match transformers'
+# eager forward, a crash without a clear refusal, or a hang.
+# Run (from a folder without an apb/ in it, apb installed or on PYTHONPATH; session 30 ran a
+# wheel of the commit under test, installed with `pip install --no-deps --target SITE .`):
+#   cd /tmp/run && PYTHONPATH=SITE /work/main/.venv/bin/python /work/main/docs/results/fuzz-s30/fuzz.py SEED MINUTES \
+#     > /work/main/docs/results/fuzz-s30/fuzz-SEED.txt
+# Each run's JSON rows and log tail go to docs/results/fuzz-s30/runs/SEED-K.{json,log}.
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+MODELS = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-qwen3", "tiny-mistral-sliding", "tiny-gemma2",
+          "tiny-gemma3", "tiny-gpt-oss", "tiny-phi3", "tiny-smollm3", "tiny-deepseek-v3"]
+METHODS = "full,ring,ulysses,star,apb,spava"
+
+
+def pick(rng: random.Random) -> dict:
+    w = rng.choice([1, 2, 2, 3, 3, 4, 5])
+    n = rng.choice([rng.randint(2, 64), rng.randint(65, 600), rng.randint(600, 2500), w * rng.randint(1, 300),
+                    w * rng.randint(1, 300) + 1, w - 1 + w * rng.randint(1, 50)])
+    n = max(2, n)
+    q = rng.choice([1, 1, rng.randint(1, 40), 0])
+    q = min(q, n - 1)
+    sets = []
+    if rng.random() < 0.3:
+        sets.append(f"method.anchor_len={rng.choice([0, 1, 7, 64, 0.5])}")
+    if rng.random() < 0.3:
+        sets.append(f"method.passing_len={rng.choice([1, 5, 33, 0.25, 'all'])}")
+    if rng.random() < 0.2:
+        sets.append(f"method.round_to={rng.choice([2, 16, 128])}")
+    if rng.random() < 0.2:
+        sets.append(f"method.exact_layers={rng.choice([1, 2])}")
+    if rng.random() < 0.2:
+        sets.append(f"method.compressor={rng.choice(['snapkv', 'retaining_heads', 'stride'])}")
+    if rng.random() < 0.25:
+        sets.append("method.query_positions=anchor")
+    return {"model": rng.choice(MODELS), "w": w, "n": n, "q": q,
+            "decode": rng.choice(["gather", "distributed"]),
+            "dtype": rng.choice(["float32"] * 4 + ["bfloat16"]), "sets": sets}
+
+
+def main(seed: int, minutes: float) -> None:
+    rng = random.Random(seed)
+    runs = HERE / "runs"
+    runs.mkdir(exist_ok=True)
+    end = time.time() + minutes * 60
+    k = 0
+    while time.time() < end:
+        c = pick(rng)
+        stem = runs / f"{seed}-{k}"
+        cmd = [sys.executable, "-m", "apb", "verify", "--model", c["model"], "--methods", METHODS, "--world-size", str(c["w"]),
+               "--prompt-len", str(c["n"]), "--query-len", str(c["q"]), "--decode", c["decode"], "--dtype", c["dtype"],
+               "--tokens", "3", "--json", f"{stem}.json", "--set", "parallel.timeout_s=60"]
+        for s in c["sets"]:
+            cmd += ["--set", s]
+        t0 = time.time()
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            rc, out = p.returncode, p.stdout + p.stderr
+        except subprocess.TimeoutExpired as e:
+            rc, out = "timeout", str(e.stdout or "") + str(e.stderr or "")
+        (stem.with_suffix(".log")).write_text(" ".join(cmd) + "\n" + out[-6000:])
+        rows = json.loads(Path(f"{stem}.json").read_text()) if Path(f"{stem}.json").exists() else None
+        if isinstance(rows, dict):
+            rows = rows.get("rows", rows.get("results"))
+        bad, errors = [], set()
+        for r in rows or []:
+            why = r.get("error") or r.get("reason") or ""
+            if r.get("exact_expected") and not r.get("passed"):
+                bad.append(f"{r.get('method')}: {why[:200]}")
+            elif r.get("error"):
+                errors.add(f"{r.get('method')}: {why[:120]}")
+        print(f"{k:3d} rc={rc} {time.time() - t0:5.1f}s {c['model']} W={c['w']} n={c['n']} q={c['q']} {c['decode']} "
+              f"{c['dtype']} {' '.join(c['sets'])} | exact not passed: {bad if bad else 'none'}"
+              + ("" if rows is not None else " | NO JSON") + (f" | refused: {sorted(errors)}" if errors else ""),
+              flush=True)
+        k += 1
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), float(sys.argv[2]))
