@@ -141,14 +141,18 @@ def _layer_turns(shift: RopeShift, model: torch.nn.Module, delta: int = 1000) ->
     head's first dims, say) is refused rather than scored with a wrongly turned query. It routes
     the model's attention to the probe while it runs: not while another thread runs the model."""
     layers = _attention_layers(model)
-    if not layers:
-        return None
     cfg = model.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if not layers or not isinstance(getattr(text, "hidden_size", None), int):
+        return None
     param = next(model.parameters())
-    hidden = torch.randn(1, 3, cfg.hidden_size, generator=torch.Generator().manual_seed(0)).to(param.device,
-                                                                                                param.dtype)
+    hidden = torch.randn(1, 3, text.hidden_size, generator=torch.Generator().manual_seed(0)).to(param.device,
+                                                                                                 param.dtype)
     at = torch.arange(7, 10, device=param.device)[None]
-    angles = [shift.rotary(hidden, at), shift.rotary(hidden, at + delta)]
+    try:
+        angles = [shift.rotary(hidden, at), shift.rotary(hidden, at + delta)]
+    except Exception:  # a rotary that takes other arguments: do not guess
+        return None
     tol = 1e-3 if param.dtype == torch.float32 else 3e-2
     before = cfg._attn_implementation
     cfg._attn_implementation = _PROBE
