@@ -197,3 +197,18 @@ def test_a_rotation_the_shift_cannot_reproduce_is_refused_before_the_prefill(mod
         apb.check_model(model)
     build_method("apb", MethodConfig(name="apb", query_positions="anchor")).check_model(model)
     build_method("apb:uncompressed", MethodConfig(name="apb")).check_model(model)  # nothing is scored
+
+
+@pytest.mark.parametrize("model_type, layer_types, want", [
+    # Cohere 2 and EXAONE 4 rotate their sliding layers only; their global layers have no RoPE
+    ("cohere2", ["sliding_attention"] * 3 + ["full_attention"], {0: True, 1: True, 2: True, 3: False}),
+    ("exaone4", ["sliding_attention", "full_attention"], {0: True, 1: False}),
+])
+def test_layers_without_rope_are_found_in_each_family(model_type, layer_types, want):
+    cfg = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=64, intermediate_size=64,
+                               num_hidden_layers=len(layer_types), num_attention_heads=2, num_key_value_heads=1,
+                               pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=16,
+                               layer_types=layer_types)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="apb").eval()
+    shift = rope_shift(model)
+    assert shift is not None and shift.turns == want
