@@ -13,8 +13,7 @@ returns ``None``; apb then refuses to score at true positions (:func:`shiftable`
 on the driver, from the config) rather than silently scoring at the anchor's. Every model is
 checked once, layer by layer, against each attention layer's own query at ``p`` and ``p + delta``
 (:func:`_layer_turns`): a layer without RoPE (SmolLM3's every fourth, Cohere 2's global layers)
-keeps its query as it is,
-and a model whose rotation the shift does not reproduce is refused.
+keeps its query as it is, and a model whose rotation the shift does not reproduce is refused.
 """
 
 from __future__ import annotations
