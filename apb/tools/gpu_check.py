@@ -17,8 +17,8 @@ error and the others still run; a run stopped from outside keeps the stages it f
    over gloo through host copies, and ulysses, whose all-to-all needs NCCL, is left out). On CUDA
    the workers run under torch's sync debug mode and every host-device synchronization is
    recorded where it happened (:data:`CENSUS_HOOK`): ``syncs`` says, per method, how many fell
-   inside a prefill's layers and were not the staged copies a shared GPU needs nor a kernel's
-   one-time probe; the hot path's promise is none, so any (``sync_findings``) fails the stage;
+   inside a prefill's layers and were not the staged copies a shared GPU needs nor a one-time
+   probe (the kernels', and RoPE's per model); the hot path's promise is none, so any (``sync_findings``) fails the stage;
 3. ``baseline``: ``full`` at W=1 against transformers' own forward (``--hf-baseline``) on
    Llama-3.1-8B's layer shape at 32K-128K tokens, in bfloat16: the shared model path at
    transformers' speed, or not (``full_over_transformers``, per length; on a GPU over
@@ -300,7 +300,7 @@ def census_summary(events: list[dict]) -> dict:
 
 def census_findings(summary: dict) -> list[str]:
     """The census's breaches of the hot path's promise: syncs inside a method's model forward that
-    are neither a shared GPU's staged copies nor a kernel's one-time probe."""
+    are neither a shared GPU's staged copies nor a one-time probe (:data:`CENSUS_HOOK`'s ``PROBES``)."""
     return [f"{method}: {row['in_model_unstaged']['count']} sync(s) inside the forward, at "
             + ", ".join(f"{site} ({n})" for site, n in row["in_model_unstaged"]["sites"].items())
             for method, row in summary.items() if "in_model_unstaged" in row]
