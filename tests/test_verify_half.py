@@ -47,3 +47,24 @@ def test_bfloat16_rule_passes_a_right_run_and_fails_a_mask_that_shows_the_next_k
     wrong = judge(truth, run(), True, "bfloat16", floor=floor)
     assert not wrong["passed"] and "K/V" in wrong["reason"], wrong
     assert wrong["kv_layer_rel_diff"] > 5 * right["kv_layer_rel_diff"]
+
+
+def test_a_failed_16_bit_row_of_a_model_with_experts_says_a_routing_flip_may_be_why():
+    from transformers import AutoConfig
+
+    from apb.tools.verify import routing_hint
+
+    hint = routing_hint(AutoConfig.from_pretrained(resolve_model("tiny-gpt-oss")))
+    assert hint and "float32" in hint
+    assert routing_hint(AutoConfig.from_pretrained(resolve_model("tiny-deepseek-v3")))
+    assert routing_hint(AutoConfig.from_pretrained(resolve_model("tiny-llama"))) is None
+    path = resolve_model("tiny-llama")
+    truth = reference_run(load_model(path, "float32", attn_implementation="eager"), random_prompt(60, 512, 0), 2)
+    floor = Floor(layer_rel=1e-3, kl=1e-6)
+    off = SimpleNamespace(last_logits=truth.logits, cache=SimpleNamespace(keys=truth.keys * 1.1, values=truth.values),
+                          tokens=None)
+    failed = judge(truth, off, True, "bfloat16", floor=floor, hint=hint)
+    assert not failed["passed"] and failed["reason"].startswith("K/V") and failed["reason"].endswith(hint)
+    same = SimpleNamespace(last_logits=truth.logits, cache=SimpleNamespace(keys=truth.keys, values=truth.values),
+                           tokens=None)
+    assert judge(truth, same, True, "bfloat16", floor=floor, hint=hint)["reason"] is None
