@@ -1,8 +1,9 @@
 # Session 30: random `apb verify` runs over presets, world sizes, prompt and query lengths, decode
 # modes, dtypes and method settings, hunting for an exact row that does not match transformers'
 # eager forward, a crash without a clear refusal, or a hang.
-# Run (from a folder without an apb/ in it, apb installed or on PYTHONPATH; session 30 ran a
-# wheel of the commit under test, installed with `pip install --no-deps --target SITE .`):
+# Run (from a folder without an apb/ in it, apb installed or on PYTHONPATH; session 30 ran a wheel
+# of the commit under test, installed with `pip install --no-deps --target SITE .`; a third
+# argument `wide`: 6-8 hosts and prompts up to 5,000 tokens):
 #   cd /tmp/run && PYTHONPATH=SITE /work/main/.venv/bin/python /work/main/docs/results/fuzz-s30/fuzz.py SEED MINUTES \
 #     > /work/main/docs/results/fuzz-s30/fuzz-SEED.txt
 # Each run's JSON rows and log tail go to docs/results/fuzz-s30/runs/SEED-K.{json,log}.
@@ -19,10 +20,12 @@ MODELS = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-qwen3", "tiny-mistra
 METHODS = "full,ring,ulysses,star,apb,spava"
 
 
-def pick(rng: random.Random) -> dict:
-    w = rng.choice([1, 2, 2, 3, 3, 4, 5])
-    n = rng.choice([rng.randint(2, 64), rng.randint(65, 600), rng.randint(600, 2500), w * rng.randint(1, 300),
-                    w * rng.randint(1, 300) + 1, w - 1 + w * rng.randint(1, 50)])
+def pick(rng: random.Random, wide: bool = False) -> dict:
+    """One run's settings; ``wide``: 6-8 hosts and prompts up to 5,000 tokens."""
+    w = rng.choice([6, 7, 8]) if wide else rng.choice([1, 2, 2, 3, 3, 4, 5])
+    top = 5000 if wide else 2500
+    n = rng.choice([rng.randint(2, 64), rng.randint(65, 600), rng.randint(600, top), w * rng.randint(1, top // w),
+                    w * rng.randint(1, top // w) + 1, w - 1 + w * rng.randint(1, 50)])
     n = max(2, n)
     q = rng.choice([1, 1, rng.randint(1, 40), 0])
     q = min(q, n - 1)
@@ -44,14 +47,14 @@ def pick(rng: random.Random) -> dict:
             "dtype": rng.choice(["float32"] * 4 + ["bfloat16"]), "sets": sets}
 
 
-def main(seed: int, minutes: float) -> None:
+def main(seed: int, minutes: float, wide: bool = False) -> None:
     rng = random.Random(seed)
     runs = HERE / "runs"
     runs.mkdir(exist_ok=True)
     end = time.time() + minutes * 60
     k = 0
     while time.time() < end:
-        c = pick(rng)
+        c = pick(rng, wide)
         stem = runs / f"{seed}-{k}"
         cmd = [sys.executable, "-m", "apb", "verify", "--model", c["model"], "--methods", METHODS, "--world-size", str(c["w"]),
                "--prompt-len", str(c["n"]), "--query-len", str(c["q"]), "--decode", c["decode"], "--dtype", c["dtype"],
@@ -83,4 +86,4 @@ def main(seed: int, minutes: float) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), float(sys.argv[2]))
+    main(int(sys.argv[1]), float(sys.argv[2]), len(sys.argv) > 3 and sys.argv[3] == "wide")
