@@ -18,7 +18,8 @@ error and the others still run; a run stopped from outside keeps the stages it f
    the workers run under torch's sync debug mode and every host-device synchronization is
    recorded where it happened (:data:`CENSUS_HOOK`): ``syncs`` says, per method, how many fell
    inside a prefill's layers and were not the staged copies a shared GPU needs nor a one-time
-   probe (the kernels', and RoPE's per model); the hot path's promise is none, so any (``sync_findings``) fails the stage;
+   probe (the kernels', and RoPE's per model); the hot path's promise is none, so any
+   (``sync_findings``) fails the stage;
 3. ``baseline``: ``full`` at W=1 against transformers' own forward (``--hf-baseline``) on
    Llama-3.1-8B's layer shape at 32K-128K tokens, in bfloat16: the shared model path at
    transformers' speed, or not (``full_over_transformers``, per length; on a GPU over
