@@ -212,3 +212,19 @@ def test_layers_without_rope_are_found_in_each_family(model_type, layer_types, w
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="apb").eval()
     shift = rope_shift(model)
     assert shift is not None and shift.turns == want
+
+
+def test_only_a_method_that_moves_the_query_probes_the_models_rope():
+    """The probe routes the model's attention elsewhere while it runs: methods that never move a
+    query (every one but apb scoring at true positions) leave the model untouched."""
+    from apb.parallel.comm import Comm
+    from apb.runtime.prefill import prefill
+
+    model = load_model(resolve_model("tiny-llama"))
+    ids = torch.randint(3, 500, (40,), generator=torch.Generator().manual_seed(0))
+    for name, options in (("full", {}), ("ring", {}), ("apb", {"query_positions": "anchor"})):
+        prefill(model, ids, build_method(name, MethodConfig(name=name, **options)), Comm(None), n_query=4)
+        assert not hasattr(model, "_apb_rope_shift"), name
+    assert build_method("apb", MethodConfig(name="apb")).moves_query()
+    build_method("apb", MethodConfig(name="apb")).check_model(model)
+    assert model._apb_rope_shift is not None

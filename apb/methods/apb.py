@@ -101,7 +101,7 @@ class APB(Anchored):
 
     def check(self, model_config, world_size):
         super().check(model_config, world_size)
-        if self._moves_query() and not shiftable(model_config):
+        if self.moves_query() and not shiftable(model_config):
             raise ValueError(_UNMOVABLE.format(why="this model's RoPE depends on the sequence length or the layer "
                                                    "type"))
 
@@ -109,11 +109,11 @@ class APB(Anchored):
         super().check_model(model)
         # the config can promise fixed frequencies where the loaded rotary still cannot be moved (its
         # apply_rotary_pos_emb takes another form): refused before any message, not mid-forward
-        if self._moves_query() and rope_shift(model) is None:
+        if self.moves_query() and rope_shift(model) is None:
             raise ValueError(_UNMOVABLE.format(why=f"{type(model).__name__}'s rotary embedding could not be moved "
                                                    "as the model itself rotates (apb.model.rope)"))
 
-    def _moves_query(self) -> bool:
+    def moves_query(self) -> bool:
         """Whether hosts r > 0 move the anchor's copy of the query to its true positions to score
         with it (with nothing chosen or no anchor, there is no copy to move)."""
         return (self.config.passing_len != "all" and self.config.anchor_len != 0

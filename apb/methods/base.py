@@ -125,6 +125,11 @@ class Method:
             lo, hi = (lo, mid) if fits(mid) else (mid, hi)
         return hi
 
+    def moves_query(self) -> bool:
+        """Whether this method moves a rotary-embedded query to other positions (``ctx.rope``,
+        :func:`apb.model.rope.rope_shift`); only then does the prefill probe the model's RoPE."""
+        return False
+
     def check_model(self, model: Any) -> None:
         """Raise ``ValueError`` if this method cannot run the loaded ``model`` for what only the
         model, not its config, shows. Called on every host before the prefill sends anything."""

@@ -89,7 +89,8 @@ def _run(model, input_ids, method, comm, n, n_query, pad_id, diagnostics):
     slices = method.layout(n, comm.size, n_query)
     mine = slices[comm.rank]
     ctx = AttnContext(method, slices, comm, plan=method.plan(n, comm.size, n_query, model.config.num_hidden_layers),
-                      n_query=n_query, rope=rope_shift(model), diagnostics=diagnostics)
+                      n_query=n_query, rope=rope_shift(model) if method.moves_query() else None,
+                      diagnostics=diagnostics)
     comm.stats.phase = Phase.CONTEXT
     logits = torch.empty(model.config.vocab_size, dtype=torch.float32, device=device)
     owner, owner_local = (None, None) if method.query_phase else owner_of(slices, n - 1)
