@@ -14,7 +14,7 @@ from apb.model.catalog import resolve_model
 from apb.model.loading import load_model
 from apb.parallel.comm import Comm, CommStats
 from apb.runtime.prefill import prefill
-from apb.tools.verify import Floor, judge, random_prompt, reference_run
+from apb.tools.verify import Floor, judge, layer_rel_diff, random_prompt, reference_run
 
 full_module = importlib.import_module("apb.methods.full")
 
@@ -68,3 +68,82 @@ def test_a_failed_16_bit_row_of_a_model_with_experts_says_a_routing_flip_may_be_
     same = SimpleNamespace(last_logits=truth.logits, cache=SimpleNamespace(keys=truth.keys, values=truth.values),
                            tokens=None)
     assert judge(truth, same, True, "bfloat16", floor=floor, hint=hint)["reason"] is None
+
+
+def _gpt_oss_bf16(n: int, path=None):
+    """tiny-gpt-oss (or the checkpoint at ``path``) at ``n`` tokens: the float32 truth, eager
+    bfloat16's run, the floor from them, and a runner of ``full`` in bfloat16 on apb's attention."""
+    path = path or resolve_model("tiny-gpt-oss")
+    truth_model = load_model(path, "float32", attn_implementation="eager")
+    ids = random_prompt(n, truth_model.config.vocab_size, n)  # the prompt apb verify uses at n tokens
+    truth = reference_run(truth_model, ids, 2)
+    half = reference_run(load_model(path, "bfloat16", attn_implementation="eager"), ids, 2)
+    model = load_model(path, "bfloat16")
+
+    def run():
+        res = prefill(model, ids, build_method("full", MethodConfig()), Comm(None, CommStats()), n_query=1)
+        return SimpleNamespace(last_logits=res.last_logits, cache=res.cache, tokens=None)
+
+    return truth, half, Floor.measure(truth, half), run
+
+
+def test_a_token_sent_to_other_experts_at_a_near_tie_is_left_out_of_the_measure():
+    # session 30's case: at 280 tokens token 186's two best experts are within bfloat16's rounding,
+    # and apb's attention sends it to the other one where eager does not; it failed every exact row
+    truth, _, floor, run = _gpt_oss_bf16(280)
+    assert floor.flipped is not None and not floor.flipped.any()  # eager's own run keeps float32's experts
+    right = judge(truth, run(), True, "bfloat16", floor=floor)
+    assert right["passed"], right["reason"]
+    assert "method 1 token (186 from layer 1)" in right["routing_flips"], right["routing_flips"]
+    # the same runs measured without the routing: token 186 alone fails the layer (the old rule)
+    old = judge(truth, run(), True, "bfloat16", floor=Floor(floor.layer_rel, floor.kl))
+    assert not old["passed"] and old["kv_layer_rel_diff"] > 4 * right["kv_layer_rel_diff"]
+
+
+def test_eager_sending_a_token_to_other_experts_does_not_loosen_the_floor():
+    # at 235 tokens eager bfloat16 itself sends token 167 elsewhere: counted in, that one token made
+    # the floor 0.049 (6x a clean layer's) and let a 16-bit row differ by up to 0.098 per layer
+    truth, half, floor, run = _gpt_oss_bf16(235)
+    assert floor.flipped[-1].nonzero().flatten().tolist() == [167]
+    assert floor.layer_rel < 0.01, floor
+    assert layer_rel_diff(truth, half.keys, half.values) > 0.04  # the old floor, from the same runs
+    right = judge(truth, run(), True, "bfloat16", floor=floor)
+    assert right["passed"], right["reason"]
+    assert "eager 1 token (167 from layer 1)" in right["routing_flips"]
+
+
+def test_a_wrong_mask_on_a_model_with_experts_still_fails_in_bfloat16(tmp_path, monkeypatch):
+    # four global layers, so that a mask in layer 0 shows in three layers' K/V after the experts
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("gpt_oss", vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                               num_experts_per_tok=2, layer_types=["full_attention"] * 4, sliding_window=64,
+                               max_position_embeddings=4096)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(tmp_path, safe_serialization=True)
+    truth, _, floor, run = _gpt_oss_bf16(300, tmp_path)
+    assert floor.ties and any(t.any() for t in floor.ties.values())  # near-ties exist to be abused
+    right = judge(truth, run(), True, "bfloat16", floor=floor)
+    assert right["passed"], right["reason"]
+    kernel = full_module.attention
+
+    def next_key(q, k, v, causal=True, **kw):  # every query but the last also sees the key after its own
+        if causal and q.shape[2] == k.shape[2] > 1:
+            out, lse = kernel(q[:, :, :-1], k, v, causal=True, **kw)
+            last, last_lse = kernel(q[:, :, -1:], k, v, causal=False, **kw)
+            return torch.cat([out, last], 2), torch.cat([lse, last_lse], 2)
+        return kernel(q, k, v, causal=causal, **kw)
+
+    def block_off(q, k, v, causal=True, **kw):  # rows 100-139 lose the keys before 100: a boundary bug
+        if causal and q.shape[2] == k.shape[2] > 140:
+            head, h_lse = kernel(q[:, :, :100], k[:, :, :100], v[:, :, :100], causal=True, **kw)
+            mid, m_lse = kernel(q[:, :, 100:140], k[:, :, 100:140], v[:, :, 100:140], causal=True, **kw)
+            rest, r_lse = kernel(q[:, :, 140:], k, v, causal=True, **kw)
+            return torch.cat([head, mid, rest], 2), torch.cat([h_lse, m_lse, r_lse], 2)
+        return kernel(q, k, v, causal=causal, **kw)
+
+    for wrong_mask in (next_key, block_off):
+        monkeypatch.setattr(full_module, "attention", wrong_mask)
+        wrong = judge(truth, run(), True, "bfloat16", floor=floor)
+        assert not wrong["passed"] and "K/V" in wrong["reason"], (wrong_mask.__name__, wrong)

@@ -1,0 +1,119 @@
+"""Which expert each token chose in a reference forward, and how near its choice was to a tie.
+
+Used by ``apb verify`` in 16-bit dtypes: a model that routes tokens to experts makes a discrete
+choice per token and layer, so one rounding step in the attention output can send a near-tied
+token to another expert, and that token's K/V then differ in every later layer (session 30,
+``docs/results/fuzz-s30/routing_flip.txt``). Such a difference is rounding, not a wrong mask, but
+only if the token's choice really was near a tie; :func:`near_tie` says so from the float32 reference's
+own router scores, measured against how far the same dtype's eager forward moves them.
+
+Routers are found by shape, not by family: a module whose class name ends in ``Router`` inside a
+decoder layer, whose output holds a float tensor of one score per expert for each token. The
+scores that choose are the logits (softmax and top-k keep their order), or ``sigmoid + bias``
+where the router has DeepSeek's ``e_score_correction_bias``. A router this does not recognise
+records nothing, and a K/V difference it would have to explain stays unexplained.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass
+class Routing:
+    """Per decoder layer with a router: each token's selection score for every expert ``(n, E)``
+    in float32, and the experts it chose ``(n, k)``, sorted."""
+
+    scores: dict[int, torch.Tensor]
+    chosen: dict[int, torch.Tensor]
+
+    def margin(self, layer: int) -> torch.Tensor:
+        """Per token: the lowest chosen score minus the highest score not chosen ``(n,)``. Negative
+        where a rule other than the scores' order chose (DeepSeek's expert groups): counted as a tie."""
+        s, c = self.scores[layer], self.chosen[layer]
+        picked = torch.zeros_like(s, dtype=torch.bool).scatter_(1, c, True)
+        low = s.masked_fill(~picked, float("inf")).min(1).values
+        high = s.masked_fill(picked, float("-inf")).max(1).values
+        return low - high
+
+
+def routers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """The router of each decoder layer that has one, by layer index."""
+    out = {}
+    for name, module in model.named_modules():
+        m = _LAYER.search(name + ".")
+        if m and type(module).__name__.lower().endswith("router"):
+            out.setdefault(int(m.group(1)), module)
+    return out
+
+
+def _read(module: torch.nn.Module, output) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(selection scores (n, E) float32, chosen experts (n, k) sorted) from a router's output, or
+    None when its output does not have that shape."""
+    tensors = [output] if torch.is_tensor(output) else [t for t in output if torch.is_tensor(t)]
+    n_experts = getattr(module, "num_experts", None) or getattr(module, "out_features", None)
+    floats = [t for t in tensors if t.is_floating_point() and t.dim() == 2 and t.shape[-1] == n_experts]
+    if not floats:
+        return None
+    logits = floats[0].float()  # every router above returns its logits first, or alone
+    ints = [t for t in tensors if not t.is_floating_point() and t.dim() == 2 and t.shape[0] == logits.shape[0]]
+    bias = getattr(module, "e_score_correction_bias", None)
+    scores = logits if bias is None else logits.sigmoid() + bias.float()
+    if ints:
+        chosen = ints[0].long()
+    elif isinstance(getattr(module, "top_k", None), int):
+        chosen = scores.topk(module.top_k, dim=-1).indices
+    else:
+        return None
+    return scores.detach().cpu(), chosen.sort(-1).values.cpu()
+
+
+@contextmanager
+def record(model: torch.nn.Module):
+    """Collect the routing of every forward run inside the block (the last one wins); yields the
+    :class:`Routing`, filled when the block ends. A model without routers yields an empty one."""
+    routing = Routing({}, {})
+    hooks = []
+    for layer, module in routers(model).items():
+        def hook(module, args, output, layer=layer):
+            got = _read(module, output)
+            if got is not None:
+                routing.scores[layer], routing.chosen[layer] = got
+        hooks.append(module.register_forward_hook(hook))
+    try:
+        yield routing
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def rounding_scale(truth: Routing, half: Routing, layer: int, quantile: float = 0.99) -> float:
+    """How far the 16-bit eager forward moved this layer's router scores from float32's: per
+    token the largest move over the experts, and of those the ``quantile`` (a high one, not the
+    largest: the tail is the tokens whose input moved most) over the tokens that chose the same
+    experts in both at this layer and every router before it (a token that chose otherwise moves
+    by its new input, not by rounding)."""
+    same = None
+    for at in sorted(k for k in truth.chosen if k <= layer and k in half.chosen):
+        here = (truth.chosen[at] == half.chosen[at]).all(-1)
+        same = here if same is None else same & here
+    if same is None or not bool(same.any()):
+        return 0.0
+    moved = (truth.scores[layer][same] - half.scores[layer][same]).abs().max(-1).values
+    return float(torch.quantile(moved.double(), quantile))
+
+
+def near_ties(truth: Routing, half: Routing, factor: float) -> dict[int, torch.Tensor]:
+    """Per router layer, which tokens' float32 choice was within ``factor`` x the dtype's rounding
+    of the scores (:func:`rounding_scale`) of a tie ``(n,)`` bool: a rounding difference could
+    have sent them to other experts there. (To swap two experts a rounding must move their scores'
+    difference by the margin, so by half of it each: ``factor`` 4 leaves room for a method that
+    rounds up to twice as far as eager.)"""
+    return {layer: truth.margin(layer) <= factor * rounding_scale(truth, half, layer)
+            for layer in truth.scores if layer in half.scores}
