@@ -36,6 +36,7 @@ from apb.config import Config, ConfigError, load_config
 from apb.methods import build_method
 from apb.model.catalog import resolve_model
 from apb.model.features import check_supported
+from apb.model.loading import skeleton
 from apb.model.text import encode_document, eos_ids, load_tokenizer
 from apb.parallel import groups
 from apb.runtime import memory
@@ -132,6 +133,9 @@ class Engine:
         self.method = build_method(cfg.method.name, cfg.method)  # validates method options now, not in a worker
         try:
             self.method.check(self.model_config, cfg.parallel.world_size)
+            structure = skeleton(self.model_config)
+            if structure is not None:  # e.g. a compressor that reads projections the model lacks
+                self.method.check_structure(structure)
         except ValueError as e:
             raise ConfigError(f"method.name={cfg.method.name!r}: {e}") from None
         self._group = group

@@ -547,3 +547,53 @@ def test_apb_uncompressed_plan():
         plan = m.plan(n_ctx + 6, W, 6, 2)
         assert plan.anchor_len == 0
         assert plan.passing == (math.ceil(n_ctx / W),) * 2
+
+
+def _skeleton(name):
+    from transformers import AutoConfig
+
+    from apb.model.catalog import resolve_model
+    from apb.model.loading import skeleton
+
+    return skeleton(AutoConfig.from_pretrained(resolve_model(name)))
+
+
+def test_retaining_heads_is_refused_before_the_prefill_where_it_cannot_score(tmp_path, llama_config):
+    # a worker used to stop mid-prefill on these, losing every row of an `apb verify` run (session 31's fuzz)
+    model = _skeleton("tiny-llama")
+    cfg = model.config
+    good = random_retaining_heads(tmp_path / "good.safetensors", cfg, hidden=8)
+    options = dict(compressor="retaining_heads", passing_len=8)
+    build_method("apb", MethodConfig(name="apb", retaining_heads_path=str(good), **options)).check_structure(model)
+    # DeepSeek's MLA has no q_proj/k_proj/v_proj for the heads to read
+    deepseek = build_method("spava", MethodConfig(name="spava", retaining_heads_path=str(good), **options))
+    with pytest.raises(ValueError, match=r"no separate q_proj/k_proj/v_proj.*method.compressor 'query'"):
+        deepseek.check_structure(_skeleton("tiny-deepseek-v3"))
+    with pytest.raises(ValueError, match=r"no separate q_proj/k_proj/v_proj"):
+        deepseek.check_model(_skeleton("tiny-deepseek-v3"))  # the hosts' own check runs it too
+    # nothing chosen, nothing scored: the uncompressed variant runs on any model
+    uncompressed = build_method("apb:uncompressed", MethodConfig(name="apb", retaining_heads_path=str(good), **options))
+    uncompressed.check_structure(_skeleton("tiny-deepseek-v3"))
+    assert not uncompressed.capture_pre_rope() and deepseek.capture_pre_rope()
+    # a file made for another shape or depth names the layer and the sizes
+    wide = llama_config.__class__(**{**llama_config.to_dict(), "hidden_size": cfg.hidden_size * 2,
+                                     "num_attention_heads": cfg.num_attention_heads,
+                                     "num_key_value_heads": cfg.num_key_value_heads,
+                                     "num_hidden_layers": cfg.num_hidden_layers})
+    other = random_retaining_heads(tmp_path / "other.safetensors", wide, hidden=8)
+    with pytest.raises(ValueError, match=r"layer 0 expects \d+ input features, the model gives \d+ \(q \d+ \+ k \d+"):
+        build_method("apb", MethodConfig(name="apb", retaining_heads_path=str(other), **options)).check_structure(model)
+    shallow = llama_config.__class__(**{**cfg.to_dict(), "num_hidden_layers": cfg.num_hidden_layers - 1})
+    short = random_retaining_heads(tmp_path / "short.safetensors", shallow, hidden=8)
+    with pytest.raises(ValueError, match=rf"no weights for layer {cfg.num_hidden_layers - 1}"):
+        build_method("apb", MethodConfig(name="apb", retaining_heads_path=str(short), **options)).check_structure(model)
+
+
+def test_apb_run_refuses_retaining_heads_on_mla_before_any_worker_starts(tmp_path, llama_config):
+    from apb.config import ConfigError
+    from apb.engine import Engine
+
+    path = random_retaining_heads(tmp_path / "rh.safetensors", llama_config, hidden=8)
+    with pytest.raises(ConfigError, match=r"method.name='apb': compressor 'retaining_heads'.*q_proj"):
+        Engine.from_config(None, {"model.name_or_path": "tiny-deepseek-v3", "method.name": "apb",
+                                  "method.compressor": "retaining_heads", "method.retaining_heads_path": str(path)})

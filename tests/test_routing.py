@@ -66,3 +66,37 @@ def test_near_ties_are_the_tokens_rounding_could_flip():
     flipped = (truth.chosen[0] != half.chosen[0]).any(-1)
     assert bool(ties[0][flipped].all())  # every token bfloat16 really flipped was a near-tie
     assert 0 < float(ties[0].float().mean()) < 0.25
+
+
+def test_with_expert_groups_the_margin_counts_the_group_choice(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("deepseek_v3", vocab_size=512, hidden_size=64, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
+                               kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                               v_head_dim=12, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                               first_k_dense_replace=0, moe_intermediate_size=32)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(tmp_path, safe_serialization=True)
+    model = load_model(tmp_path, "float32", attn_implementation="eager")
+    with torch.no_grad():  # a bias that favours one expert per group, so groups and scores disagree
+        for layer in model.model.layers:
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.tensor([0.3, 0, 0, 0.2, 0, 0, 0.1, 0]))
+        with routing.record(model) as got:
+            model(random_prompt(200, 512, 3)[None])
+    assert got.groups == {0: (4, 2), 1: (4, 2)}
+    s, chosen, margin = got.scores[1], got.chosen[1], got.margin(1)
+    assert bool((margin >= 0).all())  # the groups explain every choice
+    # by hand: the gap inside the two chosen groups, and the gap between the 2nd and 3rd group
+    group = s.view(-1, 4, 2).topk(2, -1).values.sum(-1)
+    g_sorted = group.sort(-1, descending=True).values
+    for t in range(0, 200, 37):
+        groups = group[t].topk(2).indices.tolist()
+        inside = [e for e in range(8) if e // 2 in groups]
+        rest = [float(s[t, e]) for e in inside if e not in chosen[t].tolist()]
+        expert_gap = float(s[t, chosen[t]].min()) - max(rest)
+        want = min(expert_gap, float(g_sorted[t, 1] - g_sorted[t, 2]))
+        assert abs(float(margin[t]) - want) < 1e-6
+    # without the groups, many tokens would look tied (an expert of an unchosen group scores higher)
+    plain = routing.Routing(got.scores, got.chosen)
+    assert bool((plain.margin(1) < 0).any())

@@ -130,9 +130,6 @@ class APB(Anchored):
             return ()
         return tuple(range(world_size)) if anchor_len == 0 else (0,)
 
-    def capture_pre_rope(self) -> bool:
-        return self.compressor.needs_pre_rope
-
     def _scores_with_query(self, ctx, layer):
         return (self.compressor.needs_query and ctx.comm.size > 1 and ctx.plan.passing[layer] > 0
                 and self.config.passing_len != "all")

@@ -76,8 +76,10 @@ class Method:
         return None
 
     def capture_pre_rope(self) -> bool:
-        """Whether the runtime must capture q/k/v projections before RoPE for this method."""
-        return False
+        """Whether the runtime must capture q/k/v projections before RoPE for this method: its
+        compressor scores on them and some layer chooses a passing block."""
+        compressor = getattr(self, "compressor", None)
+        return compressor is not None and compressor.needs_pre_rope and self._chooses_passing()
 
     def attention(self, ctx: "AttnContext", module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor,
                   v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -133,6 +135,15 @@ class Method:
     def check_model(self, model: Any) -> None:
         """Raise ``ValueError`` if this method cannot run the loaded ``model`` for what only the
         model, not its config, shows. Called on every host before the prefill sends anything."""
+        self.check_structure(model)
+
+    def check_structure(self, model: Any) -> None:
+        """The part of :meth:`check_model` that reads the model's modules and shapes, not its
+        values: the driver runs it on a skeleton without weights (``apb.model.loading.skeleton``)
+        before any worker starts."""
+        compressor = getattr(self, "compressor", None)
+        if compressor is not None and self._chooses_passing():  # with nothing chosen, nothing is scored
+            compressor.check_model(model)
 
     def check_query(self, n_tokens: int, n_query: int, world_size: int) -> None:
         """Raise ``ValueError`` when ``n_query`` cannot be this prompt's query: outside [0, n_tokens),

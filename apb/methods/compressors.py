@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from apb.model.features import qkv_projections
+
 _COMPRESSORS: dict[str, type["Compressor"]] = {}
 
 
@@ -71,6 +73,10 @@ class Compressor:
     def scores(self, x: ScoreInputs) -> torch.Tensor:
         """(b, kv_heads, t) float32; higher is more important."""
         raise NotImplementedError
+
+    def check_model(self, model) -> None:
+        """Raise ``ValueError`` naming the fix if this compressor cannot score the loaded ``model``'s
+        blocks (called through ``Method.check_model`` on every host before anything is sent)."""
 
     def select(self, x: ScoreInputs, p: int) -> torch.Tensor:
         """Indices (b, kv_heads, p) into the block, ascending."""
@@ -167,6 +173,26 @@ class RetainingHeads(Compressor):
         self.weights = load_file(str(path))
         self.path = path
         self._on: dict[torch.device, dict[str, torch.Tensor]] = {}
+
+    def check_model(self, model) -> None:
+        layers = qkv_projections(model)
+        total = model.config.get_text_config().num_hidden_layers
+        if len(layers) < total:
+            missing = sorted(set(range(total)) - set(layers))
+            raise ValueError(
+                f"compressor 'retaining_heads' scores each block on its q/k/v projections before RoPE, and "
+                f"{type(model).__name__}'s attention in layer(s) {missing[:8]} has no separate q_proj/k_proj/v_proj "
+                "(DeepSeek's MLA projects through a low-rank latent); use method.compressor 'query', 'snapkv' or 'stride'")
+        for layer, module in sorted(layers.items()):
+            key = f"layers.{layer}.fc1.weight"
+            if key not in self.weights:
+                raise ValueError(f"method.retaining_heads_path={str(self.path)!r} has no weights for layer {layer} "
+                                 f"({key}): the file was made for a model with fewer layers")
+            sizes = [getattr(getattr(module, f"{n}_proj"), "out_features", None) for n in "qkv"]
+            if None not in sizes and self.weights[key].shape[1] != sum(sizes):
+                raise ValueError(f"method.retaining_heads_path={str(self.path)!r}: layer {layer} expects "
+                                 f"{self.weights[key].shape[1]} input features, the model gives {sum(sizes)} "
+                                 f"(q {sizes[0]} + k {sizes[1]} + v {sizes[2]}); the file was made for another model")
 
     def _weights(self, device: torch.device) -> dict[str, torch.Tensor]:
         if device not in self._on:  # moved once per device, not once per layer call

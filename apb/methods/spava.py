@@ -139,9 +139,6 @@ class Spava(Method):
         return layout.spava(n_ctx, n_query, world_size, self.anchor_len(n_ctx, world_size),
                             split_anchor=bool(self.config.share_anchor))
 
-    def capture_pre_rope(self) -> bool:
-        return self.compressor.needs_pre_rope
-
     def attention(self, ctx, module, q, k, v, scale):
         comm, mine, layer, opts = ctx.comm, ctx.mine, int(module.layer_idx), ctx.score_opts
         rows = {(c.kind, c.chunk_id): r for c, r in mine.chunk_rows()}

@@ -76,3 +76,11 @@ def sliding_windows(model_config: Any) -> tuple[int, ...]:
     if types:
         return tuple(window for kind in types if kind == "sliding_attention")
     return (window,) * cfg.num_hidden_layers
+
+
+def qkv_projections(model: Any) -> dict[int, Any]:
+    """Each attention layer that projects queries, keys and values apart (``q_proj``, ``k_proj``,
+    ``v_proj``), by layer index: what a compressor that scores on projections before RoPE reads.
+    Empty for a model whose attention projects otherwise (DeepSeek's MLA, a fused ``qkv_proj``)."""
+    return {int(m.layer_idx): m for m in model.modules()
+            if hasattr(m, "layer_idx") and all(hasattr(m, n) for n in ("q_proj", "k_proj", "v_proj"))}

@@ -130,3 +130,13 @@ def load_model(path: str | Path, dtype: str = "float32", device: torch.device | 
         str(path), dtype=parse_dtype(dtype), local_files_only=True, trust_remote_code=False,
         attn_implementation=attn_implementation or ATTN_IMPLEMENTATION, device_map=device)
     return model.to(device).eval()
+
+
+def skeleton(model_config) -> torch.nn.Module | None:
+    """The model's modules without weights (on PyTorch's ``meta`` device: no memory, no values),
+    for checks that read only its structure and shapes; None where the family cannot be built so."""
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(model_config, trust_remote_code=False)
+    except Exception:  # the workers' own check on the loaded model still runs
+        return None

@@ -30,7 +30,7 @@ import torch
 from apb.methods.base import AttnContext, Method
 from apb.methods.cache_attention import CacheAttnContext
 from apb.model import mla
-from apb.model.features import check_supported
+from apb.model.features import check_supported, qkv_projections
 from apb.model.hf_bridge import prompt_length
 from apb.model.rope import rope_shift
 from apb.parallel.comm import OUTSIDE, Comm, Phase
@@ -146,21 +146,19 @@ def _empty_kv(model, device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
 def _pre_rope_capture(model, ctx: AttnContext):
     """Record each layer's q/k/v projections (before RoPE) for compressors that score on them."""
     handles = []
-    for module in model.modules():
-        if hasattr(module, "layer_idx") and all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj")):
-            layer = int(module.layer_idx)
-            store: dict[str, torch.Tensor] = {}
+    for layer, module in qkv_projections(model).items():
+        store: dict[str, torch.Tensor] = {}
 
-            def hook(name, store=store, layer=layer):
-                def fn(_mod, _inp, output):
-                    store[name] = output
-                    if len(store) == 3:
-                        ctx.scratch[("pre_rope", layer)] = (store["q"], store["k"], store["v"])
-                return fn
+        def hook(name, store=store, layer=layer):
+            def fn(_mod, _inp, output):
+                store[name] = output
+                if len(store) == 3:
+                    ctx.scratch[("pre_rope", layer)] = (store["q"], store["k"], store["v"])
+            return fn
 
-            for name in ("q", "k", "v"):
-                handles.append(getattr(module, f"{name}_proj").register_forward_hook(hook(name)))
-    if not handles:
+        for name in ("q", "k", "v"):
+            handles.append(getattr(module, f"{name}_proj").register_forward_hook(hook(name)))
+    if not handles:  # Method.check_model refuses this first (Compressor.check_model)
         raise ValueError("this compressor needs q_proj/k_proj/v_proj projections, which this model does not have")
     try:
         yield

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,15 +32,32 @@ class Routing:
 
     scores: dict[int, torch.Tensor]
     chosen: dict[int, torch.Tensor]
+    #: layers whose router first picks ``topk_group`` of ``n_group`` expert groups (DeepSeek-V3)
+    groups: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def margin(self, layer: int) -> torch.Tensor:
-        """Per token: the lowest chosen score minus the highest score not chosen ``(n,)``. Negative
-        where a rule other than the scores' order chose (DeepSeek's expert groups): counted as a tie."""
+        """Per token ``(n,)``: how far its scores are from choosing otherwise. The lowest chosen
+        score minus the highest one not chosen; with expert groups, among the chosen groups' experts,
+        and no more than the lowest chosen group's score (the sum of its two best) minus the highest
+        other group's. Negative where something else chose: counted as a tie."""
         s, c = self.scores[layer], self.chosen[layer]
         picked = torch.zeros_like(s, dtype=torch.bool).scatter_(1, c, True)
+        allowed = torch.ones_like(picked)
+        group_gap = None
+        if layer in self.groups:
+            n_group, topk_group = self.groups[layer]
+            by_group = s.view(s.shape[0], n_group, -1)
+            group_score = by_group.topk(min(2, by_group.shape[-1]), dim=-1).values.sum(-1)
+            ranked = group_score.sort(-1, descending=True).values
+            if topk_group < n_group:
+                group_gap = ranked[:, topk_group - 1] - ranked[:, topk_group]
+            top = group_score.topk(topk_group, dim=-1).indices
+            in_group = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, top, True)
+            allowed = in_group[:, :, None].expand_as(by_group).reshape_as(s)
         low = s.masked_fill(~picked, float("inf")).min(1).values
-        high = s.masked_fill(picked, float("-inf")).max(1).values
-        return low - high
+        high = s.masked_fill(picked | ~allowed, float("-inf")).max(1).values
+        gap = low - high
+        return gap if group_gap is None else torch.minimum(gap, group_gap)
 
 
 def routers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
@@ -55,7 +72,7 @@ def routers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
 
 def _read(module: torch.nn.Module, output) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(selection scores (n, E) float32, chosen experts (n, k) sorted) from a router's output, or
-    None when its output does not have that shape."""
+    None when its output does not have that shape. (Groups: :func:`_groups`.)"""
     tensors = [output] if torch.is_tensor(output) else [t for t in output if torch.is_tensor(t)]
     n_experts = getattr(module, "num_experts", None) or getattr(module, "out_features", None)
     floats = [t for t in tensors if t.is_floating_point() and t.dim() == 2 and t.shape[-1] == n_experts]
@@ -74,6 +91,14 @@ def _read(module: torch.nn.Module, output) -> tuple[torch.Tensor, torch.Tensor] 
     return scores.detach().cpu(), chosen.sort(-1).values.cpu()
 
 
+def _groups(module: torch.nn.Module) -> tuple[int, int] | None:
+    """(n_group, topk_group) of a router that chooses expert groups first, else None."""
+    n_group, topk_group = getattr(module, "num_group", None), getattr(module, "topk_group", None)
+    if isinstance(n_group, int) and isinstance(topk_group, int) and n_group > 1:
+        return n_group, topk_group
+    return None
+
+
 @contextmanager
 def record(model: torch.nn.Module):
     """Collect the routing of every forward run inside the block (the last one wins); yields the
@@ -85,6 +110,8 @@ def record(model: torch.nn.Module):
             got = _read(module, output)
             if got is not None:
                 routing.scores[layer], routing.chosen[layer] = got
+                if _groups(module):
+                    routing.groups[layer] = _groups(module)
         hooks.append(module.register_forward_hook(hook))
     try:
         yield routing

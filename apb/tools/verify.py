@@ -285,18 +285,18 @@ def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
 
 
 def routing_hint(model_config) -> str | None:
-    """What a failed 16-bit exact row of a model that routes tokens to experts may mean, or None
-    for a model without experts. Seen in session 30 (tiny-gpt-oss, 280 tokens, bfloat16): every
-    exact method, ``full`` included, failed the :class:`HalfRule` because one token's two best
-    experts were within bfloat16's rounding, and the attention output, one rounding step away
-    from eager's, chose the other; that token's K/V then differ in every later layer."""
+    """What a failed 16-bit exact row of a model that routes tokens to experts may still mean, or
+    None for a model without experts. :class:`HalfRule` leaves out the tokens it can tell took other
+    experts at a near-tie; what it cannot tell: a router :mod:`apb.tools.routing` does not read, a
+    flip whose K/V show only layers later, or the last token's experts in the last layer (its logits
+    alone show that)."""
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     experts = max(int(getattr(text, k, 0) or 0) for k in ("num_local_experts", "n_routed_experts", "num_experts"))
     if experts <= 1:
         return None
     return ("this model routes each token to experts: in 16 bits a rounding difference can flip a near-tied "
-            "choice, which moves that token's K/V in every later layer where eager's rounding did not; "
-            "verify in float32 to tell a flip from a wrong mask")
+            "choice, which moves that token's K/V in every later layer; a flip this rule could not tell apart "
+            "(see routing_flips) may remain: verify in float32 to tell a flip from a wrong mask")
 
 
 def judge(ref: Reference, result, exact: bool, dtype: str, gates: Gates = Gates(), floor: Floor | None = None,
@@ -339,7 +339,7 @@ def judge(ref: Reference, result, exact: bool, dtype: str, gates: Gates = Gates(
         if judge_kl and not kl <= max_kl:
             failures.append(f"KL {kl:.2e} > {max_kl:.2e} ({rule.kl_factor:g}x eager {dtype}'s {floor.kl:.2e})")
         if not judge_kl:
-            flips += "; the last token took other experts, so the KL is reported, not judged"
+            flips = (flips + "; " if flips else "") + "the last token took other experts, so the KL is reported, not judged"
         if failures and hint:
             failures.append(hint)
     elif exact:
@@ -362,9 +362,11 @@ def judge(ref: Reference, result, exact: bool, dtype: str, gates: Gates = Gates(
                 routing_flips=flips, reason="; ".join(failures) or None)
 
 
-def flip_summary(mine: torch.Tensor, eager: torch.Tensor, show: int = 5) -> str:
-    """Which tokens each run left out of the measures, and from which layer: "method: 1 token
-    (186 from layer 1); eager: none"."""
+def flip_summary(mine: torch.Tensor, eager: torch.Tensor, show: int = 5) -> str | None:
+    """Which tokens each run left out of the measures, and from which layer: "... method 1 token
+    (186 from layer 1); eager none", or None when neither left any out."""
+    if not (mine.any() or eager.any()):
+        return None
     def one(left: torch.Tensor) -> str:
         tokens = left[-1].nonzero().flatten().tolist()
         if not tokens:

@@ -1,0 +1,59 @@
+# Session 31: the bfloat16 rule on a model with experts, in one process (`full`, W = 1, apb's own
+# attention), against the float32 eager truth: a right run, and two wrong masks (each query also
+# sees the next key; rows 100-139 lose the keys before 100). Per run: the worst layer's K/V
+# relative difference over the kept tokens, the limit, the tokens left out, and the verdict. Also
+# each router layer's share of near-tied tokens (what a wrong mask on one token could hide behind).
+# Run: .venv/bin/python docs/results/verify-moe-s31/wrong_masks.py /tmp/gpt-oss-4l 2>/dev/null \
+#        > docs/results/verify-moe-s31/wrong_masks.txt
+import importlib
+import sys
+from types import SimpleNamespace
+
+import torch
+
+from apb.config import MethodConfig
+from apb.methods import build_method
+from apb.model.loading import load_model
+from apb.parallel.comm import Comm, CommStats
+from apb.runtime.prefill import prefill
+from apb.tools.verify import HALF_RULE, Floor, judge, random_prompt, reference_run
+
+full_module = importlib.import_module("apb.methods.full")
+kernel = full_module.attention
+
+
+def next_key(q, k, v, causal=True, **kw):
+    if causal and q.shape[2] == k.shape[2] > 1:
+        out, lse = kernel(q[:, :, :-1], k, v, causal=True, **kw)
+        last, last_lse = kernel(q[:, :, -1:], k, v, causal=False, **kw)
+        return torch.cat([out, last], 2), torch.cat([lse, last_lse], 2)
+    return kernel(q, k, v, causal=causal, **kw)
+
+
+def block_off(q, k, v, causal=True, **kw):
+    if causal and q.shape[2] == k.shape[2] > 140:
+        head, h_lse = kernel(q[:, :, :100], k[:, :, :100], v[:, :, :100], causal=True, **kw)
+        mid, m_lse = kernel(q[:, :, 100:140], k[:, :, 100:140], v[:, :, 100:140], causal=True, **kw)
+        rest, r_lse = kernel(q[:, :, 140:], k, v, causal=True, **kw)
+        return torch.cat([head, mid, rest], 2), torch.cat([h_lse, m_lse, r_lse], 2)
+    return kernel(q, k, v, causal=causal, **kw)
+
+
+path = sys.argv[1]
+for n in (300, 1000, 2000):
+    truth_model = load_model(path, "float32", attn_implementation="eager")
+    ids = random_prompt(n, truth_model.config.vocab_size, n)
+    truth = reference_run(truth_model, ids, 2)
+    floor = Floor.measure(truth, reference_run(load_model(path, "bfloat16", attn_implementation="eager"), ids, 2))
+    model = load_model(path, "bfloat16")
+    limit = max(HALF_RULE.layer_factor * floor.layer_rel, HALF_RULE.layer_min)
+    ties = ", ".join(f"layer {k}: {float(v.float().mean()):.1%}" for k, v in sorted(floor.ties.items()))
+    print(f"n={n}: floor {floor.layer_rel:.2e} (limit {limit:.2e}), KL {floor.kl:.2e}; near-tied tokens {ties}")
+    for name, fn in (("right", kernel), ("next key", next_key), ("rows 100-139 lose keys < 100", block_off)):
+        full_module.attention = fn
+        res = prefill(model, ids, build_method("full", MethodConfig()), Comm(None, CommStats()), n_query=1)
+        full_module.attention = kernel
+        r = judge(truth, SimpleNamespace(last_logits=res.last_logits, cache=res.cache, tokens=None), True, "bfloat16",
+                  floor=floor)
+        print(f"  {name:30s} K/V {r['kv_layer_rel_diff']:.2e} KL {r['kl_div']:.2e} "
+              f"{'PASS' if r['passed'] else 'FAIL'} | {r['routing_flips']} | {r['reason']}")
