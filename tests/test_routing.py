@@ -1,4 +1,4 @@
-"""apb.tools.routing: the routers of a model with experts found by shape, each token's choice and
+"""apb.model.routing: the routers of a model with experts found by shape, each token's choice and
 its margin read from transformers' own forward, and the near-ties that rounding could flip."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import torch
 
 from apb.model.catalog import resolve_model
 from apb.model.loading import load_model
-from apb.tools import routing
+from apb.model import routing
 from apb.tools.verify import random_prompt
 
 

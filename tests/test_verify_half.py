@@ -11,6 +11,7 @@ import torch
 from apb.config import MethodConfig
 from apb.methods import build_method
 from apb.model.catalog import resolve_model
+from apb.model import routing
 from apb.model.loading import load_model
 from apb.parallel.comm import Comm, CommStats
 from apb.runtime.prefill import prefill
@@ -81,8 +82,9 @@ def _gpt_oss_bf16(n: int, path=None):
     model = load_model(path, "bfloat16")
 
     def run():
-        res = prefill(model, ids, build_method("full", MethodConfig()), Comm(None, CommStats()), n_query=1)
-        return SimpleNamespace(last_logits=res.last_logits, cache=res.cache, tokens=None)
+        res = prefill(model, ids, build_method("full", MethodConfig()), Comm(None, CommStats()), n_query=1,
+                      routing=True)
+        return SimpleNamespace(last_logits=res.last_logits, cache=res.cache, tokens=None, routing=res.routing)
 
     return truth, half, Floor.measure(truth, half), run
 
@@ -91,12 +93,15 @@ def test_a_token_sent_to_other_experts_at_a_near_tie_is_left_out_of_the_measure(
     # session 30's case: at 280 tokens token 186's two best experts are within bfloat16's rounding,
     # and apb's attention sends it to the other one where eager does not; it failed every exact row
     truth, _, floor, run = _gpt_oss_bf16(280)
-    assert floor.flipped is not None and not floor.flipped.any()  # eager's own run keeps float32's experts
-    right = judge(truth, run(), True, "bfloat16", floor=floor)
+    assert not floor.flips[0].any()  # eager's own run keeps float32's experts in layer 0
+    res = run()
+    mine = routing.flips(truth.routing, res.routing, 280)
+    assert mine[0].nonzero().flatten().tolist() == [186]  # the hosts report the flip itself
+    right = judge(truth, res, True, "bfloat16", floor=floor, choices=res.routing)
     assert right["passed"], right["reason"]
-    assert "method 1 token (186 from layer 1)" in right["routing_flips"], right["routing_flips"]
-    # the same runs measured without the routing: token 186 alone fails the layer (the old rule)
-    old = judge(truth, run(), True, "bfloat16", floor=Floor(floor.layer_rel, floor.kl))
+    assert "186 at layer 0" in right["routing_flips"], right["routing_flips"]
+    # the same run measured without the routing: token 186 alone fails the layer (the old rule)
+    old = judge(truth, res, True, "bfloat16", floor=Floor(floor.layer_rel, floor.kl))
     assert not old["passed"] and old["kv_layer_rel_diff"] > 4 * right["kv_layer_rel_diff"]
 
 
@@ -104,12 +109,13 @@ def test_eager_sending_a_token_to_other_experts_does_not_loosen_the_floor():
     # at 235 tokens eager bfloat16 itself sends token 167 elsewhere: counted in, that one token made
     # the floor 0.049 (6x a clean layer's) and let a 16-bit row differ by up to 0.098 per layer
     truth, half, floor, run = _gpt_oss_bf16(235)
-    assert floor.flipped[-1].nonzero().flatten().tolist() == [167]
+    assert floor.flips[0].nonzero().flatten().tolist() == [167]
     assert floor.layer_rel < 0.01, floor
     assert layer_rel_diff(truth, half.keys, half.values) > 0.04  # the old floor, from the same runs
-    right = judge(truth, run(), True, "bfloat16", floor=floor)
+    res = run()
+    right = judge(truth, res, True, "bfloat16", floor=floor, choices=res.routing)
     assert right["passed"], right["reason"]
-    assert "eager 1 token (167 from layer 1)" in right["routing_flips"]
+    assert "167 at layer 0" in right["routing_flips"].split("eager")[1], right["routing_flips"]
 
 
 def test_a_wrong_mask_on_a_model_with_experts_still_fails_in_bfloat16(tmp_path, monkeypatch):
@@ -124,7 +130,8 @@ def test_a_wrong_mask_on_a_model_with_experts_still_fails_in_bfloat16(tmp_path, 
     AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(tmp_path, safe_serialization=True)
     truth, _, floor, run = _gpt_oss_bf16(300, tmp_path)
     assert floor.ties and any(t.any() for t in floor.ties.values())  # near-ties exist to be abused
-    right = judge(truth, run(), True, "bfloat16", floor=floor)
+    res = run()
+    right = judge(truth, res, True, "bfloat16", floor=floor, choices=res.routing)
     assert right["passed"], right["reason"]
     kernel = full_module.attention
 
@@ -145,5 +152,34 @@ def test_a_wrong_mask_on_a_model_with_experts_still_fails_in_bfloat16(tmp_path, 
 
     for wrong_mask in (next_key, block_off):
         monkeypatch.setattr(full_module, "attention", wrong_mask)
-        wrong = judge(truth, run(), True, "bfloat16", floor=floor)
+        res = run()
+        wrong = judge(truth, res, True, "bfloat16", floor=floor, choices=res.routing)
         assert not wrong["passed"] and "K/V" in wrong["reason"], (wrong_mask.__name__, wrong)
+
+
+def test_a_flip_that_is_no_near_tie_fails_the_row():
+    truth, _, floor, run = _gpt_oss_bf16(280)
+    res = run()
+    # the token whose float32 choice was the clearest, reported as having taken other experts
+    t = int(truth.routing.margin(0).argmax())
+    pos, chosen = res.routing[0]
+    forged = chosen.clone()
+    forged[pos == t] = torch.tensor([e for e in range(4) if e not in chosen[pos == t][0].tolist()])
+    wrong = judge(truth, res, True, "bfloat16", floor=floor, choices={**res.routing, 0: (pos, forged)})
+    assert not wrong["passed"] and f"token {t} left the experts" in wrong["reason"], wrong["reason"]
+    assert "more than rounding" in wrong["reason"]
+
+
+def test_verify_on_worker_processes_reads_every_hosts_experts():
+    # session 30's 280-token row at W = 2: ring's hosts each report their own tokens' experts
+    from apb.config import load_config
+    from apb.parallel.groups.local import LocalWorkerGroup
+    from apb.tools.verify import verify
+
+    cfg = load_config(None)
+    with LocalWorkerGroup(2, worker_kwargs={"device": "cpu", "timeout_s": 120, "threads": 1}, timeout_s=300) as g:
+        rows = verify(cfg, g, ["ring", "apb:uncompressed"], [280], models=["tiny-gpt-oss"], dtype="bfloat16",
+                      n_tokens=2, query_len=1)
+    for row in rows:
+        assert row.passed, (row.method, row.reason)
+        assert "186 at layer 0" in row.routing_flips.split("eager")[0], row.routing_flips

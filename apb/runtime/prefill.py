@@ -30,6 +30,7 @@ import torch
 from apb.methods.base import AttnContext, Method
 from apb.methods.cache_attention import CacheAttnContext
 from apb.model import mla
+from apb.model import routing as routing_mod
 from apb.model.features import check_supported, qkv_projections
 from apb.model.hf_bridge import prompt_length
 from apb.model.rope import rope_shift
@@ -46,6 +47,9 @@ class PrefillResult:
     seconds: float
     #: with ``diagnostics``: per layer, the global prompt indices this host passed, (kv_heads, p)
     passing: dict[int, torch.Tensor] | None = None
+    #: with ``routing``: the experts this host's forwards chose, ``{layer: (positions, chosen)}``
+    #: (:func:`apb.model.routing.host_choices`; empty for a model without experts)
+    routing: dict | None = None
 
 
 def _device(model) -> torch.device:
@@ -54,9 +58,10 @@ def _device(model) -> torch.device:
 
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query: int = 0,
-            pad_id: int = 0, diagnostics: bool = False) -> PrefillResult:
+            pad_id: int = 0, diagnostics: bool = False, routing: bool = False) -> PrefillResult:
     """Prefill the 1-D prompt ``input_ids`` (identical on every host) whose last ``n_query``
-    tokens are the query; ``diagnostics`` also returns what the method chose (``apb diagnose``)."""
+    tokens are the query; ``diagnostics`` also returns what the method chose (``apb diagnose``),
+    ``routing`` the experts this host's forwards chose for each of its tokens (``apb verify``)."""
     if input_ids.dim() != 1 or input_ids.numel() == 0:
         raise ValueError(f"prefill takes a non-empty 1-D tensor of token ids, got shape {tuple(input_ids.shape)}")
     n = int(input_ids.numel())
@@ -72,7 +77,8 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
     mla.install(model)
     # every host's rotary embedding sees the whole prompt's length (dynamic NTK, longrope)
     with prompt_length(model, n):
-        logits, kv, positions, passing = _run(model, input_ids, method, comm, n, n_query, pad_id, diagnostics)
+        logits, kv, positions, passing, chosen = _run(model, input_ids, method, comm, n, n_query, pad_id,
+                                                      diagnostics, routing)
     cache = KVCache.from_layers(positions, kv)
     measure.sync(device)
     seconds = time.perf_counter() - t0
@@ -80,11 +86,13 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
     inside = sum(comm.stats.layer_cpu.values()) - inside0
     comm.stats.layer_cpu[(Phase.CONTEXT, OUTSIDE)] += max(0.0, comm.stats.compute_clock() - cpu0 - inside)
     comm.stats.compute_seconds += max(0.0, seconds - comm.stats.comm_seconds())
-    return PrefillResult(logits, cache, seconds, passing)
+    return PrefillResult(logits, cache, seconds, passing, chosen)
 
 
-def _run(model, input_ids, method, comm, n, n_query, pad_id, diagnostics):
-    """Context phase, then the query phase or the logits broadcast; (logits, kv, positions, passing)."""
+def _run(model, input_ids, method, comm, n, n_query, pad_id, diagnostics, record_routing=False):
+    """Context phase, then the query phase or the logits broadcast; (logits, kv, positions, passing,
+    routing)."""
+    choices = []
     device = input_ids.device
     slices = method.layout(n, comm.size, n_query)
     mine = slices[comm.rank]
@@ -99,10 +107,14 @@ def _run(model, input_ids, method, comm, n, n_query, pad_id, diagnostics):
         ids = pad_tokens(input_ids[None], total, pad_id)[0, mine.indices.to(device)]
         keep = torch.tensor([owner_local], device=device) if comm.rank == owner else 1
         comm.stats.tick(-1)  # the embedding and layer 0's projections count too
-        with _pre_rope_capture(model, ctx) if method.capture_pre_rope() else contextlib.nullcontext():
+        with _pre_rope_capture(model, ctx) if method.capture_pre_rope() else contextlib.nullcontext(), \
+                _routing(model, record_routing) as chose:
             out = model(input_ids=ids[None], position_ids=mine.positions.to(device)[None], use_cache=False,
                         logits_to_keep=keep, apb_ctx=ctx)
         comm.stats.tick(None)
+        if chose is not None:
+            # every row but padding: an anchor's copy chooses experts too, for its host's block
+            choices.append(routing_mod.host_choices(chose, mine.positions, mine.indices < n))
         if comm.rank == owner:
             logits.copy_(out.logits[0, -1].float())
         del out
@@ -116,9 +128,12 @@ def _run(model, input_ids, method, comm, n, n_query, pad_id, diagnostics):
         q_pos = torch.arange(n - n_query, n)
         qctx.start_step(q_pos)
         comm.stats.tick(-1)
-        out = model(input_ids=input_ids[None, n - n_query:], position_ids=q_pos.to(device)[None], use_cache=False,
-                    logits_to_keep=1, apb_ctx=qctx)
+        with _routing(model, record_routing) as chose:
+            out = model(input_ids=input_ids[None, n - n_query:], position_ids=q_pos.to(device)[None],
+                        use_cache=False, logits_to_keep=1, apb_ctx=qctx)
         comm.stats.tick(None)
+        if chose is not None:
+            choices.append(routing_mod.host_choices(chose, q_pos))
         logits.copy_(out.logits[0, -1].float())
         kv, positions = qctx.kv, qctx.positions
         comm.stats.layer = None
@@ -127,7 +142,12 @@ def _run(model, input_ids, method, comm, n, n_query, pad_id, diagnostics):
         comm.broadcast(logits, src=owner)
     comm.stats.phase = Phase.CONTEXT
     passing = {key[1]: idx.cpu() for key, idx in ctx.scratch.items() if key[0] == "passing"} if diagnostics else None
-    return logits, kv, positions, passing
+    return logits, kv, positions, passing, routing_mod.merge_choices(choices) if record_routing else None
+
+
+def _routing(model, on: bool):
+    """:func:`apb.model.routing.record` when ``on``; else a block that yields None."""
+    return routing_mod.record(model) if on else contextlib.nullcontext()
 
 
 def _empty_kv(model, device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

@@ -46,6 +46,8 @@ class PromptRequest:
     timed: bool = False
     #: benchmarks: record a timeline of every layer and communication call (CommStats.trace)
     trace: bool = False
+    #: verification: return the experts each host's forwards chose (PrefillResult.routing)
+    routing: bool = False
 
 
 @dataclass
@@ -61,6 +63,8 @@ class PromptResult:
     cache: KVCache | None = None
     #: with ``diagnostics``: {"passing": {layer: global prompt indices this host passed, (kv_heads, p)}}
     diagnostics: dict | None = None
+    #: with ``routing``: this host's expert choices, ``{layer: (positions, chosen)}``
+    routing: dict | None = None
     #: this host's peak memory through a timed prefill (max allocated on CUDA, peak RSS on a CPU
     #: host; None for an untimed one, or where the peak cannot be reset per prompt)
     peak_prefill_bytes: int | None = None
@@ -109,9 +113,9 @@ class Worker:
         comm.barrier()  # start the clock together
         faults = measure.minor_faults()
         res = prefill(model, req.input_ids.to(device), method, comm, n_query=req.n_query,
-                      diagnostics=req.diagnostics)
+                      diagnostics=req.diagnostics, routing=req.routing)
         out = PromptResult(rank=self.env.rank, stats={}, prefill_s=res.seconds,
-                           diagnostics={"passing": res.passing} if req.diagnostics else None,
+                           diagnostics={"passing": res.passing} if req.diagnostics else None, routing=res.routing,
                            peak_prefill_bytes=measure.peak_bytes(device) if peak_known else None,
                            prefill_faults=measure.minor_faults() - faults if req.timed else None)
         n = int(req.input_ids.numel())

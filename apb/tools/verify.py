@@ -32,7 +32,7 @@ from apb.model.loading import load_model
 from apb.parallel.comm import Phase
 from apb.runtime.decode import Sampling
 from apb.runtime.worker import PromptRequest
-from apb.tools import routing as routing_mod
+from apb.model import routing as routing_mod
 
 #: float32: the largest absolute difference allowed in the last-token logits and in the KV cache
 TOLERANCE = {"float32": 1e-4}
@@ -58,27 +58,21 @@ class HalfRule:
     Greedy tokens are reported, not judged.
 
     A model that routes tokens to experts makes a discrete choice per token and layer, and a
-    rounding step can flip a near-tied one (:mod:`apb.tools.routing`): that token's K/V then differ
+    rounding step can flip a near-tied one (:mod:`apb.model.routing`): that token's K/V then differ
     from the next layer on, in eager's 16-bit run or in the method's, and one such token fails or
-    loosens the whole layer's measure. So for such a model both measures leave out, from the layer
-    where it shows, each token that took other experts: in eager's run, every token whose experts
-    differ from float32's; in the method's, whose routing the workers do not report, a token whose
-    K/V differ by more than ``flip_factor`` x eager's for it (or eager's layer median), if its float32
-    choice was near a tie (margin within ``tie_factor`` x the dtype's rounding of the router scores) in
-    one of the ``flip_lookback`` decoder layers before (a different expert's output moves a token's
-    hidden state at once: on a 4-layer gpt-oss at 1,000 tokens every such token showed in the
-    next layer's K/V, ``docs/results.md``). At most ``max_flipped`` of the tokens may be
-    left out that way; a token the last logits belong to that took other experts leaves the KL
-    unjudged (reported). A token that differs with no near-tie behind it stays in the measure."""
+    loosens the whole layer's measure. So for such a model every host reports the experts its
+    forwards chose for each token, and both measures leave out, from the layer after, each token
+    that took other experts than float32's: in eager's run and in the method's (by any of its
+    copies). A token's first such choice in the method's run must be a near-tie, its float32
+    margin within ``tie_factor`` x the dtype's rounding of the router scores, or one eager's run
+    made too; any other fails the row (its input moved by more than rounding). A flip of the token
+    the last logits belong to leaves the KL reported, not judged."""
 
     layer_factor: float = 2.0
     layer_min: float = 0.01
     kl_factor: float = 4.0
     kl_min: float = 5e-3
-    flip_factor: float = 4.0
     tie_factor: float = 4.0
-    flip_lookback: int = 1
-    max_flipped: float = 0.1
 
 
 HALF_RULE = HalfRule()
@@ -101,17 +95,6 @@ def layer_rel_diff(truth: Reference, keys: torch.Tensor | None, values: torch.Te
     return worst
 
 
-def token_rel_diff(truth: Reference, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Per layer and token ``(layers, n)``: the larger over K and V of ``||m - truth|| / ||truth||``
-    over the token's heads."""
-    worst = None
-    for mine, want in ((keys, truth.keys), (values, truth.values)):
-        rel = (mine.float() - want.float()).pow(2).sum(-1).sum(1).sqrt() / \
-            want.float().pow(2).sum(-1).sum(1).sqrt().clamp_min(1e-12)
-        worst = rel if worst is None else torch.maximum(worst, rel)
-    return worst
-
-
 def _after(flips: dict[int, torch.Tensor], layers: int) -> torch.Tensor:
     """``(layers, n)``: True from the layer after a token's first flip (router layer -> flipped tokens)."""
     n = next(iter(flips.values())).numel()
@@ -125,13 +108,13 @@ def _after(flips: dict[int, torch.Tensor], layers: int) -> torch.Tensor:
 class Floor:
     """What eager attention in a 16-bit dtype differs from the float32 truth by, on one prompt.
 
-    For a model with experts (``tokens`` set): each token's K/V difference per layer ``(layers, n)``,
-    which tokens eager sent to other experts than float32 did (``flipped``: True from the layer after),
-    and which tokens' float32 choice was near a tie per router layer (``ties``)."""
+    For a model with experts (``flips`` set): per router layer, which tokens eager sent to other
+    experts than float32 did (``flips``), True from the layer after in ``flipped`` ``(layers, n)``,
+    and which tokens' float32 choice was near a tie (``ties``)."""
 
     layer_rel: float
     kl: float
-    tokens: torch.Tensor | None = field(default=None, repr=False)
+    flips: dict | None = field(default=None, repr=False)
     flipped: torch.Tensor | None = field(default=None, repr=False)
     ties: dict | None = field(default=None, repr=False)
 
@@ -140,33 +123,32 @@ class Floor:
         rule = rule or HALF_RULE
         if not (truth.routing and truth.routing.scores and half.routing and half.routing.scores):
             return cls(layer_rel_diff(truth, half.keys, half.values), kl_divergence(truth.logits, half.logits))
-        layers = truth.keys.shape[0]
-        flips = {k: (truth.routing.chosen[k] != half.routing.chosen[k]).any(-1)
-                 for k in truth.routing.chosen if k in half.routing.chosen}
-        flipped = _after(flips, layers)
+        n = truth.keys.shape[2]
+        flips = routing_mod.flips(truth.routing, routing_mod.host_choices(half.routing, torch.arange(n)), n)
+        flipped = _after(flips, truth.keys.shape[0])
         last = any(bool(f[-1]) for f in flips.values())  # the logits' token: eager's KL is no floor then
         return cls(layer_rel_diff(truth, half.keys, half.values, ~flipped),
-                   math.nan if last else kl_divergence(truth.logits, half.logits),
-                   token_rel_diff(truth, half.keys, half.values), flipped,
+                   math.nan if last else kl_divergence(truth.logits, half.logits), flips, flipped,
                    routing_mod.near_ties(truth.routing, half.routing, rule.tie_factor))
 
 
-def method_flips(floor: Floor, mine: torch.Tensor, rule: "HalfRule") -> torch.Tensor:
-    """``(layers, n)``: True where a token of the method's run is left out as having taken other
-    experts (see :class:`HalfRule`), from the layer where its K/V first show it."""
-    layers, n = mine.shape
-    eager = floor.tokens.masked_fill(floor.flipped, 0.0)  # a token eager flipped is held to the median
-    median = floor.tokens.masked_fill(floor.flipped, math.nan).nanmedian(dim=1).values.nan_to_num(0.0)
-    base = torch.maximum(eager, median[:, None])
-    out = torch.zeros(layers, n, dtype=torch.bool)
-    left = torch.zeros(n, dtype=torch.bool)
-    for layer in range(1, layers):
-        tied = torch.zeros(n, dtype=torch.bool)
-        for at in range(max(0, layer - rule.flip_lookback), layer):
-            if at in floor.ties:
-                tied |= floor.ties[at]
-        left |= (mine[layer] > rule.flip_factor * base[layer]) & tied
-        out[layer] = left
+def unexplained_flips(ref: Reference, floor: Floor, flips: dict[int, torch.Tensor]) -> list[str]:
+    """Each token whose first change of experts in the method's run (``flips``: router layer ->
+    tokens) is neither a near-tie in float32 nor one eager's 16-bit run made too, described."""
+    n = ref.keys.shape[2]
+    seen, eager = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    out = []
+    for layer in sorted(flips):
+        eager |= floor.flips.get(layer, torch.zeros(n, dtype=torch.bool))
+        first = flips[layer] & ~seen
+        bad = first & ~floor.ties.get(layer, torch.zeros(n, dtype=torch.bool)) & ~eager
+        margin = ref.routing.margin(layer) if layer in ref.routing.scores else None
+        for t in bad.nonzero().flatten().tolist():
+            chose = ref.routing.chosen[layer][t].tolist()
+            out.append(f"token {t} left the experts {chose} that float32 chose in layer {layer}"
+                       + (f" at a margin of {float(margin[t]):.3g}" if margin is not None else "")
+                       + ", more than rounding moves (its input differs)")
+        seen |= flips[layer]
     return out
 
 
@@ -192,8 +174,8 @@ class VerifyRow:
     #: against the float32 reference (see :class:`HalfRule`)
     floor_layer_rel: float | None = None
     floor_kl: float | None = None
-    #: 16-bit rows of a model with experts: the tokens left out of the measures as having taken
-    #: other experts at a near-tied choice (see :class:`HalfRule`), in the method's and in eager's run
+    #: 16-bit rows of a model with experts: the tokens that took other experts than float32 in the
+    #: method's and in eager's run, left out of the measures after that layer (see :class:`HalfRule`)
     routing_flips: str | None = None
     #: why the row failed (None when it passed, or could not run: see ``error``)
     reason: str | None = None
@@ -208,7 +190,7 @@ class Reference:
     keys: torch.Tensor  # (layers, kv_heads, n, head_dim)
     values: torch.Tensor
     tokens: list[int]
-    #: a model with experts: the routing of its forward over the prompt (:mod:`apb.tools.routing`)
+    #: a model with experts: the routing of its forward over the prompt (:mod:`apb.model.routing`)
     routing: routing_mod.Routing | None = None
 
 
@@ -286,25 +268,24 @@ def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
 
 def routing_hint(model_config) -> str | None:
     """What a failed 16-bit exact row of a model that routes tokens to experts may still mean, or
-    None for a model without experts. :class:`HalfRule` leaves out the tokens it can tell took other
-    experts at a near-tie; what it cannot tell: a router :mod:`apb.tools.routing` does not read, a
-    flip whose K/V show only layers later, or the last token's experts in the last layer (its logits
-    alone show that)."""
+    None for a model without experts: :class:`HalfRule` leaves out the tokens whose experts changed
+    at a near-tie, but only those; a router :mod:`apb.model.routing` does not read leaves them in."""
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     experts = max(int(getattr(text, k, 0) or 0) for k in ("num_local_experts", "n_routed_experts", "num_experts"))
     if experts <= 1:
         return None
     return ("this model routes each token to experts: in 16 bits a rounding difference can flip a near-tied "
-            "choice, which moves that token's K/V in every later layer; a flip this rule could not tell apart "
-            "(see routing_flips) may remain: verify in float32 to tell a flip from a wrong mask")
+            "choice and move that token's K/V in every later layer; the rule leaves out the flips it reads "
+            "(routing_flips), and float32 tells any other rounding from a wrong mask")
 
 
 def judge(ref: Reference, result, exact: bool, dtype: str, gates: Gates = Gates(), floor: Floor | None = None,
-          hint: str | None = None) -> dict:
+          hint: str | None = None, choices: dict | None = None) -> dict:
     """Every measure of one row (the :class:`VerifyRow` fields from ``max_abs_logit_diff`` to
     ``floor_kl``) and ``passed``. ``ref`` is the float32 reference; in a 16-bit dtype an exact row
-    is judged against ``floor`` (:class:`HalfRule`), and ``hint`` (:func:`routing_hint`) follows
-    its reason when it fails. Comparisons are written ``not x <= limit`` so that NaN fails."""
+    is judged against ``floor`` (:class:`HalfRule`), with ``choices`` the experts the method's
+    hosts chose (:func:`apb.model.routing.merge_choices`) for a model with experts, and ``hint``
+    (:func:`routing_hint`) follows its reason when it fails. Comparisons are written ``not x <= limit`` so that NaN fails."""
     logits = result.last_logits
     finite = logits is not None and bool(torch.isfinite(logits).all())
     logit_diff, kv_diff, same = compare(ref, result)
@@ -321,16 +302,20 @@ def judge(ref: Reference, result, exact: bool, dtype: str, gates: Gates = Gates(
             raise ValueError(f"an exact row in {dtype} is judged against the rounding floor: pass floor=Floor.measure(...)")
         rule = HALF_RULE
         judge_kl = True
-        if floor.tokens is not None and math.isfinite(layer_rel):
-            mine = method_flips(floor, token_rel_diff(ref, keys, values), rule)
-            left = mine | floor.flipped
+        if floor.flips is not None and math.isfinite(layer_rel):
+            n, layers = ref.keys.shape[2], ref.keys.shape[0]
+            if choices is None:
+                raise ValueError("a 16-bit row of a model with experts is judged with the experts each host "
+                                 "chose: pass choices= (PromptRequest(routing=True), prefill(..., routing=True))")
+            mine = routing_mod.flips(ref.routing, choices, n)
+            bad = unexplained_flips(ref, floor, mine)
+            if bad:
+                failures.append("; ".join(bad[:3]) + (f"; {len(bad) - 3} more" if len(bad) > 3 else ""))
+            left = (_after(mine, layers) if mine else torch.zeros(layers, n, dtype=torch.bool)) | floor.flipped
             layer_rel = layer_rel_diff(ref, keys, values, ~left)
-            flips = flip_summary(mine, floor.flipped)
-            share = float(mine[-1].float().mean())
-            if share > rule.max_flipped:
-                failures.append(f"{share:.0%} of the tokens differ as if they took other experts (at most "
-                                f"{rule.max_flipped:.0%} near-tied choices may flip by rounding)")
-            judge_kl = not bool(left[:, -1].any()) and math.isfinite(floor.kl)
+            flips = flip_summary(mine, floor.flips)
+            last = any(bool(f[-1]) for f in mine.values())
+            judge_kl = not last and math.isfinite(floor.kl)
         max_layer = max(rule.layer_factor * floor.layer_rel, rule.layer_min)
         max_kl = max(rule.kl_factor * floor.kl, rule.kl_min)
         if not layer_rel <= max_layer:
@@ -362,21 +347,24 @@ def judge(ref: Reference, result, exact: bool, dtype: str, gates: Gates = Gates(
                 routing_flips=flips, reason="; ".join(failures) or None)
 
 
-def flip_summary(mine: torch.Tensor, eager: torch.Tensor, show: int = 5) -> str | None:
-    """Which tokens each run left out of the measures, and from which layer: "... method 1 token
-    (186 from layer 1); eager none", or None when neither left any out."""
-    if not (mine.any() or eager.any()):
-        return None
-    def one(left: torch.Tensor) -> str:
-        tokens = left[-1].nonzero().flatten().tolist()
-        if not tokens:
+def flip_summary(mine: dict[int, torch.Tensor], eager: dict[int, torch.Tensor], show: int = 5) -> str | None:
+    """Which tokens took other experts than float32 in each run, at their first router layer:
+    "... method 1 token (186 at layer 0); eager none", or None when none did in either."""
+    def one(flips: dict[int, torch.Tensor]) -> str:
+        first: dict[int, int] = {}
+        for layer in sorted(flips):
+            for t in flips[layer].nonzero().flatten().tolist():
+                first.setdefault(t, layer)
+        if not first:
             return "none"
-        first = left.int().argmax(0)
-        shown = ", ".join(f"{t} from layer {int(first[t])}" for t in tokens[:show])
-        more = f", {len(tokens) - show} more" if len(tokens) > show else ""
-        return f"{len(tokens)} token{'s' if len(tokens) > 1 else ''} ({shown}{more})"
+        shown = ", ".join(f"{t} at layer {layer}" for t, layer in sorted(first.items())[:show])
+        more = f", {len(first) - show} more" if len(first) > show else ""
+        return f"{len(first)} token{'s' if len(first) > 1 else ''} ({shown}{more})"
 
-    return f"took other experts at near-tied choices, left out: method {one(mine)}; eager {one(eager)}"
+    if not any(f.any() for f in [*mine.values(), *eager.values()]):
+        return None
+    return (f"took other experts than float32, left out of the K/V after that layer: method {one(mine)}; "
+            f"eager {one(eager)}")
 
 
 def expand_methods(names: list[str]) -> list[str]:
@@ -412,6 +400,7 @@ def verify(cfg: Config, group, methods: list[str], prompt_lens: list[int], model
             ids = random_prompt(n, ref_model.config.vocab_size, seed + n)
             ref = reference_run(ref_model, ids, n_tokens)
             floor = None if half_model is None else Floor.measure(ref, reference_run(half_model, ids, n_tokens))
+            routed = floor is not None and floor.flips is not None  # the hosts report their experts
             for name in methods:
                 method = build_method(name, cfg.method)
                 base = dict(model=model_name, method=name, world_size=world, prompt_len=n,
@@ -427,11 +416,12 @@ def verify(cfg: Config, group, methods: list[str], prompt_lens: list[int], model
                     continue
                 req = PromptRequest(str(path), ids, name, method_options=options, n_query=n_query,
                                     dtype=dtype, sampling=Sampling(max_new_tokens=n_tokens, stop_at_eos=False),
-                                    decode_mode=decode_mode, return_cache=True)
+                                    decode_mode=decode_mode, return_cache=True, routing=routed)
                 replies = group.call("run_prompt", req)
                 result = replies[0]
+                choices = routing_mod.merge_choices([r.routing for r in replies]) if routed else None
                 rows.append(VerifyRow(**base, **judge(ref, result, method.exact, dtype, gates, floor,
-                                                      routing_hint(ref_model.config)),
+                                                      routing_hint(ref_model.config), choices),
                                       prefill_s=result.prefill_s, stats=[r.stats for r in replies]))
     return rows
 

@@ -1,7 +1,8 @@
 # Session 31: the bfloat16 rule on a model with experts, in one process (`full`, W = 1, apb's own
 # attention), against the float32 eager truth: a right run, and two wrong masks (each query also
 # sees the next key; rows 100-139 lose the keys before 100). Per run: the worst layer's K/V
-# relative difference over the kept tokens, the limit, the tokens left out, and the verdict. Also
+# relative difference over the kept tokens, the limit, the tokens that took other experts than
+# float32 (read from the routers: left out after that layer), and the verdict. Also
 # each router layer's share of near-tied tokens (what a wrong mask on one token could hide behind).
 # Run: .venv/bin/python docs/results/verify-moe-s31/wrong_masks.py /tmp/gpt-oss-4l 2>/dev/null \
 #        > docs/results/verify-moe-s31/wrong_masks.txt
@@ -51,9 +52,10 @@ for n in (300, 1000, 2000):
     print(f"n={n}: floor {floor.layer_rel:.2e} (limit {limit:.2e}), KL {floor.kl:.2e}; near-tied tokens {ties}")
     for name, fn in (("right", kernel), ("next key", next_key), ("rows 100-139 lose keys < 100", block_off)):
         full_module.attention = fn
-        res = prefill(model, ids, build_method("full", MethodConfig()), Comm(None, CommStats()), n_query=1)
+        res = prefill(model, ids, build_method("full", MethodConfig()), Comm(None, CommStats()), n_query=1,
+                      routing=True)
         full_module.attention = kernel
         r = judge(truth, SimpleNamespace(last_logits=res.last_logits, cache=res.cache, tokens=None), True, "bfloat16",
-                  floor=floor)
+                  floor=floor, choices=res.routing)
         print(f"  {name:30s} K/V {r['kv_layer_rel_diff']:.2e} KL {r['kl_div']:.2e} "
               f"{'PASS' if r['passed'] else 'FAIL'} | {r['routing_flips']} | {r['reason']}")

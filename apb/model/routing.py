@@ -1,6 +1,7 @@
 """Which expert each token chose in a reference forward, and how near its choice was to a tie.
 
-Used by ``apb verify`` in 16-bit dtypes: a model that routes tokens to experts makes a discrete
+Used by ``apb verify`` in 16-bit dtypes (the reference forwards on the driver, and each host's
+own forwards through ``prefill(..., routing=True)``): a model that routes tokens to experts makes a discrete
 choice per token and layer, so one rounding step in the attention output can send a near-tied
 token to another expert, and that token's K/V then differ in every later layer (session 30,
 ``docs/results/fuzz-s30/routing_flip.txt``). Such a difference is rounding, not a wrong mask, but
@@ -144,3 +145,40 @@ def near_ties(truth: Routing, half: Routing, factor: float) -> dict[int, torch.T
     rounds up to twice as far as eager.)"""
     return {layer: truth.margin(layer) <= factor * rounding_scale(truth, half, layer)
             for layer in truth.scores if layer in half.scores}
+
+
+def host_choices(routing: Routing, positions: torch.Tensor, rows: torch.Tensor | None = None) -> dict:
+    """One forward's choices keyed by layer, ``{layer: (positions (m,), chosen (m, k))}``, for the
+    forward's ``rows`` (a bool mask, e.g. the rows that are not padding) at their prompt ``positions``."""
+    out = {}
+    for layer, chosen in routing.chosen.items():
+        keep = slice(None) if rows is None else rows.cpu()
+        out[layer] = (positions.cpu()[keep], chosen[keep])
+    return out
+
+
+def merge_choices(parts: list[dict]) -> dict:
+    """Several forwards' or hosts' :func:`host_choices` as one ``{layer: (positions, chosen)}``
+    (a position computed on more than one host, as an anchor's copies, appears once per copy)."""
+    out: dict = {}
+    for part in parts:
+        for layer, (pos, chosen) in (part or {}).items():
+            if layer in out:
+                out[layer] = (torch.cat([out[layer][0], pos]), torch.cat([out[layer][1], chosen]))
+            else:
+                out[layer] = (pos, chosen)
+    return out
+
+
+def flips(truth: Routing, choices: dict, n: int) -> dict[int, torch.Tensor]:
+    """Per router layer, which prompt positions ``(n,)`` bool were sent to other experts than
+    ``truth`` sent them (by any of their copies)."""
+    out = {}
+    for layer, (pos, chosen) in choices.items():
+        if layer not in truth.chosen:
+            continue
+        differ = (chosen != truth.chosen[layer][pos]).any(-1)
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[pos[differ]] = True
+        out[layer] = mask
+    return out
