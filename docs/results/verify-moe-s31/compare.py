@@ -20,8 +20,8 @@ for tag in ("old", "new"):
             cell["left"] = max(cell["left"], int(r["routing_flips"].split("method ")[1].split(" ")[0])
                                if r.get("routing_flips") and "method none" not in r["routing_flips"] else 0)
 print(f"{'model':12s} {'n':>5s} | {'old floor':>9s} {'old pass':>8s} {'old worst':>9s} | {'new floor':>9s} "
-      f"{'new pass':>8s} {'new worst':>9s} {'most left out (method)':>22s}")
+      f"{'new pass':>8s} {'new worst':>9s} {'most tokens that took other experts (method)':>44s}")
 for (model, n), c in sorted(table.items()):
     o, w = c["old"], c["new"]
     print(f"{model:12s} {n:5d} | {max(o['floor']):9.2e} {o['passed']:3d}/{o['rows']:<4d} {o['worst']:9.2e} | "
-          f"{max(w['floor']):9.2e} {w['passed']:3d}/{w['rows']:<4d} {w['worst']:9.2e} {w['left']:22d}")
+          f"{max(w['floor']):9.2e} {w['passed']:3d}/{w['rows']:<4d} {w['worst']:9.2e} {w['left']:44d}")
