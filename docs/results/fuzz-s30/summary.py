@@ -3,12 +3,14 @@
 # no query for a query method, a context too short), an approximate row that ran or was refused,
 # and runs that stopped without writing their rows (a crash, or a config refused up front).
 # Run: .venv/bin/python docs/results/fuzz-s30/summary.py > docs/results/fuzz-s30/summary.txt
+# (another fuzz's folder as an argument: docs/results/fuzz-s30/summary.py docs/results/fuzz-s31)
 import json
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
-HERE = Path(__file__).parent
+HERE = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent
 rows, runs, stopped = Counter(), 0, []
 mismatches, reasons = [], Counter()
 for log in sorted((HERE / "runs").glob("*.log"), key=lambda p: [int(x) for x in p.stem.split("-")]):
