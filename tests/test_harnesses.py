@@ -430,3 +430,44 @@ def test_sliding_layers_cost_their_window_not_the_prompt():
     # every method's sliding layers: its rows, each with the window's keys
     ring, _ = _model_flop("ring", n, 4, gemma2, 0)
     assert ring == pytest.approx(_model_flop("ring", n, 4, llama, 0)[0] / 2 + per_pair * 2 * (n / 4) * w)
+
+
+def _counted_flops(model, n: int) -> float:
+    """FLOPs torch counts in the model's own forward over ``n`` tokens (no head)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.model(ids)
+    return float(counter.get_total_flops())
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-phi3", "tiny-gpt-oss", "tiny-deepseek-v3", "qwen2-moe"])
+def test_the_cost_model_counts_the_flops_the_models_forward_runs(name, tmp_path):
+    """Linear plus attention FLOPs of the cost model's shape against torch's FLOP counter over
+    transformers' own forward (eager attention computes the whole square; eager experts run each
+    token through its top-k only): exact for dense layers, experts (gpt-oss with biases; a
+    Qwen2-MoE with a shared expert and every other layer dense) and DeepSeek's MLA. Before, the
+    shape took one dense MLP of ``intermediate_size`` and ``head_dim`` for every head (gpt-oss:
+    0.6x, DeepSeek: 1.15x the counted FLOPs)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from apb.model.catalog import resolve_model
+
+    if name == "qwen2-moe":
+        cfg = AutoConfig.for_model("qwen2_moe", vocab_size=256, hidden_size=64, intermediate_size=96,
+                                   moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=6,
+                                   num_experts_per_tok=3, num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2, decoder_sparse_step=2, mlp_only_layers=[])
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path, safe_serialization=True)
+        path = tmp_path
+    else:
+        path = resolve_model(name)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
+                                                 experts_implementation="eager").eval()
+    shape = costmodel.ModelShape.from_config(model.config)
+    n = 48
+    modelled = shape.linear_flops(n) + n * n * shape.attn_flops_per_pair() * shape.layers
+    assert modelled == pytest.approx(_counted_flops(model, n), rel=1e-9)
+    assert shape.params == sum(p.numel() for p in model.parameters())

@@ -24,11 +24,14 @@ own formula, :meth:`apb.methods.base.Method.cost`, with its default sizes from t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 
 from apb.methods import build_method, method_class
 from apb.methods.cost import HostWork, Sizes, attention_flops, single_device
 from apb.model.features import sliding_windows
+from apb.model.loading import skeleton
+from apb.model.routing import routers
 
 LINEAR_EFF = 0.75
 ATTN_EFF = 0.70
@@ -74,23 +77,37 @@ class ModelShape:
     rates: tuple[float, float] = (1.0, 1.0)
     # the window of each sliding layer (apb.methods.cost.attention_flops); global layers not listed
     windows: tuple[int, ...] = ()
+    # read from the model's own modules (:func:`layer_weights`) where the formula above does not
+    # hold (experts, MLA): multiply-adds per token through all layers, and all the weights
+    per_token_macs: float | None = None
+    n_params: float | None = None
 
     @classmethod
     def from_config(cls, config, name: str = "bench") -> "ModelShape":
-        """The shape of a transformers config."""
+        """The shape of a transformers config. MLA's heads count at the mean of their query/key
+        and value widths (K and V bytes per token, and QK plus PV FLOPs per pair, come out right);
+        the linear work and the weights are read from a skeleton of the model (:func:`layer_weights`)."""
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if getattr(config, "kv_lora_rank", None) and getattr(config, "v_head_dim", None):
+            head_dim = (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) / 2
+        macs, n_params = layer_weights(config) or (None, None)
         return cls(name, config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
                    config.num_key_value_heads, head_dim, config.intermediate_size, config.vocab_size,
-                   windows=sliding_windows(config))
+                   windows=sliding_windows(config), per_token_macs=macs, n_params=n_params)
 
     @property
     def params(self) -> float:
+        if self.n_params is not None:
+            return self.n_params
         attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
         mlp = 3 * self.hidden * self.intermediate
         return self.layers * (attn + mlp) + 2 * self.vocab * self.hidden
 
     def linear_flops(self, tokens: float) -> float:
-        """All layers' projections and MLP for ``tokens`` tokens (2 FLOPs per multiply-add)."""
+        """All layers' projections and MLP for ``tokens`` tokens (2 FLOPs per multiply-add; a token
+        runs through its routed experts only)."""
+        if self.per_token_macs is not None:
+            return 2.0 * tokens * self.per_token_macs
         per_layer = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads) + 3 * self.hidden * self.intermediate
         return 2.0 * tokens * per_layer * self.layers
 
@@ -103,6 +120,36 @@ class ModelShape:
 
     def act_bytes(self, tokens: float) -> float:
         return tokens * ACT_FACTOR * (self.hidden + self.intermediate) * self.bytes_per_param
+
+
+def layer_weights(config) -> tuple[float, float] | None:
+    """(multiply-adds per token through every decoder layer, all the model's weights) read from
+    a skeleton of the model without values: each matrix of a layer is one multiply-add per entry
+    and token, the experts' stacked weights ``(experts, out, in)`` count ``top_k`` of them (every
+    family with experts in transformers 5 stacks them so). None where the skeleton cannot be
+    built (the formula of :class:`ModelShape` stands)."""
+    model = skeleton(config)
+    if model is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    top_k = {i: getattr(r, "top_k", None) for i, r in routers(model).items()}
+    macs = 0.0
+    for name, module in model.named_modules():
+        m = _DECODER_LAYER.search(name)
+        if not m:
+            continue
+        k = top_k.get(int(m.group(1))) or getattr(text, "num_experts_per_tok", 1)
+        for pname, p in module.named_parameters():
+            if pname.endswith("bias"):  # gpt-oss stacks its experts' biases as (experts, out): no matrix
+                continue
+            if p.dim() == 3:  # (experts, out, in): a token runs k of them
+                macs += k * p[0].numel()
+            elif p.dim() == 2:
+                macs += p.numel()
+    return macs, float(sum(p.numel() for p in model.parameters()))
+
+
+_DECODER_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)$")
 
 
 MODELS = {
