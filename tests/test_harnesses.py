@@ -471,3 +471,22 @@ def test_the_cost_model_counts_the_flops_the_models_forward_runs(name, tmp_path)
     modelled = shape.linear_flops(n) + n * n * shape.attn_flops_per_pair() * shape.layers
     assert modelled == pytest.approx(_counted_flops(model, n), rel=1e-9)
     assert shape.params == sum(p.numel() for p in model.parameters())
+
+
+def test_the_cost_models_cache_is_what_the_prefill_caches():
+    """K/V bytes per token and layer: MLA's latent pair for DeepSeek-V3 (what apb.model.mla caches),
+    K and V of every KV head elsewhere; measured on a real prefill's cache."""
+    from transformers import AutoConfig
+
+    from apb.model.catalog import resolve_model
+    from apb.model.loading import load_model
+    from apb.parallel.comm import Comm
+    from apb.runtime.prefill import prefill
+
+    for name in ("tiny-deepseek-v3", "tiny-llama"):
+        path = resolve_model(name)
+        shape = costmodel.ModelShape.from_config(AutoConfig.from_pretrained(path))
+        n = 40
+        res = prefill(load_model(path), torch.randint(0, 256, (n,)), build_method("full", MethodConfig()), Comm(None))
+        cached = res.cache.keys[:, :, :n].numel() + res.cache.values[:, :, :n].numel()
+        assert shape.kv_bytes(n) == cached * shape.bytes_per_param, name

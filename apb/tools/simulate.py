@@ -32,6 +32,7 @@ from apb.methods.cost import HostWork, Sizes, attention_flops, single_device
 from apb.model.features import sliding_windows
 from apb.model.loading import skeleton
 from apb.model.routing import routers
+from apb.runtime.memory import kv_bytes_per_token
 
 LINEAR_EFF = 0.75
 ATTN_EFF = 0.70
@@ -81,19 +82,24 @@ class ModelShape:
     # hold (experts, MLA): multiply-adds per token through all layers, and all the weights
     per_token_macs: float | None = None
     n_params: float | None = None
+    # what one token keeps in one layer's cache, in elements, where it is not K and V of
+    # ``kv_heads x head_dim`` (an MLA layer keeps its latent: apb.runtime.memory.kv_bytes_per_token)
+    cached_width: int | None = None
 
     @classmethod
     def from_config(cls, config, name: str = "bench") -> "ModelShape":
         """The shape of a transformers config. MLA's heads count at the mean of their query/key
-        and value widths (K and V bytes per token, and QK plus PV FLOPs per pair, come out right);
-        the linear work and the weights are read from a skeleton of the model (:func:`layer_weights`)."""
+        and value widths (the K and V a method sends per token, and QK plus PV FLOPs per pair, come
+        out right), and its cache at its latent; the linear work and the weights are read from a
+        skeleton of the model (:func:`layer_weights`)."""
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         if getattr(config, "kv_lora_rank", None) and getattr(config, "v_head_dim", None):
             head_dim = (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) / 2
         macs, n_params = layer_weights(config) or (None, None)
+        latent = kv_bytes_per_token(config, 1) if getattr(config, "kv_lora_rank", None) else None
         return cls(name, config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
                    config.num_key_value_heads, head_dim, config.intermediate_size, config.vocab_size,
-                   windows=sliding_windows(config), per_token_macs=macs, n_params=n_params)
+                   windows=sliding_windows(config), per_token_macs=macs, n_params=n_params, cached_width=latent)
 
     @property
     def params(self) -> float:
@@ -116,7 +122,8 @@ class ModelShape:
         return 4.0 * self.heads * self.head_dim
 
     def kv_bytes(self, tokens: float) -> float:
-        return tokens * self.layers * 2 * self.kv_heads * self.head_dim * self.bytes_per_param
+        width = 2 * self.kv_heads * self.head_dim if self.cached_width is None else self.cached_width
+        return tokens * self.layers * width * self.bytes_per_param
 
     def act_bytes(self, tokens: float) -> float:
         return tokens * ACT_FACTOR * (self.hidden + self.intermediate) * self.bytes_per_param
