@@ -571,6 +571,8 @@ def test_retaining_heads_is_refused_before_the_prefill_where_it_cannot_score(tmp
         deepseek.check_structure(_skeleton("tiny-deepseek-v3"))
     with pytest.raises(ValueError, match=r"no separate q_proj/k_proj/v_proj"):
         deepseek.check_model(_skeleton("tiny-deepseek-v3"))  # the hosts' own check runs it too
+    with pytest.raises(ValueError, match=r"no separate q_proj/k_proj/v_proj \(it projects with o_proj, qkv_proj\)"):
+        deepseek.check_structure(_skeleton("tiny-phi3"))  # Phi-3 projects q, k and v in one matrix
     # nothing chosen, nothing scored: the uncompressed variant runs on any model
     uncompressed = build_method("apb:uncompressed", MethodConfig(name="apb", retaining_heads_path=str(good), **options))
     uncompressed.check_structure(_skeleton("tiny-deepseek-v3"))

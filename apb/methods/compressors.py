@@ -179,10 +179,14 @@ class RetainingHeads(Compressor):
         total = model.config.get_text_config().num_hidden_layers
         if len(layers) < total:
             missing = sorted(set(range(total)) - set(layers))
+            attn = next((m for m in model.modules() if getattr(m, "layer_idx", None) == missing[0]
+                         and type(m).__name__.endswith("Attention")), None)
+            has = "" if attn is None else " (it projects with " + ", ".join(
+                n for n, c in attn.named_children() if isinstance(c, torch.nn.Linear)) + ")"
             raise ValueError(
                 f"compressor 'retaining_heads' scores each block on its q/k/v projections before RoPE, and "
-                f"{type(model).__name__}'s attention in layer(s) {missing[:8]} has no separate q_proj/k_proj/v_proj "
-                "(DeepSeek's MLA projects through a low-rank latent); use method.compressor 'query', 'snapkv' or 'stride'")
+                f"{type(model).__name__}'s attention in layer(s) {missing[:8]} has no separate "
+                f"q_proj/k_proj/v_proj{has}; use method.compressor 'query', 'snapkv' or 'stride'")
         for layer, module in sorted(layers.items()):
             key = f"layers.{layer}.fc1.weight"
             if key not in self.weights:
