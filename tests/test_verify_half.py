@@ -18,6 +18,26 @@ from apb.runtime.prefill import prefill
 from apb.tools.verify import Floor, judge, layer_rel_diff, random_prompt, reference_run
 
 full_module = importlib.import_module("apb.methods.full")
+KERNEL = full_module.attention
+
+
+def next_key(q, k, v, causal=True, **kw):
+    """A wrong mask: every query but the last also sees the key after its own."""
+    if causal and q.shape[2] == k.shape[2] > 1:
+        out, lse = KERNEL(q[:, :, :-1], k, v, causal=True, **kw)
+        last, last_lse = KERNEL(q[:, :, -1:], k, v, causal=False, **kw)
+        return torch.cat([out, last], 2), torch.cat([lse, last_lse], 2)
+    return KERNEL(q, k, v, causal=causal, **kw)
+
+
+def block_off(q, k, v, causal=True, **kw):
+    """A wrong mask, as a block boundary bug would make: rows 100-139 lose the keys before 100."""
+    if causal and q.shape[2] == k.shape[2] > 140:
+        head, h_lse = KERNEL(q[:, :, :100], k[:, :, :100], v[:, :, :100], causal=True, **kw)
+        mid, m_lse = KERNEL(q[:, :, 100:140], k[:, :, 100:140], v[:, :, 100:140], causal=True, **kw)
+        rest, r_lse = KERNEL(q[:, :, 140:], k, v, causal=True, **kw)
+        return torch.cat([head, mid, rest], 2), torch.cat([h_lse, m_lse, r_lse], 2)
+    return KERNEL(q, k, v, causal=causal, **kw)
 
 
 def test_bfloat16_rule_passes_a_right_run_and_fails_a_mask_that_shows_the_next_key(monkeypatch):
@@ -35,15 +55,6 @@ def test_bfloat16_rule_passes_a_right_run_and_fails_a_mask_that_shows_the_next_k
 
     right = judge(truth, run(), True, "bfloat16", floor=floor)
     assert right["passed"], right["reason"]
-    kernel = full_module.attention
-
-    def next_key(q, k, v, causal=True, **kw):  # every query but the last also sees the key after its own
-        if causal and q.shape[2] == k.shape[2] > 1:
-            out, lse = kernel(q[:, :, :-1], k, v, causal=True, **kw)
-            last, last_lse = kernel(q[:, :, -1:], k, v, causal=False, **kw)
-            return torch.cat([out, last], 2), torch.cat([lse, last_lse], 2)
-        return kernel(q, k, v, causal=causal, **kw)
-
     monkeypatch.setattr(full_module, "attention", next_key)
     wrong = judge(truth, run(), True, "bfloat16", floor=floor)
     assert not wrong["passed"] and "K/V" in wrong["reason"], wrong
@@ -133,23 +144,6 @@ def test_a_wrong_mask_on_a_model_with_experts_still_fails_in_bfloat16(tmp_path, 
     res = run()
     right = judge(truth, res, True, "bfloat16", floor=floor, choices=res.routing)
     assert right["passed"], right["reason"]
-    kernel = full_module.attention
-
-    def next_key(q, k, v, causal=True, **kw):  # every query but the last also sees the key after its own
-        if causal and q.shape[2] == k.shape[2] > 1:
-            out, lse = kernel(q[:, :, :-1], k, v, causal=True, **kw)
-            last, last_lse = kernel(q[:, :, -1:], k, v, causal=False, **kw)
-            return torch.cat([out, last], 2), torch.cat([lse, last_lse], 2)
-        return kernel(q, k, v, causal=causal, **kw)
-
-    def block_off(q, k, v, causal=True, **kw):  # rows 100-139 lose the keys before 100: a boundary bug
-        if causal and q.shape[2] == k.shape[2] > 140:
-            head, h_lse = kernel(q[:, :, :100], k[:, :, :100], v[:, :, :100], causal=True, **kw)
-            mid, m_lse = kernel(q[:, :, 100:140], k[:, :, 100:140], v[:, :, 100:140], causal=True, **kw)
-            rest, r_lse = kernel(q[:, :, 140:], k, v, causal=True, **kw)
-            return torch.cat([head, mid, rest], 2), torch.cat([h_lse, m_lse, r_lse], 2)
-        return kernel(q, k, v, causal=causal, **kw)
-
     for wrong_mask in (next_key, block_off):
         monkeypatch.setattr(full_module, "attention", wrong_mask)
         res = run()

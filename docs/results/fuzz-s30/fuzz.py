@@ -20,15 +20,8 @@ MODELS = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-qwen3", "tiny-mistra
 METHODS = "full,ring,ulysses,star,apb,spava"
 
 
-def pick(rng: random.Random, wide: bool = False) -> dict:
-    """One run's settings; ``wide``: 6-8 hosts and prompts up to 5,000 tokens."""
-    w = rng.choice([6, 7, 8]) if wide else rng.choice([1, 2, 2, 3, 3, 4, 5])
-    top = 5000 if wide else 2500
-    n = rng.choice([rng.randint(2, 64), rng.randint(65, 600), rng.randint(600, top), w * rng.randint(1, top // w),
-                    w * rng.randint(1, top // w) + 1, w - 1 + w * rng.randint(1, 50)])
-    n = max(2, n)
-    q = rng.choice([1, 1, rng.randint(1, 40), 0])
-    q = min(q, n - 1)
+def size_sets(rng: random.Random) -> list[str]:
+    """Random anchor, passing, rounding and exact-layer settings (each drawn or not)."""
     sets = []
     if rng.random() < 0.3:
         sets.append(f"method.anchor_len={rng.choice([0, 1, 7, 64, 0.5])}")
@@ -38,6 +31,19 @@ def pick(rng: random.Random, wide: bool = False) -> dict:
         sets.append(f"method.round_to={rng.choice([2, 16, 128])}")
     if rng.random() < 0.2:
         sets.append(f"method.exact_layers={rng.choice([1, 2])}")
+    return sets
+
+
+def pick(rng: random.Random, wide: bool = False) -> dict:
+    """One run's settings; ``wide``: 6-8 hosts and prompts up to 5,000 tokens."""
+    w = rng.choice([6, 7, 8]) if wide else rng.choice([1, 2, 2, 3, 3, 4, 5])
+    top = 5000 if wide else 2500
+    n = rng.choice([rng.randint(2, 64), rng.randint(65, 600), rng.randint(600, top), w * rng.randint(1, top // w),
+                    w * rng.randint(1, top // w) + 1, w - 1 + w * rng.randint(1, 50)])
+    n = max(2, n)
+    q = rng.choice([1, 1, rng.randint(1, 40), 0])
+    q = min(q, n - 1)
+    sets = size_sets(rng)
     if rng.random() < 0.2:
         sets.append(f"method.compressor={rng.choice(['snapkv', 'stride'])}")  # retaining_heads needs a trained file
     if rng.random() < 0.25:
@@ -48,22 +54,27 @@ def pick(rng: random.Random, wide: bool = False) -> dict:
 
 
 def main(seed: int, minutes: float, wide: bool = False) -> None:
+    run(seed, minutes, lambda rng: pick(rng, wide), HERE / "runs", timeout_s=60, limit_s=600)
+
+
+def run(seed: int, minutes: float, choose, runs: Path, timeout_s: int, limit_s: int) -> None:
+    """Random verify runs for ``minutes``: settings from ``choose(rng)``, each run's rows and log
+    into ``runs``, a line per run on stdout (``timeout_s``: the collectives', ``limit_s``: a run's)."""
     rng = random.Random(seed)
-    runs = HERE / "runs"
     runs.mkdir(exist_ok=True)
     end = time.time() + minutes * 60
     k = 0
     while time.time() < end:
-        c = pick(rng, wide)
+        c = choose(rng)
         stem = runs / f"{seed}-{k}"
         cmd = [sys.executable, "-m", "apb", "verify", "--model", c["model"], "--methods", METHODS, "--world-size", str(c["w"]),
                "--prompt-len", str(c["n"]), "--query-len", str(c["q"]), "--decode", c["decode"], "--dtype", c["dtype"],
-               "--tokens", "3", "--json", f"{stem}.json", "--set", "parallel.timeout_s=60"]
+               "--tokens", "3", "--json", f"{stem}.json", "--set", f"parallel.timeout_s={timeout_s}"]
         for s in c["sets"]:
             cmd += ["--set", s]
         t0 = time.time()
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=limit_s)
             rc, out = p.returncode, p.stdout + p.stderr
         except subprocess.TimeoutExpired as e:
             rc, out = "timeout", str(e.stdout or "") + str(e.stderr or "")
