@@ -1,18 +1,19 @@
-"""Which expert each token chose in a reference forward, and how near its choice was to a tie.
+"""Which experts each token chose in a forward, and how near its choice was to a tie.
 
-Used by ``apb verify`` in 16-bit dtypes (the reference forwards on the driver, and each host's
-own forwards through ``prefill(..., routing=True)``): a model that routes tokens to experts makes a discrete
-choice per token and layer, so one rounding step in the attention output can send a near-tied
-token to another expert, and that token's K/V then differ in every later layer (session 30,
-``docs/results/fuzz-s30/routing_flip.txt``). Such a difference is rounding, not a wrong mask, but
-only if the token's choice really was near a tie; :func:`near_tie` says so from the float32 reference's
-own router scores, measured against how far the same dtype's eager forward moves them.
+Used by ``apb verify`` in 16-bit dtypes, on the reference forwards on the driver and on each
+host's own forwards (``prefill(..., routing=True)``): a model that routes tokens to experts makes a
+discrete choice per token and layer, so one rounding step in the attention output can send a
+near-tied token to other experts, and that token's K/V then differ in every later layer (session
+30, ``docs/results/fuzz-s30/routing_flip.txt``). Such a change is rounding, not a wrong mask, only
+if the token's choice really was near a tie: :func:`near_ties` says so from the float32 reference's
+own router scores, against how far the same dtype's eager forward moves them.
 
-Routers are found by shape, not by family: a module whose class name ends in ``Router`` inside a
-decoder layer, whose output holds a float tensor of one score per expert for each token. The
-scores that choose are the logits (softmax and top-k keep their order), or ``sigmoid + bias``
-where the router has DeepSeek's ``e_score_correction_bias``. A router this does not recognise
-records nothing, and a K/V difference it would have to explain stays unexplained.
+Routers are found by name, not by family: a module whose class name ends in ``Router`` inside a
+decoder layer, whose output holds a float tensor of one score per expert for each token (every
+router in transformers 5 returns its logits first) and the chosen experts. The scores that choose
+are the logits (softmax and top-k keep their order), or ``sigmoid + bias`` where the router has
+DeepSeek's ``e_score_correction_bias``, with its expert groups. A router this does not recognise
+records nothing, and its model is judged as one without experts.
 """
 
 from __future__ import annotations

@@ -27,12 +27,12 @@ from transformers import DynamicCache
 
 from apb.config import Config
 from apb.methods import build_method, check_method_name, method_names
+from apb.model import routing as routing_mod
 from apb.model.catalog import resolve_model
 from apb.model.loading import load_model
 from apb.parallel.comm import Phase
 from apb.runtime.decode import Sampling
 from apb.runtime.worker import PromptRequest
-from apb.model import routing as routing_mod
 
 #: float32: the largest absolute difference allowed in the last-token logits and in the KV cache
 TOLERANCE = {"float32": 1e-4}
@@ -95,9 +95,8 @@ def layer_rel_diff(truth: Reference, keys: torch.Tensor | None, values: torch.Te
     return worst
 
 
-def _after(flips: dict[int, torch.Tensor], layers: int) -> torch.Tensor:
+def _after(flips: dict[int, torch.Tensor], layers: int, n: int) -> torch.Tensor:
     """``(layers, n)``: True from the layer after a token's first flip (router layer -> flipped tokens)."""
-    n = next(iter(flips.values())).numel()
     out = torch.zeros(layers, n, dtype=torch.bool)
     for layer, flipped in flips.items():
         out[layer + 1:] |= flipped
@@ -125,7 +124,7 @@ class Floor:
             return cls(layer_rel_diff(truth, half.keys, half.values), kl_divergence(truth.logits, half.logits))
         n = truth.keys.shape[2]
         flips = routing_mod.flips(truth.routing, routing_mod.host_choices(half.routing, torch.arange(n)), n)
-        flipped = _after(flips, truth.keys.shape[0])
+        flipped = _after(flips, truth.keys.shape[0], n)
         last = any(bool(f[-1]) for f in flips.values())  # the logits' token: eager's KL is no floor then
         return cls(layer_rel_diff(truth, half.keys, half.values, ~flipped),
                    math.nan if last else kl_divergence(truth.logits, half.logits), flips, flipped,
@@ -285,7 +284,8 @@ def judge(ref: Reference, result, exact: bool, dtype: str, gates: Gates = Gates(
     ``floor_kl``) and ``passed``. ``ref`` is the float32 reference; in a 16-bit dtype an exact row
     is judged against ``floor`` (:class:`HalfRule`), with ``choices`` the experts the method's
     hosts chose (:func:`apb.model.routing.merge_choices`) for a model with experts, and ``hint``
-    (:func:`routing_hint`) follows its reason when it fails. Comparisons are written ``not x <= limit`` so that NaN fails."""
+    (:func:`routing_hint`) follows its reason when it fails. Comparisons are written
+    ``not x <= limit`` so that NaN fails."""
     logits = result.last_logits
     finite = logits is not None and bool(torch.isfinite(logits).all())
     logit_diff, kv_diff, same = compare(ref, result)
@@ -311,7 +311,7 @@ def judge(ref: Reference, result, exact: bool, dtype: str, gates: Gates = Gates(
             bad = unexplained_flips(ref, floor, mine)
             if bad:
                 failures.append("; ".join(bad[:3]) + (f"; {len(bad) - 3} more" if len(bad) > 3 else ""))
-            left = (_after(mine, layers) if mine else torch.zeros(layers, n, dtype=torch.bool)) | floor.flipped
+            left = _after(mine, layers, n) | floor.flipped
             layer_rel = layer_rel_diff(ref, keys, values, ~left)
             flips = flip_summary(mine, floor.flips)
             last = any(bool(f[-1]) for f in mine.values())
