@@ -4,8 +4,8 @@
 # layer. Random routers have small margins, so this is an upper bound for a trained model's.
 # Run: .venv/bin/python docs/results/verify-moe-s31/depth.py 2>/dev/null > docs/results/verify-moe-s31/depth.txt
 import tempfile
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -17,7 +17,6 @@ from apb.model.loading import load_model
 from apb.parallel.comm import Comm, CommStats
 from apb.runtime.prefill import prefill
 from apb.tools.verify import Floor, judge, random_prompt, reference_run
-
 
 n = 2000
 for layers, experts in ((4, 4), (12, 4), (12, 32)):
