@@ -34,6 +34,9 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
         assert verify["exit"] == 0 and {r["method"] for r in verify["rows"]} >= {"full", "ring", "apb"}
         assert {r["model"] for r in verify["rows"]} == set(gpu_check.VERIFY_MODELS.split(","))
         assert all(r["passed"] for r in verify["rows"])
+        experts = report["verify"][f"{world}-experts"]
+        assert experts["exit"] == 0 and {r["model"] for r in experts["rows"]} == {gpu_check.EXPERTS_MODEL}
+        assert all(r["passed"] for r in experts["rows"]) and {r["method"] for r in experts["rows"]} >= {"full", "ring"}
     assert report["bench"]["exit"] == 0 and report["bench"]["report"] is not None
     baseline = report["baseline"]
     assert baseline["exit"] == 0 and {r["method"] for r in baseline["rows"]} == {"full", "hf-sdpa"}

@@ -12,9 +12,10 @@ error and the others still run; a run stopped from outside keeps the stages it f
    layer of window 4096 (called as apb's sliding layers call it), and which of torch's kernels ran
    (the probes' answers);
 2. ``verify``: ``apb verify`` for every method at W=1, and at W=2, on :data:`VERIFY_MODELS` (one of
-   them all sliding layers); on a machine with one GPU the
-   two ranks share it (``parallel.share_gpus``: NCCL refuses two ranks on one device, so they talk
-   over gloo through host copies, and ulysses, whose all-to-all needs NCCL, is left out). On CUDA
+   them all sliding layers), and apart on :data:`EXPERTS_MODEL` (``W1-experts``, ...); on a machine
+   with one GPU the two ranks share it (``parallel.share_gpus``: NCCL refuses two ranks on one
+   device, so they talk over gloo through host copies, and ulysses, whose all-to-all needs NCCL, is
+   left out). On CUDA
    the workers run under torch's sync debug mode and every host-device synchronization is
    recorded where it happened (:data:`CENSUS_HOOK`): ``syncs`` says, per method, how many fell
    inside a prefill's layers and were not the staged copies a shared GPU needs nor a one-time
@@ -69,6 +70,10 @@ QUICK_METHODS, QUICK_BENCH_METHODS, QUICK_LENGTHS = "full,ring,apb", "full,apb",
 #: the verify stage's models: plain GQA, and every layer sliding (window 64), so the sliding path
 #: (flash-attn's own window, else torch's masked kernel) runs on the GPU under the sync census
 VERIFY_MODELS = "tiny-llama,tiny-mistral-sliding"
+#: verified apart, outside the census (transformers' own expert loop syncs on every layer): a model
+#: with experts, attention sinks, YaRN and a sliding layer, where bfloat16 sends near-tied tokens to
+#: other experts and the rule reads the hosts' routing (apb.tools.verify.HalfRule)
+EXPERTS_MODEL = "tiny-gpt-oss"
 
 
 #: the kernels' cases: (name, query length, key length, causal); 4096 scaled down with --quick
@@ -355,6 +360,13 @@ def verify_stage(device: str, quick: bool, work: Path, deadline: Deadline) -> di
             findings = census_findings(summary)
             # a sync in the layer loop stalls the pipeline on every layer: a failure, not a note
             out[f"W{world}"].update(syncs=summary, sync_findings=findings, exit=rc or (3 if findings else 0))
+        path = work / f"verify-experts-w{world}.json"
+        rc, tail = _apb(["verify", "--model", EXPERTS_MODEL, "--methods", methods, "--world-size", str(world),
+                         "--prompt-len", str(n), "--tokens", "4", "--dtype", "bfloat16" if device == "cuda" else "float32",
+                         *sets, "--json", str(path)], deadline.left() * 0.25 / (len(sizes) - i))
+        out[f"W{world}-experts"] = {"exit": rc, "shared_gpu": shares_gpu(device, world), "methods": methods,
+                                    "rows": json.loads(path.read_text())["results"] if path.exists() else None,
+                                    "output_tail": tail}
     return out
 
 
