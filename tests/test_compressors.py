@@ -567,12 +567,14 @@ def test_retaining_heads_is_refused_before_the_prefill_where_it_cannot_score(tmp
     build_method("apb", MethodConfig(name="apb", retaining_heads_path=str(good), **options)).check_structure(model)
     # DeepSeek's MLA has no q_proj/k_proj/v_proj for the heads to read
     deepseek = build_method("spava", MethodConfig(name="spava", retaining_heads_path=str(good), **options))
-    with pytest.raises(ValueError, match=r"no separate q_proj/k_proj/v_proj.*method.compressor 'query'"):
+    with pytest.raises(ValueError, match=r"neither q_proj/k_proj/v_proj nor a qkv_proj.*method.compressor 'query'"):
         deepseek.check_structure(_skeleton("tiny-deepseek-v3"))
-    with pytest.raises(ValueError, match=r"no separate q_proj/k_proj/v_proj"):
+    with pytest.raises(ValueError, match=r"\(it projects with q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj\)"):
         deepseek.check_model(_skeleton("tiny-deepseek-v3"))  # the hosts' own check runs it too
-    with pytest.raises(ValueError, match=r"no separate q_proj/k_proj/v_proj \(it projects with o_proj, qkv_proj\)"):
-        deepseek.check_structure(_skeleton("tiny-phi3"))  # Phi-3 projects q, k and v in one matrix
+    # Phi-3 projects q, k and v in one matrix, which splits into them: a file of its width runs
+    phi3 = _skeleton("tiny-phi3")
+    fused = random_retaining_heads(tmp_path / "phi3.safetensors", phi3.config, hidden=8)
+    build_method("apb", MethodConfig(name="apb", retaining_heads_path=str(fused), **options)).check_structure(phi3)
     # nothing chosen, nothing scored: the uncompressed variant runs on any model
     uncompressed = build_method("apb:uncompressed", MethodConfig(name="apb", retaining_heads_path=str(good), **options))
     uncompressed.check_structure(_skeleton("tiny-deepseek-v3"))
@@ -599,3 +601,37 @@ def test_apb_run_refuses_retaining_heads_on_mla_before_any_worker_starts(tmp_pat
     with pytest.raises(ConfigError, match=r"method.name='apb': compressor 'retaining_heads'.*q_proj"):
         Engine.from_config(None, {"model.name_or_path": "tiny-deepseek-v3", "method.name": "apb",
                                   "method.compressor": "retaining_heads", "method.retaining_heads_path": str(path)})
+
+
+def test_a_fused_qkv_projection_is_captured_as_the_attention_sees_it():
+    """Phi-3's qkv_proj output, split as the compressor reads it: its V part is the V the attention
+    step receives (V has no RoPE), in every layer, so the split falls where Phi-3's own does."""
+    import apb.methods.base as base
+    from apb.model.catalog import resolve_model
+    from apb.model.loading import load_model
+    from apb.parallel.comm import Comm
+    from apb.runtime.prefill import prefill
+
+    model = load_model(resolve_model("tiny-phi3"))
+    ids = torch.randint(0, model.config.vocab_size, (50,), generator=torch.Generator().manual_seed(0))
+    seen, captured = {}, {}
+    step = base.AttnContext.step
+
+    def spy(self, module, q, k, v, scale, **kw):
+        seen[int(module.layer_idx)] = v.detach().clone()
+        captured[int(module.layer_idx)] = self.scratch.get(("pre_rope", int(module.layer_idx)))
+        return step(self, module, q, k, v, scale, **kw)
+
+    method = build_method("full", MethodConfig())
+    base.AttnContext.step = spy
+    try:
+        method.capture_pre_rope = lambda: True  # full never scores; capture as a scoring method would
+        prefill(model, ids, method, Comm(None))
+    finally:
+        base.AttnContext.step = step
+    heads, d = model.config.num_key_value_heads, model.config.hidden_size // model.config.num_attention_heads
+    for layer, v in seen.items():
+        q_pre, k_pre, v_pre = captured[layer]
+        assert q_pre.shape[-1] == model.config.num_attention_heads * d and k_pre.shape[-1] == heads * d
+        torch.testing.assert_close(v_pre.view(1, -1, heads, d).transpose(1, 2), v, rtol=0, atol=0)
+    assert len(seen) == model.config.num_hidden_layers

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from apb.model.features import qkv_projections
+from apb.model.features import qkv_projections, qkv_sizes
 
 _COMPRESSORS: dict[str, type["Compressor"]] = {}
 
@@ -185,14 +185,14 @@ class RetainingHeads(Compressor):
                 n for n, c in attn.named_children() if isinstance(c, torch.nn.Linear)) + ")"
             raise ValueError(
                 f"compressor 'retaining_heads' scores each block on its q/k/v projections before RoPE, and "
-                f"{type(model).__name__}'s attention in layer(s) {missing[:8]} has no separate "
-                f"q_proj/k_proj/v_proj{has}; use method.compressor 'query', 'snapkv' or 'stride'")
+                f"{type(model).__name__}'s attention in layer(s) {missing[:8]} has neither q_proj/k_proj/v_proj "
+                f"nor a qkv_proj that splits into them{has}; use method.compressor 'query', 'snapkv' or 'stride'")
         for layer, module in sorted(layers.items()):
             key = f"layers.{layer}.fc1.weight"
             if key not in self.weights:
                 raise ValueError(f"method.retaining_heads_path={str(self.path)!r} has no weights for layer {layer} "
                                  f"({key}): the file was made for a model with fewer layers")
-            sizes = [getattr(getattr(module, f"{n}_proj"), "out_features", None) for n in "qkv"]
+            sizes = qkv_sizes(module)
             if None not in sizes and self.weights[key].shape[1] != sum(sizes):
                 raise ValueError(f"method.retaining_heads_path={str(self.path)!r}: layer {layer} expects "
                                  f"{self.weights[key].shape[1]} input features, the model gives {sum(sizes)} "

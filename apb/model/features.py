@@ -79,8 +79,22 @@ def sliding_windows(model_config: Any) -> tuple[int, ...]:
 
 
 def qkv_projections(model: Any) -> dict[int, Any]:
-    """Each attention layer that projects queries, keys and values apart (``q_proj``, ``k_proj``,
-    ``v_proj``), by layer index: what a compressor that scores on projections before RoPE reads.
-    Empty for a model whose attention projects otherwise (DeepSeek's MLA, a fused ``qkv_proj``)."""
-    return {int(m.layer_idx): m for m in model.modules()
-            if hasattr(m, "layer_idx") and all(hasattr(m, n) for n in ("q_proj", "k_proj", "v_proj"))}
+    """Each attention layer whose queries, keys and values can be read before RoPE, by layer index:
+    what a compressor that scores on those projections reads (:func:`qkv_sizes`). Empty for a model
+    whose attention projects otherwise (DeepSeek's MLA projects through a latent)."""
+    return {int(m.layer_idx): m for m in model.modules() if hasattr(m, "layer_idx") and qkv_sizes(m) is not None}
+
+
+def qkv_sizes(module: Any) -> tuple[int | None, int | None, int | None] | None:
+    """Widths of an attention layer's q, k and v projections per token: three projections apart
+    (``q_proj``, ``k_proj``, ``v_proj``; a width None where one is no ``Linear``), or one matrix
+    whose output is q, k and v in that order (Phi-3's ``qkv_proj``: heads, then KV heads, of
+    ``head_dim``); None for anything else."""
+    if all(hasattr(module, f"{n}_proj") for n in "qkv"):
+        return tuple(getattr(getattr(module, f"{n}_proj"), "out_features", None) for n in "qkv")
+    fused, config = getattr(module, "qkv_proj", None), getattr(module, "config", None)
+    head_dim, kv_heads = getattr(module, "head_dim", None), getattr(module, "num_key_value_heads", None)
+    if fused is None or config is None or not head_dim or not kv_heads:
+        return None
+    sizes = (config.num_attention_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+    return sizes if sum(sizes) == getattr(fused, "out_features", None) else None

@@ -31,7 +31,7 @@ from apb.methods.base import AttnContext, Method
 from apb.methods.cache_attention import CacheAttnContext
 from apb.model import mla
 from apb.model import routing as routing_mod
-from apb.model.features import check_supported, qkv_projections
+from apb.model.features import check_supported, qkv_projections, qkv_sizes
 from apb.model.hf_bridge import prompt_length
 from apb.model.rope import rope_shift
 from apb.parallel.comm import OUTSIDE, Comm, Phase
@@ -167,6 +167,12 @@ def _pre_rope_capture(model, ctx: AttnContext):
     """Record each layer's q/k/v projections (before RoPE) for compressors that score on them."""
     handles = []
     for layer, module in qkv_projections(model).items():
+        if not hasattr(module, "q_proj"):  # one matrix for all three (Phi-3): its output split
+            def split(_mod, _inp, output, layer=layer, sizes=qkv_sizes(module)):
+                ctx.scratch[("pre_rope", layer)] = tuple(output.split(sizes, dim=-1))
+
+            handles.append(module.qkv_proj.register_forward_hook(split))
+            continue
         store: dict[str, torch.Tensor] = {}
 
         def hook(name, store=store, layer=layer):
@@ -179,7 +185,7 @@ def _pre_rope_capture(model, ctx: AttnContext):
         for name in ("q", "k", "v"):
             handles.append(getattr(module, f"{name}_proj").register_forward_hook(hook(name)))
     if not handles:  # Method.check_model refuses this first (Compressor.check_model)
-        raise ValueError("this compressor needs q_proj/k_proj/v_proj projections, which this model does not have")
+        raise ValueError("this compressor needs q/k/v projections before RoPE, which this model does not have")
     try:
         yield
     finally:
