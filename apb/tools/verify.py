@@ -314,6 +314,9 @@ def judge(ref: Reference, result, exact: bool, dtype: str, gates: Gates = Gates(
             left = _after(mine, layers, n) | floor.flipped
             layer_rel = layer_rel_diff(ref, keys, values, ~left)
             flips = flip_summary(mine, floor.flips)
+            kept = (~left).float().mean(1)
+            if flips and float(kept.min()) < 1:  # how much of the worst layer the measure still saw
+                flips += f"; K/V measured on {float(kept.min()):.0%} of the tokens at least (layer {int(kept.argmin())})"
             last = any(bool(f[-1]) for f in mine.values())
             judge_kl = not last and math.isfinite(floor.kl)
         max_layer = max(rule.layer_factor * floor.layer_rel, rule.layer_min)
