@@ -79,7 +79,11 @@ def test_a_failed_16_bit_row_of_a_model_with_experts_says_a_routing_flip_may_be_
     assert not failed["passed"] and failed["reason"].startswith("K/V") and failed["reason"].endswith(hint)
     same = SimpleNamespace(last_logits=truth.logits, cache=SimpleNamespace(keys=truth.keys, values=truth.values),
                            tokens=None)
-    assert judge(truth, same, True, "bfloat16", floor=floor, hint=hint)["reason"] is None
+    passed = judge(truth, same, True, "bfloat16", floor=floor, hint=hint)
+    assert passed["reason"] is None
+    # a model with experts whose routers were not read passes as before, but not silently
+    assert "routers were not read" in passed["routing_flips"] and "float32" in passed["routing_flips"]
+    assert judge(truth, same, True, "bfloat16", floor=floor)["routing_flips"] is None  # no experts: nothing to say
 
 
 def _gpt_oss_bf16(n: int, path=None):

@@ -129,7 +129,18 @@ class ModelShape:
         return tokens * ACT_FACTOR * (self.hidden + self.intermediate) * self.bytes_per_param
 
 
+_LAYER_WEIGHTS: dict[str, tuple[float, float] | None] = {}
+
+
 def layer_weights(config) -> tuple[float, float] | None:
+    """:func:`read_layer_weights`, once per config (a bench asks for every row)."""
+    key = config.to_json_string()
+    if key not in _LAYER_WEIGHTS:
+        _LAYER_WEIGHTS[key] = read_layer_weights(config)
+    return _LAYER_WEIGHTS[key]
+
+
+def read_layer_weights(config) -> tuple[float, float] | None:
     """(multiply-adds per token through every decoder layer, all the model's weights) read from
     a skeleton of the model without values: each matrix of a layer is one multiply-add per entry
     and token, the experts' stacked weights ``(experts, out, in)`` count ``top_k`` of them (every
