@@ -134,7 +134,9 @@ _LAYER_WEIGHTS: dict[str, tuple[float, float] | None] = {}
 
 def layer_weights(config) -> tuple[float, float] | None:
     """:func:`read_layer_weights`, once per config (a bench asks for every row)."""
-    key = config.to_json_string()
+    key = config.to_json_string() if hasattr(config, "to_json_string") else None
+    if key is None:  # not a transformers config: no skeleton either
+        return read_layer_weights(config)
     if key not in _LAYER_WEIGHTS:
         _LAYER_WEIGHTS[key] = read_layer_weights(config)
     return _LAYER_WEIGHTS[key]
