@@ -133,8 +133,10 @@ class Engine:
         self.method = build_method(cfg.method.name, cfg.method)  # validates method options now, not in a worker
         try:
             self.method.check(self.model_config, cfg.parallel.world_size)
-            structure = skeleton(self.model_config)
-            if structure is not None:  # e.g. a compressor that reads projections the model lacks
+            # only a compressor that reads the projections before RoPE checks the model's modules:
+            # no skeleton is built (a model's worth of modules, at every start) for the others
+            structure = skeleton(self.model_config) if self.method.capture_pre_rope() else None
+            if structure is not None:
                 self.method.check_structure(structure)
         except ValueError as e:
             raise ConfigError(f"method.name={cfg.method.name!r}: {e}") from None

@@ -593,14 +593,22 @@ def test_retaining_heads_is_refused_before_the_prefill_where_it_cannot_score(tmp
         build_method("apb", MethodConfig(name="apb", retaining_heads_path=str(short), **options)).check_structure(model)
 
 
-def test_apb_run_refuses_retaining_heads_on_mla_before_any_worker_starts(tmp_path, llama_config):
+def test_apb_run_refuses_retaining_heads_on_mla_before_any_worker_starts(tmp_path, llama_config, monkeypatch):
     from apb.config import ConfigError
     from apb.engine import Engine
 
     path = random_retaining_heads(tmp_path / "rh.safetensors", llama_config, hidden=8)
+    # a method that reads no projections builds no skeleton at start
+    import apb.engine
+
+    built, real = [], apb.engine.skeleton
+    monkeypatch.setattr(apb.engine, "skeleton", lambda config: built.append(config) or real(config))
+    Engine.from_config(None, {"model.name_or_path": "tiny-deepseek-v3", "method.name": "apb"})
+    assert built == []
     with pytest.raises(ConfigError, match=r"method.name='apb': compressor 'retaining_heads'.*q_proj"):
         Engine.from_config(None, {"model.name_or_path": "tiny-deepseek-v3", "method.name": "apb",
                                   "method.compressor": "retaining_heads", "method.retaining_heads_path": str(path)})
+    assert len(built) == 1  # the compressor that reads projections checked the model's skeleton
 
 
 def test_a_fused_qkv_projection_is_captured_as_the_attention_sees_it():
