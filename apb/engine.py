@@ -36,7 +36,7 @@ from apb.config import Config, ConfigError, load_config
 from apb.methods import build_method
 from apb.model.catalog import resolve_model
 from apb.model.features import check_supported
-from apb.model.loading import skeleton
+from apb.model.loading import check_attention_interface, skeleton
 from apb.model.text import encode_document, eos_ids, load_tokenizer
 from apb.parallel import groups
 from apb.runtime import memory
@@ -128,6 +128,7 @@ class Engine:
         self.eos = eos_ids(self.tokenizer, self.model_config)
         try:  # a layer kind the runtime cannot run exactly is refused here, before any worker starts
             check_supported(self.model_config)
+            check_attention_interface(self.model_config)
         except ValueError as e:
             raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: {e}") from None
         self.method = build_method(cfg.method.name, cfg.method)  # validates method options now, not in a worker

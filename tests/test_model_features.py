@@ -301,3 +301,94 @@ def test_pre_rope_captures_are_freed_once_their_layer_has_run():
         ctx.step(SimpleNamespace(layer_idx=layer), q, kv, kv, 1.0)
     assert seen == [[0], [1], [2]]
     assert not [key for key in ctx.scratch if key[0] == "pre_rope"]
+
+
+# ----------------------------------------------------------------------------- families the sweep found
+# (docs/results/families-s32: every causal-LM family transformers knows, through `apb verify`)
+
+
+def test_a_family_without_kv_head_fields_runs_exactly_with_hosts_holding_nothing(group, tmp_path):
+    """GPT-2: its config names its sizes otherwise (``n_head``, no ``num_key_value_heads``), q/k/v
+    come from one fused matrix and positions are learned. Under ``full`` two of the three hosts
+    hold no tokens and still report each layer's (empty) cache, read from the layers themselves."""
+    cfg = AutoConfig.for_model("gpt2", vocab_size=256, n_embd=96, n_layer=2, n_head=6, n_positions=1024,
+                               bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "gpt2", safe_serialization=True)
+    assert not hasattr(cfg, "num_key_value_heads")
+    _, _, rows = run_methods(group, tmp_path / "gpt2", 301, ["full", "ring", "ulysses", "apb:uncompressed"])
+    assert_exact(rows, "gpt2")
+
+
+def test_a_layer_whose_attention_does_not_come_through_apb_is_an_error(tmp_path):
+    """A layer that computes attention its own way would attend only its host's tokens: here layer 1
+    is switched to transformers' eager attention, and the prefill refuses instead of returning it."""
+    import copy
+
+    from apb.parallel.comm import Comm
+
+    path = save_tiny(tmp_path / "llama", "llama")
+    model = load_model(path)
+    own = copy.copy(model.config)
+    own._attn_implementation = "eager"
+    model.model.layers[1].self_attn.config = own
+    with pytest.raises(ValueError, match=r"layer\(s\) \[1\] never reached apb's attention"):
+        prefill(model, random_prompt(50, 256, 0), build_method("full", MethodConfig()), Comm(None))
+
+
+def test_an_attention_call_without_the_context_during_a_prefill_is_an_error():
+    """A model that does not pass keyword arguments down to its layers calls the attention without
+    apb's context; inside a prefill that is refused, outside (decoding) it is plain attention."""
+    from apb.model.hf_bridge import prefilling
+
+    out, _ = _call(scaling=0.3)
+    assert out.shape == (1, 4, 2, 8)
+    with prefilling(), pytest.raises(ValueError, match=r"layer 3 .* without apb's context during a distributed "
+                                                       r"prefill"):
+        _call(scaling=0.3)
+
+
+def test_a_model_that_masks_its_own_scores_is_refused_naming_the_layer():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match=r"layer 3 \(SimpleNamespace\) passes an attention_mask"):
+        apb_attention_forward(SimpleNamespace(layer_idx=3), q, q, q, torch.zeros(1, 1, 4, 4))
+
+
+@pytest.mark.parametrize("model_type,overrides,message", [
+    ("bert", {}, r"layer 0 \(BertSelfAttention\) attends both ways"),
+    ("roberta", {}, r"layer 0 \(RobertaSelfAttention\) attends both ways"),
+    ("falcon", {}, r"'falcon' chooses its attention from its own table"),
+])
+def test_families_apb_cannot_stand_in_for_are_refused_from_the_config(model_type, overrides, message):
+    """Checked on a skeleton built on the meta device, before any worker starts (Engine, verify)."""
+    from apb.model.loading import check_attention_interface
+
+    cfg = AutoConfig.for_model(model_type, vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=64, **overrides)
+    with pytest.raises(ValueError, match=message):
+        check_attention_interface(cfg)
+
+
+def test_a_bert_like_decoder_and_an_encoder_decoders_decoder_are_not_refused():
+    """``is_decoder=True`` makes BERT causal; BART's decoder holds cross-attention a causal LM never calls."""
+    from apb.model.loading import check_attention_interface
+
+    small = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    check_attention_interface(AutoConfig.for_model("bert", is_decoder=True, **small))
+    check_attention_interface(AutoConfig.for_model("bart", vocab_size=256, d_model=64, decoder_layers=2,
+                                                   decoder_attention_heads=4, decoder_ffn_dim=64))
+    check_attention_interface(AutoConfig.for_model("llama", **small))
+
+
+def test_the_layer_kinds_are_read_as_transformers_caches_read_them():
+    """Falcon-H1's config has no ``layer_types``: its per-layer mixers are still refused; DeepSeek-V3.2's
+    indexer and a Llama 4 chunked layer are named."""
+    from apb.model.features import layer_kinds
+
+    h1 = AutoConfig.for_model("falcon_h1", num_hidden_layers=2)
+    assert layer_kinds(h1) == ["hybrid", "hybrid"]
+    with pytest.raises(ValueError, match="layer 0 is 'hybrid'"):
+        check_supported(h1)
+    with pytest.raises(ValueError, match="layer 0 is 'indexed_attention'"):
+        check_supported(AutoConfig.for_model("deepseek_v32", num_hidden_layers=2))
+    assert layer_kinds(AutoConfig.for_model("llama", num_hidden_layers=2)) == ["full_attention"] * 2

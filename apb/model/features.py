@@ -35,6 +35,7 @@ LAYER_KINDS = {
     "reference_sliding_attention": "a ring-buffered sliding window over generated tokens",
     "moe": "a mixture-of-experts block without attention",
     "mlp": "an MLP block without attention",
+    "dummy": "a block without attention (no cache)",
 }
 
 #: families without softmax attention whose configs carry no ``layer_types``
@@ -54,13 +55,30 @@ def check_supported(model_config: Any) -> None:
     if family in NON_ATTENTION_FAMILIES:
         raise ValueError(f"model type {family!r}: layer 0 is {NON_ATTENTION_FAMILIES[family]}, not softmax attention; "
                          "apb runs decoders whose layers are all softmax attention")
-    for i, kind in enumerate(getattr(cfg, "layer_types", None) or ()):
+    for i, kind in enumerate(layer_kinds(cfg)):
         if kind not in SUPPORTED_LAYER_TYPES:
             what = LAYER_KINDS.get(kind, "not softmax attention")
             raise ValueError(f"model type {family!r}: layer {i} is {kind!r} ({what}); apb runs only "
                              f"{' and '.join(SUPPORTED_LAYER_TYPES)} layers, so this model is not supported")
     if getattr(cfg, "use_bidirectional_attention", False):
         raise ValueError(f"model type {family!r} has use_bidirectional_attention=True; apb runs causal decoders only")
+
+
+def layer_kinds(cfg: Any) -> list[str]:
+    """Each layer's kind as transformers' own caches read it from the config: ``layer_types``, or,
+    where a config has none, its per-layer fields (Falcon-H1's parallel mixers are ``hybrid``,
+    Llama 4's chunked layers ``chunked_attention``). A layer that reuses an earlier layer's K/V
+    (Gemma 3n's KV sharing) keeps the kind it attends with: it still calls the attention, with
+    the keys its source layer made, which every method handles as any other layer's."""
+    types = list(getattr(cfg, "layer_types", None) or ())
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+        read, _ = get_layer_types_and_kwargs(cfg)
+    except Exception:  # a transformers without it, or a config it cannot read: the declared types
+        return types
+    modes = getattr(cfg, "kv_sharing_modes", None) or ()
+    return [types[i] if i < len(modes) and modes[i] == "reuse" and i < len(types) else kind
+            for i, kind in enumerate(read)]
 
 
 def sliding_windows(model_config: Any) -> tuple[int, ...]:

@@ -19,6 +19,7 @@ device would, for the RoPE variants whose frequencies depend on the sequence len
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Iterator
 
 import torch
@@ -36,17 +37,39 @@ HARMLESS = frozenset({"position_ids", "cache_position", "use_cache", "output_att
                       "output_router_logits", "return_dict"})
 
 
+#: set while a distributed prefill runs its forwards (:func:`prefilling`): every attention call
+#: must then carry the prefill's context, or the layer would attend only its host's own tokens
+_PREFILLING: contextvars.ContextVar[bool] = contextvars.ContextVar("apb_prefilling", default=False)
+
+
+@contextlib.contextmanager
+def prefilling() -> Iterator[None]:
+    """Inside the block, an attention call without ``apb_ctx`` is an error, not plain attention."""
+    token = _PREFILLING.set(True)
+    try:
+        yield
+    finally:
+        _PREFILLING.reset(token)
+
+
 def apb_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
     if attention_mask is not None:
-        raise ValueError("apb attention takes no attention_mask (padding inside a batch is not supported); "
-                         "pass one unpadded prompt at a time")
+        raise ValueError(f"{_layer(module)} passes an attention_mask to the attention, but apb builds none (it "
+                         "applies causality, windows, softcap and sinks itself): the model adds its own bias or "
+                         "mask to the scores (as Doge's dynamic mask does), or the prompt was padded. apb runs one "
+                         "unpadded prompt at a time, and cannot run a model that masks its scores itself")
     _check_kwargs(module, kwargs)
     scaling = kwargs.get("scaling")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     window = kwargs.get("sliding_window")
     scores = {"softcap": kwargs.get("softcap"), "sinks": kwargs.get("s_aux")}
     ctx = kwargs.get("apb_ctx")
+    if ctx is None and _PREFILLING.get():
+        raise ValueError(f"{_layer(module)} was called without apb's context during a distributed prefill: the "
+                         f"model ({type(module).__module__.rsplit('.', 1)[-1]}) does not pass keyword arguments "
+                         "down to its attention layers, so each host would attend only its own tokens. apb "
+                         "cannot split this model")
     if ctx is not None:
         pair = mla.latent(module, key, value)
         extra = {} if pair is None else {"latent": pair, "expand": module.expand_kv}
@@ -59,8 +82,12 @@ def apb_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     return out.transpose(1, 2).contiguous(), None
 
 
+def _layer(module: torch.nn.Module) -> str:
+    return f"layer {getattr(module, 'layer_idx', '?')} ({type(module).__name__})"
+
+
 def _check_kwargs(module: torch.nn.Module, kwargs: dict) -> None:
-    layer = f"layer {getattr(module, 'layer_idx', '?')} ({type(module).__name__})"
+    layer = _layer(module)
     unknown = sorted(set(kwargs) - APPLIED - HARMLESS)
     if unknown:
         shown = ", ".join(f"{k}={_short(kwargs[k])}" for k in unknown)
@@ -70,8 +97,11 @@ def _check_kwargs(module: torch.nn.Module, kwargs: dict) -> None:
     if kwargs.get("dropout"):
         raise ValueError(f"{layer} passes attention dropout={kwargs['dropout']}: the model is in training mode; "
                          "call model.eval() (apb runs inference only)")
-    if kwargs.get("is_causal") is False:
-        raise ValueError(f"{layer} asks for bidirectional attention (is_causal=False); apb runs causal decoders only")
+    # a layer says so by keyword, or (BERT-like models, whose decoder flag is off) by its own attribute,
+    # which transformers' kernels read where no keyword is passed
+    if kwargs.get("is_causal") is False or (kwargs.get("is_causal") is None and getattr(module, "is_causal", True) is False):
+        raise ValueError(f"{layer} asks for bidirectional attention (is_causal=False); apb runs causal decoders only"
+                         " (a BERT-like model runs causally only with is_decoder=True in its config)")
 
 
 def _short(value) -> str:

@@ -126,10 +126,47 @@ def load_model(path: str | Path, dtype: str = "float32", device: torch.device | 
     The weights are read straight into ``dtype`` on ``device`` (one device, so transformers needs
     no accelerate for it): no float32 or host-RAM copy of the whole model on the way."""
     device = torch.device(device)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=parse_dtype(dtype), local_files_only=True, trust_remote_code=False,
-        attn_implementation=attn_implementation or ATTN_IMPLEMENTATION, device_map=device)
+    implementation = attn_implementation or ATTN_IMPLEMENTATION
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=parse_dtype(dtype), local_files_only=True, trust_remote_code=False,
+            attn_implementation=implementation, device_map=device)
+    except KeyError as e:
+        if implementation != ATTN_IMPLEMENTATION or ATTN_IMPLEMENTATION not in str(e):
+            raise
+        raise ValueError(_no_interface(AutoConfig.from_pretrained(str(path), local_files_only=True))) from None
     return model.to(device).eval()
+
+
+def _no_interface(model_config) -> str:
+    return (f"model type {getattr(model_config, 'model_type', '?')!r} chooses its attention from its own table, not "
+            "through transformers' attention interface (it cannot be built with "
+            f"attn_implementation={ATTN_IMPLEMENTATION!r}), so apb cannot run its attention; this family is "
+            "not supported")
+
+
+def check_attention_interface(model_config) -> None:
+    """Refuse, from the config alone, a family whose attention apb cannot stand in for: one whose
+    modeling code picks its attention class from a table of its own (Falcon), or whose layers
+    attend both ways (a BERT-like model without ``is_decoder``). Its skeleton is built on the
+    meta device with apb's attention, as every worker would build the model."""
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config, attn_implementation=ATTN_IMPLEMENTATION,
+                                                     trust_remote_code=False)
+    except KeyError as e:
+        if ATTN_IMPLEMENTATION in str(e):
+            raise ValueError(_no_interface(model_config)) from None
+        return
+    except Exception:  # anything else is the workers' to report, with the model loaded
+        return
+    for name, module in model.named_modules():
+        # an encoder-decoder's decoder also holds cross-attention, which a causal LM never calls
+        cross = getattr(module, "is_cross_attention", False) or name.endswith("encoder_attn") or "cross" in name
+        if hasattr(module, "layer_idx") and getattr(module, "is_causal", True) is False and not cross:
+            raise ValueError(f"model type {getattr(model_config, 'model_type', '?')!r}: layer {module.layer_idx} "
+                             f"({type(module).__name__}) attends both ways (is_causal=False); apb runs causal "
+                             "decoders only (a BERT-like model is causal only with is_decoder=True in its config)")
 
 
 def skeleton(model_config) -> torch.nn.Module | None:

@@ -32,7 +32,7 @@ from apb.methods.cache_attention import CacheAttnContext
 from apb.model import mla
 from apb.model import routing as routing_mod
 from apb.model.features import check_supported, qkv_projections, qkv_sizes
-from apb.model.hf_bridge import prompt_length
+from apb.model.hf_bridge import prefilling, prompt_length
 from apb.model.rope import rope_shift
 from apb.parallel.comm import OUTSIDE, Comm, Phase
 from apb.parallel.layout import owner_of, pad_tokens
@@ -108,7 +108,7 @@ def _run(model, input_ids, method, comm, n, n_query, pad_id, diagnostics, record
         keep = torch.tensor([owner_local], device=device) if comm.rank == owner else 1
         comm.stats.tick(-1)  # the embedding and layer 0's projections count too
         with _pre_rope_capture(model, ctx) if method.capture_pre_rope() else contextlib.nullcontext(), \
-                _routing(model, record_routing) as chose:
+                _routing(model, record_routing) as chose, prefilling():
             out = model(input_ids=ids[None], position_ids=mine.positions.to(device)[None], use_cache=False,
                         logits_to_keep=keep, apb_ctx=ctx)
         comm.stats.tick(None)
@@ -121,14 +121,15 @@ def _run(model, input_ids, method, comm, n, n_query, pad_id, diagnostics, record
     comm.stats.layer = None
     positions_cpu = mine.positions[mine.valid]
     positions = positions_cpu.to(device)
-    kv = ctx.kv if ctx.kv else _empty_kv(model, device)
+    kv = ctx.kv if mine.size > 0 else _empty_kv(model, input_ids)
+    _check_every_layer(model, kv)
     if method.query_phase:
         comm.stats.phase = Phase.QUERY
         qctx = CacheAttnContext(comm, kv, positions, holds_new=comm.rank == 0, positions_cpu=positions_cpu)
         q_pos = torch.arange(n - n_query, n)
         qctx.start_step(q_pos)
         comm.stats.tick(-1)
-        with _routing(model, record_routing) as chose:
+        with _routing(model, record_routing) as chose, prefilling():
             out = model(input_ids=input_ids[None, n - n_query:], position_ids=q_pos.to(device)[None],
                         use_cache=False, logits_to_keep=1, apb_ctx=qctx)
         comm.stats.tick(None)
@@ -150,16 +151,37 @@ def _routing(model, on: bool):
     return routing_mod.record(model) if on else contextlib.nullcontext()
 
 
-def _empty_kv(model, device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """A host holding no tokens still has a (zero-length) cache of the right shape."""
-    cfg = model.config
-    if mla.install(model):  # the latent pair an MLA layer caches (apb.model.mla)
-        shapes = [(1, cfg.kv_lora_rank), (1, cfg.qk_rope_head_dim)]
-    else:
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        shapes = [(cfg.num_key_value_heads, head_dim)] * 2
-    k, v = (torch.zeros(1, h, 0, d, dtype=model.dtype, device=device) for h, d in shapes)
-    return {i: (k, v) for i in range(cfg.num_hidden_layers)}
+def _check_every_layer(model, kv: dict) -> None:
+    """Every layer's attention must have run through apb's: a layer whose attention the model
+    computes its own way (not through transformers' attention interface) would attend only its
+    host's tokens, silently."""
+    missing = sorted(set(range(model.config.num_hidden_layers)) - set(kv))
+    if missing:
+        raise ValueError(f"model type {getattr(model.config, 'model_type', '?')!r}: layer(s) {missing[:8]} never "
+                         "reached apb's attention during the prefill: the model computes their attention its own "
+                         "way, not through transformers' attention interface, so apb cannot split this model")
+
+
+class _CacheShapes:
+    """Stands in for the context of a host that holds no tokens: one token's forward through the
+    model records what each layer caches (its K/V heads and widths, or an MLA layer's latent
+    pair), with no rows. Read from the layers themselves, so per-layer widths (Gemma 4's global
+    layers) and configs that name their sizes otherwise (GPT-2's ``n_head``) come out right."""
+
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def step(self, module, q, k, v, scale, latent=None, **_options) -> torch.Tensor:
+        self.kv[int(module.layer_idx)] = tuple(t[:, :, :0] for t in (latent or (k, v)))
+        return q.new_zeros(*q.shape[:-1], v.shape[-1])  # the output is never read
+
+
+def _empty_kv(model, input_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """A host holding no tokens still has a (zero-length) cache of each layer's shape."""
+    shapes = _CacheShapes()
+    model(input_ids=input_ids[None, :1], position_ids=torch.zeros(1, 1, dtype=torch.long, device=input_ids.device),
+          use_cache=False, logits_to_keep=1, apb_ctx=shapes)
+    return shapes.kv
 
 
 @contextlib.contextmanager

@@ -23,13 +23,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
+from transformers import AutoConfig, DynamicCache
 
 from apb.config import Config
 from apb.methods import build_method, check_method_name, method_names
 from apb.model import routing as routing_mod
 from apb.model.catalog import resolve_model
-from apb.model.loading import load_model
+from apb.model.features import check_supported
+from apb.model.loading import check_attention_interface, load_model
 from apb.parallel.comm import Phase
 from apb.runtime.decode import Sampling
 from apb.runtime.worker import PromptRequest
@@ -399,6 +400,16 @@ def verify(cfg: Config, group, methods: list[str], prompt_lens: list[int], model
     world = group.world_size
     for model_name in models or [cfg.model.name_or_path]:
         path = resolve_model(model_name, cfg.model.seed)
+        try:  # a model the runtime refuses is one error row per method, before any reference runs
+            model_config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+            check_supported(model_config)
+            check_attention_interface(model_config)
+        except ValueError as e:
+            rows += [VerifyRow(model=model_name, method=name, world_size=world, prompt_len=n,
+                               exact_expected=build_method(name, cfg.method).exact, max_abs_logit_diff=math.nan,
+                               kv_max_abs_diff=math.nan, tokens_match=False, passed=False, error=str(e))
+                     for n in prompt_lens for name in methods]
+            continue
         # the reference is float32 eager; in a 16-bit dtype eager in that dtype measures the floor
         ref_model = load_model(path, "float32", "cpu", attn_implementation="eager")
         half_model = load_model(path, dtype, "cpu", attn_implementation="eager") if dtype in HALF_DTYPES else None
