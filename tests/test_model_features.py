@@ -392,3 +392,30 @@ def test_the_layer_kinds_are_read_as_transformers_caches_read_them():
     with pytest.raises(ValueError, match="layer 0 is 'indexed_attention'"):
         check_supported(AutoConfig.for_model("deepseek_v32", num_hidden_layers=2))
     assert layer_kinds(AutoConfig.for_model("llama", num_hidden_layers=2)) == ["full_attention"] * 2
+
+
+def test_a_layer_that_attends_twice_is_refused(tmp_path):
+    """DiffLlama calls the attention twice per layer, each time with half of the values repeated: the
+    cache would have held the second call's values, not the layer's own, and the answer decoded from
+    it would differ from transformers'. The prefill refuses it at the second call."""
+    from apb.parallel.comm import Comm
+
+    path = save_tiny(tmp_path / "diffllama", "diffllama")
+    with pytest.raises(ValueError, match=r"layer 0 \(DiffLlamaAttention\) calls the attention more than once"):
+        prefill(load_model(path), random_prompt(50, 256, 0), build_method("full", MethodConfig()), Comm(None))
+
+
+def test_a_model_that_caches_other_kv_than_it_attends_is_refused(tmp_path):
+    """JetMoe caches its 2 K/V heads and attends them repeated for its 2 experts (4 heads): a cache
+    gathered from what the attention sees would not be the model's, and decoding from it fails or
+    differs. The one-token probe of each model refuses it, naming the layer and both shapes."""
+    from apb.parallel.comm import Comm
+
+    cfg = AutoConfig.for_model("jetmoe", vocab_size=256, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2,
+                               kv_channels=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=64)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "jetmoe", safe_serialization=True)
+    with pytest.raises(ValueError, match=r"layer 0 caches K/V of \(heads, width\) \(\(2, 16\), \(2, 16\)\) but "
+                                         r"passes \(\(4, 16\), \(4, 16\)\)"):
+        prefill(load_model(tmp_path / "jetmoe"), random_prompt(50, 256, 0), build_method("full", MethodConfig()),
+                Comm(None))

@@ -67,11 +67,12 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
     n = int(input_ids.numel())
     method.check_query(n, n_query, comm.size)
     device = _device(model)
+    check_supported(model.config)
+    cache_shapes(model)  # once per model, before the clock: a one-token forward
     measure.sync(device)  # the clock starts when the device is idle, and stops when it is again
     t0, cpu0 = time.perf_counter(), comm.stats.compute_clock()
     inside0 = sum(comm.stats.layer_cpu.values())
     input_ids = input_ids.to(device)
-    check_supported(model.config)
     method.check(model.config, comm.size)
     method.check_model(model)
     mla.install(model)
@@ -121,7 +122,7 @@ def _run(model, input_ids, method, comm, n, n_query, pad_id, diagnostics, record
     comm.stats.layer = None
     positions_cpu = mine.positions[mine.valid]
     positions = positions_cpu.to(device)
-    kv = ctx.kv if mine.size > 0 else _empty_kv(model, input_ids)
+    kv = ctx.kv if mine.size > 0 else cache_shapes(model)
     _check_every_layer(model, kv)
     if method.query_phase:
         comm.stats.phase = Phase.QUERY
@@ -163,10 +164,8 @@ def _check_every_layer(model, kv: dict) -> None:
 
 
 class _CacheShapes:
-    """Stands in for the context of a host that holds no tokens: one token's forward through the
-    model records what each layer caches (its K/V heads and widths, or an MLA layer's latent
-    pair), with no rows. Read from the layers themselves, so per-layer widths (Gemma 4's global
-    layers) and configs that name their sizes otherwise (GPT-2's ``n_head``) come out right."""
+    """Stands in for a prefill's context in a one-token forward: records, per layer, the K/V the
+    attention receives (or an MLA layer's latent pair), with no rows."""
 
     def __init__(self) -> None:
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -176,11 +175,55 @@ class _CacheShapes:
         return q.new_zeros(*q.shape[:-1], v.shape[-1])  # the output is never read
 
 
-def _empty_kv(model, input_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """A host holding no tokens still has a (zero-length) cache of each layer's shape."""
+def cache_shapes(model) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's cache with no rows, as the layer hands it to the attention; checked once per
+    model against what the model caches itself.
+
+    apb caches what a layer passes to its attention, and decoding continues from that cache in
+    transformers' own layers: a model that caches something else (JetMoe caches its K/V heads and
+    attends them repeated for its experts) would decode from the wrong cache, so it is refused
+    here, naming the layer and both shapes. A host holding no tokens reports these empty tensors
+    as its cache (read from the layers, so per-layer widths and configs that name their sizes
+    otherwise, as GPT-2's ``n_head``, come out right). A layer that keeps no cache of its own
+    (Gemma 3n's layers that reuse an earlier layer's K/V) is not compared."""
+    known = getattr(model, "_apb_cache_shapes", None)
+    if known is not None:
+        return known
+    mla.install(model)
+    device = _device(model)
     shapes = _CacheShapes()
-    model(input_ids=input_ids[None, :1], position_ids=torch.zeros(1, 1, dtype=torch.long, device=input_ids.device),
-          use_cache=False, logits_to_keep=1, apb_ctx=shapes)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device),
+                        position_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=True,
+                        logits_to_keep=1, apb_ctx=shapes)
+    except ValueError:  # the bridge's own refusals name the layer already
+        raise
+    except Exception as e:  # MPT builds a mask from the attention it was given, and cannot without one
+        raise ValueError(f"model type {getattr(model.config, 'model_type', '?')!r} fails a one-token forward with "
+                         f"apb's attention ({type(e).__name__}: {e}): its modeling code depends on an attention "
+                         "implementation of transformers' own, so apb cannot run this model") from e
+    _check_every_layer(model, shapes.kv)
+    own = getattr(out, "past_key_values", None)
+    for i, layer in enumerate(getattr(own, "layers", None) or ()):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if i not in shapes.kv or not isinstance(keys, torch.Tensor) or keys.numel() == 0:
+            continue
+        ours = tuple(tuple(t.shape[1:2]) + tuple(t.shape[3:]) for t in shapes.kv[i])
+        theirs = tuple(tuple(t.shape[1:2]) + tuple(t.shape[3:]) for t in (keys, values))
+        if ours != theirs:
+            raise ValueError(f"model type {getattr(model.config, 'model_type', '?')!r}: layer {i} caches K/V of "
+                             f"(heads, width) {theirs} but passes {ours} to its attention, so a cache gathered "
+                             "from what the attention sees would not be the model's own; apb cannot run this model")
+    widths = {i: tuple(tuple(t.shape[1:2]) + tuple(t.shape[3:]) for t in kv) for i, kv in shapes.kv.items()}
+    if len(set(widths.values())) > 1:
+        first = widths[min(widths)]
+        other = next(i for i in sorted(widths) if widths[i] != first)
+        raise ValueError(f"model type {getattr(model.config, 'model_type', '?')!r}: layer {min(widths)} caches K/V "
+                         f"of (heads, width) {first} and layer {other} {widths[other]}; apb's cache holds one shape "
+                         "for every layer, so models whose layers differ (Gemma 4's global layers) are not "
+                         "supported yet")
+    model._apb_cache_shapes = shapes.kv
     return shapes.kv
 
 

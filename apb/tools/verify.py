@@ -235,8 +235,8 @@ def kv_worst_at(ref: Reference, cache) -> str:
     for name, got, want in (("K", cache.keys, ref.keys), ("V", cache.values, ref.values)):
         diff = (got.float() - want.float()).abs()
         flat = int(diff.argmax())
-        if worst is None or diff.view(-1)[flat] > worst[0]:
-            worst = (diff.view(-1)[flat], name, torch.unravel_index(torch.tensor(flat), diff.shape))
+        if worst is None or diff.reshape(-1)[flat] > worst[0]:
+            worst = (diff.reshape(-1)[flat], name, torch.unravel_index(torch.tensor(flat), diff.shape))
     _, name, (layer, head, pos, _) = worst
     return f"{name} layer {int(layer)}, KV head {int(head)}, position {int(pos)}"
 
