@@ -419,3 +419,35 @@ def test_a_model_that_caches_other_kv_than_it_attends_is_refused(tmp_path):
                                          r"passes \(\(4, 16\), \(4, 16\)\)"):
         prefill(load_model(tmp_path / "jetmoe"), random_prompt(50, 256, 0), build_method("full", MethodConfig()),
                 Comm(None))
+
+
+def test_a_model_that_numbers_its_own_positions_is_refused(tmp_path):
+    """Blenderbot's forward takes no ``position_ids``: it ignores the positions apb passes (the logits
+    do not move with them) and would read each host's slice as the prompt's start, which the family
+    sweep measured as a silent 0.4 logit difference under ring. Refused from the config (driver)
+    and from the loaded model (each host)."""
+    from apb.model.features import check_positions
+    from apb.model.loading import check_attention_interface
+
+    cfg = AutoConfig.for_model("blenderbot", vocab_size=256, d_model=64, decoder_layers=2, encoder_layers=2,
+                               decoder_attention_heads=4, decoder_ffn_dim=64, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ids = random_prompt(20, 256, 0)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, model(ids, position_ids=torch.arange(100, 120)[None]).logits)
+    with pytest.raises(ValueError, match=r"BlenderbotForCausalLM.forward takes no position_ids"):
+        check_attention_interface(cfg)
+    with pytest.raises(ValueError, match=r"takes no position_ids"):
+        check_positions(model)
+    check_positions(load_model(save_tiny(tmp_path / "llama", "llama")))
+
+
+def test_a_model_that_drops_the_context_on_the_way_to_its_layers_is_refused(tmp_path):
+    """Nemotron's decoder layer does not pass keyword arguments on to its attention: the probe
+    (inside a prefill) finds the attention called without apb's context, and says so."""
+    from apb.parallel.comm import Comm
+
+    path = save_tiny(tmp_path / "nemotron", "nemotron", partial_rotary_factor=0.5)
+    with pytest.raises(ValueError, match=r"layer 0 \(NemotronAttention\) was called without apb's context"):
+        prefill(load_model(path), random_prompt(50, 256, 0), build_method("full", MethodConfig()), Comm(None))

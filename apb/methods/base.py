@@ -259,11 +259,11 @@ class AttnContext:
         (``expand``, which rebuilds k and v from it, only matters where a cache is attended)."""
         layer = int(module.layer_idx)
         if layer in self.kv:
-            # DiffLlama attends twice per layer with other values each time: the cache would hold
-            # the second call's, where transformers caches the layer's own
+            # DiffLlama attends twice per layer with other values each time, HRM runs its layers in a
+            # loop: the cache would hold the last call's K/V, where transformers caches the layer's own
             raise ValueError(f"layer {layer} ({type(module).__name__}) calls the attention more than once in one "
-                             "forward (differential attention): the cache apb gathers would not be the layer's own "
-                             "K/V, so apb cannot run this model")
+                             "forward (differential attention, or a layer run in a loop): the cache apb gathers "
+                             "would not be the layer's own K/V, so apb cannot run this model")
         self.layer = self.comm.stats.layer = layer
         self.comm.stats.tick(layer)
         keep = self.kept_rows(k.device)

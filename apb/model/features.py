@@ -14,6 +14,7 @@ Sliding-window layers pass here: every method runs them exactly (:mod:`apb.metho
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 #: layer kinds the bridge runs exactly
@@ -116,3 +117,13 @@ def qkv_sizes(module: Any) -> tuple[int | None, int | None, int | None] | None:
         return None
     sizes = (config.num_attention_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
     return sizes if sum(sizes) == getattr(fused, "out_features", None) else None
+
+
+def check_positions(model: Any) -> None:
+    """Refuse a model whose forward takes no ``position_ids``: it numbers positions itself from
+    its input (BART's and Blenderbot's learned positions), so every host's slice would be read
+    as if it began the prompt, and the prompt would silently be another one."""
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        raise ValueError(f"model type {getattr(model.config, 'model_type', '?')!r}: {type(model).__name__}.forward "
+                         "takes no position_ids (it numbers positions from its input), so each host's part of the "
+                         "prompt would be read as if it began the prompt; apb cannot split this model")

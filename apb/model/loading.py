@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from apb.model.features import check_positions
 from apb.model.hf_bridge import ATTN_IMPLEMENTATION  # importing it registers the "apb" attention
 from apb.model.text import byte_tokenizer
 
@@ -147,8 +148,8 @@ def _no_interface(model_config) -> str:
 
 def check_attention_interface(model_config) -> None:
     """Refuse, from the config alone, a family whose attention apb cannot stand in for: one whose
-    modeling code picks its attention class from a table of its own (Falcon), or whose layers
-    attend both ways (a BERT-like model without ``is_decoder``). Its skeleton is built on the
+    modeling code picks its attention class from a table of its own (Falcon), whose layers attend
+    both ways (a BERT-like model without ``is_decoder``), or whose forward takes no positions. Its skeleton is built on the
     meta device with apb's attention, as every worker would build the model."""
     try:
         with torch.device("meta"):
@@ -160,6 +161,7 @@ def check_attention_interface(model_config) -> None:
         return
     except Exception:  # anything else is the workers' to report, with the model loaded
         return
+    check_positions(model)
     for name, module in model.named_modules():
         # an encoder-decoder's decoder also holds cross-attention, which a causal LM never calls
         cross = getattr(module, "is_cross_attention", False) or name.endswith("encoder_attn") or "cross" in name

@@ -31,7 +31,7 @@ from apb.methods.base import AttnContext, Method
 from apb.methods.cache_attention import CacheAttnContext
 from apb.model import mla
 from apb.model import routing as routing_mod
-from apb.model.features import check_supported, qkv_projections, qkv_sizes
+from apb.model.features import check_positions, check_supported, qkv_projections, qkv_sizes
 from apb.model.hf_bridge import prefilling, prompt_length
 from apb.model.rope import rope_shift
 from apb.parallel.comm import OUTSIDE, Comm, Phase
@@ -152,11 +152,18 @@ def _routing(model, on: bool):
     return routing_mod.record(model) if on else contextlib.nullcontext()
 
 
+def _n_layers(model) -> int:
+    """The layers that attend: one past the largest ``layer_idx`` of the model's modules (an
+    encoder-decoder's ``num_hidden_layers`` counts its encoder's), else the config's count."""
+    indices = [m.layer_idx for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    return max(indices) + 1 if indices else model.config.num_hidden_layers
+
+
 def _check_every_layer(model, kv: dict) -> None:
     """Every layer's attention must have run through apb's: a layer whose attention the model
     computes its own way (not through transformers' attention interface) would attend only its
     host's tokens, silently."""
-    missing = sorted(set(range(model.config.num_hidden_layers)) - set(kv))
+    missing = sorted(set(range(_n_layers(model))) - set(kv))
     if missing:
         raise ValueError(f"model type {getattr(model.config, 'model_type', '?')!r}: layer(s) {missing[:8]} never "
                          "reached apb's attention during the prefill: the model computes their attention its own "
@@ -189,11 +196,12 @@ def cache_shapes(model) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     known = getattr(model, "_apb_cache_shapes", None)
     if known is not None:
         return known
+    check_positions(model)
     mla.install(model)
     device = _device(model)
     shapes = _CacheShapes()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), prefilling():
             out = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device),
                         position_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=True,
                         logits_to_keep=1, apb_ctx=shapes)
