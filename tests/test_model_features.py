@@ -369,15 +369,17 @@ def test_families_apb_cannot_stand_in_for_are_refused_from_the_config(model_type
         check_attention_interface(cfg)
 
 
-def test_a_bert_like_decoder_and_an_encoder_decoders_decoder_are_not_refused():
-    """``is_decoder=True`` makes BERT causal; BART's decoder holds cross-attention a causal LM never calls."""
+def test_a_bert_like_decoder_is_not_refused_and_cross_attention_is_not_counted():
+    """``is_decoder=True`` makes BERT causal. BART's decoder holds cross-attention (``is_causal=False``)
+    that a causal LM never calls: it is refused for its positions, not for that layer."""
     from apb.model.loading import check_attention_interface
 
     small = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
     check_attention_interface(AutoConfig.for_model("bert", is_decoder=True, **small))
-    check_attention_interface(AutoConfig.for_model("bart", vocab_size=256, d_model=64, decoder_layers=2,
-                                                   decoder_attention_heads=4, decoder_ffn_dim=64))
     check_attention_interface(AutoConfig.for_model("llama", **small))
+    with pytest.raises(ValueError, match="takes no position_ids"):
+        check_attention_interface(AutoConfig.for_model("bart", vocab_size=256, d_model=64, decoder_layers=2,
+                                                       decoder_attention_heads=4, decoder_ffn_dim=64))
 
 
 def test_the_layer_kinds_are_read_as_transformers_caches_read_them():
@@ -451,3 +453,41 @@ def test_a_model_that_drops_the_context_on_the_way_to_its_layers_is_refused(tmp_
     path = save_tiny(tmp_path / "nemotron", "nemotron", partial_rotary_factor=0.5)
     with pytest.raises(ValueError, match=r"layer 0 \(NemotronAttention\) was called without apb's context"):
         prefill(load_model(path), random_prompt(50, 256, 0), build_method("full", MethodConfig()), Comm(None))
+
+
+def _gemma_text(path, model_type, **extra):
+    cfg = AutoConfig.for_model(model_type, **{"vocab_size": 256, "hidden_size": 64, "intermediate_size": 64, **extra},
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=48,
+                               vocab_size_per_layer_input=256, hidden_size_per_layer_input=16,
+                               max_position_embeddings=4096, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_layers_whose_kv_shapes_differ_run_exactly(group, tmp_path):
+    """Gemma 4: its global layers have heads twice as wide (32) as its sliding ones (16). The cache
+    holds each layer in its own shape (zero-padded to the widest, cut back wherever a layer is
+    read), every exact method equals eager over a prompt longer than the window, in both decode modes."""
+    path = _gemma_text(tmp_path / "gemma4", "gemma4_text", num_hidden_layers=2, global_head_dim=32,
+                       layer_types=["sliding_attention", "full_attention"])
+    model, _, rows = run_methods(group, path, 301, EXACT)
+    assert [tuple(layer.keys.shape[1::2]) for layer in model(torch.zeros(1, 4, dtype=torch.long)).past_key_values
+            .layers] == [(2, 16), (2, 32)]
+    assert_exact(rows, "gemma4")
+    _, _, rows = run_methods(group, path, 301, ["ring", "apb:uncompressed"], decode_mode="distributed")
+    assert_exact(rows, "gemma4 (distributed decode)")
+
+
+def test_layers_that_reuse_earlier_layers_kv_run_exactly(group, tmp_path):
+    """Gemma 3n: its last two layers attend the K/V of the last earlier layer of their own kind
+    and keep no cache of their own (transformers' cache holds a dummy there, which the gathered
+    cache skips); every exact method equals eager, in both decode modes."""
+    kinds = ["sliding_attention", "full_attention"]
+    path = _gemma_text(tmp_path / "gemma3n", "gemma3n_text", num_hidden_layers=4, num_kv_shared_layers=2,
+                       layer_types=kinds * 2, intermediate_size=[64] * 4, activation_sparsity_pattern=[0.0] * 4)
+    model, _, rows = run_methods(group, path, 301, EXACT)
+    assert model.config.kv_sharing_modes == ["store", "store", "reuse", "reuse"]
+    assert_exact(rows, "gemma3n")
+    _, _, rows = run_methods(group, path, 301, ["ring", "apb:uncompressed"], decode_mode="distributed")
+    assert_exact(rows, "gemma3n (distributed decode)")

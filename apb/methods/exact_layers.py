@@ -27,6 +27,7 @@ import torch
 
 from apb.kernels import attention
 from apb.methods.ulysses import kv_shares, plain_grouping
+from apb.model.features import attention_sizes
 
 
 def head_plan(heads: int, kv_heads: int, world: int, rank: int) -> tuple[int, list[int], list[int] | None]:
@@ -56,9 +57,7 @@ def exchange_bytes(local: int, n_tokens: int, world: int, model_config: Any, dty
     """Bytes an exact layer holds at once on a host running ``local`` of ``n_tokens`` rows: every
     host's rows of its heads (q, k, v) and their output, what it sends of its own rows, and its
     rows' output coming back for every head (the memory estimate's term)."""
-    heads = model_config.num_attention_heads
-    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
-    dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    heads, kv_heads, dim = attention_sizes(model_config)
     share, sent, _ = head_plan(heads, kv_heads, world, 0)
     m = len(sent) // world
     held = n_tokens * (2 * share + 2 * m) * dim + local * (heads + share * world + 2 * m * world) * dim

@@ -23,6 +23,7 @@ from apb.kernels import attention
 from apb.methods.registry import register_method
 from apb.methods.base import Method
 from apb.methods.cost import HostWork
+from apb.model.features import attention_sizes
 from apb.parallel import layout
 
 
@@ -111,9 +112,7 @@ class Ulysses(Method):
     def transfer_bytes(self, local, n_tokens, world, per_tok, passing, model_config, dtype_bytes):
         if world == 1:
             return 0
-        heads = model_config.num_attention_heads
-        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-        kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+        heads, kv_heads, head_dim = attention_sizes(model_config)
         share = -(-heads // world)  # query heads are padded to equal shares
         kv_share = kv_heads // world if kv_heads % world == 0 else len(kv_shares(heads, kv_heads, world)[0]) // world
         # q and out, k and v of this host's heads, over the whole padded sequence

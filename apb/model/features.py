@@ -17,6 +17,11 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+try:  # how transformers' own caches read each layer's kind from a config (transformers 5)
+    from transformers.cache_utils import get_layer_types_and_kwargs
+except ImportError:
+    get_layer_types_and_kwargs = None
+
 #: layer kinds the bridge runs exactly
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -72,10 +77,11 @@ def layer_kinds(cfg: Any) -> list[str]:
     (Gemma 3n's KV sharing) keeps the kind it attends with: it still calls the attention, with
     the keys its source layer made, which every method handles as any other layer's."""
     types = list(getattr(cfg, "layer_types", None) or ())
+    if get_layer_types_and_kwargs is None:
+        return types
     try:
-        from transformers.cache_utils import get_layer_types_and_kwargs
         read, _ = get_layer_types_and_kwargs(cfg)
-    except Exception:  # a transformers without it, or a config it cannot read: the declared types
+    except Exception:  # a config it cannot read: the declared types
         return types
     modes = getattr(cfg, "kv_sharing_modes", None) or ()
     return [types[i] if i < len(modes) and modes[i] == "reuse" and i < len(types) else kind
@@ -127,3 +133,35 @@ def check_positions(model: Any) -> None:
         raise ValueError(f"model type {getattr(model.config, 'model_type', '?')!r}: {type(model).__name__}.forward "
                          "takes no position_ids (it numbers positions from its input), so each host's part of the "
                          "prompt would be read as if it began the prompt; apb cannot split this model")
+
+
+def kv_sources(model_config: Any) -> dict[int, int]:
+    """{layer: the earlier layer whose K/V it attends} for a model whose layers share K/V
+    (``kv_sharing_modes``): a ``reuse`` layer attends the last ``store`` layer of its own kind
+    before it, as transformers' Gemma 3n and Gemma 4 layers do. Empty for every other model."""
+    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    modes = getattr(cfg, "kv_sharing_modes", None) or ()
+    kinds = getattr(cfg, "layer_types", None) or ()
+    sources, last = {}, {}
+    for i, mode in enumerate(modes):
+        kind = kinds[i] if i < len(kinds) else None
+        if mode == "reuse" and kind in last:
+            sources[i] = last[kind]
+        elif mode == "store":
+            last[kind] = i
+    return sources
+
+
+def attention_sizes(model_config: Any) -> tuple[int, int, int]:
+    """(query heads, KV heads, head width) for estimates (memory, bytes moved, cost): the largest
+    over the layers where they differ (Gemma 4's global layers are wider, and its config refuses a
+    single ``head_dim``), so an estimate is never short."""
+    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    per_layer = getattr(cfg, "per_layer_config", None)
+    layers = list(per_layer) if per_layer is not None else [cfg]
+    sizes = []
+    for layer in layers or [cfg]:
+        heads = layer.num_attention_heads
+        sizes.append((heads, getattr(layer, "num_key_value_heads", None) or heads,
+                      getattr(layer, "head_dim", None) or cfg.hidden_size // heads))
+    return tuple(max(s[j] for s in sizes) for j in range(3))

@@ -16,6 +16,11 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+try:  # transformers' stand-in for a layer that keeps no cache (KV sharing, layers without attention)
+    from transformers.cache_utils import DummyLayer as _DUMMY
+except ImportError:  # a transformers without one has no such layers
+    _DUMMY = ()
+
 from apb.parallel.comm import Comm
 
 
@@ -24,6 +29,17 @@ class KVCache:
     positions: torch.Tensor  # (tokens,) long
     keys: torch.Tensor  # (layers, kv_heads, tokens, head_dim)
     values: torch.Tensor
+    #: per layer (kv_heads, key width, value width) where the layers differ (Gemma 4's global
+    #: layers have wider heads): ``keys``/``values`` are then zero-padded to the largest, and
+    #: :meth:`layer` cuts each layer back to its own; None where every layer has one shape
+    shapes: tuple[tuple[int, int, int], ...] | None = None
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s (k, v) in its own shape: (kv_heads, tokens, width), views."""
+        if self.shapes is None:
+            return self.keys[i], self.values[i]
+        heads, dk, dv = self.shapes[i]
+        return self.keys[i, :heads, :, :dk], self.values[i, :heads, :, :dv]
 
     @property
     def n_tokens(self) -> int:
@@ -38,13 +54,21 @@ class KVCache:
             raise ValueError(f"cache is missing layers {missing or [len(layers)]} (got {layers}): those layers never "
                              "called the attention, so they are not softmax attention; "
                              "apb.model.features.check_supported should have refused this model")
-        keys = torch.stack([kv[i][0][0] for i in layers])
-        values = torch.stack([kv[i][1][0] for i in layers])
-        return cls(positions.to(torch.long), keys, values)
+        ks, vs = [kv[i][0][0] for i in layers], [kv[i][1][0] for i in layers]
+        shapes = tuple((k.shape[0], k.shape[-1], v.shape[-1]) for k, v in zip(ks, vs))
+        if len(set(shapes)) <= 1:
+            return cls(positions.to(torch.long), torch.stack(ks), torch.stack(vs))
+        n = ks[0].shape[1]
+        heads, dk, dv = (max(s[j] for s in shapes) for j in range(3))
+        keys, values = ks[0].new_zeros(len(ks), heads, n, dk), vs[0].new_zeros(len(vs), heads, n, dv)
+        for i, (k, v) in enumerate(zip(ks, vs)):
+            keys[i, :k.shape[0], :, :k.shape[-1]] = k
+            values[i, :v.shape[0], :, :v.shape[-1]] = v
+        return cls(positions.to(torch.long), keys, values, shapes)
 
     def sorted(self) -> "KVCache":
         order = torch.argsort(self.positions)
-        return KVCache(self.positions[order], self.keys[:, :, order], self.values[:, :, order])
+        return KVCache(self.positions[order], self.keys[:, :, order], self.values[:, :, order], self.shapes)
 
 
 def position_runs(positions: torch.Tensor) -> list[tuple[int, int]]:
@@ -98,12 +122,15 @@ def gather_cache(local: KVCache, comm: Comm, dst: int = 0) -> KVCache | None:
     del packed
     comm.p2p([], recvs, op="gather")
     return KVCache(torch.arange(n, device=whole.device), whole[..., :dk].permute(1, 2, 0, 3),
-                   whole[..., dk:].permute(1, 2, 0, 3))
+                   whole[..., dk:].permute(1, 2, 0, 3), local.shapes)
 
 
 def to_hf_cache(cache: KVCache, model_config):
     """A transformers ``DynamicCache`` holding ``cache`` (batch 1), ready for decoding."""
     hf = DynamicCache(config=model_config)
     for layer in range(cache.keys.shape[0]):
-        hf.update(cache.keys[layer][None].contiguous(), cache.values[layer][None].contiguous(), layer)
+        if isinstance(hf.layers[layer], _DUMMY):  # a layer that reuses an earlier one's K/V keeps none
+            continue
+        k, v = cache.layer(layer)
+        hf.update(k[None].contiguous(), v[None].contiguous(), layer)
     return hf

@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from apb.model.features import attention_sizes
+
 GIB = 1 << 30
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -79,18 +81,14 @@ def kv_bytes_per_token(model_config: Any, dtype_bytes: int) -> int:
     cfg = _text_config(model_config)
     if getattr(cfg, "kv_lora_rank", None):
         return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype_bytes
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    _, kv_heads, head_dim = attention_sizes(cfg)
     return 2 * kv_heads * head_dim * dtype_bytes
 
 
 def _layer_widths(model_config: Any) -> tuple[int, int, int, int]:
     """(hidden, q/k/v/out width per token, MLP width per token, largest sliding window or 0)."""
     cfg = _text_config(model_config)
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    heads, kv_heads, head_dim = attention_sizes(cfg)
     attn = (2 * heads + 2 * kv_heads) * head_dim  # q, out, k, v
     inter = getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size
     experts = getattr(cfg, "num_experts_per_tok", None) or 1  # a token's routed experts run at once

@@ -223,14 +223,6 @@ def cache_shapes(model) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
             raise ValueError(f"model type {getattr(model.config, 'model_type', '?')!r}: layer {i} caches K/V of "
                              f"(heads, width) {theirs} but passes {ours} to its attention, so a cache gathered "
                              "from what the attention sees would not be the model's own; apb cannot run this model")
-    widths = {i: tuple(tuple(t.shape[1:2]) + tuple(t.shape[3:]) for t in kv) for i, kv in shapes.kv.items()}
-    if len(set(widths.values())) > 1:
-        first = widths[min(widths)]
-        other = next(i for i in sorted(widths) if widths[i] != first)
-        raise ValueError(f"model type {getattr(model.config, 'model_type', '?')!r}: layer {min(widths)} caches K/V "
-                         f"of (heads, width) {first} and layer {other} {widths[other]}; apb's cache holds one shape "
-                         "for every layer, so models whose layers differ (Gemma 4's global layers) are not "
-                         "supported yet")
     model._apb_cache_shapes = shapes.kv
     return shapes.kv
 

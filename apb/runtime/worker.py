@@ -140,7 +140,7 @@ class Worker:
             out.decode_s = time.perf_counter() - t0
             out.last_logits = res.last_logits.cpu()
         if req.return_cache and whole is not None:
-            out.cache = KVCache(whole.positions.cpu(), whole.keys.cpu(), whole.values.cpu())
+            out.cache = KVCache(whole.positions.cpu(), whole.keys.cpu(), whole.values.cpu(), whole.shapes)
         out.stats = comm.stats.to_dict()
         return out
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 
 from apb.methods import build_method, method_class
 from apb.methods.cost import HostWork, Sizes, attention_flops, single_device
-from apb.model.features import sliding_windows
+from apb.model.features import attention_sizes, sliding_windows
 from apb.model.loading import skeleton
 from apb.model.routing import routers
 from apb.runtime.memory import kv_bytes_per_token
@@ -92,13 +92,12 @@ class ModelShape:
         and value widths (the K and V a method sends per token, and QK plus PV FLOPs per pair, come
         out right), and its cache at its latent; the linear work and the weights are read from a
         skeleton of the model (:func:`layer_weights`)."""
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        heads, kv_heads, head_dim = attention_sizes(config)
         if getattr(config, "kv_lora_rank", None) and getattr(config, "v_head_dim", None):
             head_dim = (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) / 2
         macs, n_params = layer_weights(config) or (None, None)
         latent = kv_bytes_per_token(config, 1) if getattr(config, "kv_lora_rank", None) else None
-        return cls(name, config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
-                   config.num_key_value_heads, head_dim, config.intermediate_size, config.vocab_size,
+        return cls(name, config.num_hidden_layers, config.hidden_size, heads, kv_heads, head_dim, config.intermediate_size, config.vocab_size,
                    windows=sliding_windows(config), per_token_macs=macs, n_params=n_params, cached_width=latent)
 
     @property

@@ -29,9 +29,10 @@ from apb.config import Config
 from apb.methods import build_method, check_method_name, method_names
 from apb.model import routing as routing_mod
 from apb.model.catalog import resolve_model
-from apb.model.features import check_supported
+from apb.model.features import check_supported, kv_sources
 from apb.model.loading import check_attention_interface, load_model
 from apb.parallel.comm import Phase
+from apb.runtime.cache import KVCache
 from apb.runtime.decode import Sampling
 from apb.runtime.worker import PromptRequest
 
@@ -205,8 +206,8 @@ def reference_run(model, input_ids: torch.Tensor, n_tokens: int) -> Reference:
     with routing_mod.record(model) as routing:
         out = model(input_ids[None], use_cache=True, past_key_values=DynamicCache())
     cache = out.past_key_values
-    keys = torch.stack([layer.keys[0] for layer in cache.layers])
-    values = torch.stack([layer.values[0] for layer in cache.layers])
+    whole = KVCache.from_layers(torch.arange(input_ids.numel()), reference_layers(model.config, cache))
+    keys, values = whole.keys, whole.values
     # the workers decode past EOS (stop_at_eos=False); so must the reference, without min_new_tokens,
     # which would also forbid EOS where a real model picks it
     # (eos_token_id=None would not do: generate() fills unset fields back from the model's defaults,
@@ -217,6 +218,23 @@ def reference_run(model, input_ids: torch.Tensor, n_tokens: int) -> Reference:
     gen = model.generate(input_ids[None], attention_mask=torch.ones_like(input_ids[None]), generation_config=config)
     return Reference(out.logits[0, -1].float(), keys, values, gen[0, input_ids.numel():].tolist(),
                      routing if routing.scores else None)
+
+
+def reference_layers(model_config, cache) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's (k, v) of transformers' cache, as the methods report them: a layer that reuses
+    an earlier layer's K/V (Gemma 3n, Gemma 4) keeps none in transformers' cache, and attends its
+    source layer's, which is what a method's cache holds for it (:func:`features.kv_sources`)."""
+    sources = kv_sources(model_config)
+    layers = {}
+    # a cache made without the config grows only as far as the last layer that stored K/V
+    for i in range(max(len(cache.layers), max(sources, default=-1) + 1)):
+        layer = cache.layers[i] if i < len(cache.layers) else None
+        k = getattr(layer, "keys", None)
+        if (k is None or k.numel() == 0) and i in sources:
+            layers[i] = layers[sources[i]]
+        else:
+            layers[i] = (layer.keys, layer.values)
+    return layers
 
 
 def compare(ref: Reference, result) -> tuple[float, float, bool]:
