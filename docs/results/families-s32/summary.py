@@ -1,6 +1,8 @@
 """One line per family from verify.sh's rows and logs.
 
-    python docs/results/families-s32/summary.py RUNS_DIR MADE_JSON > docs/results/families-s32/summary.txt
+    python docs/results/families-s32/summary.py RUNS_DIR MADE_JSON [RUNS_DIR2 MADE_JSON2 ...] > summary.txt
+
+A family made again in a later pair (sizes corrected) is reported from that pair.
 
 Classes:
   exact      every row ran and passed (exact methods matched eager)
@@ -51,13 +53,16 @@ def classify(runs: Path, name: str) -> tuple[str, str]:
 
 
 def main() -> None:
-    runs, made = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
+    rows = {}
+    for runs, made in zip(sys.argv[1::2], sys.argv[2::2]):
+        for name, how in json.loads(Path(made).read_text()).items():
+            if how.startswith("made"):
+                rows[name] = classify(Path(runs), name)
+            elif name not in rows or rows[name][0] == "not built":
+                rows[name] = ("not built", how)
     counts = Counter()
-    for name, how in made.items():
-        if not how.startswith("made"):
-            cls, what = ("not built", how)
-        else:
-            cls, what = classify(runs, name)
+    for name in sorted(rows):
+        cls, what = rows[name]
         counts[cls] += 1
         print(f"{name:28s} {cls:10s} {what}")
     print()
