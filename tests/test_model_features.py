@@ -491,3 +491,34 @@ def test_layers_that_reuse_earlier_layers_kv_run_exactly(group, tmp_path):
     assert_exact(rows, "gemma3n")
     _, _, rows = run_methods(group, path, 301, ["ring", "apb:uncompressed"], decode_mode="distributed")
     assert_exact(rows, "gemma3n (distributed decode)")
+
+
+def test_a_cache_of_layers_in_different_shapes_gives_each_layer_back_as_it_was():
+    """Two layers of (2 heads x 16) and (4 heads x 32, values of 24): stacked zero-padded to the
+    widest, each layer comes back in its own shape and values, after a sort by position too; one
+    shape for all layers stacks as before (no ``shapes``)."""
+    from apb.runtime.cache import KVCache
+
+    torch.manual_seed(0)
+    kv = {0: (torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)),
+          1: (torch.randn(1, 4, 5, 32), torch.randn(1, 4, 5, 24))}
+    cache = KVCache.from_layers(torch.tensor([3, 0, 4, 1, 2]), kv)
+    assert cache.shapes == ((2, 16, 16), (4, 32, 24)) and cache.keys.shape == (2, 4, 5, 32)
+    for i in (0, 1):
+        assert torch.equal(cache.layer(i)[0], kv[i][0][0]) and torch.equal(cache.layer(i)[1], kv[i][1][0])
+    order = torch.tensor([1, 3, 4, 0, 2])
+    ordered = cache.sorted()
+    assert ordered.positions.tolist() == [0, 1, 2, 3, 4]
+    assert torch.equal(ordered.layer(1)[1], kv[1][1][0][:, order])
+    same = KVCache.from_layers(torch.arange(5), {0: kv[0], 1: kv[0]})
+    assert same.shapes is None and torch.equal(same.layer(1)[0], kv[0][0][0])
+
+
+def test_a_layer_that_reuses_kv_attends_the_last_earlier_layer_of_its_kind():
+    from apb.model.features import kv_sources
+
+    cfg = SimpleNamespace(kv_sharing_modes=["store", "store", "store", "reuse", "reuse"],
+                          layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                       "sliding_attention", "full_attention"])
+    assert kv_sources(cfg) == {3: 2, 4: 1}
+    assert kv_sources(SimpleNamespace(layer_types=["full_attention"])) == {}

@@ -99,7 +99,8 @@ def _check_kwargs(module: torch.nn.Module, kwargs: dict) -> None:
                          "call model.eval() (apb runs inference only)")
     # a layer says so by keyword, or (BERT-like models, whose decoder flag is off) by its own attribute,
     # which transformers' kernels read where no keyword is passed
-    if kwargs.get("is_causal") is False or (kwargs.get("is_causal") is None and getattr(module, "is_causal", True) is False):
+    causal = kwargs.get("is_causal")
+    if causal is False or (causal is None and getattr(module, "is_causal", True) is False):
         raise ValueError(f"{layer} asks for bidirectional attention (is_causal=False); apb runs causal decoders only"
                          " (a BERT-like model runs causally only with is_decoder=True in its config)")
 

@@ -149,8 +149,9 @@ def _no_interface(model_config) -> str:
 def check_attention_interface(model_config) -> None:
     """Refuse, from the config alone, a family whose attention apb cannot stand in for: one whose
     modeling code picks its attention class from a table of its own (Falcon), whose layers attend
-    both ways (a BERT-like model without ``is_decoder``), or whose forward takes no positions. Its skeleton is built on the
-    meta device with apb's attention, as every worker would build the model."""
+    both ways (a BERT-like model without ``is_decoder``), or whose forward takes no positions.
+    Its skeleton is built on the meta device with apb's attention, as every worker would build
+    the model."""
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(model_config, attn_implementation=ATTN_IMPLEMENTATION,
