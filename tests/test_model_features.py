@@ -522,3 +522,19 @@ def test_a_layer_that_reuses_kv_attends_the_last_earlier_layer_of_its_kind():
                                        "sliding_attention", "full_attention"])
     assert kv_sources(cfg) == {3: 2, 4: 1}
     assert kv_sources(SimpleNamespace(layer_types=["full_attention"])) == {}
+
+
+def test_estimates_take_the_largest_layer_where_layers_differ():
+    """Gemma 4's config refuses a single ``head_dim``: the estimates read each layer's sizes and
+    take the largest (the global layers' 32), which is also the width the gathered cache pads to."""
+    from apb.model.features import attention_sizes
+    from apb.runtime.memory import kv_bytes_per_token
+
+    cfg = AutoConfig.for_model("gemma4_text", vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                               layer_types=["sliding_attention", "full_attention"])
+    with pytest.raises(RuntimeError, match="per-layer attribute"):
+        cfg.head_dim
+    assert attention_sizes(cfg) == (4, 2, 32)
+    assert kv_bytes_per_token(cfg, 2) == 2 * 2 * 32 * 2
+    assert attention_sizes(AutoConfig.for_model("gpt2", n_embd=96, n_head=6)) == (6, 6, 16)
