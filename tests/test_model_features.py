@@ -538,3 +538,18 @@ def test_estimates_take_the_largest_layer_where_layers_differ():
     assert attention_sizes(cfg) == (4, 2, 32)
     assert kv_bytes_per_token(cfg, 2) == 2 * 2 * 32 * 2
     assert attention_sizes(AutoConfig.for_model("gpt2", n_embd=96, n_head=6)) == (6, 6, 16)
+
+
+def test_a_model_whose_forward_fails_with_apbs_attention_is_refused_naming_why(tmp_path):
+    """The one-token probe turns a failure inside the model's own code (MPT built its mask from
+    transformers' attention implementations) into a refusal naming the model and the error."""
+    from apb.parallel.comm import Comm
+
+    model = load_model(save_tiny(tmp_path / "llama", "llama"))
+
+    def broken(*_args, **_kwargs):
+        raise AttributeError("'NoneType' object has no attribute 'to'")
+
+    model.model.norm.forward = broken
+    with pytest.raises(ValueError, match=r"'llama' fails a one-token forward with apb's attention \(AttributeError"):
+        prefill(model, random_prompt(50, 256, 0), build_method("full", MethodConfig()), Comm(None))
