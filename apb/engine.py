@@ -143,6 +143,7 @@ class Engine:
             raise ConfigError(f"method.name={cfg.method.name!r}: {e}") from None
         self._group = group
         self._owns_group = group is None
+        self._checked = None  # the group whose workers have checked the model (_check_model)
         p = cfg.parallel
         self.memory_budget = memory.device_budget(p.device, p.world_size, p.launcher, p.memory_gb, p.share_gpus)
         self._n_params: int | None = None
@@ -165,6 +166,25 @@ class Engine:
         if self._group is None:
             self._group = start_group(self.cfg)
         return self._group
+
+    def _check_model(self, group) -> None:
+        """The workers load the model and refuse it where no document could run (its one-token
+        probe, apb's rotary): once per group, before its first document. A refusal stops the run
+        with its reason (``ConfigError``), as a bad config does, instead of failing every document;
+        any other failure is the caller's to retry."""
+        if self._checked is group:
+            return
+        try:
+            group.call("check_model", str(self.model_path), self.cfg.model.dtype, self.cfg.method.name,
+                       self.cfg.method.model_dump(exclude={"name"}))
+        except groups.WorkerError as e:
+            if not e.refused:
+                raise
+            self._drop_group()  # the failed call closed it
+            raise ConfigError(f"model.name_or_path={self.cfg.model.name_or_path!r} with method.name="
+                              f"{self.cfg.method.name!r}, refused by the workers before any document: "
+                              f"{e.reason}") from None
+        self._checked = group
 
     def _drop_group(self) -> None:
         if self._group is not None and self._owns_group:
@@ -203,6 +223,7 @@ class Engine:
         for _ in range(tries):
             group = self.group  # a group that cannot start is not one document's failure: it propagates
             try:
+                self._check_model(group)
                 result = group.call("run_prompt", request)[0]
                 break
             except groups.WorkerError as e:

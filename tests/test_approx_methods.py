@@ -257,9 +257,9 @@ def test_a_split_anchor_passes_what_every_hosts_own_anchor_passes(group3, model)
     """apb split at W=3: hosts 1 and 2 choose their passing blocks with the query's vectors
     gathered from the anchor's shares, host 0 with its own scoring tail (the query after its
     block, as without the split): in every layer each host passes the very tokens it passes with
-    every host's own anchor. (gemma2: the query at its copy's positions, its RoPE differs by layer.)"""
+    every host's own anchor. (gemma2: softcap, and blocks passed at its global layer only.)"""
     def passing(share):
-        options = {"share_anchor": share} | ({"query_positions": "anchor"} if model == "tiny-gemma2" else {})
+        options = {"share_anchor": share}
         req = PromptRequest(str(resolve_model(model)), random_prompt(900, 512, seed=900), "apb",
                             method_options=options, n_query=20, diagnostics=True,
                             sampling=Sampling(max_new_tokens=1, stop_at_eos=False))

@@ -38,11 +38,14 @@ class FakeGroup:
     WorkerError (and close the group, as a real one does)."""
 
     def __init__(self, world_size: int = 2, fail: int = 0):
-        self.world_size, self.fail, self.closed, self.calls = world_size, fail, False, []
+        self.world_size, self.fail, self.closed, self.calls, self.checks = world_size, fail, False, [], 0
 
     def call(self, fn, *args, **kwargs):
         if self.closed:
             raise WorkerError("this worker group is closed")
+        if fn == "check_model":  # the engine's check before a group's first document: passes
+            self.checks += 1
+            return [None] * self.world_size
         self.calls.append((fn, args))
         if self.fail:
             self.fail -= 1

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,9 +131,47 @@ def test_from_config_rejects_unknown_shortcut(repo):
 
 
 def test_method_that_cannot_run_the_model_fails_at_load(repo):
-    # Gemma 3 has a rotary per layer type: apb cannot move its query copy to the true positions
-    with pytest.raises(ConfigError, match="query_positions: anchor"):
-        Engine.from_config(repo / "configs/tiny-cpu.yaml", model="tiny-gemma3", method="apb", world_size=2)
+    # a bidirectional encoder is refused from its config, before any worker starts
+    with pytest.raises(ConfigError, match="is_causal=False|bidirectional"):
+        Engine.from_config(repo / "configs/tiny-cpu.yaml", model=str(_checkpoint(repo, "bert", is_decoder=False)),
+                           world_size=2)
+
+
+def _checkpoint(repo, model_type, **overrides):
+    """A tiny random checkpoint of ``model_type`` with the byte tokenizer of the presets, made once."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from apb.model.catalog import resolve_model
+
+    path = Path(tempfile.mkdtemp(prefix=f"apb-{model_type}-"))
+    cfg = AutoConfig.for_model(model_type, vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
+                               eos_token_id=2, **overrides)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(resolve_model("tiny-llama")) / name, path / name)
+    return path
+
+
+def test_a_model_the_workers_refuse_stops_the_run_before_any_document(repo):
+    """Phi rotates only the first half of each head: apb's query cannot be moved to its true
+    positions, which only the loaded model shows (its own rotation, on the workers). The engine
+    asks the workers before the first document: one ConfigError with the reason and the fix, no
+    document run and none failed with a traceback. With the query scored where its copy sits,
+    the same model runs."""
+    path = _checkpoint(repo, "phi", partial_rotary_factor=0.5)
+    with Engine.from_config(repo / "configs/tiny-cpu.yaml", model=str(path), method="apb", world_size=2,
+                            max_new_tokens=2) as e:
+        with pytest.raises(ConfigError, match="refused by the workers before any document.*query_positions: anchor"):
+            e.process_one(GOOD[0])
+    with Engine.from_config(repo / "configs/tiny-cpu.yaml", {"method.query_positions": "anchor"}, model=str(path),
+                            method="apb", world_size=2, max_new_tokens=2) as e:
+        rec = e.process_one(GOOD[0])
+        assert rec["error"] is None and isinstance(rec["answer"], str)
 
 
 def test_local_workers_split_the_cores(monkeypatch):

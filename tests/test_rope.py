@@ -10,6 +10,7 @@ from apb.config import MethodConfig
 from apb.methods import build_method
 from apb.methods.base import AttnContext
 from apb.model.catalog import resolve_model
+from apb.model.hf_bridge import prompt_length
 from apb.model.loading import load_model
 from apb.model.rope import rope_shift
 from test_masks import ThreadComm
@@ -45,16 +46,48 @@ def test_shift_moves_a_vector_as_naive_rope_would(scaling):
     assert not torch.allclose(at_p, naive_rope(x, 2037, inv_freq, att), atol=1e-2)  # the shift did something
 
 
-def test_length_dependent_rope_is_not_shifted():
-    model = tiny({"rope_type": "dynamic", "factor": 2.0})
-    assert rope_shift(model) is None
+def _dynamic_ntk(n, max_pos, factor, dim, base=10000.0):
+    """Dynamic NTK's frequencies for an ``n``-token sequence, written out: the base grows with the length."""
+    base = base * ((factor * n / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
 
 
-def _layer0_scoring_queries(query_positions: str, preset: str = "tiny-llama", model=None):
+def _longrope(factors, dim, base=10000.0):
+    """longrope's frequencies, written out: each pair's divided by its factor."""
+    return 1.0 / (torch.tensor(factors, dtype=torch.float64) * base ** (torch.arange(0, dim, 2) / dim))
+
+
+@pytest.mark.parametrize("scaling, frequencies", [
+    ({"rope_type": "dynamic", "factor": 2.0}, lambda n: _dynamic_ntk(n, 4096, 2.0, 32)),
+    ({"rope_type": "longrope", "original_max_position_embeddings": 1024, "short_factor": [1.0] * 16,
+      "long_factor": [1.0 + i / 4 for i in range(16)]},
+     lambda n: _longrope([1.0 + i / 4 for i in range(16)], 32)),  # long: n is past 1024
+])
+def test_a_length_dependent_rope_is_shifted_with_the_prompts_frequencies(scaling, frequencies):
+    """Dynamic NTK and longrope pick their frequencies from the sequence length. Inside a prefill
+    every rotary is pinned to the prompt's length (10,000 tokens here, past both models' original
+    lengths), and the shift turns with the frequencies the whole prompt is rotated with."""
+    model = tiny(scaling)
+    shift = rope_shift(model)
+    assert shift is not None and shift.turns == {0: True}
+    n = 10_000
+    want = frequencies(n)
+    assert not torch.allclose(want, shift.rotary.original_inv_freq.double())  # the length does change them
+    att = float(getattr(shift.rotary, "attention_scaling", 1.0))
+    x = torch.randn(1, 2, 5, 32, generator=torch.Generator().manual_seed(1))
+    with prompt_length(model, n):
+        moved = shift.turn(naive_rope(x, 37, want, att), 2000)
+    # float32 angles near 2,000 radians are good to about 1e-4 (the shift composes two of them)
+    assert torch.allclose(moved, naive_rope(x, 2037, want, att), atol=5e-4)
+    short = naive_rope(x, 2037, shift.rotary.original_inv_freq, att)
+    assert not torch.allclose(moved, short, atol=1e-2)  # a shift outside the prompt's frequencies would be off
+
+
+def _layer0_scoring_queries(query_positions: str, preset: str = "tiny-llama", model=None, n_ctx: int = 150):
     """Run apb's context phase of ``preset`` (or ``model``) with threads as 3 hosts; record, per
     host, the query vectors its compressor scored with at layer 0."""
     model = load_model(resolve_model(preset)) if model is None else model
-    world, n_ctx, n_query = 3, 150, 7
+    world, n_query = 3, 7
     n = n_ctx + n_query
     ids = torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(0))
     method = build_method("apb", MethodConfig(name="apb", anchor_len=24, passing_len=8,
@@ -87,10 +120,11 @@ def _layer0_scoring_queries(query_positions: str, preset: str = "tiny-llama", mo
             shared["barrier"].abort()
 
     threads = [threading.Thread(target=host, args=(r,), name=str(r)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with prompt_length(model, n):  # as prefill() pins a length-dependent rotary to the prompt's length
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     assert not errors, errors
     return slices, seen
 
@@ -109,17 +143,72 @@ def test_anchor_positions_keep_the_old_behaviour():
     assert not torch.allclose(seen["1"], seen["0"], atol=1e-3)
 
 
-def test_apb_refuses_true_positions_on_length_dependent_rope_at_load():
-    from transformers import AutoConfig
+def test_apb_scores_a_longrope_model_at_true_positions_with_the_long_frequencies():
+    """Phi-3's longrope rotates a prompt past 512 tokens (its original length) with its long
+    factors. Every host rotates with the frequencies of the whole prompt, and so does the shift:
+    hosts 1 and 2's turned copies equal host 0's real query. (Before, apb refused the model.)"""
+    slices, seen = _layer0_scoring_queries("true", preset="tiny-phi3", n_ctx=700)
+    assert slices[1].positions.tolist() != slices[1].indices.tolist()
+    for r in ("1", "2"):
+        assert torch.allclose(seen[r], seen["0"], atol=1e-5), f"host {r}"
 
-    dynamic = AutoConfig.for_model("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
-    fixed = AutoConfig.for_model("llama", rope_scaling={"rope_type": "linear", "factor": 2.0})
+
+GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+               "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}
+
+
+def _gemma3(layer_types):
+    """A tiny Gemma 3 with the real one's two rotaries: global layers at base 1e6 scaled 8x, local
+    (sliding) layers at base 1e4."""
+    cfg = AutoConfig.for_model("gemma3_text", vocab_size=512, hidden_size=64, intermediate_size=64,
+                               num_hidden_layers=len(layer_types), num_attention_heads=4, num_key_value_heads=2,
+                               head_dim=16, sliding_window=16, query_pre_attn_scalar=16, layer_types=layer_types,
+                               rope_parameters=GEMMA3_ROPE, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="apb").eval()
+
+
+def test_a_rotary_per_layer_type_turns_each_layer_with_its_own_angles():
+    """Gemma 3 has one rotary module with frequencies per layer type: each layer's query turns
+    with its own type's (written out here from the config), not with one set for every layer."""
+    types = ["sliding_attention", "full_attention", "sliding_attention"]
+    shift = rope_shift(_gemma3(types))
+    assert shift is not None and shift.turns == {0: True, 1: True, 2: True}
+    assert shift.kinds == dict(enumerate(types))
+    dim = torch.arange(0, 16, 2, dtype=torch.float64) / 16
+    freqs = {"full_attention": 1.0 / (8.0 * 1e6 ** dim), "sliding_attention": 1.0 / (1e4 ** dim)}
+    x = torch.randn(1, 4, 5, 16, generator=torch.Generator().manual_seed(1))
+    for layer, kind in enumerate(types):
+        moved = shift.shift(naive_rope(x, 37, freqs[kind]), 2000, layer)
+        assert torch.allclose(moved, naive_rope(x, 2037, freqs[kind]), atol=5e-4), layer
+        other = freqs["full_attention" if kind == "sliding_attention" else "sliding_attention"]
+        assert not torch.allclose(moved, naive_rope(x, 2037, other), atol=1e-2), layer
+
+
+def test_apb_scores_gemma3_at_true_positions_with_its_global_layers_angles():
+    """apb passes blocks at Gemma 3's global layers (its sliding layers stay exact): there the
+    turned copies equal host 0's real query. (Before, apb refused the model.)"""
+    _, seen = _layer0_scoring_queries("true", model=_gemma3(["full_attention", "sliding_attention"]))
+    assert seen.keys() == {"0", "1", "2"}
+    for r in ("1", "2"):
+        assert torch.allclose(seen[r], seen["0"], atol=1e-5), f"host {r}"
+
+
+def test_apb_refuses_true_positions_on_a_rope_it_does_not_know_at_load():
+    """A rope type the shift does not know is refused on the driver, from the config, naming the
+    fix; the variants that score nothing, or at the copy's positions, still run."""
+    known = AutoConfig.for_model("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    unknown = AutoConfig.for_model("llama")
+    unknown.rope_parameters = {"rope_type": "a_future_rope", "rope_theta": 10000.0}
+    per_type = AutoConfig.for_model("llama")
+    per_type.rope_parameters = {"full_attention": {"rope_type": "a_future_rope"}, "sliding_attention": {}}
     apb = build_method("apb", MethodConfig(name="apb"))
-    apb.check(fixed, 4)
-    with pytest.raises(ValueError, match="query_positions: anchor"):
-        apb.check(dynamic, 4)
-    build_method("apb", MethodConfig(name="apb", query_positions="anchor")).check(dynamic, 4)
-    build_method("apb:uncompressed", MethodConfig(name="apb")).check(dynamic, 4)  # nothing is scored
+    apb.check(known, 4)
+    for cfg in (unknown, per_type):
+        with pytest.raises(ValueError, match="query_positions: anchor"):
+            apb.check(cfg, 4)
+        build_method("apb", MethodConfig(name="apb", query_positions="anchor")).check(cfg, 4)
+        build_method("apb:uncompressed", MethodConfig(name="apb")).check(cfg, 4)  # nothing is scored
 
 
 @pytest.mark.parametrize("preset", ["tiny-deepseek-v3", "tiny-gpt-oss", "tiny-smollm3"])

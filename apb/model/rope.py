@@ -6,27 +6,37 @@ distances that the real query never has (and that differ from host to host). RoP
 vector by an angle linear in its position, so a vector computed at position ``p`` becomes the
 same vector at ``p + delta`` by one more rotation by ``delta`` (:meth:`RopeShift.shift`).
 
-That holds only when the frequencies do not depend on the sequence (default, linear, llama3 and
-yarn scaling); dynamic NTK and longrope pick frequencies from the length, so for them, and for
-any model whose rotary module or ``apply_rotary_pos_emb`` we cannot find, :func:`rope_shift`
-returns ``None``; apb then refuses to score at true positions (:func:`shiftable` lets it refuse
-on the driver, from the config) rather than silently scoring at the anchor's. Every model is
-checked once, layer by layer, against each attention layer's own query at ``p`` and ``p + delta``
-(:func:`_layer_turns`): a layer without RoPE (SmolLM3's every fourth, Cohere 2's global layers)
-keeps its query as it is, and a model whose rotation the shift does not reproduce is refused.
+That holds while the frequencies stay fixed. Dynamic NTK and longrope pick theirs from the
+sequence length; inside a prefill every host's rotary is pinned to the whole prompt's length
+(:func:`apb.model.hf_bridge.prompt_length`), so within one prompt they are fixed too, and the
+shift takes its angles from the same pinned rotary. A rotary with one set of frequencies per
+layer type (Gemma 3's local and global layers, Olmo 3, Gemma 4) turns each layer's query with its
+own type's angles. Every model is checked once against its own queries: the whole model runs the
+same tokens at positions ``p`` and ``p + delta`` with attention that outputs nothing, so each
+layer's input is the same at both and only the rotation differs (:func:`_layer_turns`). A layer
+without RoPE (SmolLM3's every fourth, Cohere 2's global layers) keeps its query as it is; a model
+whose rotation the shift does not reproduce, or whose rotary cannot be found, gets ``None`` from
+:func:`rope_shift`, and apb refuses to score at true positions rather than silently scoring at
+the anchor's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers import AttentionInterface
+
+from apb.model import mla
+from apb.model.hf_bridge import ATTN_IMPLEMENTATION, prompt_length
 
 #: rope types whose frequencies are fixed, so that rotations compose
-COMPOSABLE = ("default", "linear", "llama3", "yarn")
+COMPOSABLE = ("default", "linear", "llama3", "yarn", "proportional")
+#: rope types that pick their frequencies from the sequence length: fixed within one prefill,
+#: whose rotaries :func:`apb.model.hf_bridge.prompt_length` pins to the prompt's length
+LENGTH_DEPENDENT = ("dynamic", "longrope")
 
 
 def _position(position: int, device: torch.device) -> torch.Tensor:
@@ -37,7 +47,7 @@ def _position(position: int, device: torch.device) -> torch.Tensor:
 
 @dataclass
 class RopeShift:
-    rotary: torch.nn.Module  # the model's rotary embedding: forward(x, position_ids) -> (cos, sin)
+    rotary: torch.nn.Module  # the model's rotary embedding: forward(x, position_ids[, layer_type]) -> (cos, sin)
     apply: Callable  # its modeling module's apply_rotary_pos_emb(q, k, cos, sin)
     #: how many trailing dims of a head the attention rotates, where it splits them off itself
     #: before ``apply`` (multi-head latent attention's rope part: DeepSeek); None: ``apply`` takes
@@ -46,23 +56,29 @@ class RopeShift:
     #: layer index -> whether that layer's query turns with its position (False: a layer without
     #: RoPE); checked against each layer's own query (:func:`rope_shift`)
     turns: dict[int, bool] = field(default_factory=dict)
+    #: layer index -> the ``layer_type`` its angles come from, for a rotary with frequencies per
+    #: layer type (Gemma 3); empty for a rotary with one set
+    kinds: dict[int, str] = field(default_factory=dict)
 
-    def _cos_sin(self, x: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.rotary(x, _position(position, x.device))
-        # attention_scaling (yarn) multiplies cos and sin; a vector already carries it once
-        scale = float(getattr(self.rotary, "attention_scaling", 1.0) or 1.0)
+    def _cos_sin(self, x: torch.Tensor, position: int, kind: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        typed = {} if kind is None else {"layer_type": kind}
+        cos, sin = self.rotary(x, _position(position, x.device), **typed)
+        # attention_scaling (yarn, longrope) multiplies cos and sin; a vector already carries it once
+        name = "attention_scaling" if kind is None else f"{kind}_attention_scaling"
+        scale = float(getattr(self.rotary, name, 1.0) or 1.0)
         return cos / scale, sin / scale
 
     def shift(self, x: torch.Tensor, delta: int, layer: int) -> torch.Tensor:
         """Layer ``layer``'s query ``x`` (batch, heads, tokens, head_dim) at ``delta`` more positions:
-        rotated by ``delta``, or as it is in a layer without RoPE."""
-        return self.turn(x, delta) if self.turns[layer] else x
+        rotated by ``delta`` with that layer's angles, or as it is in a layer without RoPE. Inside
+        a prefill (a length-dependent rotary is pinned to the prompt's length there)."""
+        return self.turn(x, delta, self.kinds.get(layer)) if self.turns[layer] else x
 
-    def turn(self, x: torch.Tensor, delta: int) -> torch.Tensor:
-        """``x`` rotated by ``delta`` more positions."""
+    def turn(self, x: torch.Tensor, delta: int, kind: str | None = None) -> torch.Tensor:
+        """``x`` rotated by ``delta`` more positions (with layer type ``kind``'s angles)."""
         if delta == 0:
             return x
-        return self._apply(x, *self._cos_sin(x, delta))
+        return self._apply(x, *self._cos_sin(x, delta, kind))
 
     def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # multi-head latent attention rotates only a head's last dims, as the model does (its
@@ -73,13 +89,21 @@ class RopeShift:
         return self.apply(x, x, cos.to(x.dtype), sin.to(x.dtype))[0]
 
 
+def _rope_types(params) -> list[str]:
+    """The rope types a config's rope parameters name: one, or one per layer type (Gemma 3)."""
+    params = params or {}
+    nested = [v for v in params.values() if isinstance(v, dict)]
+    sets = nested if nested else [params]
+    return [p.get("rope_type", p.get("type", "default")) for p in sets]
+
+
 def shiftable(model_config) -> bool:
-    """Whether the config's RoPE has fixed frequencies (one rope type, in :data:`COMPOSABLE`), so
-    that :func:`rope_shift` can move vectors; read from the config, before any model is loaded."""
-    params = getattr(model_config, "rope_parameters", None) or getattr(model_config, "rope_scaling", None) or {}
-    if any(isinstance(v, dict) for v in params.values()):  # one rope per layer type (e.g. Gemma 3)
-        return False
-    return params.get("rope_type", params.get("type", "default")) in COMPOSABLE
+    """Whether every rope type the config names is one :func:`rope_shift` can move vectors with
+    (fixed frequencies, or frequencies fixed per prompt); read from the config, before any model
+    is loaded. The loaded model is checked against its own queries as well (:func:`rope_shift`)."""
+    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
+    return all(t in COMPOSABLE + LENGTH_DEPENDENT for t in _rope_types(params))
 
 
 def rope_shift(model: torch.nn.Module) -> RopeShift | None:
@@ -89,23 +113,37 @@ def rope_shift(model: torch.nn.Module) -> RopeShift | None:
         return cached
     found = _find(model)
     turns = None if found is None else _layer_turns(found, model)
-    model._apb_rope_shift = None if turns is None else RopeShift(found.rotary, found.apply, found.rope_dim, turns)
+    model._apb_rope_shift = None if turns is None else RopeShift(found.rotary, found.apply, found.rope_dim, turns,
+                                                                 found.kinds)
     return model._apb_rope_shift
 
 
+def _text_config(model: torch.nn.Module):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
 def _find(model: torch.nn.Module) -> RopeShift | None:
-    rotaries = [m for name, m in model.named_modules() if name.endswith("rotary_emb") and hasattr(m, "inv_freq")]
-    if len(rotaries) != 1:  # none (no RoPE), or several (per-layer-type rotaries, e.g. Gemma 3)
+    rotaries = [m for name, m in model.named_modules() if name.endswith("rotary_emb")
+                and (hasattr(m, "inv_freq") or isinstance(getattr(m, "rope_type", None), dict))]
+    if len(rotaries) != 1:  # none (no RoPE), or several
         return None
     rotary = rotaries[0]
-    if getattr(rotary, "rope_type", "default") not in COMPOSABLE:
+    kind = getattr(rotary, "rope_type", "default")
+    kinds: dict[int, str] = {}
+    if isinstance(kind, dict):  # frequencies per layer type: each layer's type, as the model picks it
+        types = list(getattr(_text_config(model), "layer_types", None) or ())
+        kinds = {i: t for i, t in enumerate(types) if t in kind}
+        if not kinds:
+            return None
+    if not all(t in COMPOSABLE + LENGTH_DEPENDENT for t in (kind.values() if isinstance(kind, dict) else [kind])):
         return None
     layers = _attention_layers(model)
     attn = next(iter(layers.values()), None)
     apply = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None) if attn else None
     if not callable(apply):
         return None
-    return RopeShift(rotary, apply, getattr(model.config, "qk_rope_head_dim", None))
+    return RopeShift(rotary, apply, getattr(model.config, "qk_rope_head_dim", None), kinds=kinds)
 
 
 def _attention_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
@@ -114,75 +152,80 @@ def _attention_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
             if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")}
 
 
-class _Query(Exception):
-    """Carries an attention layer's query out of its forward: the probe stops there."""
+class _QueryProbe:
+    """Stands in for a prefill's context in the RoPE probe: records each layer's query and attends
+    nothing (a zero output), so each layer's input does not depend on where the tokens sit."""
 
-    def __init__(self, query: torch.Tensor):
-        super().__init__("an attention layer's query, caught by apb's RoPE probe")
-        self.query = query
+    def __init__(self) -> None:
+        self.queries: dict[int, torch.Tensor] = {}
+
+    def step(self, module, q, k, v, scale, latent=None, **_options) -> torch.Tensor:
+        self.queries[int(module.layer_idx)] = q.float()
+        return q.new_zeros(*q.shape[:-1], v.shape[-1])
 
 
-def _catch_query(module, query, key, value, attention_mask, **kwargs):
-    raise _Query(query)
-
-
-_PROBE = "apb_rope_probe"
-AttentionInterface.register(_PROBE, _catch_query)
+@contextlib.contextmanager
+def _apb_attention(model: torch.nn.Module):
+    """The model's layers call apb's attention inside the block (a model loaded with another one
+    is put back after)."""
+    configs = {id(c): c for c in (model.config, _text_config(model))}.values()
+    before = [(c, c._attn_implementation) for c in configs]
+    for c, _ in before:
+        c._attn_implementation = ATTN_IMPLEMENTATION
+    try:
+        yield
+    finally:
+        for c, was in before:
+            c._attn_implementation = was
 
 
 @torch.no_grad()
 def _layer_turns(shift: RopeShift, model: torch.nn.Module, delta: int = 1000) -> dict[int, bool] | None:
     """{layer: whether its query turns with its position}, checked against each attention layer's
-    own query: the same hidden states at positions ``p`` and ``p + delta``, through the layer's
-    projections, norms and rotation as the model runs them. A layer turns when ``shift`` moves its
-    query at ``p`` onto its query at ``p + delta``, and stays (a NoPE layer: SmolLM3's every
-    fourth) when the two are equal. None when any layer's query moves otherwise, or cannot be
-    caught: a model whose rotation ``shift`` does not reproduce (a partial rotary applied to a
-    head's first dims, say) is refused rather than scored with a wrongly turned query. It routes
-    the model's attention to the probe while it runs: not while another thread runs the model."""
+    own query. The whole model runs the same three tokens at positions ``p`` and ``p + delta``
+    with attention that outputs nothing, so every layer's input is the same at both (its norms,
+    MLP and experts see the same tokens) and its queries differ only as the model rotates them,
+    with the angles the model hands that layer. A layer turns when ``shift`` moves its query at
+    ``p`` onto its query at ``p + delta``, and stays (a NoPE layer: SmolLM3's every fourth) when
+    the two are equal. None when any layer's query moves otherwise, or is not seen: a model whose
+    rotation ``shift`` does not reproduce (a partial rotary applied to a head's first dims, a
+    layer handed another type's angles) is refused rather than scored with a wrongly turned
+    query. It routes the model's attention to the probe while it runs: not while another thread
+    runs the model."""
     layers = _attention_layers(model)
-    cfg = model.config
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    if not layers or not isinstance(getattr(text, "hidden_size", None), int):
+    text = _text_config(model)
+    vocab = getattr(text, "vocab_size", None)
+    if not layers or not isinstance(vocab, int) or vocab < 1:
         return None
     param = next(model.parameters())
-    hidden = torch.randn(1, 3, text.hidden_size, generator=torch.Generator().manual_seed(0)).to(param.device,
-                                                                                                 param.dtype)
+    ids = torch.randint(0, vocab, (1, 3), generator=torch.Generator().manual_seed(0)).to(param.device)
     at = torch.arange(7, 10, device=param.device)[None]
-    try:
-        angles = [shift.rotary(hidden, at), shift.rotary(hidden, at + delta)]
-    except Exception:  # a rotary that takes other arguments: do not guess
-        return None
     tol = 1e-3 if param.dtype == torch.float32 else 3e-2
-    before = cfg._attn_implementation
-    cfg._attn_implementation = _PROBE
+    seen = []
+    mla.install(model)  # a latent-attention layer hands the bridge its latent pair, as in a prefill
     try:
-        turns = {}
-        for idx, layer in sorted(layers.items()):
-            here, there = (_query_of(layer, hidden, a) for a in angles)
-            if here is None or there is None:
-                return None
-            scale = float(there.abs().max()) or 1.0
-            try:
-                turned = shift.turn(here, delta)
-            except Exception:  # an apply_rotary_pos_emb that takes another form
-                return None
-            if turned.shape == there.shape and float((turned - there).abs().max()) <= tol * scale:
-                turns[idx] = True
-            elif float((here - there).abs().max()) <= tol * scale:
-                turns[idx] = False
-            else:
-                return None
-        return turns
-    finally:
-        cfg._attn_implementation = before
-
-
-def _query_of(layer: torch.nn.Module, hidden: torch.Tensor, angles) -> torch.Tensor | None:
-    try:
-        layer(hidden_states=hidden, position_embeddings=angles, attention_mask=None)
-    except _Query as caught:
-        return caught.query.float()
-    except Exception:  # another forward signature: do not guess
+        # a length-dependent rotary picks one set of frequencies for both runs, as in a prefill
+        with _apb_attention(model), prompt_length(model, int(at[0, -1]) + delta + 1):
+            for start in (at, at + delta):
+                probe = _QueryProbe()
+                model(input_ids=ids, position_ids=start, use_cache=False, logits_to_keep=1, apb_ctx=probe)
+                seen.append(probe.queries)
+            turns = {}
+            for idx in sorted(layers):
+                here, there = seen[0].get(idx), seen[1].get(idx)
+                if here is None or there is None or here.shape != there.shape:
+                    return None
+                scale = float(there.abs().max()) or 1.0
+                if shift.kinds and idx not in shift.kinds:
+                    turned = None
+                else:
+                    turned = shift.turn(here, delta, shift.kinds.get(idx))
+                if turned is not None and float((turned - there).abs().max()) <= tol * scale:
+                    turns[idx] = True
+                elif float((here - there).abs().max()) <= tol * scale:
+                    turns[idx] = False
+                else:
+                    return None
+            return turns
+    except Exception:  # a model or rotary that takes other arguments: do not guess
         return None
-    return None

@@ -56,6 +56,18 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def check_model(model, method: Method, world_size: int) -> None:
+    """Everything a prefill refuses about the model itself, whatever the prompt: its layers
+    (:func:`apb.model.features.check_supported`), a one-token forward through apb's attention
+    (:func:`cache_shapes`) and what ``method`` needs of it (for apb's default, a rotary the query
+    can be moved with). A host runs it before its first prompt; the probes run once per model.
+    Raises ``ValueError`` naming what is refused."""
+    check_supported(model.config)
+    cache_shapes(model)
+    method.check(model.config, world_size)
+    method.check_model(model)
+
+
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query: int = 0,
             pad_id: int = 0, diagnostics: bool = False, routing: bool = False) -> PrefillResult:
@@ -67,14 +79,11 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
     n = int(input_ids.numel())
     method.check_query(n, n_query, comm.size)
     device = _device(model)
-    check_supported(model.config)
-    cache_shapes(model)  # once per model, before the clock: a one-token forward
+    check_model(model, method, comm.size)  # before the clock: its probes run once per model
     measure.sync(device)  # the clock starts when the device is idle, and stops when it is again
     t0, cpu0 = time.perf_counter(), comm.stats.compute_clock()
     inside0 = sum(comm.stats.layer_cpu.values())
     input_ids = input_ids.to(device)
-    method.check(model.config, comm.size)
-    method.check_model(model)
     mla.install(model)
     # every host's rotary embedding sees the whole prompt's length (dynamic NTK, longrope)
     with prompt_length(model, n):
@@ -154,9 +163,13 @@ def _routing(model, on: bool):
 
 def _n_layers(model) -> int:
     """The layers that attend: one past the largest ``layer_idx`` of the model's modules (an
-    encoder-decoder's ``num_hidden_layers`` counts its encoder's), else the config's count."""
-    indices = [m.layer_idx for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
-    return max(indices) + 1 if indices else model.config.num_hidden_layers
+    encoder-decoder's ``num_hidden_layers`` counts its encoder's), else the config's count. Read
+    once per model (its modules do not change), not at every prefill."""
+    known = getattr(model, "_apb_n_layers", None)
+    if known is None:
+        indices = [m.layer_idx for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+        known = model._apb_n_layers = max(indices) + 1 if indices else model.config.num_hidden_layers
+    return known
 
 
 def _check_every_layer(model, kv: dict) -> None:

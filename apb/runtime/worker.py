@@ -25,7 +25,7 @@ from apb.parallel.state import build_parallel_state
 from apb.runtime import allocator, measure
 from apb.runtime.cache import KVCache, gather_cache, to_hf_cache
 from apb.runtime.decode import Sampling, decode, decode_distributed
-from apb.runtime.prefill import prefill
+from apb.runtime.prefill import check_model, prefill
 
 
 @dataclass
@@ -100,6 +100,13 @@ class Worker:
         if key not in self._models:
             self._models[key] = load_model(path, dtype, self.env.device)
         return self._models[key]
+
+    def check_model(self, model_path: str, dtype: str, method: str, method_options: dict) -> None:
+        """Load the model and refuse it (``ValueError``) where no prompt could run it with ``method``:
+        the driver asks before its first document, so that such a model stops the run with one
+        reason instead of failing every document."""
+        check_model(self.model(model_path, dtype), build_method(method, MethodConfig(**method_options)),
+                    self.env.world_size)
 
     def run_prompt(self, req: PromptRequest) -> PromptResult:
         if req.decode_mode not in ("gather", "distributed"):

@@ -26,13 +26,15 @@ class WorkerError(RuntimeError):
     ``refused`` marks a deliberate refusal: the worker raised a ``ValueError`` (how the runtime
     refuses a model, a size or an option it cannot run), which would be raised again on any group,
     so the driver does not retry it. The group is closed all the same: other ranks may be waiting
-    in a collective the refusing rank never joined.
+    in a collective the refusing rank never joined. ``reason`` is a refusal's own message, without
+    the worker's traceback (which the message keeps).
     """
 
-    def __init__(self, message: str, rank: int | None = None, refused: bool = False):
+    def __init__(self, message: str, rank: int | None = None, refused: bool = False, reason: str | None = None):
         super().__init__(message)
         self.rank = rank
         self.refused = refused
+        self.reason = reason if reason is not None else message
 
 
 def is_refusal(exc: BaseException | None) -> bool:

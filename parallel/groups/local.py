@@ -43,7 +43,7 @@ def _serve(worker_cls: str, kwargs: dict, rank: int, world_size: int, init_metho
         try:
             outbox.put((rank, seq, True, getattr(worker, fn)(*args, **kw)))
         except BaseException as e:
-            outbox.put((rank, seq, False, (traceback.format_exc(), is_refusal(e))))
+            outbox.put((rank, seq, False, (traceback.format_exc(), is_refusal(e), str(e))))
     close = getattr(worker, "close", None)
     if close is not None:
         close()
@@ -102,14 +102,15 @@ class LocalWorkerGroup:
             if got_seq != seq:
                 continue  # a late reply to an earlier, abandoned call
             if not ok:
-                payload, refused = payload if isinstance(payload, tuple) else (payload, False)
+                payload, refused, reason = payload if isinstance(payload, tuple) else (payload, False, None)
                 time.sleep(0.5)  # a peer's death often surfaces first as this rank's broken connection
                 dead = [(r, p.exitcode) for r, p in enumerate(self.procs) if not p.is_alive()]
                 self.close(force=True)
                 if dead:
                     raise WorkerError(f"worker rank {dead[0][0]} died (exit code {dead[0][1]}) during {what!r}",
                                       rank=dead[0][0])
-                raise WorkerError(f"worker rank {rank} failed during {what!r}:\n{payload}", rank=rank, refused=refused)
+                raise WorkerError(f"worker rank {rank} failed during {what!r}:\n{payload}", rank=rank, refused=refused,
+                                  reason=reason)
             replies[rank] = payload
         return [replies[r] for r in range(self.world_size)]
 

@@ -133,7 +133,8 @@ class RayWorkerGroup:
             raise WorkerError(f"a worker actor died during {what!r}: {e}") from None
         except RayTaskError as e:
             self.close(force=True)
-            raise WorkerError(f"a worker failed during {what!r}:\n{e}", refused=is_refusal(e.cause)) from None
+            raise WorkerError(f"a worker failed during {what!r}:\n{e}", refused=is_refusal(e.cause),
+                              reason=str(e.cause) if e.cause is not None else None) from None
         except GetTimeoutError:
             self.close(force=True)
             raise WorkerError(f"no reply to {what!r} within {timeout_s:.0f}s") from None

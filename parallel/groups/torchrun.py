@@ -41,7 +41,7 @@ class TorchrunGroup:
             mine = getattr(self.worker, fn)(*args, **kwargs)
         except Exception as e:
             self.closed = True
-            raise WorkerError(f"rank 0 failed during {fn!r}: {e}", rank=0, refused=is_refusal(e)) from e
+            raise WorkerError(f"rank 0 failed during {fn!r}: {e}", rank=0, refused=is_refusal(e), reason=str(e)) from e
         return [mine] + [None] * (self.world_size - 1)
 
     def close(self, force: bool = False) -> None:
