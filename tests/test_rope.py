@@ -194,6 +194,31 @@ def test_apb_scores_gemma3_at_true_positions_with_its_global_layers_angles():
         assert torch.allclose(seen[r], seen["0"], atol=1e-5), f"host {r}"
 
 
+@pytest.mark.parametrize("model_type, extra", [
+    ("gemma4_text", {"global_head_dim": 32}),  # global layers: heads twice as wide, "proportional" RoPE
+    ("gemma3n_text", {"intermediate_size": [64] * 2, "activation_sparsity_pattern": [0.0] * 2,
+                      "num_kv_shared_layers": 0}),
+])
+def test_apb_scores_gemma4_and_gemma3n_at_true_positions(model_type, extra):
+    """Gemma 4 and Gemma 3n rotate one tensor at a time (``apply_rotary_pos_emb(x, cos, sin)``,
+    not a (q, k) pair) with a rotary per layer type: the turned copies at their global layer 0
+    equal host 0's real query. (Before, apb refused both; a shift that called the pair form
+    could not turn them at all.)"""
+    cfg = AutoConfig.for_model(model_type, **{"vocab_size": 512, "hidden_size": 64, "intermediate_size": 64, **extra},
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               sliding_window=16, layer_types=["full_attention", "sliding_attention"],
+                               vocab_size_per_layer_input=512, hidden_size_per_layer_input=16,
+                               max_position_embeddings=4096, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="apb").eval()
+    shift = rope_shift(model)
+    assert shift is not None and shift.single and shift.turns == {0: True, 1: True}
+    _, seen = _layer0_scoring_queries("true", model=model)
+    assert seen.keys() == {"0", "1", "2"}
+    for r in ("1", "2"):
+        assert torch.allclose(seen[r], seen["0"], atol=1e-5), f"host {r}"
+
+
 def test_apb_refuses_true_positions_on_a_rope_it_does_not_know_at_load():
     """A rope type the shift does not know is refused on the driver, from the config, naming the
     fix; the variants that score nothing, or at the copy's positions, still run."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from apb.methods.registry import register_method
-from apb.model.rope import rope_shift, shiftable
+from apb.model.rope import rope_shift, rope_types, shiftable
 from apb.methods.anchored import Anchored, passing_first
 from apb.methods.compressors import ScoreInputs, build_compressor, take
 from apb.methods.cost import HostWork, merge_bytes
@@ -102,8 +102,8 @@ class APB(Anchored):
     def check(self, model_config, world_size):
         super().check(model_config, world_size)
         if self.moves_query() and not shiftable(model_config):
-            raise ValueError(_UNMOVABLE.format(why="this model's RoPE depends on the sequence length or the layer "
-                                                   "type"))
+            raise ValueError(_UNMOVABLE.format(why=f"this model's config names rope type(s) {rope_types(model_config)}, "
+                                                   "which apb's shift does not know"))
 
     def check_model(self, model):
         super().check_model(model)
@@ -196,8 +196,8 @@ class APB(Anchored):
         return ctx.scratch[key]
 
 
-_UNMOVABLE = ("the query compressor scores with the query moved to its true positions, which needs RoPE with "
-              "fixed frequencies that apb can apply; {why}. Set method.query_positions: anchor (score at the "
+_UNMOVABLE = ("the query compressor scores with the query moved to its true positions, which needs a rotary "
+              "embedding whose rotation apb can reproduce (fixed frequencies, or ones fixed per prompt); {why}. Set method.query_positions: anchor (score at the "
               "anchor copy's positions) or use a compressor that does not score against the query (stride, "
               "retaining_heads)")
 

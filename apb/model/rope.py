@@ -23,6 +23,8 @@ the anchor's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -59,6 +61,8 @@ class RopeShift:
     #: layer index -> the ``layer_type`` its angles come from, for a rotary with frequencies per
     #: layer type (Gemma 3); empty for a rotary with one set
     kinds: dict[int, str] = field(default_factory=dict)
+    #: ``apply`` rotates one tensor, ``apply(x, cos, sin)`` (Gemma 3n, Gemma 4), not a (q, k) pair
+    single: bool = False
 
     def _cos_sin(self, x: torch.Tensor, position: int, kind: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         typed = {} if kind is None else {"layer_type": kind}
@@ -86,7 +90,8 @@ class RopeShift:
         d = self.rope_dim
         if d is not None and x.shape[-1] > d:
             return torch.cat([x[..., :-d], self._apply(x[..., -d:].contiguous(), cos, sin)], -1)
-        return self.apply(x, x, cos.to(x.dtype), sin.to(x.dtype))[0]
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        return self.apply(x, cos, sin) if self.single else self.apply(x, x, cos, sin)[0]
 
 
 def _rope_types(params) -> list[str]:
@@ -97,13 +102,17 @@ def _rope_types(params) -> list[str]:
     return [p.get("rope_type", p.get("type", "default")) for p in sets]
 
 
+def rope_types(model_config) -> list[str]:
+    """The rope types the config names (one per layer type where it has several)."""
+    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    return _rope_types(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None))
+
+
 def shiftable(model_config) -> bool:
     """Whether every rope type the config names is one :func:`rope_shift` can move vectors with
     (fixed frequencies, or frequencies fixed per prompt); read from the config, before any model
     is loaded. The loaded model is checked against its own queries as well (:func:`rope_shift`)."""
-    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
-    return all(t in COMPOSABLE + LENGTH_DEPENDENT for t in _rope_types(params))
+    return all(t in COMPOSABLE + LENGTH_DEPENDENT for t in rope_types(model_config))
 
 
 def rope_shift(model: torch.nn.Module) -> RopeShift | None:
@@ -113,8 +122,7 @@ def rope_shift(model: torch.nn.Module) -> RopeShift | None:
         return cached
     found = _find(model)
     turns = None if found is None else _layer_turns(found, model)
-    model._apb_rope_shift = None if turns is None else RopeShift(found.rotary, found.apply, found.rope_dim, turns,
-                                                                 found.kinds)
+    model._apb_rope_shift = None if turns is None else dataclasses.replace(found, turns=turns)
     return model._apb_rope_shift
 
 
@@ -143,7 +151,12 @@ def _find(model: torch.nn.Module) -> RopeShift | None:
     apply = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None) if attn else None
     if not callable(apply):
         return None
-    return RopeShift(rotary, apply, getattr(model.config, "qk_rope_head_dim", None), kinds=kinds)
+    try:
+        names = list(inspect.signature(apply).parameters)
+    except (TypeError, ValueError):
+        return None
+    return RopeShift(rotary, apply, getattr(model.config, "qk_rope_head_dim", None), kinds=kinds,
+                     single=names[1:2] == ["cos"])
 
 
 def _attention_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:

@@ -31,9 +31,9 @@ DELTA, PROMPT = 1000, 30_000
 seen: dict[int, torch.Tensor] = {}
 
 
-def spy(module, q, k, v, mask, **kw):
+def spy(module, q, k, v, attention_mask=None, **kw):
     seen[int(module.layer_idx)] = q.detach().float().clone()
-    return apb_attention_forward(module, q, k, v, mask, **kw)
+    return apb_attention_forward(module, q, k, v, attention_mask, **kw)
 
 
 def queries(model, ids, start):
