@@ -219,6 +219,62 @@ def test_apb_scores_gemma4_and_gemma3n_at_true_positions(model_type, extra):
         assert torch.allclose(seen[r], seen["0"], atol=1e-5), f"host {r}"
 
 
+def _ministral3(original_max):
+    """Ministral 3 multiplies its query by 1 + 0.1 log(1 + floor(p / L)) (Llama 4's attention
+    temperature), L = ``original_max``: 1 below L, more above; 4,096 positions at most."""
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": original_max,
+            "llama_4_scaling_beta": 0.1, "rope_theta": 1e6, "beta_fast": 32.0, "beta_slow": 1.0}
+    cfg = AutoConfig.for_model("ministral3", vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                               pad_token_id=0, bos_token_id=1, eos_token_id=2, rope_parameters=rope)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="apb").eval()
+
+
+def _query_length(model, start):
+    """Layer 0's query heads' lengths for the same 3 tokens at ``start``, as the model computes them."""
+    from transformers import AttentionInterface
+
+    from apb.model.hf_bridge import ATTN_IMPLEMENTATION, apb_attention_forward
+
+    seen = []
+
+    def spy(module, q, k, v, attention_mask=None, **kw):
+        seen.append(q.norm(dim=-1))
+        return apb_attention_forward(module, q, k, v, attention_mask, **kw)
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, spy)
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[5, 6, 7]]), position_ids=torch.arange(start, start + 3)[None],
+                  use_cache=False)
+    finally:
+        AttentionInterface.register(ATTN_IMPLEMENTATION, apb_attention_forward)
+    return seen[0]
+
+
+def test_a_query_scaled_by_its_position_is_refused():
+    """Where the scale steps up inside the model's 4,096 positions (L = 1,024), the query at 2,000
+    is longer than at 7 (the model's own forward), which no turn can give: refused, though the two
+    positions the shift is checked at (7 and 1,007) sit below the step and would have passed it.
+    Where the step lies past every position the model takes (L = 16,384), the shift is kept, and a
+    prompt longer than the positions it was checked over is refused before the prefill."""
+    from apb.parallel.comm import Comm
+    from apb.runtime.prefill import prefill
+
+    stepped = _ministral3(1024)
+    assert not torch.allclose(_query_length(stepped, 2000), _query_length(stepped, 7), rtol=1e-3)
+    torch.testing.assert_close(_query_length(stepped, 1007), _query_length(stepped, 7))
+    assert rope_shift(stepped) is None
+    flat = _ministral3(16384)
+    torch.testing.assert_close(_query_length(flat, 4000), _query_length(flat, 7))
+    shift = rope_shift(flat)
+    assert shift is not None and shift.turns == {0: True} and shift.checked_to == 4096
+    apb = build_method("apb", MethodConfig(name="apb", anchor_len=16, passing_len=4))
+    with pytest.raises(ValueError, match="longer than the 4096 positions.*query_positions: anchor"):
+        prefill(flat, torch.randint(3, 500, (4100,)), apb, Comm(None), n_query=4)
+
+
 def test_apb_refuses_true_positions_on_a_rope_it_does_not_know_at_load():
     """A rope type the shift does not know is refused on the driver, from the config, naming the
     fix; the variants that score nothing, or at the copy's positions, still run."""

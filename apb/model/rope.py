@@ -63,6 +63,8 @@ class RopeShift:
     kinds: dict[int, str] = field(default_factory=dict)
     #: ``apply`` rotates one tensor, ``apply(x, cos, sin)`` (Gemma 3n, Gemma 4), not a (q, k) pair
     single: bool = False
+    #: the longest prompt the check covered (:func:`_far_starts`): a longer one is refused
+    checked_to: int = 0
 
     def _cos_sin(self, x: torch.Tensor, position: int, kind: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         typed = {} if kind is None else {"layer_type": kind}
@@ -122,7 +124,11 @@ def rope_shift(model: torch.nn.Module) -> RopeShift | None:
         return cached
     found = _find(model)
     turns = None if found is None else _layer_turns(found, model)
-    model._apb_rope_shift = None if turns is None else dataclasses.replace(found, turns=turns)
+    if turns is None:
+        model._apb_rope_shift = None
+    else:
+        far = _far_starts(_text_config(model), _DELTA)
+        model._apb_rope_shift = dataclasses.replace(found, turns=turns, checked_to=max([10 + _DELTA, *far]) + 3)
     return model._apb_rope_shift
 
 
@@ -192,19 +198,37 @@ def _apb_attention(model: torch.nn.Module):
             c._attn_implementation = was
 
 
+_DELTA = 1000  # how far the probe moves its tokens to check the shift
+
+
+def _far_starts(text_config, delta: int) -> list[int]:
+    """Where the probe also puts its tokens: a few starts up to the model's longest prompt, each
+    in a decade of its own, so that a query scaled by a step function of the position
+    (Llama 4's and Ministral 3's attention temperature: 1 + beta log(1 + floor(p / L)), which is
+    1 below L) is seen at each scale a prompt can reach."""
+    limit = int(getattr(text_config, "max_position_embeddings", 0) or 0) or 1 << 20
+    starts = [7 + delta * 10 ** k for k in range(1, 5) if 7 + delta * 10 ** k + 3 <= limit]
+    return starts + ([limit - 3] if limit - 3 > 7 + delta and limit - 3 not in starts else [])
+
+
 @torch.no_grad()
-def _layer_turns(shift: RopeShift, model: torch.nn.Module, delta: int = 1000) -> dict[int, bool] | None:
+def _layer_turns(shift: RopeShift, model: torch.nn.Module, delta: int = _DELTA) -> dict[int, bool] | None:
     """{layer: whether its query turns with its position}, checked against each attention layer's
     own query. The whole model runs the same three tokens at positions ``p`` and ``p + delta``
     with attention that outputs nothing, so every layer's input is the same at both (its norms,
     MLP and experts see the same tokens) and its queries differ only as the model rotates them,
     with the angles the model hands that layer. A layer turns when ``shift`` moves its query at
     ``p`` onto its query at ``p + delta``, and stays (a NoPE layer: SmolLM3's every fourth) when
-    the two are equal. None when any layer's query moves otherwise, or is not seen: a model whose
-    rotation ``shift`` does not reproduce (a partial rotary applied to a head's first dims, a
-    layer handed another type's angles) is refused rather than scored with a wrongly turned
-    query. It routes the model's attention to the probe while it runs: not while another thread
-    runs the model."""
+    the two are equal. A rotation keeps each head's length, so the queries at starts up to the
+    model's longest prompt (:func:`_far_starts`) must keep their lengths too: a query scaled by its
+    position (Llama 4's and Ministral 3's temperature, 1 below 16K positions and above it after)
+    is refused, where one pair of positions below the step would have passed it.
+
+    None when any layer's query moves otherwise, or is not seen: a model whose rotation ``shift``
+    does not reproduce (a partial rotary applied to a head's first dims, a layer handed another
+    type's angles, a position-dependent scale) is refused rather than scored with a wrongly
+    turned query. It routes the model's attention to the probe while it runs: not while another
+    thread runs the model."""
     layers = _attention_layers(model)
     text = _text_config(model)
     vocab = getattr(text, "vocab_size", None)
@@ -212,17 +236,21 @@ def _layer_turns(shift: RopeShift, model: torch.nn.Module, delta: int = 1000) ->
         return None
     param = next(model.parameters())
     ids = torch.randint(0, vocab, (1, 3), generator=torch.Generator().manual_seed(0)).to(param.device)
-    at = torch.arange(7, 10, device=param.device)[None]
     tol = 1e-3 if param.dtype == torch.float32 else 3e-2
-    seen = []
     mla.install(model)  # a latent-attention layer hands the bridge its latent pair, as in a prefill
+
+    def queries(start: int, n_tokens: int) -> dict[int, torch.Tensor]:
+        # a length-dependent rotary picks its frequencies for ``n_tokens``, as in a prefill
+        with prompt_length(model, n_tokens):
+            probe = _QueryProbe()
+            model(input_ids=ids, position_ids=torch.arange(start, start + 3, device=param.device)[None],
+                  use_cache=False, logits_to_keep=1, apb_ctx=probe)
+            return probe.queries
+
     try:
-        # a length-dependent rotary picks one set of frequencies for both runs, as in a prefill
-        with _apb_attention(model), prompt_length(model, int(at[0, -1]) + delta + 1):
-            for start in (at, at + delta):
-                probe = _QueryProbe()
-                model(input_ids=ids, position_ids=start, use_cache=False, logits_to_keep=1, apb_ctx=probe)
-                seen.append(probe.queries)
+        with _apb_attention(model):
+            n = 10 + delta  # one set of frequencies for both runs of the shift's check
+            seen = [queries(7, n), queries(7 + delta, n)]
             turns = {}
             for idx in sorted(layers):
                 here, there = seen[0].get(idx), seen[1].get(idx)
@@ -232,13 +260,23 @@ def _layer_turns(shift: RopeShift, model: torch.nn.Module, delta: int = 1000) ->
                 if shift.kinds and idx not in shift.kinds:
                     turned = None
                 else:
-                    turned = shift.turn(here, delta, shift.kinds.get(idx))
+                    with prompt_length(model, n):
+                        turned = shift.turn(here, delta, shift.kinds.get(idx))
                 if turned is not None and float((turned - there).abs().max()) <= tol * scale:
                     turns[idx] = True
                 elif float((here - there).abs().max()) <= tol * scale:
                     turns[idx] = False
                 else:
                     return None
+            for start in _far_starts(text, delta):
+                far = queries(start, start + 3)
+                for idx, here in seen[0].items():
+                    got = far.get(idx)
+                    if got is None or got.shape != here.shape:
+                        return None
+                    lengths = here.norm(dim=-1)
+                    if float((got.norm(dim=-1) - lengths).abs().max()) > tol * (float(lengths.max()) or 1.0):
+                        return None
             return turns
     except Exception:  # a model or rotary that takes other arguments: do not guess
         return None

@@ -80,6 +80,12 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
     method.check_query(n, n_query, comm.size)
     device = _device(model)
     check_model(model, method, comm.size)  # before the clock: its probes run once per model
+    rope = rope_shift(model) if method.moves_query() else None
+    if rope is not None and n > rope.checked_to:  # the same on every host: refused before any message
+        raise ValueError(f"a {n}-token prompt is longer than the {rope.checked_to} positions over which apb's query "
+                         "shift was checked against this model (its max_position_embeddings): beyond them a query "
+                         "may be scaled by its position as well as turned; shorten the prompt or set "
+                         "method.query_positions: anchor")
     measure.sync(device)  # the clock starts when the device is idle, and stops when it is again
     t0, cpu0 = time.perf_counter(), comm.stats.compute_clock()
     inside0 = sum(comm.stats.layer_cpu.values())

@@ -8,8 +8,10 @@ where they do, an independent check of the shift. The model runs the same 3 toke
 7-9 and 1007-1009 with its real attention (apb's kernel, no context: plain causal attention over
 the 3 tokens). Attention over RoPE-rotated queries and keys depends only on relative positions,
 so every layer's input is the same at both offsets and each layer's query at 1007 must equal
-its query at 7 turned by 1000 with the shift apb would use (``max_rel``: the largest error over
-layers, relative to the query's largest entry). A rotary pinned to the prompt's length (dynamic
+its query at 7 turned by 1000 with the shift apb would use; the same again for the last 1,003
+positions the model takes (``max_position_embeddings``), where a query scaled by its position
+would show (``max_rel``: the largest error over layers and both pairs, relative to the query's
+largest entry). A rotary pinned to the prompt's length (dynamic
 NTK, longrope) runs inside ``prompt_length`` with a 30,000-token prompt, past every original
 length here, as a prefill of that prompt would. Run it from a directory without apb/ in it, with
 PYTHONPATH at an installed wheel of the commit under test.
@@ -54,16 +56,20 @@ def check(path: Path) -> str:
         if shift is None:
             return "refused (model)"
         ids = torch.randint(3, text.vocab_size, (1, 3), generator=torch.Generator().manual_seed(0))
-        AttentionInterface.register(ATTN_IMPLEMENTATION, spy)
-        try:
-            here, there = queries(model, ids, 7), queries(model, ids, 7 + DELTA)
-        finally:
-            AttentionInterface.register(ATTN_IMPLEMENTATION, apb_attention_forward)
+        last = int(getattr(text, "max_position_embeddings", 0) or 0)
+        starts = [7] + ([last - 3 - DELTA] if last - 3 - DELTA > 7 + DELTA else [])
         worst, still = 0.0, 0
-        for layer, q in here.items():
-            turned = shift.shift(q, DELTA, layer).float()
-            worst = max(worst, float((turned - there[layer]).abs().max()) / (float(there[layer].abs().max()) or 1.0))
-            still += not shift.turns[layer]
+        for start in starts:
+            AttentionInterface.register(ATTN_IMPLEMENTATION, spy)
+            try:
+                here, there = queries(model, ids, start), queries(model, ids, start + DELTA)
+            finally:
+                AttentionInterface.register(ATTN_IMPLEMENTATION, apb_attention_forward)
+            for layer, q in here.items():
+                turned = shift.shift(q, DELTA, layer).float()
+                rel = float((turned - there[layer]).abs().max()) / (float(there[layer].abs().max()) or 1.0)
+                worst = max(worst, rel)
+        still = sum(not shift.turns[layer] for layer in here)
     kinds = sorted(set(getattr(shift, "kinds", {}).values()))
     return (f"moves    max_rel {worst:.1e}  layers {len(here)}  without RoPE {still}"
             + (f"  angles per type: {','.join(kinds)}" if kinds else ""))
