@@ -111,6 +111,14 @@ class CommWorker:
         self.comm.all_gather(torch.zeros(1))
         return "unreachable"
 
+    def unsendable_reply(self, bad_rank):
+        """bad_rank answers with a tensor autograd keeps (torch refuses to send it between
+        processes); the others with a plain one."""
+        if self.comm.rank == bad_rank:
+            leaf = torch.ones(2, requires_grad=True)
+            return leaf * 2
+        return torch.arange(3)
+
     def absent_peer(self, silent_rank):
         """silent_rank skips the collective, so the others must time out rather than hang."""
         if self.comm.rank == silent_rank:

@@ -138,6 +138,19 @@ def test_failed_rank_is_reported_not_waited_on():
     assert g.closed and not any(p.is_alive() for p in g.procs)
 
 
+def test_a_reply_that_cannot_be_sent_is_reported_not_waited_on():
+    """A reply the queue cannot pickle used to fail in the queue's feeder thread, printed only:
+    the driver waited out its whole timeout for it. Now the worker pickles it first and reports
+    the failure at once; a plain tensor still arrives as it was."""
+    g = LocalWorkerGroup(2, "_workers:CommWorker", timeout_s=120)
+    assert torch.equal(g.call("unsendable_reply", 5)[0], torch.arange(3))  # no rank 5: both send plainly
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match="(?s)rank 1 failed.*cannot be sent to the driver.*requires_grad"):
+        g.call("unsendable_reply", 1)
+    assert time.monotonic() - t0 < 30, "the driver waited for a reply that was never sent"
+    assert g.closed
+
+
 def test_killed_worker_is_reported():
     g = LocalWorkerGroup(2, "_workers:CommWorker", timeout_s=120)
     pids = g.call("pid")

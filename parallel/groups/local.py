@@ -14,10 +14,12 @@ import importlib
 import itertools
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import sys
 import time
 import traceback
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from apb.parallel.groups import WorkerError, is_refusal
@@ -41,9 +43,20 @@ def _serve(worker_cls: str, kwargs: dict, rank: int, world_size: int, init_metho
         if fn is None:
             break
         try:
-            outbox.put((rank, seq, True, getattr(worker, fn)(*args, **kw)))
+            reply = getattr(worker, fn)(*args, **kw)
         except BaseException as e:
             outbox.put((rank, seq, False, (traceback.format_exc(), is_refusal(e), str(e))))
+            continue
+        try:
+            # pickled here: the queue would pickle it in its feeder thread, where a failure is only
+            # printed, and the driver would wait out its timeout for a reply that never comes
+            data = ForkingPickler.dumps(reply)
+        except Exception as e:
+            outbox.put((rank, seq, False, (f"the reply to {fn!r} cannot be sent to the driver: "
+                                           f"{type(e).__name__}: {e}", False, None)))
+            continue
+        del reply
+        outbox.put((rank, seq, True, bytes(data)))
     close = getattr(worker, "close", None)
     if close is not None:
         close()
@@ -111,7 +124,7 @@ class LocalWorkerGroup:
                                       rank=dead[0][0])
                 raise WorkerError(f"worker rank {rank} failed during {what!r}:\n{payload}", rank=rank, refused=refused,
                                   reason=reason)
-            replies[rank] = payload
+            replies[rank] = pickle.loads(payload) if seq >= 0 else payload
         return [replies[r] for r in range(self.world_size)]
 
     def close(self, force: bool = False, timeout_s: float = 10.0) -> None:
