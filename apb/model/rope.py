@@ -13,11 +13,13 @@ shift takes its angles from the same pinned rotary. A rotary with one set of fre
 layer type (Gemma 3's local and global layers, Olmo 3, Gemma 4) turns each layer's query with its
 own type's angles. Every model is checked once against its own queries: the whole model runs the
 same tokens at positions ``p`` and ``p + delta`` with attention that outputs nothing, so each
-layer's input is the same at both and only the rotation differs (:func:`_layer_turns`). A layer
-without RoPE (SmolLM3's every fourth, Cohere 2's global layers) keeps its query as it is; a model
-whose rotation the shift does not reproduce, or whose rotary cannot be found, gets ``None`` from
-:func:`rope_shift`, and apb refuses to score at true positions rather than silently scoring at
-the anchor's.
+layer's input is the same at both and only the rotation differs (:func:`_layer_turns`); and each
+head's length must stay the same at starts up to the model's longest prompt, which a rotation
+keeps and a position-dependent scale (Llama 4's and Ministral 3's query temperature) does not. A
+layer without RoPE (SmolLM3's every fourth, Cohere 2's global layers) keeps its query as it is; a
+model whose rotation the shift does not reproduce, or whose rotary cannot be found, gets ``None``
+from :func:`rope_shift`, and apb refuses to score at true positions rather than silently scoring
+at the anchor's.
 """
 
 from __future__ import annotations
