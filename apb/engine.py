@@ -36,7 +36,7 @@ from apb.config import Config, ConfigError, load_config
 from apb.methods import build_method
 from apb.model.catalog import resolve_model
 from apb.model.features import check_supported
-from apb.model.loading import check_attention_interface, skeleton
+from apb.model.loading import check_attention_interface
 from apb.model.text import encode_document, eos_ids, load_tokenizer
 from apb.parallel import groups
 from apb.runtime import memory
@@ -128,16 +128,15 @@ class Engine:
         self.eos = eos_ids(self.tokenizer, self.model_config)
         try:  # a layer kind the runtime cannot run exactly is refused here, before any worker starts
             check_supported(self.model_config)
-            check_attention_interface(self.model_config)
+            structure = check_attention_interface(self.model_config)
         except ValueError as e:
             raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: {e}") from None
         self.method = build_method(cfg.method.name, cfg.method)  # validates method options now, not in a worker
         try:
             self.method.check(self.model_config, cfg.parallel.world_size)
-            # only a compressor that reads the projections before RoPE checks the model's modules:
-            # no skeleton is built (a model's worth of modules, at every start) for the others
-            structure = skeleton(self.model_config) if self.method.capture_pre_rope() else None
-            if structure is not None:
+            # a compressor that reads the projections before RoPE checks the model's modules, on
+            # the skeleton the attention check built (one per start)
+            if structure is not None and self.method.capture_pre_rope():
                 self.method.check_structure(structure)
         except ValueError as e:
             raise ConfigError(f"method.name={cfg.method.name!r}: {e}") from None

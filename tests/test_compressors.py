@@ -598,17 +598,20 @@ def test_apb_run_refuses_retaining_heads_on_mla_before_any_worker_starts(tmp_pat
     from apb.engine import Engine
 
     path = random_retaining_heads(tmp_path / "rh.safetensors", llama_config, hidden=8)
-    # a method that reads no projections builds no skeleton at start
-    import apb.engine
+    # one skeleton per start: the attention check's, which the compressor's check reads too
+    import apb.model.loading
+    from apb.model.catalog import resolve_model
 
-    built, real = [], apb.engine.skeleton
-    monkeypatch.setattr(apb.engine, "skeleton", lambda config: built.append(config) or real(config))
+    resolve_model("tiny-deepseek-v3")  # made on first use (a model of its own), before the count
+    built, real = [], apb.model.loading.AutoModelForCausalLM.from_config
+    monkeypatch.setattr(apb.model.loading.AutoModelForCausalLM, "from_config",
+                        lambda config, **kw: built.append(config) or real(config, **kw))
     Engine.from_config(None, {"model.name_or_path": "tiny-deepseek-v3", "method.name": "apb"})
-    assert built == []
+    assert len(built) == 1
     with pytest.raises(ConfigError, match=r"method.name='apb': compressor 'retaining_heads'.*q_proj"):
         Engine.from_config(None, {"model.name_or_path": "tiny-deepseek-v3", "method.name": "apb",
                                   "method.compressor": "retaining_heads", "method.retaining_heads_path": str(path)})
-    assert len(built) == 1  # the compressor that reads projections checked the model's skeleton
+    assert len(built) == 2  # the compressor that reads projections checked that skeleton
 
 
 def test_a_fused_qkv_projection_is_captured_as_the_attention_sees_it():

@@ -146,12 +146,12 @@ def _no_interface(model_config) -> str:
             "not supported")
 
 
-def check_attention_interface(model_config) -> None:
+def check_attention_interface(model_config) -> torch.nn.Module | None:
     """Refuse, from the config alone, a family whose attention apb cannot stand in for: one whose
     modeling code picks its attention class from a table of its own (Falcon), whose layers attend
     both ways (a BERT-like model without ``is_decoder``), or whose forward takes no positions.
     Its skeleton is built on the meta device with apb's attention, as every worker would build
-    the model."""
+    the model, and returned for other checks of the structure (None where it cannot be built)."""
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(model_config, attn_implementation=ATTN_IMPLEMENTATION,
@@ -159,9 +159,9 @@ def check_attention_interface(model_config) -> None:
     except KeyError as e:
         if ATTN_IMPLEMENTATION in str(e):
             raise ValueError(_no_interface(model_config)) from None
-        return
+        return None
     except Exception:  # anything else is the workers' to report, with the model loaded
-        return
+        return None
     check_positions(model)
     for name, module in model.named_modules():
         # an encoder-decoder's decoder also holds cross-attention, which a causal LM never calls
@@ -170,6 +170,7 @@ def check_attention_interface(model_config) -> None:
             raise ValueError(f"model type {getattr(model_config, 'model_type', '?')!r}: layer {module.layer_idx} "
                              f"({type(module).__name__}) attends both ways (is_causal=False); apb runs causal "
                              "decoders only (a BERT-like model is causal only with is_decoder=True in its config)")
+    return model
 
 
 def skeleton(model_config) -> torch.nn.Module | None:
