@@ -253,21 +253,34 @@ def _query_length(model, start):
     return seen[0]
 
 
-def test_a_query_scaled_by_its_position_is_refused():
-    """Where the scale steps up inside the model's 4,096 positions (L = 1,024), the query at 2,000
-    is longer than at 7 (the model's own forward), which no turn can give: refused, though the two
-    positions the shift is checked at (7 and 1,007) sit below the step and would have passed it.
-    Where the step lies past every position the model takes (L = 16,384), the shift is kept, and a
-    prompt longer than the positions it was checked over is refused before the prefill."""
+def test_a_query_scaled_by_its_position_is_turned_and_rescaled(monkeypatch):
+    """Ministral 3's step lies inside its 4,096 positions (L = 1,024): the query at 2,000 is longer
+    than at 7 (the model's own forward). The shift turns the copy and multiplies it by the model's
+    scale at the true position over that at the copy's, so hosts 1 and 2 score with host 0's real
+    query past the step. Without that scale (the model's scaling function not found) the check
+    sees the lengths change, though the two positions the turn is checked at (7 and 1,007) sit
+    below the step, and refuses the model. Where the step lies past every position the model
+    takes (L = 16,384) nothing is scaled, and a prompt longer than the positions the check
+    covered is refused before the prefill."""
+    from apb.model import rope
     from apb.parallel.comm import Comm
     from apb.runtime.prefill import prefill
 
     stepped = _ministral3(1024)
     assert not torch.allclose(_query_length(stepped, 2000), _query_length(stepped, 7), rtol=1e-3)
     torch.testing.assert_close(_query_length(stepped, 1007), _query_length(stepped, 7))
-    assert rope_shift(stepped) is None
+    shift = rope_shift(stepped)
+    assert shift is not None and shift.turns == {0: True} and shift.scaled == {0: True}
+    _, seen = _layer0_scoring_queries("true", model=stepped, n_ctx=2000)
+    for r in ("1", "2"):
+        assert torch.allclose(seen[r], seen["0"], atol=1e-5), f"host {r}"
+    _, unscaled = _layer0_scoring_queries("anchor", model=stepped, n_ctx=2000)
+    assert not torch.allclose(unscaled["1"].norm(), seen["0"].norm(), rtol=1e-3)  # the copy's scale is 1
+
+    monkeypatch.setattr(rope, "_position_scale", lambda model, attn: None)
+    assert rope_shift(_ministral3(1024)) is None
+
     flat = _ministral3(16384)
-    torch.testing.assert_close(_query_length(flat, 4000), _query_length(flat, 7))
     shift = rope_shift(flat)
     assert shift is not None and shift.turns == {0: True} and shift.checked_to == 4096
     apb = build_method("apb", MethodConfig(name="apb", anchor_len=16, passing_len=4))

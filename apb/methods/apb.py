@@ -174,7 +174,18 @@ class APB(Anchored):
         if ctx.rope is None:  # check_model() refuses this before the forward
             raise RuntimeError("apb cannot move the query to its true positions with this model's rotary embedding; "
                                "set method.query_positions: anchor")
-        return ctx.rope.shift(q_rows, delta, ctx.layer)
+        return ctx.rope.shift(q_rows, delta, ctx.layer, ratio=self._query_ratio(ctx, kind, rows, delta, q.device))
+
+    @staticmethod
+    def _query_ratio(ctx, kind, rows: slice, delta: int, device) -> torch.Tensor | None:
+        """Per row of the copy, the model's query scale at its true position over that at its
+        anchor position (Ministral 3's temperature), once per prompt from the layout on the CPU
+        and moved to the device once; None where the model scales no query by position."""
+        key = ("query_ratio", kind)
+        if key not in ctx.scratch:
+            ratio = ctx.rope.ratio(ctx.mine.positions[rows], delta)
+            ctx.scratch[key] = None if ratio is None else ratio.to(device)
+        return ctx.scratch[key]
 
     @staticmethod
     def _query_rows_at(ctx, kind=None) -> tuple[slice, int]:

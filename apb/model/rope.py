@@ -67,6 +67,11 @@ class RopeShift:
     single: bool = False
     #: the longest prompt the check covered (:func:`_far_starts`): a longer one is refused
     checked_to: int = 0
+    #: positions (1-D, long) -> the factor the model multiplies a query at each by, where it
+    #: scales queries by position (Ministral 3, Mistral 4: 1 + beta log(1 + floor(p / L))); None
+    position_scale: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: layer index -> whether that layer's query carries ``position_scale`` (checked per layer)
+    scaled: dict[int, bool] = field(default_factory=dict)
 
     def _cos_sin(self, x: torch.Tensor, position: int, kind: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         typed = {} if kind is None else {"layer_type": kind}
@@ -76,11 +81,25 @@ class RopeShift:
         scale = float(getattr(self.rotary, name, 1.0) or 1.0)
         return cos / scale, sin / scale
 
-    def shift(self, x: torch.Tensor, delta: int, layer: int) -> torch.Tensor:
+    def shift(self, x: torch.Tensor, delta: int, layer: int, ratio: torch.Tensor | None = None) -> torch.Tensor:
         """Layer ``layer``'s query ``x`` (batch, heads, tokens, head_dim) at ``delta`` more positions:
-        rotated by ``delta`` with that layer's angles, or as it is in a layer without RoPE. Inside
-        a prefill (a length-dependent rotary is pinned to the prompt's length there)."""
-        return self.turn(x, delta, self.kinds.get(layer)) if self.turns[layer] else x
+        rotated by ``delta`` with that layer's angles, or as it is in a layer without RoPE; and,
+        in a layer that scales its query by position, multiplied per token by ``ratio``
+        (:meth:`ratio`, for the tokens' positions before the shift). Inside a prefill (a
+        length-dependent rotary is pinned to the prompt's length there)."""
+        out = self.turn(x, delta, self.kinds.get(layer)) if self.turns[layer] else x
+        if self.scaled.get(layer):
+            if ratio is None:
+                raise ValueError(f"layer {layer} scales its query by position: the shift needs the tokens' positions")
+            out = out * ratio.to(out.dtype)[:, None]
+        return out
+
+    def ratio(self, positions: torch.Tensor, delta: int) -> torch.Tensor | None:
+        """Per token, the model's query scale at ``positions + delta`` over that at ``positions``
+        (float32, on the positions' device); None where the model scales no query by position."""
+        if self.position_scale is None:
+            return None
+        return self.position_scale(positions + delta) / self.position_scale(positions)
 
     def turn(self, x: torch.Tensor, delta: int, kind: str | None = None) -> torch.Tensor:
         """``x`` rotated by ``delta`` more positions (with layer type ``kind``'s angles)."""
@@ -125,12 +144,14 @@ def rope_shift(model: torch.nn.Module) -> RopeShift | None:
     if cached is not False:
         return cached
     found = _find(model)
-    turns = None if found is None else _layer_turns(found, model)
-    if turns is None:
+    checked = None if found is None else _layer_turns(found, model)
+    if checked is None:
         model._apb_rope_shift = None
     else:
+        turns, scaled = checked
         far = _far_starts(_text_config(model), _DELTA)
-        model._apb_rope_shift = dataclasses.replace(found, turns=turns, checked_to=max([10 + _DELTA, *far]) + 3)
+        model._apb_rope_shift = dataclasses.replace(found, turns=turns, scaled=scaled,
+                                                    checked_to=max([10 + _DELTA, *far]) + 3)
     return model._apb_rope_shift
 
 
@@ -164,7 +185,20 @@ def _find(model: torch.nn.Module) -> RopeShift | None:
     except (TypeError, ValueError):
         return None
     return RopeShift(rotary, apply, getattr(model.config, "qk_rope_head_dim", None), kinds=kinds,
-                     single=names[1:2] == ["cos"])
+                     single=names[1:2] == ["cos"], position_scale=_position_scale(model, attn))
+
+
+def _position_scale(model: torch.nn.Module, attn: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The factor by which the model scales a query at each position, from its own modeling code
+    (``get_llama_4_attn_scale``, with the config's beta and L, as Ministral 3's and Mistral 4's
+    attention call it); None for a model that scales none. Which layers carry it is checked
+    against their queries (:func:`_layer_turns`)."""
+    scale = getattr(sys.modules.get(type(attn).__module__), "get_llama_4_attn_scale", None)
+    params = getattr(_text_config(model), "rope_parameters", None) or {}
+    beta, span = params.get("llama_4_scaling_beta"), params.get("original_max_position_embeddings")
+    if not callable(scale) or beta is None or not span:
+        return None
+    return lambda positions: scale(positions[None].float(), beta, span).reshape(-1).float()
 
 
 def _attention_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
@@ -214,7 +248,8 @@ def _far_starts(text_config, delta: int) -> list[int]:
 
 
 @torch.no_grad()
-def _layer_turns(shift: RopeShift, model: torch.nn.Module, delta: int = _DELTA) -> dict[int, bool] | None:
+def _layer_turns(shift: RopeShift, model: torch.nn.Module,
+                 delta: int = _DELTA) -> tuple[dict[int, bool], dict[int, bool]] | None:
     """{layer: whether its query turns with its position}, checked against each attention layer's
     own query. The whole model runs the same three tokens at positions ``p`` and ``p + delta``
     with attention that outputs nothing, so every layer's input is the same at both (its norms,
@@ -222,9 +257,11 @@ def _layer_turns(shift: RopeShift, model: torch.nn.Module, delta: int = _DELTA) 
     with the angles the model hands that layer. A layer turns when ``shift`` moves its query at
     ``p`` onto its query at ``p + delta``, and stays (a NoPE layer: SmolLM3's every fourth) when
     the two are equal. A rotation keeps each head's length, so the queries at starts up to the
-    model's longest prompt (:func:`_far_starts`) must keep their lengths too: a query scaled by its
-    position (Llama 4's and Ministral 3's temperature, 1 below 16K positions and above it after)
-    is refused, where one pair of positions below the step would have passed it.
+    model's longest prompt (:func:`_far_starts`) must keep their lengths too, or change them by
+    exactly the model's own scale for those positions (``shift.position_scale``: Ministral 3's
+    temperature, 1 below 16K positions and more above; the layer is then ``scaled``). A query
+    scaled by its position otherwise is refused, where one pair of positions below the step
+    would have passed it. Returns (turns, scaled).
 
     None when any layer's query moves otherwise, or is not seen: a model whose rotation ``shift``
     does not reproduce (a partial rotary applied to a head's first dims, a layer handed another
@@ -270,15 +307,27 @@ def _layer_turns(shift: RopeShift, model: torch.nn.Module, delta: int = _DELTA) 
                     turns[idx] = False
                 else:
                     return None
+            scaled: dict[int, bool] = {}
             for start in _far_starts(text, delta):
                 far = queries(start, start + 3)
+                near = torch.arange(7, 10, device=param.device)
+                ratio = shift.ratio(near, start - 7)
                 for idx, here in seen[0].items():
                     got = far.get(idx)
                     if got is None or got.shape != here.shape:
                         return None
-                    lengths = here.norm(dim=-1)
-                    if float((got.norm(dim=-1) - lengths).abs().max()) > tol * (float(lengths.max()) or 1.0):
+                    lengths, now = here.norm(dim=-1), got.norm(dim=-1)
+                    bound = tol * (float(now.abs().max()) or 1.0)
+                    kept = float((now - lengths).abs().max()) <= bound
+                    if ratio is None or torch.allclose(ratio, torch.ones_like(ratio)):
+                        if not kept:
+                            return None
+                        continue
+                    moved = float((now - lengths * ratio.to(lengths)).abs().max()) <= bound
+                    if not (kept or moved):  # scaled by position, but not as the model's scale says
                         return None
-            return turns
+                    if kept != moved and scaled.setdefault(idx, moved) != moved:
+                        return None
+            return turns, {idx: scaled.get(idx, False) for idx in turns}
     except Exception:  # a model or rotary that takes other arguments: do not guess
         return None

@@ -65,8 +65,11 @@ def check(path: Path) -> str:
                 here, there = queries(model, ids, start), queries(model, ids, start + DELTA)
             finally:
                 AttentionInterface.register(ATTN_IMPLEMENTATION, apb_attention_forward)
+            # a query scaled by its position (Ministral 3) is rescaled too, where apb knows the scale
+            ratio = shift.ratio(torch.arange(start, start + 3), DELTA) if hasattr(shift, "ratio") else None
             for layer, q in here.items():
-                turned = shift.shift(q, DELTA, layer).float()
+                turned = (shift.shift(q, DELTA, layer, ratio=ratio) if ratio is not None
+                          else shift.shift(q, DELTA, layer)).float()
                 rel = float((turned - there[layer]).abs().max()) / (float(there[layer].abs().max()) or 1.0)
                 worst = max(worst, rel)
         still = sum(not shift.turns[layer] for layer in here)
