@@ -15,7 +15,8 @@ own type's angles. Every model is checked once against its own queries: the whol
 same tokens at positions ``p`` and ``p + delta`` with attention that outputs nothing, so each
 layer's input is the same at both and only the rotation differs (:func:`_layer_turns`); and each
 head's length must stay the same at starts up to the model's longest prompt, which a rotation
-keeps and a position-dependent scale (Llama 4's and Ministral 3's query temperature) does not. A
+keeps, or change by exactly the model's own position scale (Ministral 3's and Mistral 4's query
+temperature), which the shift then applies too (:meth:`RopeShift.ratio`). A
 layer without RoPE (SmolLM3's every fourth, Cohere 2's global layers) keeps its query as it is; a
 model whose rotation the shift does not reproduce, or whose rotary cannot be found, gets ``None``
 from :func:`rope_shift`, and apb refuses to score at true positions rather than silently scoring
