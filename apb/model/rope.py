@@ -15,7 +15,7 @@ own type's angles. Every model is checked once against its own queries: the whol
 same tokens at positions ``p`` and ``p + delta`` with attention that outputs nothing, so each
 layer's input is the same at both and only the rotation differs (:func:`_layer_turns`); and each
 head's length must stay the same at starts up to the model's longest prompt, which a rotation
-keeps, or change by exactly the model's own position scale (Ministral 3's and Mistral 4's query
+keeps, or change by exactly the model's own position scale (Ministral 3's query
 temperature), which the shift then applies too (:meth:`RopeShift.ratio`). A
 layer without RoPE (SmolLM3's every fourth, Cohere 2's global layers) keeps its query as it is; a
 model whose rotation the shift does not reproduce, or whose rotary cannot be found, gets ``None``
@@ -69,7 +69,7 @@ class RopeShift:
     #: the longest prompt the check covered (:func:`_far_starts`): a longer one is refused
     checked_to: int = 0
     #: positions (1-D, long) -> the factor the model multiplies a query at each by, where it
-    #: scales queries by position (Ministral 3, Mistral 4: 1 + beta log(1 + floor(p / L))); None
+    #: scales queries by position (Ministral 3: 1 + beta log(1 + floor(p / L))); None
     position_scale: Callable[[torch.Tensor], torch.Tensor] | None = None
     #: layer index -> whether that layer's query carries ``position_scale`` (checked per layer)
     scaled: dict[int, bool] = field(default_factory=dict)
@@ -191,8 +191,8 @@ def _find(model: torch.nn.Module) -> RopeShift | None:
 
 def _position_scale(model: torch.nn.Module, attn: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The factor by which the model scales a query at each position, from its own modeling code
-    (``get_llama_4_attn_scale``, with the config's beta and L, as Ministral 3's and Mistral 4's
-    attention call it); None for a model that scales none. Which layers carry it is checked
+    (``get_llama_4_attn_scale``, with the config's beta and L, as Ministral 3's attention
+    calls it); None for a model that scales none. Which layers carry it is checked
     against their queries (:func:`_layer_turns`)."""
     scale = getattr(sys.modules.get(type(attn).__module__), "get_llama_4_attn_scale", None)
     params = getattr(_text_config(model), "rope_parameters", None) or {}
