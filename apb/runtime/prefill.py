@@ -94,7 +94,7 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
     # every host's rotary embedding sees the whole prompt's length (dynamic NTK, longrope)
     with prompt_length(model, n):
         logits, kv, positions, passing, chosen = _run(model, input_ids, method, comm, n, n_query, pad_id,
-                                                      diagnostics, routing)
+                                                      diagnostics, routing, rope)
     cache = KVCache.from_layers(positions, kv)
     measure.sync(device)
     seconds = time.perf_counter() - t0
@@ -105,7 +105,7 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
     return PrefillResult(logits, cache, seconds, passing, chosen)
 
 
-def _run(model, input_ids, method, comm, n, n_query, pad_id, diagnostics, record_routing=False):
+def _run(model, input_ids, method, comm, n, n_query, pad_id, diagnostics, record_routing=False, rope=None):
     """Context phase, then the query phase or the logits broadcast; (logits, kv, positions, passing,
     routing)."""
     choices = []
@@ -113,7 +113,7 @@ def _run(model, input_ids, method, comm, n, n_query, pad_id, diagnostics, record
     slices = method.layout(n, comm.size, n_query)
     mine = slices[comm.rank]
     ctx = AttnContext(method, slices, comm, plan=method.plan(n, comm.size, n_query, model.config.num_hidden_layers),
-                      n_query=n_query, rope=rope_shift(model) if method.moves_query() else None,
+                      n_query=n_query, rope=rope,
                       diagnostics=diagnostics)
     comm.stats.phase = Phase.CONTEXT
     logits = torch.empty(model.config.vocab_size, dtype=torch.float32, device=device)
