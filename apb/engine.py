@@ -231,8 +231,8 @@ class Engine:
                 self._drop_group()  # the next try, or the next document, starts a fresh group
                 failure = e
                 if e.refused:  # it would be refused again on any group: final, not retried
-                    return self.record(doc_id, prompt_tokens=int(ids.numel()), error=f"refused by a worker: {e}",
-                                       extra=extra)
+                    return self.record(doc_id, prompt_tokens=int(ids.numel()),
+                                       error=f"refused by a worker: {e.reason}", extra=extra)
         else:
             times = "once" if tries == 1 else f"{tries} times, each on a fresh worker group"
             return self.record(doc_id, prompt_tokens=int(ids.numel()), error=f"worker failure (tried {times}): "

@@ -176,6 +176,6 @@ def test_a_refusal_inside_a_worker_is_final_and_not_retried(repo, monkeypatch, c
     with Engine.from_config(repo / "configs/tiny-cpu.yaml", method="apb", max_new_tokens=3) as e:
         recs = list(e.process(docs))
     assert recs[1]["error_kind"] == "final" and recs[1]["error"].startswith("refused by a worker: ")
-    assert "layer 3 does something this runtime refuses" in recs[1]["error"]
+    assert recs[1]["error"] == "refused by a worker: layer 3 does something this runtime refuses; use another model"
     assert [recs[0]["answer"], recs[2]["answer"]] == [clean_answers[0], clean_answers[2]]
     assert len(started) == 2  # one group up to the refusal, a fresh one after it: no retry in between

@@ -102,8 +102,9 @@ class APB(Anchored):
     def check(self, model_config, world_size):
         super().check(model_config, world_size)
         if self.moves_query() and not shiftable(model_config):
-            raise ValueError(_UNMOVABLE.format(why=f"this model's config names rope type(s) {rope_types(model_config)}, "
-                                                   "which apb's shift does not know"))
+            named = rope_types(model_config)
+            raise ValueError(_UNMOVABLE.format(why=f"this model's config names rope type(s) {named}, which apb's "
+                                                   "shift does not know"))
 
     def check_model(self, model):
         super().check_model(model)
@@ -208,9 +209,9 @@ class APB(Anchored):
 
 
 _UNMOVABLE = ("the query compressor scores with the query moved to its true positions, which needs a rotary "
-              "embedding whose rotation apb can reproduce (fixed frequencies, or ones fixed per prompt); {why}. Set method.query_positions: anchor (score at the "
-              "anchor copy's positions) or use a compressor that does not score against the query (stride, "
-              "retaining_heads)")
+              "embedding whose rotation apb can reproduce (fixed frequencies, or ones fixed per prompt); {why}. "
+              "Set method.query_positions: anchor (score at the anchor copy's positions) or use a compressor that "
+              "does not score against the query (stride, retaining_heads)")
 
 
 def _share(host, p: int) -> int:

@@ -118,18 +118,12 @@ class RopeShift:
         return self.apply(x, cos, sin) if self.single else self.apply(x, x, cos, sin)[0]
 
 
-def _rope_types(params) -> list[str]:
-    """The rope types a config's rope parameters name: one, or one per layer type (Gemma 3)."""
-    params = params or {}
-    nested = [v for v in params.values() if isinstance(v, dict)]
-    sets = nested if nested else [params]
-    return [p.get("rope_type", p.get("type", "default")) for p in sets]
-
-
 def rope_types(model_config) -> list[str]:
-    """The rope types the config names (one per layer type where it has several)."""
+    """The rope types the config names: one, or one per layer type where it has several (Gemma 3)."""
     cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    return _rope_types(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None))
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    sets = [v for v in params.values() if isinstance(v, dict)] or [params]
+    return [p.get("rope_type", p.get("type", "default")) for p in sets]
 
 
 def shiftable(model_config) -> bool:
