@@ -9,6 +9,8 @@ model's original length. Layers that are not softmax attention, and attention ar
 bridge does not implement, are refused with the layer named.
 """
 
+import inspect
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -17,8 +19,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from apb.config import MethodConfig
 from apb.methods import build_method
+from apb.model.catalog import resolve_model
 from apb.model.features import check_supported
-from apb.model.hf_bridge import apb_attention_forward, prompt_length
+from apb.model.hf_bridge import apb_attention_forward, output_cache, prompt_length
 from apb.model.loading import load_model
 from apb.parallel.comm import CommStats
 from apb.parallel.groups.local import LocalWorkerGroup
@@ -472,7 +475,7 @@ def test_layers_whose_kv_shapes_differ_run_exactly(group, tmp_path):
     path = _gemma_text(tmp_path / "gemma4", "gemma4_text", num_hidden_layers=2, global_head_dim=32,
                        layer_types=["sliding_attention", "full_attention"])
     model, _, rows = run_methods(group, path, 301, EXACT)
-    assert [tuple(layer.keys.shape[1::2]) for layer in model(torch.zeros(1, 4, dtype=torch.long)).past_key_values
+    assert [tuple(layer.keys.shape[1::2]) for layer in output_cache(model(torch.zeros(1, 4, dtype=torch.long)))
             .layers] == [(2, 16), (2, 32)]
     assert_exact(rows, "gemma4")
     _, _, rows = run_methods(group, path, 301, ["ring", "apb:uncompressed"], decode_mode="distributed")
@@ -553,3 +556,30 @@ def test_a_model_whose_forward_fails_with_apbs_attention_is_refused_naming_why(t
     model.model.norm.forward = broken
     with pytest.raises(ValueError, match=r"'llama' fails a one-token forward with apb's attention \(AttributeError"):
         prefill(model, random_prompt(50, 256, 0), build_method("full", MethodConfig()), Comm(None))
+
+
+def test_the_cache_goes_in_and_comes_out_under_the_forwards_own_name():
+    """transformers 5.2x names the cache ``cache`` (``past_key_values`` warns, and goes in 5.40);
+    earlier releases only know ``past_key_values``: each forward gets the name its signature has."""
+    from transformers import DynamicCache
+
+    from apb.model.hf_bridge import with_cache
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=None):
+            return {"past_key_values": past_key_values}
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None, use_cache=None):
+            return {"cache": cache}
+
+    cache = DynamicCache()
+    for model in (Old(), New()):
+        assert output_cache(model(None, **with_cache(model, cache))) is cache
+    model = load_model(resolve_model("tiny-llama"), "float32")
+    assert set(with_cache(model, cache)) == ({"cache"} if "cache" in inspect.signature(model.forward).parameters
+                                             else {"past_key_values"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecation on the way in or out
+        out = model(torch.zeros(1, 3, dtype=torch.long), use_cache=True, **with_cache(model, DynamicCache()))
+        assert output_cache(out).layers[0].keys.shape[2] == 3

@@ -22,6 +22,7 @@ from transformers import AutoConfig
 from apb.model import catalog, gguf
 from apb.model.catalog import REAL_MODELS, FetchError, Part, RealModel, fetch_model, list_models
 from apb.model.gguf import MissingExtraError, convert_gguf, lossless_dtype
+from apb.model.hf_bridge import output_cache
 from apb.model.catalog import resolve_model
 from apb.model.loading import load_model
 from apb.model.text import encode_document, eos_ids, load_tokenizer
@@ -72,7 +73,7 @@ def reference(smol, prompt, eos):
                          max_new_tokens=N_TOKENS, eos_token_id=list(eos), pad_token_id=eos[0],
                          return_dict_in_generate=True, output_logits=True)
     n = ids.numel()
-    layers = out.past_key_values.layers
+    layers = output_cache(out).layers
     return Reference(logits=out.logits[0][0].float(), keys=torch.stack([c.keys[0, :, :n] for c in layers]),
                      values=torch.stack([c.values[0, :, :n] for c in layers]), tokens=out.sequences[0, n:].tolist())
 

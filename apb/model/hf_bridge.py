@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import inspect
 from typing import Iterator
 
 import torch
@@ -179,3 +181,20 @@ def _with_last_position(last: int):
 
 def _drop_last_position(_module, _args, _kwargs, output):
     return tuple(t[:, :-1] for t in output)
+
+
+@functools.cache
+def _cache_keyword(forward) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def with_cache(model: torch.nn.Module, cache) -> dict:
+    """The keyword argument that hands ``cache`` to ``model``'s forward: ``cache`` in transformers'
+    5.2x models, ``past_key_values`` before them (still accepted there with a warning; removed in 5.40)."""
+    return {_cache_keyword(type(model).forward): cache}
+
+
+def output_cache(out):
+    """The cache a forward or ``generate`` returned, under either name (see :func:`with_cache`)."""
+    found = out.get("cache")
+    return out.get("past_key_values") if found is None else found

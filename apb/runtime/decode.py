@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from apb.methods.cache_attention import CacheAttnContext
+from apb.model.hf_bridge import with_cache
 from apb.parallel.comm import Comm, Phase
 
 
@@ -100,7 +101,7 @@ def decode(model, hf_cache, first_logits: torch.Tensor, n_past: int, sampling: S
 
     def step(tok: int, pos: int) -> torch.Tensor:
         ids, position = _token_ids(tok, pos, device)
-        out = model(input_ids=ids, position_ids=position, past_key_values=hf_cache, use_cache=True)
+        out = model(input_ids=ids, position_ids=position, use_cache=True, **with_cache(model, hf_cache))
         return out.logits[0, -1]
 
     return decode_loop(step, first_logits, n_past, sampling, eos_ids, leads=leads)

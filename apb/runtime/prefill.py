@@ -32,7 +32,7 @@ from apb.methods.cache_attention import CacheAttnContext
 from apb.model import mla
 from apb.model import routing as routing_mod
 from apb.model.features import check_positions, check_supported, qkv_projections, qkv_sizes
-from apb.model.hf_bridge import prefilling, prompt_length
+from apb.model.hf_bridge import output_cache, prefilling, prompt_length
 from apb.model.rope import rope_shift
 from apb.parallel.comm import OUTSIDE, Comm, Phase
 from apb.parallel.layout import owner_of, pad_tokens
@@ -231,7 +231,7 @@ def cache_shapes(model) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
                          f"apb's attention ({type(e).__name__}: {e}): its modeling code depends on an attention "
                          "implementation of transformers' own, so apb cannot run this model") from e
     _check_every_layer(model, shapes.kv)
-    own = getattr(out, "past_key_values", None)
+    own = output_cache(out)
     for i, layer in enumerate(getattr(own, "layers", None) or ()):
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
         if i not in shapes.kv or not isinstance(keys, torch.Tensor) or keys.numel() == 0:

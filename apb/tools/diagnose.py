@@ -36,6 +36,7 @@ from apb.config import Config, ConfigError
 from apb.engine import encode_prompt
 from apb.methods import build_method
 from apb.model.catalog import resolve_model
+from apb.model.hf_bridge import with_cache
 from apb.model.loading import load_model
 from apb.model.text import eos_ids, load_tokenizer
 from apb.parallel.layout import ChunkKind, HostSlice
@@ -161,7 +162,7 @@ def query_attention(model, cache: KVCache, n_ctx: int, ids: torch.Tensor) -> tup
     context = KVCache(cache.positions[:n_ctx], cache.keys[:, :, :n_ctx], cache.values[:, :, :n_ctx], cache.shapes)
     positions = torch.arange(n_ctx, n_ctx + ids.numel())
     out = model(input_ids=ids[None], position_ids=positions[None],
-                past_key_values=to_hf_cache(context, model.config), use_cache=True, output_attentions=True)
+                use_cache=True, output_attentions=True, **with_cache(model, to_hf_cache(context, model.config)))
     if not out.attentions or out.attentions[0] is None:
         raise RuntimeError("the model returned no attention probabilities: load it with attn_implementation='eager'")
     return torch.stack([a[0].float() for a in out.attentions]), out.logits[0].float()

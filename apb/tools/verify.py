@@ -31,6 +31,7 @@ from apb.methods import build_method, check_method_name, method_names
 from apb.model import routing as routing_mod
 from apb.model.catalog import resolve_model
 from apb.model.features import check_supported, kv_sources
+from apb.model.hf_bridge import output_cache, with_cache
 from apb.model.loading import check_attention_interface, load_model
 from apb.parallel.comm import Phase
 from apb.runtime.cache import KVCache
@@ -222,8 +223,8 @@ def reference_run(model, input_ids: torch.Tensor, n_tokens: int) -> Reference:
     # a cache without the model's config keeps every position of every layer: transformers' own
     # would keep only a sliding layer's last window - 1, and the gathered cache holds them all
     with routing_mod.record(model) as routing:
-        out = model(input_ids[None], use_cache=True, past_key_values=DynamicCache())
-    cache = out.past_key_values
+        out = model(input_ids[None], use_cache=True, **with_cache(model, DynamicCache()))
+    cache = output_cache(out)
     whole = KVCache.from_layers(torch.arange(input_ids.numel()), reference_layers(model.config, cache))
     keys, values = whole.keys, whole.values
     # the workers decode past EOS (stop_at_eos=False); so must the reference, without min_new_tokens,
