@@ -181,3 +181,44 @@ def test_verify_on_worker_processes_reads_every_hosts_experts():
     for row in rows:
         assert row.passed, (row.method, row.reason)
         assert "186 at layer 0" in row.routing_flips.split("eager")[0], row.routing_flips
+
+
+def test_the_floor_is_the_wider_of_transformers_own_eager_and_sdpa():
+    """One 16-bit run's error is one sample of how rounding falls: the floor takes the larger of
+    eager's and sdpa's (transformers' default), measure by measure."""
+    from apb.tools.verify import half_models
+
+    path = resolve_model("tiny-llama")
+    ids = random_prompt(300, load_model(path, "float32").config.vocab_size, 5)
+    truth = reference_run(load_model(path, "float32", attn_implementation="eager"), ids, 2)
+    models = half_models(path, "bfloat16")
+    assert [m.config._attn_implementation for m in models] == ["eager", "sdpa"]
+    runs = [reference_run(m, ids, 2) for m in models]
+    one = [Floor.measure(truth, r) for r in runs]
+    both = Floor.measure(truth, runs)
+    assert both.layer_rel == max(f.layer_rel for f in one) and both.kl == max(f.kl for f in one)
+    assert one[0].layer_rel != one[1].layer_rel  # two kernels, two roundings
+    # each of transformers' own runs, judged as a method, is within the rule
+    for r in runs:
+        assert judge(truth, SimpleNamespace(last_logits=r.logits, cache=SimpleNamespace(keys=r.keys, values=r.values),
+                                            tokens=truth.tokens), True, "bfloat16", floor=both)["passed"]
+
+
+def test_a_token_either_run_sends_to_other_experts_is_left_out():
+    """With experts, the floor of two runs leaves out (and excuses) the tokens either run flipped,
+    and counts the near-ties of either."""
+    truth, half, _, _ = _gpt_oss_bf16(280)
+    n = truth.keys.shape[2]
+    layer = sorted(truth.routing.chosen)[0]
+    other = SimpleNamespace(**{**vars(half)})  # a second run: token 7 took other experts in the first router
+    chosen = {k: v.clone() for k, v in half.routing.chosen.items()}
+    experts = half.routing.scores[layer].shape[1]
+    chosen[layer][7] = ((chosen[layer][7] + 1) % experts).sort().values  # another set of experts
+    other.routing = routing.Routing(scores=half.routing.scores, chosen=chosen, groups=half.routing.groups)
+    first, second = Floor.measure(truth, half), Floor.measure(truth, other)
+    both = Floor.measure(truth, [half, other])
+    assert bool(second.flips[layer][7]) and not bool(first.flips.get(layer, torch.zeros(n, dtype=torch.bool))[7])
+    for k in set(first.flips) | set(second.flips):
+        want = first.flips.get(k, torch.zeros(n, dtype=torch.bool)) | second.flips.get(k, torch.zeros(n, dtype=torch.bool))
+        assert torch.equal(both.flips[k], want)
+    assert torch.equal(both.flipped, first.flipped | second.flipped) and bool(both.flipped[layer + 1:, 7].all())
