@@ -218,7 +218,7 @@ def test_a_token_either_run_sends_to_other_experts_is_left_out():
     first, second = Floor.measure(truth, half), Floor.measure(truth, other)
     both = Floor.measure(truth, [half, other])
     assert bool(second.flips[layer][7]) and not bool(first.flips.get(layer, torch.zeros(n, dtype=torch.bool))[7])
+    none = torch.zeros(n, dtype=torch.bool)
     for k in set(first.flips) | set(second.flips):
-        want = first.flips.get(k, torch.zeros(n, dtype=torch.bool)) | second.flips.get(k, torch.zeros(n, dtype=torch.bool))
-        assert torch.equal(both.flips[k], want)
+        assert torch.equal(both.flips[k], first.flips.get(k, none) | second.flips.get(k, none))
     assert torch.equal(both.flipped, first.flipped | second.flipped) and bool(both.flipped[layer + 1:, 7].all())

@@ -401,10 +401,11 @@ def judge(ref: Reference, result, exact: bool, dtype: str, gates: Gates = Gates(
         max_layer = max(rule.layer_factor * floor.layer_rel, rule.layer_min)
         max_kl = max(rule.kl_factor * floor.kl, rule.kl_min)
         if not layer_rel <= max_layer:
-            failures.append(f"K/V {layer_rel:.2e} from float32 > {max_layer:.2e} ({rule.layer_factor:g}x eager "
-                            f"{dtype}'s {floor.layer_rel:.2e})")
+            failures.append(f"K/V {layer_rel:.2e} from float32 > {max_layer:.2e} ({rule.layer_factor:g}x transformers' "
+                            f"own {dtype}'s {floor.layer_rel:.2e})")
         if judge_kl and not kl <= max_kl:
-            failures.append(f"KL {kl:.2e} > {max_kl:.2e} ({rule.kl_factor:g}x eager {dtype}'s {floor.kl:.2e})")
+            failures.append(f"KL {kl:.2e} > {max_kl:.2e} ({rule.kl_factor:g}x transformers' own {dtype}'s "
+                            f"{floor.kl:.2e})")
         if not judge_kl:
             flips = (flips + "; " if flips else "") + "the last token took other experts, so the KL is reported, not judged"
         if floor.flips is None and hint:  # experts whose routers were not read: no token left out

@@ -6,8 +6,12 @@
 # window one key too narrow (511). The first two replace the kernel call of full's global layers,
 # the windows that of the sliding layers' exact path (apb.methods.sliding); greedy tokens are not decoded (the
 # truth's are passed), so each verdict is the logits' and the K/V's.
+# With a second argument `bfloat16`, the same runs in bfloat16, judged by the 16-bit rule against
+# the floor of transformers' own eager and sdpa runs in bfloat16 (apb.tools.verify.Floor).
 # Run: .venv/bin/python docs/results/gemma3-s34/wrong_masks.py gemma3-270m 2>/dev/null \
 #        > docs/results/gemma3-s34/wrong_masks.txt
+#      .venv/bin/python docs/results/gemma3-s34/wrong_masks.py gemma3-270m bfloat16 2>/dev/null \
+#        > docs/results/gemma3-s34/wrong_masks-bf16.txt
 import importlib
 import sys
 from types import SimpleNamespace
@@ -18,7 +22,7 @@ from apb.model.catalog import resolve_model
 from apb.model.loading import load_model
 from apb.parallel.comm import Comm, CommStats
 from apb.runtime.prefill import prefill
-from apb.tools.verify import judge, random_prompt, reference_run
+from apb.tools.verify import HALF_RULE, Floor, half_models, judge, random_prompt, reference_run
 
 sys.path.insert(0, "tests")
 from test_verify_half import block_off, next_key  # noqa: E402  the tests' wrong masks
@@ -35,13 +39,20 @@ def window_by(delta):
 
 
 path = resolve_model(sys.argv[1])
+dtype = sys.argv[2] if len(sys.argv) > 2 else "float32"
 truth_model = load_model(path, "float32", attn_implementation="eager")
-model = load_model(path, "float32")
+model = load_model(path, dtype)
+halves = half_models(path, dtype) if dtype != "float32" else []
 for n in (700, 1500):
     ids = random_prompt(n, truth_model.config.vocab_size, n)
     truth = reference_run(truth_model, ids, 2)
+    floor = Floor.measure(truth, [reference_run(m, ids, 2) for m in halves]) if halves else None
     print(f"n={n}: max|logit| {truth.logits.abs().max():.1f}, max|K| per layer "
           + " ".join(f"{float(k.abs().max()):.0f}" for k in truth.keys))
+    if floor is not None:
+        print(f"  floor (eager, sdpa {dtype}): K/V rel {floor.layer_rel:.2e}, KL {floor.kl:.2e}; limits "
+              f"{max(HALF_RULE.layer_factor * floor.layer_rel, HALF_RULE.layer_min):.2e} and "
+              f"{max(HALF_RULE.kl_factor * floor.kl, HALF_RULE.kl_min):.2e}")
     for name, in_full, in_sliding in (("right", kernel, kernel), ("next key", next_key, kernel),
                                       ("rows 100-139 lose keys < 100", block_off, kernel),
                                       ("window 513", kernel, window_by(1)), ("window 511", kernel, window_by(-1))):
@@ -50,7 +61,7 @@ for n in (700, 1500):
         full_module.attention = sliding_module.attention = kernel
         # the greedy tokens are not decoded here: the truth's are passed, so the verdict is the logits' and K/V's
         r = judge(truth, SimpleNamespace(last_logits=res.last_logits, cache=res.cache, tokens=truth.tokens), True,
-                  "float32")
+                  dtype, floor=floor)
         print(f"  {name:30s} max|dlogit| {r['max_abs_logit_diff']:.2e} max|dKV| {r['kv_max_abs_diff']:.2e} "
-              f"K/V rel {r['kv_layer_rel_diff']:.2e} {'PASS' if r['passed'] else 'FAIL'} | "
+              f"K/V rel {r['kv_layer_rel_diff']:.2e} KL {r['kl_div']:.2e} {'PASS' if r['passed'] else 'FAIL'} | "
               + (r['reason'] or ''))
