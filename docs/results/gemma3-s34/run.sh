@@ -25,4 +25,4 @@ apb eval $E --methods full,star,apb,spava --lengths 4096 --json $OUT/passkey-409
 apb eval $E --methods apb --set method.query_positions=anchor --lengths 4096 --json $OUT/passkey-4096-w4-apb-anchor.json
 apb eval $E --methods full,star,apb,spava --lengths 8192 --json $OUT/passkey-8192-w4.json
 apb eval $E --methods apb --set method.query_positions=anchor --lengths 8192 --json $OUT/passkey-8192-w4-apb-anchor.json
-echo "done in $SECONDS s"
+date
