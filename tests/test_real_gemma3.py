@@ -7,30 +7,28 @@ parts joined into one Q4_K_M GGUF file, its sha256 checked, dequantized into thi
 query/key norms, and keys whose largest values reach about 100 (where float32 rounding between
 two correct kernels passes 1e-4).
 
-At 1,100 tokens over 4 hosts (275 each, so a sliding layer's window reaches two hosts back),
+At 900 tokens over 4 hosts (225 each, so a sliding layer's window reaches three hosts back),
 every exact method must be transformers' eager forward under ``apb verify``'s float32 rule
 (logits, every layer's K and V, greedy tokens), and apb's default (its query turned to the true
-positions of each layer type) must run. In bfloat16, ``full`` must be within the rule that holds
-it to transformers' own rounding.
+positions of each layer type) must run.
+
+(bfloat16 on this model, where a floor of eager's error alone failed transformers' own sdpa, is
+in ``docs/results/gemma3-s34/bf16_floor.txt``: which prompt shows it depends on how the CPU
+rounds, so the rule's test is ``tests/test_verify_half.py``'s, on any machine.)
 """
 
 import pytest
 import torch
 
-from types import SimpleNamespace
-
-from apb.config import MethodConfig, load_config
-from apb.methods import build_method
+from apb.config import load_config
 from apb.model.catalog import fetch_model
 from apb.model.loading import load_model
 from apb.model.text import load_tokenizer
-from apb.parallel.comm import Comm, CommStats
 from apb.parallel.groups.local import LocalWorkerGroup
-from apb.runtime.prefill import prefill
-from apb.tools.verify import Floor, half_models, judge, random_prompt, reference_run, verify
+from apb.tools.verify import verify
 
-EXACT = ["full", "ring", "ulysses", "apb:uncompressed", "spava:uncompressed"]
-APPROX = ["apb", "spava", "star"]
+EXACT = ["full", "ring", "ulysses", "apb:uncompressed"]
+APPROX = ["apb", "spava"]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +52,7 @@ def test_the_fetched_checkpoint_is_a_working_gemma3(gemma):
 def test_every_method_on_a_real_gemma3_over_4_hosts(gemma, repo):
     cfg = load_config(repo / "configs" / "tiny-cpu.yaml")
     with LocalWorkerGroup(4, worker_kwargs={"device": "cpu", "timeout_s": 300}, timeout_s=600) as group:
-        rows = verify(cfg, group, EXACT + APPROX, [1100], models=[str(gemma)], n_tokens=4, query_len=24)
+        rows = verify(cfg, group, EXACT + APPROX, [900], models=[str(gemma)], n_tokens=4, query_len=24)
     assert [r.method for r in rows] == EXACT + APPROX
     for r in rows:
         assert r.error is None, f"{r.method}: {r.error}"
@@ -63,18 +61,3 @@ def test_every_method_on_a_real_gemma3_over_4_hosts(gemma, repo):
         else:  # approximated: reported, not judged; it ran to finite logits on every layer type
             assert r.finite_logits and r.kl_div < 1.0, (r.method, r.kl_div)
 
-
-@torch.no_grad()
-def test_full_in_bfloat16_is_within_transformers_own_rounding(gemma):
-    """On this prompt (found on an AMD EPYC with AVX512-BF16) eager bfloat16's last-token KL from
-    float32 was 2.6e-3, sdpa's 3.8e-2 and apb's 5.1e-2: a floor of eager alone failed apb, and
-    transformers' default attention with it. The floor is the wider of the two."""
-    truth_model = load_model(gemma, "float32", "cpu", attn_implementation="eager")
-    ids = random_prompt(1500, truth_model.config.vocab_size, 1)
-    truth = reference_run(truth_model, ids, 1)
-    floor = Floor.measure(truth, [reference_run(m, ids, 1) for m in half_models(gemma, "bfloat16")])
-    res = prefill(load_model(gemma, "bfloat16"), ids, build_method("full", MethodConfig()), Comm(None, CommStats()),
-                  n_query=1)
-    row = judge(truth, SimpleNamespace(last_logits=res.last_logits, cache=res.cache, tokens=truth.tokens), True,
-                "bfloat16", floor=floor)
-    assert row["passed"], row["reason"]
