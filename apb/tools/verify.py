@@ -155,10 +155,11 @@ class Floor:
             return cls(max(f.layer_rel for f in floors), max(kls, default=math.nan))
         # with experts: a token any run flipped is left out of every run's K/V measure
         flipped = torch.stack([f.flipped for f in floors]).any(0)
-        n = truth.keys.shape[2]
-        unite = lambda maps: {k: torch.stack([m.get(k, torch.zeros(n, dtype=torch.bool)) for m in maps]).any(0)
-                              for k in set().union(*maps)}  # noqa: E731
-        kls = [kl_divergence(truth.logits, h.logits) for h, f in zip(half, floors) if math.isfinite(f.kl)]
+        none = torch.zeros(truth.keys.shape[2], dtype=torch.bool)
+
+        def unite(maps: list[dict]) -> dict:
+            return {k: torch.stack([m.get(k, none) for m in maps]).any(0) for k in set().union(*maps)}
+
         return cls(max(layer_rel_diff(truth, h.keys, h.values, ~flipped) for h in half), max(kls, default=math.nan),
                    unite([f.flips for f in floors]), flipped, unite([f.ties for f in floors]))
 
