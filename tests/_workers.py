@@ -83,10 +83,30 @@ class CommWorker:
                 + pos[None, None, :]).float()
         keys, values = code[..., None].expand(2, 3, 4, 5), -code[..., None].expand(2, 3, 4, 2)
         try:
-            got = gather_cache(KVCache(pos, keys.contiguous(), values.contiguous()), self.comm, dst=0)
+            got = gather_cache(KVCache(pos, tuple(zip(keys.contiguous(), values.contiguous()))), self.comm, dst=0)
         except RuntimeError as e:
             return str(e)
         return None if got is None else (got.positions.tolist(), got.keys.contiguous(), got.values.contiguous())
+
+    def gather_trimmed(self, keep):
+        """A 3-layer cache of different shapes (3 heads of 5 / values 2, 2 heads of 4 / 4, 1 head of
+        6 / 3), entries encoding (layer, head, position, width index), each rank holding two runs
+        of positions (zigzag-like) in reverse order; gathered with ``keep``. Returns what rank 0
+        got, each layer's (k, v), and the bytes this rank's gather sent."""
+        from apb.runtime.cache import KVCache, gather_cache
+
+        r, w = self.comm.rank, self.comm.size
+        pos = torch.tensor([4 * w - 2 * r - 2, 4 * w - 2 * r - 1, 2 * r, 2 * r + 1])
+        kv = []
+        for layer, (h, dk, dv) in enumerate(((3, 5, 2), (2, 4, 4), (1, 6, 3))):
+            def code(width, sign):
+                return sign * (layer * 100000 + torch.arange(h)[:, None, None] * 10000
+                               + pos[None, :, None] * 10 + torch.arange(width)[None, None, :]).float()
+            kv.append((code(dk, 1), code(dv, -1)))
+        stats = CommStats()
+        got = gather_cache(KVCache(pos, tuple(kv)), Comm(self.state.sp_group, stats), dst=0, keep=keep)
+        sent = sum(rec.bytes for _, rec in stats._select("gather", None, None))
+        return None if got is None else (got.positions.tolist(), [got.layer(i) for i in range(3)]), sent
 
     def ring_wait_without_commit(self):
         """send_recv then wait, skipping commit (must raise); then the step, committed, still runs."""

@@ -314,7 +314,7 @@ def test_an_exact_row_whose_cache_differs_says_where():
     got_v[2, 1, 7, 3] += 5e-4  # the largest difference
     got_k = keys.clone()
     got_k[0, 0, 2, 0] += 2e-4
-    row = judge(ref, Reply(torch.zeros(5), [1], KVCache(torch.arange(10), got_k, got_v)), True, "float32")
+    row = judge(ref, Reply(torch.zeros(5), [1], KVCache(torch.arange(10), tuple(zip(got_k, got_v)))), True, "float32")
     assert not row["passed"]
     size = values[2].abs().max().item()
     assert row["reason"].startswith(f"max|dKV| 5.00e-04 > {1e-4 + 3e-5 * size:.2e} (0.0001 + 3e-05 x max|V| "
@@ -339,7 +339,8 @@ def test_the_float32_limit_grows_with_each_layers_values():
         got[layer, 0, 5, 1] += k_delta
         logits = ref.logits.clone()
         logits[2] += logit_delta
-        return judge(ref, Reply(logits, [1], KVCache(torch.arange(10), got, values.clone())), True, "float32")
+        cache = KVCache(torch.arange(10), tuple(zip(got, values.clone())))
+        return judge(ref, Reply(logits, [1], cache), True, "float32")
 
     assert row(2.5e-3, 1)["passed"]  # rounding of values near 100
     assert not row(3.5e-3, 1)["passed"]

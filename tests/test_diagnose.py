@@ -95,7 +95,8 @@ def test_attention_mass_matches_a_naive_softmax():
     n_ctx = n - n_query
     ids = random_prompt(n, model.config.vocab_size, seed=3)
     ref = reference_run(model, ids, 1)
-    probs, logits = dg.query_attention(model, KVCache(torch.arange(n), ref.keys, ref.values), n_ctx, ids[n_ctx:])
+    cache = KVCache(torch.arange(n), tuple(zip(ref.keys, ref.values)))
+    probs, logits = dg.query_attention(model, cache, n_ctx, ids[n_ctx:])
     torch.testing.assert_close(logits[-1], ref.logits, atol=1e-4, rtol=1e-4)  # the replay is the model's own forward
     with torch.no_grad():  # every row, not only the last: the rows after the query replay answer tokens
         whole = model(input_ids=ids[None]).logits[0, n_ctx:].float()

@@ -470,8 +470,8 @@ def _gemma_text(path, model_type, **extra):
 
 def test_layers_whose_kv_shapes_differ_run_exactly(group, tmp_path):
     """Gemma 4: its global layers have heads twice as wide (32) as its sliding ones (16). The cache
-    holds each layer in its own shape (zero-padded to the widest, cut back wherever a layer is
-    read), every exact method equals eager over a prompt longer than the window, in both decode modes."""
+    holds each layer in its own shape, and every exact method equals eager over a prompt longer
+    than the window, in both decode modes."""
     path = _gemma_text(tmp_path / "gemma4", "gemma4_text", num_hidden_layers=2, global_head_dim=32,
                        layer_types=["sliding_attention", "full_attention"])
     model, _, rows = run_methods(group, path, 301, EXACT)
@@ -496,10 +496,53 @@ def test_layers_that_reuse_earlier_layers_kv_run_exactly(group, tmp_path):
     assert_exact(rows, "gemma3n (distributed decode)")
 
 
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma4_text", "gemma3n_text"])
+def test_a_cache_trimmed_for_decoding_is_what_transformers_own_prefill_keeps(tmp_path, family):
+    """After a gather, the decode host receives of each layer only what transformers' own cache
+    keeps (``decode_keeps``): a sliding layer's last ``window - 1`` positions, nothing for a layer
+    that reuses another's K/V. The cache built from those tails holds what transformers' own
+    prefill leaves in its cache, layer by layer (K/V and length), and the next token's logits over
+    both are the same."""
+    from transformers import DynamicCache
+
+    from apb.model.hf_bridge import with_cache
+    from apb.runtime.cache import KVCache, decode_keeps, to_hf_cache
+    from apb.tools.verify import reference_layers
+
+    kinds = ["sliding_attention", "full_attention"]
+    extra = {"gemma3_text": dict(num_hidden_layers=2, layer_types=kinds, query_pre_attn_scalar=16),
+             "gemma4_text": dict(num_hidden_layers=2, global_head_dim=32, layer_types=kinds),
+             "gemma3n_text": dict(num_hidden_layers=4, num_kv_shared_layers=2, layer_types=kinds * 2,
+                                  intermediate_size=[64] * 4, activation_sparsity_pattern=[0.0] * 4)}[family]
+    model = load_model(_gemma_text(tmp_path / family, family, **extra), attn_implementation="eager")
+    n, window = 130, 48
+    ids = random_prompt(n, 256, 1)[None]
+    with torch.no_grad():
+        own = output_cache(model(ids, use_cache=True, **with_cache(model, DynamicCache(config=model.config))))
+        whole = output_cache(model(ids, use_cache=True, **with_cache(model, DynamicCache())))
+    keep = decode_keeps(model.config, n)
+    # sliding layers keep window - 1, global ones all; Gemma 3n's last two keep nothing of their own
+    assert keep == [n - window + 1, 0] + ([n, n] if family == "gemma3n_text" else [])
+    trimmed = KVCache.from_layers(torch.arange(n), reference_layers(model.config, whole)).tails(keep)
+    assert [trimmed.layer(i)[0].shape[1] for i in range(len(keep))] == [n - k for k in keep]
+    ours = to_hf_cache(trimmed, model.config)
+    for i, (a, b) in enumerate(zip(ours.layers, own.layers, strict=True)):
+        assert type(a) is type(b), i
+        if getattr(b, "keys", None) is None:  # a layer that keeps no K/V of its own
+            continue
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values), i
+        assert a.get_seq_length() == b.get_seq_length() == n, i
+    step = dict(input_ids=torch.tensor([[5]]), position_ids=torch.tensor([[n]]), use_cache=True)
+    with torch.no_grad():
+        got = model(**step, **with_cache(model, ours)).logits
+        want = model(**step, **with_cache(model, own)).logits
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
 def test_a_cache_of_layers_in_different_shapes_gives_each_layer_back_as_it_was():
-    """Two layers of (2 heads x 16) and (4 heads x 32, values of 24): stacked zero-padded to the
-    widest, each layer comes back in its own shape and values, after a sort by position too; one
-    shape for all layers stacks as before (no ``shapes``)."""
+    """Two layers of (2 heads x 16) and (4 heads x 32, values of 24): each layer comes back in its
+    own shape and values (the same tensors, not copies), after a sort by position too; stacked for
+    comparing whole caches, zero-padded to the widest; one shape for all layers has no ``shapes``."""
     from apb.runtime.cache import KVCache
 
     torch.manual_seed(0)
@@ -507,8 +550,10 @@ def test_a_cache_of_layers_in_different_shapes_gives_each_layer_back_as_it_was()
           1: (torch.randn(1, 4, 5, 32), torch.randn(1, 4, 5, 24))}
     cache = KVCache.from_layers(torch.tensor([3, 0, 4, 1, 2]), kv)
     assert cache.shapes == ((2, 16, 16), (4, 32, 24)) and cache.keys.shape == (2, 4, 5, 32)
+    assert cache.keys[0, 2:].abs().sum() == 0 and torch.equal(cache.keys[0, :2, :, :16], kv[0][0][0])
     for i in (0, 1):
         assert torch.equal(cache.layer(i)[0], kv[i][0][0]) and torch.equal(cache.layer(i)[1], kv[i][1][0])
+        assert cache.layer(i)[0].data_ptr() == kv[i][0].data_ptr()
     order = torch.tensor([1, 3, 4, 0, 2])
     ordered = cache.sorted()
     assert ordered.positions.tolist() == [0, 1, 2, 3, 4]

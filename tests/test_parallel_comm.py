@@ -103,6 +103,32 @@ def test_gathered_cache_with_a_repeated_position_is_an_error_not_a_hang(group3):
     assert group3.call("gather_caches", False)[0][0] == list(range(12))
 
 
+@pytest.mark.parametrize("keep", [None, [0, 7, 12]])
+def test_a_gathered_cache_keeps_each_layer_in_its_own_shape_and_only_the_positions_asked(group3, keep):
+    """Layers of three shapes travel unpadded: each comes back in its own shape with every entry
+    its sender wrote, in position order; with ``keep`` (a sliding layer's window, a layer that
+    keeps nothing) a layer holds only its positions from ``keep[layer]`` on, and the bytes sent
+    are exactly those entries, nothing for the positions left out."""
+    got = group3.call("gather_trimmed", keep)
+    assert got[1][0] is None and got[2][0] is None
+    (positions, layers), n = got[0][0], 12
+    assert positions == list(range(n))
+    first = keep or [0, 0, 0]
+    for layer, (h, dk, dv) in enumerate(((3, 5, 2), (2, 4, 4), (1, 6, 3))):
+        p = torch.arange(first[layer], n)
+        k, v = layers[layer]
+        for t, width, sign in ((k, dk, 1), (v, dv, -1)):
+            want = sign * (layer * 100000 + torch.arange(h)[:, None, None] * 10000 + p[None, :, None] * 10
+                           + torch.arange(width)[None, None, :]).float()
+            assert torch.equal(t, want), (layer, sign)
+    # rank 0's own part is copied, not sent: ranks 1 and 2 send their 4 positions (int64), then
+    # the K/V of the positions they hold from each layer's first on, (2, 3, 8, 9) and (4, 5, 6, 7)
+    assert got[0][1] == 0
+    for rank, mine in ((1, (2, 3, 8, 9)), (2, (4, 5, 6, 7))):
+        assert got[rank][1] == 4 * 8 + sum(sum(1 for q in mine if q >= first[i]) * h * (dk + dv) * 4
+                                   for i, (h, dk, dv) in enumerate(((3, 5, 2), (2, 4, 4), (1, 6, 3))))
+
+
 def test_ring_wait_without_commit_raises(group3):
     for rank, (error, received) in enumerate(group3.call("ring_wait_without_commit")):
         assert "without a committed step" in error

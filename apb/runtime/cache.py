@@ -1,12 +1,17 @@
 """KV caches: this host's part, the gather to the decode host, and conversion to a HF cache.
 
-A :class:`KVCache` stores all layers stacked, ``keys``/``values`` of shape
-(layers, kv_heads, tokens, head_dim), with each token's global position (a multi-head latent
-attention model stores what transformers caches for it instead: its latent and rotated-key
-parts, one "head" each, of different sizes; see :mod:`apb.model.mla`). Gathering sends every
-host's part to the decode host in one variable-length gather, orders tokens by position and
-checks that every position 0..n-1 appears exactly once; the decode host receives every part
-straight into its place in one preallocated buffer.
+A :class:`KVCache` holds each layer's K and V in that layer's own shape, (kv_heads, tokens,
+width), with each token's global position (a multi-head latent attention model stores what
+transformers caches for it instead: its latent and rotated-key parts, one "head" each, of
+different sizes; see :mod:`apb.model.mla`). Layers may differ in heads and widths (Gemma 4's
+global layers are twice as wide as its sliding ones) and nothing is padded.
+
+Gathering sends every host's part to the decode host, checks that every position 0..n-1 appears
+exactly once, and receives every part straight into its place in one preallocated buffer per
+group of layers. For decoding, a layer receives only the positions transformers' own cache
+keeps after a prefill (:func:`decode_keeps`): a sliding layer's last ``window - 1``, and nothing
+for a layer that reuses an earlier one's K/V; such a layer holds the last ``tokens`` of the
+positions.
 """
 
 from __future__ import annotations
@@ -27,48 +32,112 @@ from apb.parallel.comm import Comm
 @dataclass
 class KVCache:
     positions: torch.Tensor  # (tokens,) long
-    keys: torch.Tensor  # (layers, kv_heads, tokens, head_dim)
-    values: torch.Tensor
-    #: per layer (kv_heads, key width, value width) where the layers differ (Gemma 4's global
-    #: layers have wider heads): ``keys``/``values`` are then zero-padded to the largest, and
-    #: :meth:`layer` cuts each layer back to its own; None where every layer has one shape
-    shapes: tuple[tuple[int, int, int], ...] | None = None
+    #: per layer (k, v), each (kv_heads, tokens held, width); a layer holding fewer tokens than
+    #: ``positions`` holds the last ones (a gathered cache trimmed for decoding, in position order)
+    kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``i``'s (k, v) in its own shape: (kv_heads, tokens, width), views."""
-        if self.shapes is None:
-            return self.keys[i], self.values[i]
-        heads, dk, dv = self.shapes[i]
-        return self.keys[i, :heads, :, :dk], self.values[i, :heads, :, :dv]
+        """Layer ``i``'s (k, v): (kv_heads, tokens held, width)."""
+        return self.kv[i]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.kv)
 
     @property
     def n_tokens(self) -> int:
         return int(self.positions.numel())
 
+    @property
+    def shapes(self) -> tuple[tuple[int, int, int], ...] | None:
+        """Per layer (kv_heads, key width, value width) where the layers differ, else None."""
+        shapes = tuple((k.shape[0], k.shape[-1], v.shape[-1]) for k, v in self.kv)
+        return shapes if len(set(shapes)) > 1 else None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv)
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """Every layer's keys stacked, (layers, kv_heads, tokens, width), zero-padded to the
+        largest layer: a copy, for comparing whole caches (``apb verify``, tests)."""
+        return self._stacked(0)
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._stacked(1)
+
+    def _stacked(self, j: int) -> torch.Tensor:
+        parts = [kv[j] for kv in self.kv]
+        n = self.n_tokens
+        short = [i for i, t in enumerate(parts) if t.shape[1] != n]
+        if short:
+            raise ValueError(f"layers {short} hold only their last positions (a cache gathered for decoding): "
+                             "gather it with keep=None to compare whole layers")
+        heads, width = max(t.shape[0] for t in parts), max(t.shape[-1] for t in parts)
+        if all(t.shape[0] == heads and t.shape[-1] == width for t in parts):
+            return torch.stack(parts)
+        out = parts[0].new_zeros(len(parts), heads, n, width)
+        for i, t in enumerate(parts):
+            out[i, :t.shape[0], :, :t.shape[-1]] = t
+        return out
+
     @classmethod
     def from_layers(cls, positions: torch.Tensor, kv: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> "KVCache":
-        """From per-layer (k, v) of shape (1, kv_heads, tokens, head_dim)."""
+        """From per-layer (k, v) of shape (1, kv_heads, tokens, width): views, no copies (a layer
+        that reuses an earlier one's K/V shares its tensors)."""
         layers = sorted(kv)
         if layers != list(range(len(layers))):
             missing = sorted(set(range(max(layers, default=-1) + 1)) - set(layers))
             raise ValueError(f"cache is missing layers {missing or [len(layers)]} (got {layers}): those layers never "
                              "called the attention, so they are not softmax attention; "
                              "apb.model.features.check_supported should have refused this model")
-        ks, vs = [kv[i][0][0] for i in layers], [kv[i][1][0] for i in layers]
-        shapes = tuple((k.shape[0], k.shape[-1], v.shape[-1]) for k, v in zip(ks, vs))
-        if len(set(shapes)) <= 1:
-            return cls(positions.to(torch.long), torch.stack(ks), torch.stack(vs))
-        n = ks[0].shape[1]
-        heads, dk, dv = (max(s[j] for s in shapes) for j in range(3))
-        keys, values = ks[0].new_zeros(len(ks), heads, n, dk), vs[0].new_zeros(len(vs), heads, n, dv)
-        for i, (k, v) in enumerate(zip(ks, vs)):
-            keys[i, :k.shape[0], :, :k.shape[-1]] = k
-            values[i, :v.shape[0], :, :v.shape[-1]] = v
-        return cls(positions.to(torch.long), keys, values, shapes)
+        return cls(positions.to(torch.long), tuple((kv[i][0][0], kv[i][1][0]) for i in layers))
 
     def sorted(self) -> "KVCache":
         order = torch.argsort(self.positions)
-        return KVCache(self.positions[order], self.keys[:, :, order], self.values[:, :, order], self.shapes)
+        return KVCache(self.positions[order], tuple((k[:, order], v[:, order]) for k, v in self.kv))
+
+    def head(self, n: int) -> "KVCache":
+        """Positions ``0..n-1`` of a whole cache in position order (views)."""
+        return KVCache(self.positions[:n], tuple((k[:, :n], v[:, :n]) for k, v in self.kv))
+
+    def tails(self, keep: list[int]) -> "KVCache":
+        """Each layer's positions from ``keep[layer]`` on (:func:`decode_keeps`; a layer ``keep``
+        does not name keeps all), as views, of a cache in position order."""
+        n = self.n_tokens
+        kv = []
+        for i, (k, v) in enumerate(self.kv):
+            held = n - min(n, int(keep[i])) if i < len(keep) else n
+            if held > k.shape[1]:
+                raise ValueError(f"layer {i} holds its last {k.shape[1]} positions, {held} asked")
+            kv.append((k[:, k.shape[1] - held:], v[:, v.shape[1] - held:]))
+        return KVCache(self.positions, tuple(kv))
+
+    def to(self, device) -> "KVCache":
+        return KVCache(self.positions.to(device), tuple((k.to(device), v.to(device)) for k, v in self.kv))
+
+
+def decode_keeps(model_config, n: int) -> list[int]:
+    """Per layer, the first position transformers' own cache (``DynamicCache`` built from the
+    config, as :func:`to_hf_cache` builds it) keeps after a prefill of ``n`` tokens: 0 for a
+    global layer, ``n - (window - 1)`` for a sliding one, ``n`` (nothing) for a layer that keeps no
+    K/V of its own. Each layer is asked by a prefill of ``n`` one-float tokens, so what is kept is
+    transformers' own rule, whatever its version; a layer that refuses it keeps everything."""
+    keeps = []
+    probe = torch.zeros(1, 1, n, 1)
+    for layer in DynamicCache(config=model_config).layers:
+        if isinstance(layer, _DUMMY):
+            keeps.append(n)
+            continue
+        try:
+            layer.update(probe, probe)
+            held = int(layer.keys.shape[-2])
+        except Exception:  # noqa: BLE001 - a layer kind this probe cannot fill: keep every position
+            held = n
+        keeps.append(n - min(n, held))
+    return keeps
 
 
 def position_runs(positions: torch.Tensor) -> list[tuple[int, int]]:
@@ -82,55 +151,125 @@ def position_runs(positions: torch.Tensor) -> list[tuple[int, int]]:
     return runs
 
 
-def gather_cache(local: KVCache, comm: Comm, dst: int = 0) -> KVCache | None:
+def _segments(positions: torch.Tensor, first: int) -> list[tuple[int, int, int]]:
+    """``(lo, hi, position of lo)`` of each run of consecutive positions, cut to positions ``>= first``."""
+    out = []
+    p = positions.tolist()
+    for lo, hi in position_runs(positions):
+        lo += max(0, min(first - p[lo], hi - lo))
+        if lo < hi:
+            out.append((lo, hi, p[lo]))
+    return out
+
+
+def _groups(n_layers: int, keep: list[int] | None) -> dict[int, list[int]]:
+    """Layers by the first position they keep (a layer ``keep`` does not name keeps all), in
+    ascending order of it."""
+    groups: dict[int, list[int]] = {}
+    for i in range(n_layers):
+        groups.setdefault(int(keep[i]) if keep is not None and i < len(keep) else 0, []).append(i)
+    return dict(sorted(groups.items()))
+
+
+def _widths(kv, layers: list[int]) -> list[tuple[int, int, int, int]]:
+    """Per layer of a group (heads, key width, value width, offset in the group's token row)."""
+    out, off = [], 0
+    for i in layers:
+        k, v = kv[i]
+        out.append((k.shape[0], k.shape[-1], v.shape[-1], off))
+        off += k.shape[0] * (k.shape[-1] + v.shape[-1])
+    return out
+
+
+def gather_cache(local: KVCache, comm: Comm, dst: int = 0, keep: list[int] | None = None) -> KVCache | None:
     """Send every host's cache to ``dst``; returns the whole cache, in position order, on ``dst``.
 
-    The positions travel first, so ``dst`` can check that every position 0..n-1 comes exactly once
-    and allocate the whole cache once, token-major; then each run of consecutive positions of a
-    host is one message, received straight into its place. The returned keys and values are views
-    of that one buffer: no concatenation or sort copies on the decode host.
+    ``keep``: per layer the first position to send (:func:`decode_keeps`), None for all. The
+    positions travel first, so ``dst`` can check that every position 0..n-1 comes exactly once and
+    allocate once: one token-major buffer per group of layers that keep the same positions, each
+    token's K and V of those layers side by side in its row. Each run of consecutive positions a
+    host holds is then one message per group, received straight into its place; the returned
+    layers are views of those buffers, in each layer's own shape.
     """
-    pos = comm.gather_varlen(local.positions.to(local.keys.device), dst=dst, dim=0)
-    layers, heads, t, dk = local.keys.shape
-    dv = local.values.shape[-1]
-    # keys and values side by side in the last dim (their sizes may differ: an MLA layer's latent
-    # pair); token-major, so a run of positions is one contiguous slice
-    packed = local.keys.new_empty(t, layers, heads, dk + dv)
-    packed[..., :dk] = local.keys.permute(2, 0, 1, 3)
-    packed[..., dk:] = local.values.permute(2, 0, 1, 3)
-    mine = position_runs(local.positions)
-    if pos is None:  # not the decode host: send each run
-        comm.p2p([(dst, packed[lo:hi]) for lo, hi in mine], [], op="gather")
+    device = local.kv[0][0].device if local.kv else local.positions.device
+    pos = comm.gather_varlen(local.positions.to(device), dst=dst, dim=0)
+    groups = _groups(local.n_layers, keep)
+    sample = local.kv[0][0] if local.kv else torch.zeros(0)
+    sends, packs = [], {}
+    for first, layers in groups.items():
+        widths = _widths(local.kv, layers)
+        row = sum(h * (dk + dv) for h, dk, dv, _ in widths)
+        segs = _segments(local.positions, first)
+        rows = sum(hi - lo for lo, hi, _ in segs)
+        if not rows or not row:
+            continue
+        # token-major, so a run of positions is one contiguous slice
+        packed = sample.new_empty(rows, row)
+        idx = None if rows == local.n_tokens else torch.cat([torch.arange(lo, hi) for lo, hi, _ in segs]).to(device)
+        for i, (h, dk, dv, off) in zip(layers, widths):
+            k, v = local.kv[i]
+            if idx is not None:
+                k, v = k[:, idx], v[:, idx]
+            packed[:, off:off + h * dk].unflatten(1, (h, dk)).copy_(k.transpose(0, 1))
+            packed[:, off + h * dk:off + h * (dk + dv)].unflatten(1, (h, dv)).copy_(v.transpose(0, 1))
+        packs[first] = packed
+        at = 0
+        for lo, hi, _ in segs:
+            sends.append((packed[at:at + hi - lo], lo, hi, first))
+            at += hi - lo
+    if pos is None:  # not the decode host: send each run of each group
+        comm.p2p([(dst, t) for t, *_ in sends], [], op="gather")
         return None
     cpu = [p.cpu() for p in pos]
     n = sum(int(p.numel()) for p in cpu)
     every = torch.sort(torch.cat(cpu)).values if n else torch.zeros(0, dtype=torch.long)
+    layout = {first: _widths(local.kv, layers) for first, layers in groups.items()}
+    rows_of = {first: sum(h * (dk + dv) for h, dk, dv, _ in w) for first, w in layout.items()}
     if not torch.equal(every, torch.arange(n)):
-        comm.p2p([], [(r, packed.new_empty(hi - lo, layers, heads, dk + dv)) for r, p in enumerate(cpu)
-                      if r != comm.rank for lo, hi in position_runs(p)], op="gather")  # drain the sends
+        comm.p2p([], [(r, sample.new_empty(hi - lo, rows_of[first])) for first in groups if rows_of[first]
+                      for r, p in enumerate(cpu) if r != comm.rank
+                      for lo, hi, _ in _segments(p, first)], op="gather")  # drain the sends
         raise RuntimeError("gathered cache does not hold each position 0..n-1 exactly once: "
                            f"first positions {every[:8].tolist()}, total {n}")
-    whole = packed.new_empty(n, layers, heads, dk + dv)
+    kv: list = [None] * local.n_layers
     recvs = []
-    for r, p in enumerate(cpu):
-        for lo, hi in position_runs(p):
-            start = int(p[lo])
-            if r == comm.rank:
-                whole[start:start + hi - lo] = packed[lo:hi]
-            else:
-                recvs.append((r, whole[start:start + hi - lo]))
-    del packed
+    for first, layers in groups.items():
+        start = min(first, n)
+        whole = sample.new_empty(n - start, rows_of[first])
+        if rows_of[first]:
+            for r, p in enumerate(cpu):
+                if r == comm.rank:
+                    continue
+                for lo, hi, at in _segments(p, first):
+                    recvs.append((r, whole[at - start:at - start + hi - lo]))
+            for t, lo, hi, f in sends:
+                if f == first:
+                    whole[int(local.positions[lo]) - start:int(local.positions[lo]) - start + hi - lo] = t
+        for i, (h, dk, dv, off) in zip(layers, layout[first]):
+            kv[i] = (whole[:, off:off + h * dk].unflatten(1, (h, dk)).transpose(0, 1),
+                     whole[:, off + h * dk:off + h * (dk + dv)].unflatten(1, (h, dv)).transpose(0, 1))
+    del packs, sends
     comm.p2p([], recvs, op="gather")
-    return KVCache(torch.arange(n, device=whole.device), whole[..., :dk].permute(1, 2, 0, 3),
-                   whole[..., dk:].permute(1, 2, 0, 3), local.shapes)
+    return KVCache(torch.arange(n, device=device), tuple(kv))
 
 
 def to_hf_cache(cache: KVCache, model_config):
-    """A transformers ``DynamicCache`` holding ``cache`` (batch 1), ready for decoding."""
+    """A transformers ``DynamicCache`` holding ``cache`` (batch 1, in position order), ready for
+    decoding. A layer holding only its last positions (:func:`decode_keeps`) is told how many
+    tokens came before them, as transformers' own prefill would have left it."""
     hf = DynamicCache(config=model_config)
-    for layer in range(cache.keys.shape[0]):
+    n = cache.n_tokens
+    for layer in range(cache.n_layers):
         if isinstance(hf.layers[layer], _DUMMY):  # a layer that reuses an earlier one's K/V keeps none
             continue
         k, v = cache.layer(layer)
         hf.update(k[None].contiguous(), v[None].contiguous(), layer)
+        held = hf.layers[layer]
+        if k.shape[1] < n and isinstance(getattr(held, "cumulative_length", None), int):
+            held.cumulative_length = n  # the window's tail is all it keeps; the positions before it count
+        if held.get_seq_length() != n:
+            raise RuntimeError(f"layer {layer}: transformers' {type(held).__name__} reports "
+                               f"{held.get_seq_length()} cached tokens where the prompt has {n}; this transformers "
+                               "keeps a sliding layer's length elsewhere: set decode.mode: distributed, or install "
+                               "the transformers version apb was tested with")
     return hf

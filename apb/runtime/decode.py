@@ -119,7 +119,7 @@ def decode_distributed(model, result, comm: Comm, n_past: int, sampling: Samplin
     """
     device = next(model.parameters()).device
     cache = result.cache
-    kv = {i: tuple(t[None] for t in cache.layer(i)) for i in range(cache.keys.shape[0])}
+    kv = {i: tuple(t[None] for t in cache.layer(i)) for i in range(cache.n_layers)}
     ctx = CacheAttnContext(comm, kv, cache.positions, holds_new=comm.rank == decode_rank, trim_windows=True,
                            room=sampling.max_new_tokens)
     comm.stats.phase = Phase.DECODE

@@ -23,7 +23,7 @@ from apb.parallel.comm import CommStats, Phase
 from apb.parallel.rendezvous import init_distributed, shutdown
 from apb.parallel.state import build_parallel_state
 from apb.runtime import allocator, measure
-from apb.runtime.cache import KVCache, gather_cache, to_hf_cache
+from apb.runtime.cache import KVCache, decode_keeps, gather_cache, to_hf_cache
 from apb.runtime.decode import Sampling, decode, decode_distributed
 from apb.runtime.prefill import check_model, prefill
 
@@ -130,11 +130,15 @@ class Worker:
         t0 = time.perf_counter()
         if req.decode_mode == "gather":
             comm.stats.phase = Phase.GATHER
-            whole = gather_cache(res.cache, comm, dst=0)
+            # each layer sends only what transformers' cache keeps of it (a sliding layer's
+            # window), except a cache returned for verification: every layer whole, decoded from
+            # the same tails (views) as an unverified run
+            keep = decode_keeps(model.config, n)
+            whole = gather_cache(res.cache, comm, dst=0, keep=None if req.return_cache else keep)
             if whole is not None:
                 out.leads = []
-                out.tokens = decode(model, to_hf_cache(whole, model.config), res.last_logits, n, req.sampling,
-                                    req.eos_ids, leads=out.leads)
+                out.tokens = decode(model, to_hf_cache(whole.tails(keep), model.config), res.last_logits, n,
+                                    req.sampling, req.eos_ids, leads=out.leads)
         else:
             leads = [] if self.state.sp_rank == 0 else None  # only the decode host's are returned
             tokens = decode_distributed(model, res, comm, n, req.sampling, req.eos_ids, leads=leads)
@@ -147,7 +151,7 @@ class Worker:
             out.decode_s = time.perf_counter() - t0
             out.last_logits = res.last_logits.cpu()
         if req.return_cache and whole is not None:
-            out.cache = KVCache(whole.positions.cpu(), whole.keys.cpu(), whole.values.cpu(), whole.shapes)
+            out.cache = whole.to("cpu")
         out.stats = comm.stats.to_dict()
         return out
 

@@ -159,7 +159,7 @@ def query_attention(model, cache: KVCache, n_ctx: int, ids: torch.Tensor) -> tup
     ``cache`` (positions ``0..n_ctx-1``) at their true positions, with ``model`` loaded with eager
     attention. Returns the attention probabilities, (layers, heads, rows, n_ctx + rows) in float32,
     and every row's logits, (rows, vocab)."""
-    context = KVCache(cache.positions[:n_ctx], cache.keys[:, :, :n_ctx], cache.values[:, :, :n_ctx], cache.shapes)
+    context = cache.head(n_ctx)
     positions = torch.arange(n_ctx, n_ctx + ids.numel())
     out = model(input_ids=ids[None], position_ids=positions[None],
                 use_cache=True, output_attentions=True, **with_cache(model, to_hf_cache(context, model.config)))
