@@ -26,45 +26,51 @@ from apb.runtime.worker import PromptRequest
 from apb.tools.verify import random_prompt
 
 WORLD, NEW = 4, 8
-path = str(resolve_model("gemma3-270m"))
-cfg = AutoConfig.from_pretrained(path)
-text = cfg.get_text_config()
-layers = text.num_hidden_layers
-print(f"gemma3-270m: {layers} layers, sliding window {text.sliding_window}, "
-      f"{sum(t == 'sliding_attention' for t in text.layer_types)} sliding; W = {WORLD}, ring, bfloat16, "
-      f"{NEW} greedy tokens")
 
 
 def gather_bytes(stats: dict) -> int:
     return sum(op["bytes"] for op in stats["ops"] if op["op"] == "gather")
 
 
-with LocalWorkerGroup(WORLD, worker_kwargs={"device": "cpu", "timeout_s": 600, "threads": 1},
-                      timeout_s=1800) as group:
-    for n in (2048, 8192):
-        ids = random_prompt(n, text.vocab_size, 0)
-        runs = {}
-        for name, whole in (("whole", True), ("trimmed", False)):
-            req = PromptRequest(path, ids, "ring", dtype="bfloat16", return_cache=whole,
-                                sampling=Sampling(max_new_tokens=NEW, stop_at_eos=False))
-            res = group.call("run_prompt", req)
-            runs[name] = res
-            sent = [gather_bytes(r.stats) for r in res]
-            print(f"{n} tokens, gathered {name}: bytes sent per host {sent} (total {sum(sent) / 2**20:.2f} MiB); "
-                  f"decode {res[0].decode_s:.2f} s; tokens {res[0].tokens}")
-        keep = decode_keeps(cfg, n)
-        held = sum(n - k for k in keep)
-        per_tok = kv_bytes_per_token(cfg, 2)
-        print(f"  decode host's cache as received: whole {n * layers * per_tok / 2**20:.2f} MiB, "
-              f"trimmed {held * per_tok / 2**20:.2f} MiB ({held / (n * layers):.3f}); layers keep from {keep}")
-        same = runs["whole"][0].tokens == runs["trimmed"][0].tokens
-        print(f"  same tokens: {same}")
-        if not same:
-            sys.exit(1)
+def main():
+    path = str(resolve_model("gemma3-270m"))
+    cfg = AutoConfig.from_pretrained(path)
+    text = cfg.get_text_config()
+    layers = text.num_hidden_layers
+    print(f"gemma3-270m: {layers} layers, sliding window {text.sliding_window}, "
+          f"{sum(t == 'sliding_attention' for t in text.layer_types)} sliding; W = {WORLD}, ring, bfloat16, "
+          f"{NEW} greedy tokens")
 
-per_tok = kv_bytes_per_token(cfg, 2)
-for n in (32768, 131072):
-    before = 2 * n * layers * per_tok
-    after = 2 * sum(n - k for k in decode_keeps(cfg, n)) * per_tok
-    print(f"memory estimate, decode host's cache (received + transformers' copy), {n} tokens, bfloat16: "
-          f"before {before / 2**30:.3f} GiB, now {after / 2**30:.3f} GiB ({after / before:.3f})")
+    with LocalWorkerGroup(WORLD, worker_kwargs={"device": "cpu", "timeout_s": 600, "threads": 1},
+                          timeout_s=1800) as group:
+        for n in (2048, 8192):
+            ids = random_prompt(n, text.vocab_size, 0)
+            runs = {}
+            for name, whole in (("whole", True), ("trimmed", False)):
+                req = PromptRequest(path, ids, "ring", dtype="bfloat16", return_cache=whole,
+                                    sampling=Sampling(max_new_tokens=NEW, stop_at_eos=False))
+                res = group.call("run_prompt", req)
+                runs[name] = res
+                sent = [gather_bytes(r.stats) for r in res]
+                print(f"{n} tokens, gathered {name}: bytes sent per host {sent} (total {sum(sent) / 2**20:.2f} MiB); "
+                      f"decode {res[0].decode_s:.2f} s; tokens {res[0].tokens}")
+            keep = decode_keeps(cfg, n)
+            held = sum(n - k for k in keep)
+            per_tok = kv_bytes_per_token(cfg, 2)
+            print(f"  decode host's cache as received: whole {n * layers * per_tok / 2**20:.2f} MiB, "
+                  f"trimmed {held * per_tok / 2**20:.2f} MiB ({held / (n * layers):.3f}); layers keep from {keep}")
+            same = runs["whole"][0].tokens == runs["trimmed"][0].tokens
+            print(f"  same tokens: {same}")
+            if not same:
+                sys.exit(1)
+
+    per_tok = kv_bytes_per_token(cfg, 2)
+    for n in (32768, 131072):
+        before = 2 * n * layers * per_tok
+        after = 2 * sum(n - k for k in decode_keeps(cfg, n)) * per_tok
+        print(f"memory estimate, decode host's cache (received + transformers' copy), {n} tokens, bfloat16: "
+              f"before {before / 2**30:.3f} GiB, now {after / 2**30:.3f} GiB ({after / before:.3f})")
+
+
+if __name__ == "__main__":  # the workers are spawned: they import this file
+    main()
