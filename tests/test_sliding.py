@@ -242,6 +242,47 @@ def test_approximate_methods_keep_sliding_layers_exact(group, tmp_path, name):
     assert diff > 1e-3, f"{name}: layer 3 was expected to see the approximated global layer (K differs by {diff:.2e})"
 
 
+@pytest.mark.parametrize("decode_mode", ["gather", "distributed"])
+def test_a_prefill_for_decoding_keeps_of_a_sliding_layer_only_what_a_later_token_sees(group, tmp_path, decode_mode):
+    """Gemma 3 (sliding over 24, sliding, global, sliding), 241 tokens of which 17 are the query,
+    W = 3, every method run twice: with its cache returned whole (verification) and as a user runs
+    it. The user's run keeps on each host, of each sliding layer, only the positions from
+    ``241 - 17 - 23`` on, and of each global layer all it caches (counted from the method's
+    layout, against the bytes the host kept); it answers with the same tokens and logits as the
+    whole run, and the exact methods with eager transformers' own."""
+    import dataclasses
+
+    from transformers import AutoConfig
+
+    n, n_query, window = 241, 17, HYBRIDS["gemma3_text"]["sliding_window"]
+    path = save_tiny(tmp_path / "g3", "gemma3_text", **HYBRIDS["gemma3_text"])
+    kinds = AutoConfig.from_pretrained(path).layer_types
+    ref = reference_run(load_model(path, attn_implementation="eager"), random_prompt(n, 256, 3), N_NEW)
+    cutoff = n - n_query - (window - 1)
+    for name in EXACT + APPROX:
+        whole = PromptRequest(str(path), random_prompt(n, 256, 3), name, n_query=n_query, decode_mode=decode_mode,
+                              return_cache=True, sampling=Sampling(max_new_tokens=N_NEW, stop_at_eos=False))
+        full = group.call("run_prompt", whole)
+        lean = group.call("run_prompt", dataclasses.replace(whole, return_cache=False))
+        assert lean[0].tokens == full[0].tokens, name
+        torch.testing.assert_close(lean[0].last_logits, full[0].last_logits, atol=1e-5, rtol=0)
+        if name in EXACT:
+            assert lean[0].tokens == ref.tokens, name
+        method = build_method(name, MethodConfig())
+        for s, a, b in zip(method.layout(n, WORLD, n_query), full, lean):
+            pos = s.positions[s.valid]
+            if method.query_phase and s.rank == 0:  # the query phase appends the query's K/V on host 0
+                pos = torch.cat([pos, torch.arange(n - n_query, n)])
+            if not len(pos):  # a host that caches nothing (full's idle hosts)
+                assert a.cache_bytes == b.cache_bytes == 0, (name, s.rank)
+                continue
+            per = a.cache_bytes / (len(pos) * len(kinds))  # one position of one layer
+            seen = int((pos >= cutoff).sum())
+            want = sum(len(pos) if kind == "full_attention" else seen for kind in kinds) * per
+            assert b.cache_bytes == want, (name, s.rank, b.cache_bytes, want, a.cache_bytes)
+        assert sum(b.cache_bytes for b in lean) < sum(a.cache_bytes for a in full), name
+
+
 def test_one_host_bridge_slides_as_eager(tmp_path):
     """The plain path (no context: one host, or decoding) applies the window itself."""
     path = _all_sliding(tmp_path / "m")

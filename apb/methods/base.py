@@ -225,6 +225,10 @@ class AttnContext:
     score_opts: dict[str, Any] = field(default_factory=dict)
     #: the layer :meth:`step` is running (None outside one)
     layer: int | None = None
+    #: keep every cached position of a sliding layer (a cache returned whole: verification,
+    #: diagnosis); otherwise a sliding layer keeps only the positions a later token can still see
+    #: (:meth:`window_tail`), and its other K/V are freed as soon as the layer has run
+    whole_cache: bool = True
 
     @property
     def rank(self) -> int:
@@ -251,6 +255,21 @@ class AttnContext:
             self.scratch[key] = rows_of(self.mine.valid, device)
         return self.scratch[key]
 
+    def window_tail(self, window: int) -> slice | None:
+        """Of the rows this host caches, those a sliding layer of ``window`` must keep: the
+        positions the query (the first token after the context) or the first decoded token can
+        still see, ``>= n - n_query - (window - 1)``. A slice of the cached rows (they are in
+        position order in every layout), or None where that is all of them, or where they are not
+        a suffix (then nothing is dropped)."""
+        key = ("window_tail", window)
+        if key not in self.scratch:
+            pos = self.mine.positions[self.mine.valid]
+            seen = pos >= self.n_tokens - self.n_query - (window - 1)
+            first = int(seen.long().argmax()) if bool(seen.any()) else len(pos)
+            suffix = bool(seen[first:].all()) and not bool(seen[:first].any())
+            self.scratch[key] = slice(first, None) if suffix and first > 0 else None
+        return self.scratch[key]
+
     def step(self, module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              scale: float, sliding_window: int | None = None, softcap: float | None = None,
              sinks: torch.Tensor | None = None, latent: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -268,6 +287,9 @@ class AttnContext:
         self.comm.stats.tick(layer)
         keep = self.kept_rows(k.device)
         self.kv[layer] = tuple(t[:, :, keep] for t in (latent or (k, v)))
+        tail = None if sliding_window is None or self.whole_cache else self.window_tail(sliding_window)
+        if tail is not None:  # a copy of the tail: a view would hold the layer's whole K/V
+            self.kv[layer] = tuple(t[:, :, tail].clone() for t in self.kv[layer])
         self.score_opts = score_options(softcap, sinks)
         try:
             if sliding_window is not None and self.n_tokens > sliding_window:

@@ -110,7 +110,8 @@ class CacheAttnContext:
     """Attention context for tokens that come after a distributed cache (query phase, decoding).
 
     ``kv`` maps layer -> this host's cached (k, v) (an MLA layer: its latent pair); ``positions``
-    are their global positions. The host with ``holds_new`` appends the new tokens' entries to its
+    are their global positions (a layer holding fewer entries holds the last ones: a sliding
+    layer's window, :meth:`AttnContext.window_tail`). The host with ``holds_new`` appends the new tokens' entries to its
     cache as they are computed, into a buffer with ``room`` tokens to spare. With
     ``trim_windows`` (decoding, where the cache is not kept afterwards), a sliding layer drops the
     entries no later token can see, on every host, and keeps its own positions from then on.
@@ -135,6 +136,10 @@ class CacheAttnContext:
         self._step_cpu = self._cpu  # the cache's positions as they were before this step's tokens
         self._step_dev = positions
         self._layer_positions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # trimmed layers: (cpu, device)
+        for layer, (k, _) in self.kv.items():  # a sliding layer's prefill kept only its last positions
+            held = k.shape[2]
+            if held < len(self._cpu):
+                self._layer_positions[layer] = (self._cpu[len(self._cpu) - held:], positions[len(self._cpu) - held:])
 
     def start_step(self, positions: torch.Tensor) -> None:
         """The new tokens' positions (best given on the CPU); every layer of this step sees the

@@ -33,7 +33,8 @@ from apb.parallel.comm import Comm
 class KVCache:
     positions: torch.Tensor  # (tokens,) long
     #: per layer (k, v), each (kv_heads, tokens held, width); a layer holding fewer tokens than
-    #: ``positions`` holds the last ones (a gathered cache trimmed for decoding, in position order)
+    #: ``positions`` holds the last ones: a sliding layer's window (a host's cache is in position
+    #: order in every layout), or a gathered cache trimmed for decoding
     kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,12 +70,9 @@ class KVCache:
         return self._stacked(1)
 
     def _stacked(self, j: int) -> torch.Tensor:
+        self._whole("stacking the layers")
         parts = [kv[j] for kv in self.kv]
         n = self.n_tokens
-        short = [i for i, t in enumerate(parts) if t.shape[1] != n]
-        if short:
-            raise ValueError(f"layers {short} hold only their last positions (a cache gathered for decoding): "
-                             "gather it with keep=None to compare whole layers")
         heads, width = max(t.shape[0] for t in parts), max(t.shape[-1] for t in parts)
         if all(t.shape[0] == heads and t.shape[-1] == width for t in parts):
             return torch.stack(parts)
@@ -96,12 +94,20 @@ class KVCache:
         return cls(positions.to(torch.long), tuple((kv[i][0][0], kv[i][1][0]) for i in layers))
 
     def sorted(self) -> "KVCache":
+        self._whole("sorted")
         order = torch.argsort(self.positions)
         return KVCache(self.positions[order], tuple((k[:, order], v[:, order]) for k, v in self.kv))
 
     def head(self, n: int) -> "KVCache":
         """Positions ``0..n-1`` of a whole cache in position order (views)."""
+        self._whole("head")
         return KVCache(self.positions[:n], tuple((k[:, :n], v[:, :n]) for k, v in self.kv))
+
+    def _whole(self, what: str) -> None:
+        short = [i for i, (k, _) in enumerate(self.kv) if k.shape[1] != self.n_tokens]
+        if short:
+            raise ValueError(f"{what}: layers {short} hold only their last positions (a sliding window, or a cache "
+                             "gathered for decoding); prefill with whole_cache=True and gather with keep=None")
 
     def tails(self, keep: list[int]) -> "KVCache":
         """Each layer's positions from ``keep[layer]`` on (:func:`decode_keeps`; a layer ``keep``
@@ -205,11 +211,18 @@ def gather_cache(local: KVCache, comm: Comm, dst: int = 0, keep: list[int] | Non
             continue
         # token-major, so a run of positions is one contiguous slice
         packed = sample.new_empty(rows, row)
-        idx = None if rows == local.n_tokens else torch.cat([torch.arange(lo, hi) for lo, hi, _ in segs]).to(device)
+        idx = None if rows == local.n_tokens else torch.cat([torch.arange(lo, hi) for lo, hi, _ in segs])
+        lowest = min(lo for lo, _, _ in segs)
         for i, (h, dk, dv, off) in zip(layers, widths):
             k, v = local.kv[i]
-            if idx is not None:
-                k, v = k[:, idx], v[:, idx]
+            short = local.n_tokens - k.shape[1]  # a layer holding only its last rows (a sliding window)
+            if lowest < short:
+                raise ValueError(f"layer {i} holds only this host's positions from {int(local.positions[short])}, "
+                                 f"and the gather asks from {int(local.positions[lowest])}: a cache gathered whole "
+                                 "needs a prefill with whole_cache=True")
+            if idx is not None or short:
+                at = (torch.arange(local.n_tokens) if idx is None else idx) - short
+                k, v = k[:, at.to(device)], v[:, at.to(device)]
             packed[:, off:off + h * dk].unflatten(1, (h, dk)).copy_(k.transpose(0, 1))
             packed[:, off + h * dk:off + h * (dk + dv)].unflatten(1, (h, dv)).copy_(v.transpose(0, 1))
         packs[first] = packed

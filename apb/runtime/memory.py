@@ -8,7 +8,8 @@ figures for a whole file). Per host:
 ``weights``
     every parameter of the checkpoint, in the run's dtype (each host holds the whole model);
 ``kv``
-    the K/V this host keeps for decoding, every layer (the positions it caches);
+    the K/V this host keeps for decoding, every layer (the positions it caches; a sliding layer
+    at most the last ``n_query + window - 1``);
 ``activations``
     one layer's working set for the tokens it holds: the hidden state and residual, the
     projected Q/K/V and the attention output, and the MLP's gate and up projections;
@@ -36,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from apb.model.features import attention_sizes
+from apb.model.features import attention_sizes, sliding_windows
 from apb.runtime.cache import decode_keeps
 
 GIB = 1 << 30
@@ -113,12 +114,15 @@ def estimate(method, model_config: Any, n_params: int, n_tokens: int, n_query: i
     if plan is None:
         plan = method.plan(n_tokens, world_size, n_query, layers)
     passing = max(getattr(plan, "passing", ()) or (0,))
+    windows = sliding_windows(model_config)[:layers]
     hosts = []
     for s in slices:
         local = s.size
         cached = int(s.valid.sum())
         if method.query_phase and s.rank == 0:
             cached += n_query  # the query phase appends the query's K/V on host 0
+        # a sliding layer keeps at most the positions a later token sees (AttnContext.window_tail)
+        held = (cached * (layers - len(windows)) + sum(min(cached, n_query + w - 1) for w in windows)) * per_tok
         act = local * (3 * hidden + attn + mlp) * b
         transfer = method.transfer_bytes(local, n_tokens, world_size, per_tok, passing, cfg, b)
         if window and window < n_tokens:
@@ -134,8 +138,8 @@ def estimate(method, model_config: Any, n_params: int, n_tokens: int, n_query: i
                 kept = sum(n_tokens - first for first in keeps) + (layers - len(keeps)) * n_tokens
                 decode = 2 * kept * per_tok + new
             else:
-                decode = cached * layers * per_tok + new
-        hosts.append(HostMemory(s.rank, n_params * b, cached * layers * per_tok, act, transfer, decode))
+                decode = held + new
+        hosts.append(HostMemory(s.rank, n_params * b, held, act, transfer, decode))
     return hosts
 
 

@@ -70,10 +70,13 @@ def check_model(model, method: Method, world_size: int) -> None:
 
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query: int = 0,
-            pad_id: int = 0, diagnostics: bool = False, routing: bool = False) -> PrefillResult:
+            pad_id: int = 0, diagnostics: bool = False, routing: bool = False,
+            whole_cache: bool = True) -> PrefillResult:
     """Prefill the 1-D prompt ``input_ids`` (identical on every host) whose last ``n_query``
     tokens are the query; ``diagnostics`` also returns what the method chose (``apb diagnose``),
-    ``routing`` the experts this host's forwards chose for each of its tokens (``apb verify``)."""
+    ``routing`` the experts this host's forwards chose for each of its tokens (``apb verify``).
+    Without ``whole_cache`` a sliding layer's cache keeps only the positions a later token can
+    see (its last ones: ``AttnContext.window_tail``), for decoding; with it every position."""
     if input_ids.dim() != 1 or input_ids.numel() == 0:
         raise ValueError(f"prefill takes a non-empty 1-D tensor of token ids, got shape {tuple(input_ids.shape)}")
     n = int(input_ids.numel())
@@ -94,7 +97,7 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
     # every host's rotary embedding sees the whole prompt's length (dynamic NTK, longrope)
     with prompt_length(model, n):
         logits, kv, positions, passing, chosen = _run(model, input_ids, method, comm, n, n_query, pad_id,
-                                                      diagnostics, routing, rope)
+                                                      diagnostics, routing, rope, whole_cache)
     cache = KVCache.from_layers(positions, kv)
     measure.sync(device)
     seconds = time.perf_counter() - t0
@@ -105,7 +108,8 @@ def prefill(model, input_ids: torch.Tensor, method: Method, comm: Comm, n_query:
     return PrefillResult(logits, cache, seconds, passing, chosen)
 
 
-def _run(model, input_ids, method, comm, n, n_query, pad_id, diagnostics, record_routing=False, rope=None):
+def _run(model, input_ids, method, comm, n, n_query, pad_id, diagnostics, record_routing=False, rope=None,
+         whole_cache=True):
     """Context phase, then the query phase or the logits broadcast; (logits, kv, positions, passing,
     routing)."""
     choices = []
@@ -113,8 +117,7 @@ def _run(model, input_ids, method, comm, n, n_query, pad_id, diagnostics, record
     slices = method.layout(n, comm.size, n_query)
     mine = slices[comm.rank]
     ctx = AttnContext(method, slices, comm, plan=method.plan(n, comm.size, n_query, model.config.num_hidden_layers),
-                      n_query=n_query, rope=rope,
-                      diagnostics=diagnostics)
+                      n_query=n_query, rope=rope, diagnostics=diagnostics, whole_cache=whole_cache)
     comm.stats.phase = Phase.CONTEXT
     logits = torch.empty(model.config.vocab_size, dtype=torch.float32, device=device)
     owner, owner_local = (None, None) if method.query_phase else owner_of(slices, n - 1)

@@ -71,6 +71,8 @@ class PromptResult:
     #: minor page faults this host's process took through a timed prefill (pages the system had
     #: to hand it and zero: see apb.runtime.allocator); None for an untimed one
     prefill_faults: int | None = None
+    #: bytes of the K/V this host kept from its prefill (its part of the cache, before any gather)
+    cache_bytes: int | None = None
 
 
 class Worker:
@@ -120,11 +122,13 @@ class Worker:
         comm.barrier()  # start the clock together
         faults = measure.minor_faults()
         res = prefill(model, req.input_ids.to(device), method, comm, n_query=req.n_query,
-                      diagnostics=req.diagnostics, routing=req.routing)
+                      diagnostics=req.diagnostics, routing=req.routing,
+                      whole_cache=req.return_cache or req.diagnostics)
         out = PromptResult(rank=self.env.rank, stats={}, prefill_s=res.seconds,
                            diagnostics={"passing": res.passing} if req.diagnostics else None, routing=res.routing,
                            peak_prefill_bytes=measure.peak_bytes(device) if peak_known else None,
-                           prefill_faults=measure.minor_faults() - faults if req.timed else None)
+                           prefill_faults=measure.minor_faults() - faults if req.timed else None,
+                           cache_bytes=res.cache.nbytes)
         n = int(req.input_ids.numel())
         whole = None
         t0 = time.perf_counter()

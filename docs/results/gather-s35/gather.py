@@ -2,11 +2,13 @@
 
 The pretrained Gemma 3 270M (`gemma3-270m`: 18 layers, 15 of them sliding over 512 keys), one
 random-token prompt per length, ring at W = 4 on CPU workers, 8 greedy tokens. Each prompt runs
-twice on the same workers: gathered whole (what every gather sent until session 35, and still
-what a cache returned for verification is) and trimmed (what the decode host now receives: each
-layer only what transformers' own cache keeps of it). Reported per run: the bytes each host's
-gather sent (counted by the Comm, not computed), the decode host's cache as received, and the
-answer tokens, which must be the same. Then the driver's memory estimate for the decode host at
+twice on the same workers: whole (what every prefill kept and every gather sent until session 35,
+and still what a cache returned for verification is) and trimmed (each host keeps of a sliding
+layer only the positions a later token sees, and the decode host receives of each layer only
+what transformers' own cache keeps of it). Reported per run: the K/V each host kept from its
+prefill, its peak RSS through the prefill, the bytes each host's gather sent (counted by the
+Comm, not computed), the decode host's cache as received, and the answer tokens, which must be
+the same. Then the driver's memory estimate for the decode host at
 32K and 128K, by the formula before and after.
 
 Run from the repository root: .venv/bin/python docs/results/gather-s35/gather.py > docs/results/gather-s35/gather.txt
@@ -47,13 +49,16 @@ def main():
             ids = random_prompt(n, text.vocab_size, 0)
             runs = {}
             for name, whole in (("whole", True), ("trimmed", False)):
-                req = PromptRequest(path, ids, "ring", dtype="bfloat16", return_cache=whole,
+                req = PromptRequest(path, ids, "ring", dtype="bfloat16", return_cache=whole, timed=True,
                                     sampling=Sampling(max_new_tokens=NEW, stop_at_eos=False))
                 res = group.call("run_prompt", req)
                 runs[name] = res
                 sent = [gather_bytes(r.stats) for r in res]
                 print(f"{n} tokens, gathered {name}: bytes sent per host {sent} (total {sum(sent) / 2**20:.2f} MiB); "
                       f"decode {res[0].decode_s:.2f} s; tokens {res[0].tokens}")
+                print(f"  K/V each host kept from its prefill, MiB: {[round(r.cache_bytes / 2**20, 2) for r in res]}; "
+                      "peak RSS through the prefill, MiB: "
+                      f"{[None if r.peak_prefill_bytes is None else round(r.peak_prefill_bytes / 2**20) for r in res]}")
             keep = decode_keeps(cfg, n)
             held = sum(n - k for k in keep)
             per_tok = kv_bytes_per_token(cfg, 2)
