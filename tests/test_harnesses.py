@@ -119,6 +119,8 @@ def test_bench_harness_on_a_tiny_run(apb_bin, repo, tmp_path):
     # ring at W=2: per layer one step of K and V for 128 tokens, 4 KV heads x 16 dims, float32, 2 layers
     # (+ the logits broadcast from the host holding the last token)
     assert min(ring["rank_comm_bytes"]) >= 2 * (2 * 128 * 4 * 16 * 4)
+    # and each host keeps its 128 tokens' K and V of both layers
+    assert ring["rank_kv_mib"] == [2 * 2 * 128 * 4 * 16 * 4 / 2**20] * 2
     full = next(r for r in rows if r["method"] == "full" and r["length"] == 256)
     assert full["projected_speedup_vs_full"] == pytest.approx(1.0)
     # the cost model's ideal: ring halves the slowest host's work (a bit less: the zigzag's diagonals),

@@ -21,7 +21,7 @@ Two figures per (method, length), labelled everywhere:
   projection, not as it. Every repeat's clocks are in the row (``rank_layer_cpu_s_by_repeat``).
 
 Every row also reports each host's peak memory through the prefill (``rank_peak_mem_mib``: peak
-RSS on a CPU host, max allocated on CUDA), and, against ``full`` and ``ring``, the ideal speedup
+RSS on a CPU host, max allocated on CUDA) and the K/V it kept (``rank_kv_mib``), and, against ``full`` and ``ring``, the ideal speedup
 the cost model gives for the same shape beside the projected one; their ratio is the efficiency.
 The ideal times the slowest host's work (the method's own cost formula: attention FLOPs and the
 per-token linear FLOPs) at this device's two rates, measured after the rows by
@@ -200,6 +200,8 @@ def run_bench(cfg: Config, methods: list[str], lengths: list[int], world: int, r
                     "rank_peak_mem_mib": [None if r.peak_prefill_bytes is None else r.peak_prefill_bytes / 2**20
                                           for r in mid],
                     "rank_minor_faults": [r.prefill_faults for r in mid],
+                    # the K/V each host kept from its prefill (its part of the cache)
+                    "rank_kv_mib": [None if r.cache_bytes is None else r.cache_bytes / 2**20 for r in mid],
                 }
                 if trace:
                     row["trace_events"] = [[e for e in s.pop("trace", []) if Phase(e["phase"]).is_prefill]
