@@ -55,7 +55,8 @@ class ParallelConfig(_Section):
                              "placement group; torchrun: the processes torchrun started")
     threads: Optional[int] = Field(
         None, ge=1, description="CPU threads per worker process; unset: local workers split this machine's cores "
-                                "between them (at least one each), Ray and torchrun workers keep torch's default")
+                                "between them (at least one each; the decode host uses them all while it decodes "
+                                "a gathered cache alone), Ray and torchrun workers keep torch's default")
     retain_freed_memory: bool = Field(
         False, description="worker processes keep the memory a layer frees for the next layer instead of returning "
                            "it to the system (glibc's malloc; apb.runtime.allocator): page faults per prefill fell "

@@ -339,6 +339,9 @@ def start_group(cfg: Config, world_size: int | None = None, launcher: str | None
                           "its own GPU: set parallel.launcher: local, or parallel.share_gpus: false")
     kwargs = {"device": cfg.parallel.device, "timeout_s": timeout_s, "share_gpus": cfg.parallel.share_gpus,
               "threads": cfg.parallel.threads or (local_threads(world_size) if launcher == "local" else None),
+              # local workers share this machine: while the decode host decodes a gathered cache
+              # alone, the others wait, and it may use their cores too
+              "decode_threads": available_cores() if launcher == "local" and not cfg.parallel.threads else None,
               "retain_freed_memory": cfg.parallel.retain_freed_memory}
     try:
         return groups.start_group(launcher, world_size, kwargs | worker_kwargs, timeout_s, ray_config=cfg.ray)

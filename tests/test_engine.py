@@ -182,13 +182,44 @@ def test_local_workers_split_the_cores(monkeypatch):
     assert [engine.local_threads(w) for w in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
     seen = {}
     monkeypatch.setattr(engine.groups, "start_group", lambda launcher, world, kwargs, timeout, ray_config: seen.update(
-        {launcher: kwargs["threads"]}))
+        {launcher: (kwargs["threads"], kwargs["decode_threads"])}))
     engine.start_group(load_config(None, {"parallel.world_size": 4}))
     engine.start_group(load_config(None, {"parallel.world_size": 4, "parallel.launcher": "ray"}))
     engine.start_group(load_config(None, {"parallel.world_size": 4, "parallel.threads": 3}), launcher="local")
-    assert seen == {"local": 3, "ray": None}
+    assert seen == {"local": (3, None), "ray": (None, None)}  # a setting is kept, decoding included
     engine.start_group(load_config(None, {"parallel.world_size": 4}))
-    assert seen["local"] == 2  # 8 cores over 4 local workers
+    # 8 cores over 4 local workers; the decode host takes all 8 while the others wait
+    assert seen["local"] == (2, 8)
+
+
+def test_the_decode_host_decodes_a_gathered_cache_on_its_decode_threads(monkeypatch, repo):
+    """A worker with 1 thread and ``decode_threads=2`` prefills on 1 and decodes on 2, and is back
+    on 1 afterwards; without ``decode_threads`` it decodes on its own 1."""
+    from apb.model.catalog import resolve_model
+    from apb.runtime import worker as worker_mod
+
+    seen = []
+    real = worker_mod.decode
+
+    def decode(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(worker_mod, "decode", decode)
+    before = torch.get_num_threads()
+    try:
+        for decode_threads in (2, None):
+            w = worker_mod.Worker(None, 0, 1, device="cpu", threads=1, decode_threads=decode_threads)
+            try:
+                ids = torch.arange(3, 40)
+                out = w.run_prompt(worker_mod.PromptRequest(str(resolve_model("tiny-llama")), ids, "full",
+                                                            sampling=Sampling(max_new_tokens=2, stop_at_eos=False)))
+                assert len(out.tokens) == 2 and torch.get_num_threads() == 1
+            finally:
+                w.close()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2, 1]
 
 
 def test_workers_are_told_whether_to_keep_freed_memory(monkeypatch):

@@ -105,6 +105,28 @@ def test_ray_actor_death_fails_one_document_and_the_batch_goes_on(ray_local, rep
     assert killed not in survivors
 
 
+def test_a_model_the_ray_workers_refuse_stops_the_run_with_their_own_reason(ray_local, repo):
+    """As with local workers (test_engine): Phi's half rotary refused by apb's query check, which
+    only the loaded model shows, on the Ray actors. Ray wraps the worker's ValueError in its own
+    task error with a traceback; the run stops with one ConfigError whose reason is the worker's
+    own message (``WorkerError.reason``), naming the fix, and no Ray wrapping."""
+    from apb.config import ConfigError
+    from apb.engine import Engine
+    from test_engine import GOOD, _checkpoint
+
+    path = _checkpoint(repo, "phi", partial_rotary_factor=0.5)
+    with Engine.from_config(repo / "configs/tiny-cpu.yaml", model=str(path), method="apb", launcher="ray",
+                            world_size=2, max_new_tokens=2) as e:
+        with pytest.raises(ConfigError) as refused:
+            e.process_one(GOOD[0])
+    message = str(refused.value)
+    assert "refused by the workers before any document: " in message and "query_positions: anchor" in message
+    reason = message.split("refused by the workers before any document: ", 1)[1]
+    assert reason.startswith("the query compressor scores with the query moved"), reason
+    for wrapping in ("Traceback", "RayTaskError", "ray::", "\n"):
+        assert wrapping not in reason, (wrapping, reason)
+
+
 def test_rank_order_groups_by_node_rank0_node_first():
     where = [{"node_id": "b"}, {"node_id": "a"}, {"node_id": "b"}, {"node_id": "a"}]
     order = rank_order(where)

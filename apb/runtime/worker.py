@@ -9,9 +9,11 @@ place (``decode_mode="distributed"``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from transformers.utils import logging as hf_logging
@@ -75,14 +77,30 @@ class PromptResult:
     cache_bytes: int | None = None
 
 
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """torch's CPU threads set to ``n`` inside the block (unchanged for None)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class Worker:
     def __init__(self, init_method: str | None, rank: int, world_size: int, local_rank: int | None = None,
                  device: str = "auto", timeout_s: float = 300.0, device_index: int | None = None,
-                 threads: int | None = None, share_gpus: bool = False, retain_freed_memory: bool = False):
+                 threads: int | None = None, share_gpus: bool = False, retain_freed_memory: bool = False,
+                 decode_threads: int | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         hf_logging.disable_progress_bar()
         if threads:  # benchmarks pin each host to its share of the cores
             torch.set_num_threads(threads)
+        #: CPU threads while this host decodes a gathered cache alone (the other local workers wait
+        #: idle then, so their cores are free); None: its own share
+        self.decode_threads = decode_threads
         if retain_freed_memory and not allocator.retain_freed_memory():
             raise ValueError("parallel.retain_freed_memory is set, but this host's C library is not glibc or refused "
                              "the setting (apb.runtime.allocator): set parallel.retain_freed_memory: false")
@@ -141,8 +159,9 @@ class Worker:
             whole = gather_cache(res.cache, comm, dst=0, keep=None if req.return_cache else keep)
             if whole is not None:
                 out.leads = []
-                out.tokens = decode(model, to_hf_cache(whole.tails(keep), model.config), res.last_logits, n,
-                                    req.sampling, req.eos_ids, leads=out.leads)
+                with _threads(self.decode_threads):
+                    out.tokens = decode(model, to_hf_cache(whole.tails(keep), model.config), res.last_logits, n,
+                                        req.sampling, req.eos_ids, leads=out.leads)
         else:
             leads = [] if self.state.sp_rank == 0 else None  # only the decode host's are returned
             tokens = decode_distributed(model, res, comm, n, req.sampling, req.eos_ids, leads=leads)
