@@ -249,14 +249,18 @@ def test_a_prefill_for_decoding_keeps_of_a_sliding_layer_only_what_a_later_token
     it. The user's run keeps on each host, of each sliding layer, only the positions from
     ``241 - 17 - 23`` on, and of each global layer all it caches (counted from the method's
     layout, against the bytes the host kept); it answers with the same tokens and logits as the
-    whole run, and the exact methods with eager transformers' own."""
+    whole run, and the exact methods with eager transformers' own. The driver's memory estimate
+    of each host's K/V bounds what it kept."""
     import dataclasses
+
+    from apb.runtime import memory
 
     from transformers import AutoConfig
 
     n, n_query, window = 241, 17, HYBRIDS["gemma3_text"]["sliding_window"]
     path = save_tiny(tmp_path / "g3", "gemma3_text", **HYBRIDS["gemma3_text"])
-    kinds = AutoConfig.from_pretrained(path).layer_types
+    cfg = AutoConfig.from_pretrained(path)
+    kinds = cfg.layer_types
     ref = reference_run(load_model(path, attn_implementation="eager"), random_prompt(n, 256, 3), N_NEW)
     cutoff = n - n_query - (window - 1)
     for name in EXACT + APPROX:
@@ -280,6 +284,9 @@ def test_a_prefill_for_decoding_keeps_of_a_sliding_layer_only_what_a_later_token
             seen = int((pos >= cutoff).sum())
             want = sum(len(pos) if kind == "full_attention" else seen for kind in kinds) * per
             assert b.cache_bytes == want, (name, s.rank, b.cache_bytes, want, a.cache_bytes)
+            # the driver's estimate bounds it, and is it on the host that holds the whole window
+            est = memory.estimate(method, cfg, 0, n, n_query, WORLD, "float32", decode_mode, N_NEW)[s.rank].kv
+            assert b.cache_bytes <= est and (seen < n - cutoff or b.cache_bytes == est), (name, s.rank, est)
         assert sum(b.cache_bytes for b in lean) < sum(a.cache_bytes for a in full), name
 
 
