@@ -111,10 +111,11 @@ class CacheAttnContext:
 
     ``kv`` maps layer -> this host's cached (k, v) (an MLA layer: its latent pair); ``positions``
     are their global positions (a layer holding fewer entries holds the last ones: a sliding
-    layer's window, :meth:`AttnContext.window_tail`). The host with ``holds_new`` appends the new tokens' entries to its
-    cache as they are computed, into a buffer with ``room`` tokens to spare. With
-    ``trim_windows`` (decoding, where the cache is not kept afterwards), a sliding layer drops the
-    entries no later token can see, on every host, and keeps its own positions from then on.
+    layer's window, :meth:`AttnContext.window_tail`). The host with ``holds_new`` appends the new
+    tokens' entries to its cache as they are computed, into a buffer with ``room`` tokens to
+    spare. With ``trim_windows`` (decoding, where the cache is not kept afterwards), a sliding
+    layer drops the entries no later token can see, on every host, and keeps its own positions
+    from then on.
 
     Which entries a sliding layer still sees is decided on a CPU copy of the positions, so a
     step never waits on the device for it: the selection is a slice (a view) when the entries

@@ -211,27 +211,29 @@ def gather_cache(local: KVCache, comm: Comm, dst: int = 0, keep: list[int] | Non
             continue
         # token-major, so a run of positions is one contiguous slice
         packed = sample.new_empty(rows, row)
-        idx = None if rows == local.n_tokens else torch.cat([torch.arange(lo, hi) for lo, hi, _ in segs])
-        lowest = min(lo for lo, _, _ in segs)
+        wanted = torch.cat([torch.arange(lo, hi) for lo, hi, _ in segs])  # local rows, in message order
+        rows_at: dict[int, torch.Tensor | None] = {}  # by how many leading rows a layer lacks: its rows
         for i, (h, dk, dv, off) in zip(layers, widths):
             k, v = local.kv[i]
             short = local.n_tokens - k.shape[1]  # a layer holding only its last rows (a sliding window)
-            if lowest < short:
+            if int(wanted.min()) < short:
                 raise ValueError(f"layer {i} holds only this host's positions from {int(local.positions[short])}, "
-                                 f"and the gather asks from {int(local.positions[lowest])}: a cache gathered whole "
-                                 "needs a prefill with whole_cache=True")
-            if idx is not None or short:
-                at = (torch.arange(local.n_tokens) if idx is None else idx) - short
-                k, v = k[:, at.to(device)], v[:, at.to(device)]
+                                 f"and the gather asks from {int(local.positions[int(wanted.min())])}: a cache "
+                                 "gathered whole needs a prefill with whole_cache=True")
+            if short not in rows_at:  # None: every row the layer holds, in its order (no copy)
+                everything = rows == k.shape[1] and bool((wanted == torch.arange(short, local.n_tokens)).all())
+                rows_at[short] = None if everything else (wanted - short).to(device)
+            if rows_at[short] is not None:
+                k, v = k[:, rows_at[short]], v[:, rows_at[short]]
             packed[:, off:off + h * dk].unflatten(1, (h, dk)).copy_(k.transpose(0, 1))
             packed[:, off + h * dk:off + h * (dk + dv)].unflatten(1, (h, dv)).copy_(v.transpose(0, 1))
         packs[first] = packed
         at = 0
-        for lo, hi, _ in segs:
-            sends.append((packed[at:at + hi - lo], lo, hi, first))
+        for lo, hi, position in segs:
+            sends.append((packed[at:at + hi - lo], position, first))
             at += hi - lo
     if pos is None:  # not the decode host: send each run of each group
-        comm.p2p([(dst, t) for t, *_ in sends], [], op="gather")
+        comm.p2p([(dst, t) for t, _, _ in sends], [], op="gather")
         return None
     cpu = [p.cpu() for p in pos]
     n = sum(int(p.numel()) for p in cpu)
@@ -255,9 +257,9 @@ def gather_cache(local: KVCache, comm: Comm, dst: int = 0, keep: list[int] | Non
                     continue
                 for lo, hi, at in _segments(p, first):
                     recvs.append((r, whole[at - start:at - start + hi - lo]))
-            for t, lo, hi, f in sends:
+            for t, position, f in sends:  # this host's own runs: copied, not sent
                 if f == first:
-                    whole[int(local.positions[lo]) - start:int(local.positions[lo]) - start + hi - lo] = t
+                    whole[position - start:position - start + len(t)] = t
         for i, (h, dk, dv, off) in zip(layers, layout[first]):
             kv[i] = (whole[:, off:off + h * dk].unflatten(1, (h, dk)).transpose(0, 1),
                      whole[:, off + h * dk:off + h * (dk + dv)].unflatten(1, (h, dv)).transpose(0, 1))
