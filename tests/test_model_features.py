@@ -551,6 +551,7 @@ def test_a_cache_of_layers_in_different_shapes_gives_each_layer_back_as_it_was()
     cache = KVCache.from_layers(torch.tensor([3, 0, 4, 1, 2]), kv)
     assert cache.shapes == ((2, 16, 16), (4, 32, 24)) and cache.keys.shape == (2, 4, 5, 32)
     assert cache.keys[0, 2:].abs().sum() == 0 and torch.equal(cache.keys[0, :2, :, :16], kv[0][0][0])
+    assert cache.keys is cache.keys  # stacked once, however often verify reads it
     for i in (0, 1):
         assert torch.equal(cache.layer(i)[0], kv[i][0][0]) and torch.equal(cache.layer(i)[1], kv[i][1][0])
         assert cache.layer(i)[0].data_ptr() == kv[i][0].data_ptr()

@@ -16,6 +16,7 @@ positions.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -59,13 +60,13 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv)
 
-    @property
+    @functools.cached_property
     def keys(self) -> torch.Tensor:
         """Every layer's keys stacked, (layers, kv_heads, tokens, width), zero-padded to the
-        largest layer: a copy, for comparing whole caches (``apb verify``, tests)."""
+        largest layer: a copy, made once, for comparing whole caches (``apb verify``, tests)."""
         return self._stacked(0)
 
-    @property
+    @functools.cached_property
     def values(self) -> torch.Tensor:
         return self._stacked(1)
 
