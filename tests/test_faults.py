@@ -59,7 +59,8 @@ def test_driver_killed_mid_batch_then_resumed(apb_bin, repo, tmp_path):
     """`apb run` SIGKILLed once two records are on disk, a torn half line left after them as a kill
     during a write leaves one; the re-run keeps the finished records as they were (not recomputed),
     drops the torn line, and writes exactly one record per input."""
-    docs = [dict(d, id=f"doc-{i}") for i, d in enumerate(DOCS * 2)]
+    # enough documents that the kill lands mid-batch: each takes tens of milliseconds here
+    docs = [dict(d, id=f"doc-{i}") for i, d in enumerate(DOCS * 10)]
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps(d) + "\n" for d in docs))
     cmd = [apb_bin, "run", "--config", str(repo / "configs/tiny-cpu.yaml"), "--method", "ring", "--input", str(src),
@@ -68,7 +69,7 @@ def test_driver_killed_mid_batch_then_resumed(apb_bin, repo, tmp_path):
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and (not dst.exists() or len(dst.read_text().splitlines()) < 2):
         assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
+        time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, as a lost machine would
     proc.wait()
     finished = dst.read_text().splitlines()
@@ -114,7 +115,8 @@ def _torchrun_rank(rank: int, ancestor: int) -> int | None:
 def test_torchrun_rank_killed_stops_the_batch_and_keeps_what_is_done(apb_bin, repo, tmp_path):
     """Under torchrun a dead rank cannot be replaced: the run stops with a non-zero status and a
     message, the records already written stay, and a re-run answers the rest."""
-    docs = [dict(d, id=f"doc-{i}") for i, d in enumerate(DOCS * 2)]
+    # enough documents that the kill lands mid-batch: each takes tens of milliseconds here
+    docs = [dict(d, id=f"doc-{i}") for i, d in enumerate(DOCS * 10)]
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps(d) + "\n" for d in docs))
     cmd = [apb_bin, "run", "--config", str(repo / "configs/tiny-cpu.yaml"), "--launcher", "torchrun",
