@@ -130,23 +130,23 @@ def test_from_config_rejects_unknown_shortcut(repo):
         Engine.from_config(repo / "configs/tiny-cpu.yaml", wrld_size=2)
 
 
-def test_method_that_cannot_run_the_model_fails_at_load(repo):
+def test_method_that_cannot_run_the_model_fails_at_load(repo, tmp_path):
     # a bidirectional encoder is refused from its config, before any worker starts
     with pytest.raises(ConfigError, match="is_causal=False|bidirectional"):
-        Engine.from_config(repo / "configs/tiny-cpu.yaml", model=str(_checkpoint(repo, "bert", is_decoder=False)),
+        Engine.from_config(repo / "configs/tiny-cpu.yaml", model=str(_checkpoint(repo, tmp_path, "bert", is_decoder=False)),
                            world_size=2)
 
 
-def _checkpoint(repo, model_type, **overrides):
-    """A tiny random checkpoint of ``model_type`` with the byte tokenizer of the presets, made once."""
+def _checkpoint(repo, where, model_type, **overrides):
+    """A tiny random checkpoint of ``model_type`` with the byte tokenizer of the presets, saved
+    under ``where`` (a test's tmp_path, so pytest cleans it up)."""
     import shutil
-    import tempfile
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from apb.model.catalog import resolve_model
 
-    path = Path(tempfile.mkdtemp(prefix=f"apb-{model_type}-"))
+    path = Path(where) / model_type
     cfg = AutoConfig.for_model(model_type, vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                                num_attention_heads=4, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
                                eos_token_id=2, **overrides)
@@ -157,13 +157,13 @@ def _checkpoint(repo, model_type, **overrides):
     return path
 
 
-def test_a_model_the_workers_refuse_stops_the_run_before_any_document(repo):
+def test_a_model_the_workers_refuse_stops_the_run_before_any_document(repo, tmp_path):
     """Phi rotates only the first half of each head: apb's query cannot be moved to its true
     positions, which only the loaded model shows (its own rotation, on the workers). The engine
     asks the workers before the first document: one ConfigError with the reason and the fix, no
     document run and none failed with a traceback. With the query scored where its copy sits,
     the same model runs."""
-    path = _checkpoint(repo, "phi", partial_rotary_factor=0.5)
+    path = _checkpoint(repo, tmp_path, "phi", partial_rotary_factor=0.5)
     with Engine.from_config(repo / "configs/tiny-cpu.yaml", model=str(path), method="apb", world_size=2,
                             max_new_tokens=2) as e:
         with pytest.raises(ConfigError, match="refused by the workers before any document.*query_positions: anchor"):

@@ -105,7 +105,7 @@ def test_ray_actor_death_fails_one_document_and_the_batch_goes_on(ray_local, rep
     assert killed not in survivors
 
 
-def test_a_model_the_ray_workers_refuse_stops_the_run_with_their_own_reason(ray_local, repo):
+def test_a_model_the_ray_workers_refuse_stops_the_run_with_their_own_reason(ray_local, repo, tmp_path):
     """As with local workers (test_engine): Phi's half rotary refused by apb's query check, which
     only the loaded model shows, on the Ray actors. Ray wraps the worker's ValueError in its own
     task error with a traceback; the run stops with one ConfigError whose reason is the worker's
@@ -114,7 +114,7 @@ def test_a_model_the_ray_workers_refuse_stops_the_run_with_their_own_reason(ray_
     from apb.engine import Engine
     from test_engine import GOOD, _checkpoint
 
-    path = _checkpoint(repo, "phi", partial_rotary_factor=0.5)
+    path = _checkpoint(repo, tmp_path, "phi", partial_rotary_factor=0.5)
     with Engine.from_config(repo / "configs/tiny-cpu.yaml", model=str(path), method="apb", launcher="ray",
                             world_size=2, max_new_tokens=2) as e:
         with pytest.raises(ConfigError) as refused:
