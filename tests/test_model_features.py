@@ -539,6 +539,46 @@ def test_a_cache_trimmed_for_decoding_is_what_transformers_own_prefill_keeps(tmp
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("implementation", ["eager", None])  # None: apb's own, as the workers decode
+def test_a_cache_with_room_decodes_in_place_as_transformers_own_cache_does(tmp_path, implementation):
+    """Gather-mode decoding builds transformers' cache with room for the answer: a global layer's
+    K/V are copied once into a buffer with ``room`` more tokens and each decoded token is written
+    into place (transformers' own layer concatenates, copying the layer's cache at every step). Step
+    by step, the logits and every layer's K/V equal those of transformers' own cache after its own
+    prefill; the global layer's keys stay views of one buffer while the room lasts, and past it the
+    layer grows as transformers' does."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    from apb.model.hf_bridge import with_cache
+    from apb.runtime.cache import KVCache, decode_keeps, to_hf_cache
+    from apb.tools.verify import reference_layers
+
+    model = load_model(_gemma_text(tmp_path / "g3", "gemma3_text", num_hidden_layers=2, query_pre_attn_scalar=16,
+                                   layer_types=["sliding_attention", "full_attention"]),
+                       attn_implementation=implementation)
+    n, room = 130, 3
+    ids = random_prompt(n, 256, 1)[None]
+    with torch.no_grad():
+        own = output_cache(model(ids, use_cache=True, **with_cache(model, DynamicCache(config=model.config))))
+        whole = output_cache(model(ids, use_cache=True, **with_cache(model, DynamicCache())))
+    cache = KVCache.from_layers(torch.arange(n), reference_layers(model.config, whole))
+    ours = to_hf_cache(cache.tails(decode_keeps(model.config, n)), model.config, room=room)
+    assert type(own.layers[1]) is DynamicLayer and type(ours.layers[1]) is not DynamicLayer
+    assert type(ours.layers[0]) is type(own.layers[0])  # the sliding layer keeps transformers' own rules
+    buffer = ours.layers[1].keys.data_ptr()
+    for i, tok in enumerate([5, 17, 9, 200, 3]):  # two steps past the room
+        step = dict(input_ids=torch.tensor([[tok]]), position_ids=torch.tensor([[n + i]]), use_cache=True)
+        with torch.no_grad():
+            got = model(**step, **with_cache(model, ours)).logits
+            want = model(**step, **with_cache(model, own)).logits
+        assert torch.equal(got, want), i
+        for a, b in zip(ours.layers, own.layers, strict=True):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values), i
+            assert a.get_seq_length() == b.get_seq_length(), i
+        assert (ours.layers[1].keys.data_ptr() == buffer) == (i < room), i
+
+
 def test_a_cache_of_layers_in_different_shapes_gives_each_layer_back_as_it_was():
     """Two layers of (2 heads x 16) and (4 heads x 32, values of 24): each layer comes back in its
     own shape and values (the same tensors, not copies), after a sort by position too; stacked for

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 try:  # transformers' stand-in for a layer that keeps no cache (KV sharing, layers without attention)
     from transformers.cache_utils import DummyLayer as _DUMMY
@@ -269,17 +270,57 @@ def gather_cache(local: KVCache, comm: Comm, dst: int = 0, keep: list[int] | Non
     return KVCache(torch.arange(n, device=device), tuple(kv))
 
 
-def to_hf_cache(cache: KVCache, model_config):
+class _RoomyLayer(DynamicLayer):
+    """transformers' growing cache layer with room for ``room`` more tokens after the prompt:
+    each decoded token's K/V is written into place, where ``DynamicLayer`` concatenates, that is
+    copies the layer's whole cache, at every step. Its keys and values are views of the first
+    tokens of one buffer (each head's rows contiguous), holding the same values transformers' own
+    layer would; past the room, or once something other than :meth:`update` has replaced them
+    (a crop keeps them a view and is followed), it grows as ``DynamicLayer`` does."""
+
+    _layer_type = None  # never registered as the class transformers builds for a layer type
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, room: int):
+        super().__init__()
+        heads, tokens, _ = k.shape
+        self._bufs = tuple(t.new_empty(1, heads, tokens + room, t.shape[-1]) for t in (k, v))
+        for buf, t in zip(self._bufs, (k, v)):
+            buf[0, :, :tokens].copy_(t)
+        self.keys, self.values = (buf[:, :, :tokens] for buf in self._bufs)
+        self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
+
+    def _in_place(self, extra: int) -> bool:
+        held = self.keys.shape[-2]
+        return all(t.data_ptr() == buf.data_ptr() and t.stride() == buf.stride() and held + extra <= buf.shape[2]
+                   for t, buf in zip((self.keys, self.values), self._bufs))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self._in_place(key_states.shape[-2]):
+            return super().update(key_states, value_states, *args, **kwargs)
+        held, end = self.keys.shape[-2], self.keys.shape[-2] + key_states.shape[-2]
+        for buf, t in zip(self._bufs, (key_states, value_states)):
+            buf[:, :, held:end].copy_(t)
+        self.keys, self.values = (buf[:, :, :end] for buf in self._bufs)
+        return self.keys, self.values
+
+
+def to_hf_cache(cache: KVCache, model_config, room: int = 0):
     """A transformers ``DynamicCache`` holding ``cache`` (batch 1, in position order), ready for
     decoding. A layer holding only its last positions (:func:`decode_keeps`) is told how many
-    tokens came before them, as transformers' own prefill would have left it."""
+    tokens came before them, as transformers' own prefill would have left it. ``room``: how many
+    tokens will be decoded; each growing (global) layer is then copied once into a buffer with
+    room for them, so that no decoding step copies the layer's cache (transformers' own layer
+    concatenates at every step)."""
     hf = DynamicCache(config=model_config)
     n = cache.n_tokens
     for layer in range(cache.n_layers):
         if isinstance(hf.layers[layer], _DUMMY):  # a layer that reuses an earlier one's K/V keeps none
             continue
         k, v = cache.layer(layer)
-        hf.update(k[None].contiguous(), v[None].contiguous(), layer)
+        if room > 0 and type(hf.layers[layer]) is DynamicLayer:  # exactly: a subclass keeps its own rules
+            hf.layers[layer] = _RoomyLayer(k, v, room)
+        else:
+            hf.update(k[None].contiguous(), v[None].contiguous(), layer)
         held = hf.layers[layer]
         if k.shape[1] < n and isinstance(getattr(held, "cumulative_length", None), int):
             held.cumulative_length = n  # the window's tail is all it keeps; the positions before it count

@@ -157,11 +157,16 @@ class Worker:
             # the same tails (views) as an unverified run
             keep = decode_keeps(model.config, n)
             whole = gather_cache(res.cache, comm, dst=0, keep=None if req.return_cache else keep)
+            res.cache = None  # gathered (on the decode host, copied into ``whole``)
             if whole is not None:
                 out.leads = []
+                hf_cache = to_hf_cache(whole.tails(keep), model.config, room=req.sampling.max_new_tokens)
+                if not req.return_cache:  # transformers' cache is the one copy kept while decoding
+                    whole = None
                 with _threads(self.decode_threads):
-                    out.tokens = decode(model, to_hf_cache(whole.tails(keep), model.config), res.last_logits, n,
-                                        req.sampling, req.eos_ids, leads=out.leads)
+                    out.tokens = decode(model, hf_cache, res.last_logits, n, req.sampling, req.eos_ids,
+                                        leads=out.leads)
+                del hf_cache
         else:
             leads = [] if self.state.sp_rank == 0 else None  # only the decode host's are returned
             tokens = decode_distributed(model, res, comm, n, req.sampling, req.eos_ids, leads=leads)
