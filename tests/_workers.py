@@ -88,7 +88,7 @@ class CommWorker:
             return str(e)
         return None if got is None else (got.positions.tolist(), got.keys.contiguous(), got.values.contiguous())
 
-    def gather_trimmed(self, keep):
+    def gather_trimmed(self, keep, room=None):
         """A 3-layer cache of different shapes (3 heads of 5 / values 2, 2 heads of 4 / 4, 1 head of
         6 / 3), entries encoding (layer, head, position, width index), each rank holding two runs
         of positions (zigzag-like) in reverse order; gathered with ``keep``. Returns what rank 0
@@ -104,9 +104,16 @@ class CommWorker:
                                + pos[None, :, None] * 10 + torch.arange(width)[None, None, :]).float()
             kv.append((code(dk, 1), code(dv, -1)))
         stats = CommStats()
-        got = gather_cache(KVCache(pos, tuple(kv)), Comm(self.state.sp_group, stats), dst=0, keep=keep)
+        got = gather_cache(KVCache(pos, tuple(kv)), Comm(self.state.sp_group, stats), dst=0, keep=keep, room=room)
         sent = sum(rec.bytes for _, rec in stats._select("gather", None, None))
-        return None if got is None else (got.positions.tolist(), [got.layer(i) for i in range(3)]), sent
+        if got is None:
+            return None, sent
+        # with room: each layer's (buffer shapes, whether k and v are the first tokens of them)
+        rooms = None if got.rooms is None else [
+            None if b is None else ([tuple(t.shape) for t in b],
+                                    all(t.data_ptr() == x.data_ptr() for t, x in zip(b, got.layer(i))))
+            for i, b in enumerate(got.rooms)]
+        return (got.positions.tolist(), [got.layer(i) for i in range(3)], rooms), sent
 
     def ring_wait_without_commit(self):
         """send_recv then wait, skipping commit (must raise); then the step, committed, still runs."""

@@ -103,15 +103,24 @@ def test_gathered_cache_with_a_repeated_position_is_an_error_not_a_hang(group3):
     assert group3.call("gather_caches", False)[0][0] == list(range(12))
 
 
-@pytest.mark.parametrize("keep", [None, [0, 7, 12]])
-def test_a_gathered_cache_keeps_each_layer_in_its_own_shape_and_only_the_positions_asked(group3, keep):
+@pytest.mark.parametrize("keep,room", [(None, None), ([0, 7, 12], None), ([0, 7, 12], 3)])
+def test_a_gathered_cache_keeps_each_layer_in_its_own_shape_and_only_the_positions_asked(group3, keep, room):
     """Layers of three shapes travel unpadded: each comes back in its own shape with every entry
     its sender wrote, in position order; with ``keep`` (a sliding layer's window, a layer that
     keeps nothing) a layer holds only its positions from ``keep[layer]`` on, and the bytes sent
-    are exactly those entries, nothing for the positions left out."""
-    got = group3.call("gather_trimmed", keep)
+    are exactly those entries, nothing for the positions left out. With ``room`` (decoding) the
+    same messages land in one buffer per layer with room for 3 more tokens, the layer's K/V its
+    first tokens; a layer that keeps nothing gets no buffer."""
+    got = group3.call("gather_trimmed", keep, room)
     assert got[1][0] is None and got[2][0] is None
-    (positions, layers), n = got[0][0], 12
+    (positions, layers, rooms), n = got[0][0], 12
+    if room is None:
+        assert rooms is None
+    else:
+        assert rooms[2] is None
+        for layer, (h, dk, dv) in enumerate(((3, 5, 2), (2, 4, 4))):
+            held = n - keep[layer]
+            assert rooms[layer] == ([(1, h, held + room, dk), (1, h, held + room, dv)], True), layer
     assert positions == list(range(n))
     first = keep or [0, 0, 0]
     for layer, (h, dk, dv) in enumerate(((3, 5, 2), (2, 4, 4), (1, 6, 3))):

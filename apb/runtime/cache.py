@@ -38,6 +38,10 @@ class KVCache:
     #: ``positions`` holds the last ones: a sliding layer's window (a host's cache is in position
     #: order in every layout), or a gathered cache trimmed for decoding
     kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    #: per layer, where a layer's (k, v) are the first tokens of buffers (1, kv_heads, tokens +
+    #: room, width) with room for decoded tokens (a cache gathered with ``room``), those buffers;
+    #: else None. :func:`to_hf_cache` hands them to transformers' cache without a copy
+    rooms: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...] | None = None
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``i``'s (k, v): (kv_heads, tokens held, width)."""
@@ -121,7 +125,11 @@ class KVCache:
             if held > k.shape[1]:
                 raise ValueError(f"layer {i} holds its last {k.shape[1]} positions, {held} asked")
             kv.append((k[:, k.shape[1] - held:], v[:, v.shape[1] - held:]))
-        return KVCache(self.positions, tuple(kv))
+        # a layer's room stays where its tail is all it held (the tail is then the same view)
+        rooms = None if self.rooms is None else tuple(
+            room if room is not None and kv[i][0].shape[1] == self.kv[i][0].shape[1] else None
+            for i, room in enumerate(self.rooms))
+        return KVCache(self.positions, tuple(kv), rooms)
 
     def to(self, device) -> "KVCache":
         return KVCache(self.positions.to(device), tuple((k.to(device), v.to(device)) for k, v in self.kv))
@@ -189,7 +197,8 @@ def _widths(kv, layers: list[int]) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def gather_cache(local: KVCache, comm: Comm, dst: int = 0, keep: list[int] | None = None) -> KVCache | None:
+def gather_cache(local: KVCache, comm: Comm, dst: int = 0, keep: list[int] | None = None,
+                 room: int | None = None) -> KVCache | None:
     """Send every host's cache to ``dst``; returns the whole cache, in position order, on ``dst``.
 
     ``keep``: per layer the first position to send (:func:`decode_keeps`), None for all. The
@@ -198,6 +207,12 @@ def gather_cache(local: KVCache, comm: Comm, dst: int = 0, keep: list[int] | Non
     token's K and V of those layers side by side in its row. Each run of consecutive positions a
     host holds is then one message per group, received straight into its place; the returned
     layers are views of those buffers, in each layer's own shape.
+
+    ``room`` (decoding): ``dst`` receives into one buffer per layer instead, in transformers'
+    layout (1, kv_heads, tokens + room, width), with room for ``room`` decoded tokens
+    (``KVCache.rooms``); the messages are the same, each host's received through a staging buffer
+    of that host's share, one host after the other, so that ``dst`` holds the cache once, not
+    once in the gather's buffers and again in transformers' cache.
     """
     device = local.kv[0][0].device if local.kv else local.positions.device
     pos = comm.gather_varlen(local.positions.to(device), dst=dst, dim=0)
@@ -248,6 +263,9 @@ def gather_cache(local: KVCache, comm: Comm, dst: int = 0, keep: list[int] | Non
                       for lo, hi, _ in _segments(p, first)], op="gather")  # drain the sends
         raise RuntimeError("gathered cache does not hold each position 0..n-1 exactly once: "
                            f"first positions {every[:8].tolist()}, total {n}")
+    if room is not None:
+        packs.clear()  # the own runs in ``sends`` hold their storage until they are placed
+        return _receive_into_layers(local, comm, cpu, n, groups, layout, rows_of, sends, sample, room)
     kv: list = [None] * local.n_layers
     recvs = []
     for first, layers in groups.items():
@@ -270,6 +288,53 @@ def gather_cache(local: KVCache, comm: Comm, dst: int = 0, keep: list[int] | Non
     return KVCache(torch.arange(n, device=device), tuple(kv))
 
 
+def _receive_into_layers(local, comm, cpu, n, groups, layout, rows_of, sends, sample, room) -> KVCache:
+    """:func:`gather_cache` on the decode host with ``room``: every layer in its own buffer with
+    room for the decoded tokens, filled from this host's runs, then from each other host's in turn
+    (received into a staging buffer of that host's runs, then copied into the layers)."""
+    device = sample.device
+    kv: list = [None] * local.n_layers
+    rooms: list = [None] * local.n_layers
+    for first, layers in groups.items():
+        held = n - min(first, n)
+        for i, (h, dk, dv) in zip(layers, ((h, dk, dv) for h, dk, dv, _ in layout[first])):
+            if not held:  # a layer that keeps nothing: no buffer, no room
+                kv[i] = (sample.new_empty(h, 0, dk), sample.new_empty(h, 0, dv))
+                continue
+            rooms[i] = (sample.new_empty(1, h, held + room, dk), sample.new_empty(1, h, held + room, dv))
+            kv[i] = (rooms[i][0][0, :, :held], rooms[i][1][0, :, :held])
+
+    def place(first: int, rows: torch.Tensor, position: int) -> None:
+        at = position - min(first, n)
+        for i, (h, dk, dv, off) in zip(groups[first], layout[first]):
+            k, v = kv[i]
+            k[:, at:at + len(rows)] = rows[:, off:off + h * dk].unflatten(1, (h, dk)).transpose(0, 1)
+            v[:, at:at + len(rows)] = rows[:, off + h * dk:off + h * (dk + dv)].unflatten(1, (h, dv)).transpose(0, 1)
+
+    for t, position, first in sends:  # this host's own runs: copied, not sent
+        place(first, t, position)
+    sends.clear()
+    for r, p in enumerate(cpu):
+        if r == comm.rank:
+            continue
+        runs = [(first, lo, hi, at) for first in groups if rows_of[first] for lo, hi, at in _segments(p, first)]
+        if not runs:
+            continue
+        # one staging buffer per group (its rows are that group's width), in the sender's order
+        staging = {first: sample.new_empty(sum(hi - lo for f, lo, hi, _ in runs if f == first), rows_of[first])
+                   for first in {f for f, _, _, _ in runs}}
+        recvs, landed, used = [], [], dict.fromkeys(staging, 0)
+        for first, lo, hi, at in runs:
+            buf = staging[first][used[first]:used[first] + hi - lo]
+            used[first] += hi - lo
+            recvs.append((r, buf))
+            landed.append((first, buf, at))
+        comm.p2p([], recvs, op="gather")
+        for first, buf, at in landed:
+            place(first, buf, at)
+    return KVCache(torch.arange(n, device=device), tuple(kv), tuple(rooms))
+
+
 class _RoomyLayer(DynamicLayer):
     """transformers' growing cache layer with room for ``room`` more tokens after the prompt:
     each decoded token's K/V is written into place, where ``DynamicLayer`` concatenates, that is
@@ -280,14 +345,20 @@ class _RoomyLayer(DynamicLayer):
 
     _layer_type = None  # never registered as the class transformers builds for a layer type
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, room: int):
+    def __init__(self, bufs: tuple[torch.Tensor, torch.Tensor], held: int):
         super().__init__()
+        self._bufs = bufs
+        self.keys, self.values = (buf[:, :, :held] for buf in bufs)
+        self.dtype, self.device, self.is_initialized = bufs[0].dtype, bufs[0].device, True
+
+    @classmethod
+    def copied(cls, k: torch.Tensor, v: torch.Tensor, room: int) -> "_RoomyLayer":
+        """(kv_heads, tokens, width) k and v copied into buffers with ``room`` more tokens."""
         heads, tokens, _ = k.shape
-        self._bufs = tuple(t.new_empty(1, heads, tokens + room, t.shape[-1]) for t in (k, v))
-        for buf, t in zip(self._bufs, (k, v)):
+        bufs = tuple(t.new_empty(1, heads, tokens + room, t.shape[-1]) for t in (k, v))
+        for buf, t in zip(bufs, (k, v)):
             buf[0, :, :tokens].copy_(t)
-        self.keys, self.values = (buf[:, :, :tokens] for buf in self._bufs)
-        self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
+        return cls(bufs, tokens)
 
     def _in_place(self, extra: int) -> bool:
         held = self.keys.shape[-2]
@@ -317,8 +388,13 @@ def to_hf_cache(cache: KVCache, model_config, room: int = 0):
         if isinstance(hf.layers[layer], _DUMMY):  # a layer that reuses an earlier one's K/V keeps none
             continue
         k, v = cache.layer(layer)
+        given = cache.rooms[layer] if cache.rooms is not None else None
         if room > 0 and type(hf.layers[layer]) is DynamicLayer:  # exactly: a subclass keeps its own rules
-            hf.layers[layer] = _RoomyLayer(k, v, room)
+            if given is not None and given[0].data_ptr() == k.data_ptr() and given[0].shape[2] >= k.shape[1] + room:
+                # gathered with room: these buffers become transformers' cache, no copy
+                hf.layers[layer] = _RoomyLayer(given, k.shape[1])
+            else:
+                hf.layers[layer] = _RoomyLayer.copied(k, v, room)
         else:
             hf.update(k[None].contiguous(), v[None].contiguous(), layer)
         held = hf.layers[layer]

@@ -156,7 +156,9 @@ class Worker:
             # window), except a cache returned for verification: every layer whole, decoded from
             # the same tails (views) as an unverified run
             keep = decode_keeps(model.config, n)
-            whole = gather_cache(res.cache, comm, dst=0, keep=None if req.return_cache else keep)
+            # (for decoding alone, received straight into transformers' layout with room for the answer)
+            whole = gather_cache(res.cache, comm, dst=0, keep=None if req.return_cache else keep,
+                                 room=None if req.return_cache else req.sampling.max_new_tokens)
             res.cache = None  # gathered (on the decode host, copied into ``whole``)
             if whole is not None:
                 out.leads = []
