@@ -54,15 +54,16 @@ def test_kv_figure_is_the_cache_each_host_holds(preset):
                 assert rest == 0 and hosts[res.rank].kv == tokens * per_token, (preset, name, res.rank, sent)
 
 
-def test_gather_mode_counts_two_copies_of_the_whole_cache_on_the_decode_host():
+def test_gather_mode_counts_the_whole_cache_once_and_a_staging_share_on_the_decode_host():
     cfg = load_model(resolve_model("tiny-llama")).config
     method = build_method("ring", MethodConfig())
     per = memory.kv_bytes_per_token(cfg, 2) * cfg.num_hidden_layers
     gather = memory.estimate(method, cfg, 10, 1000, 0, 4, "bfloat16", "gather", 8)
     dist = memory.estimate(method, cfg, 10, 1000, 0, 4, "bfloat16", "distributed", 8)
-    # distributed: the decode host's own share (250 of 1000 tokens under ring's zigzag at W=4), copied
-    # once into a buffer with room for the 8 new tokens
-    assert gather[0].decode == 2 * 1000 * per + 8 * per and dist[0].decode == 250 * per + 8 * per
+    # gather: the whole cache received into buffers with room for the 8 new tokens, through a staging
+    # buffer of one sending host's share (250 of 1000 tokens under ring's zigzag at W=4);
+    # distributed: the decode host's own share copied once into a buffer with room for them
+    assert gather[0].decode == 1000 * per + 8 * per + 250 * per and dist[0].decode == 250 * per + 8 * per
     assert all(h.decode == 0 for h in gather[1:]) and gather[0].weights == 20
 
 

@@ -379,9 +379,9 @@ def to_hf_cache(cache: KVCache, model_config, room: int = 0):
     """A transformers ``DynamicCache`` holding ``cache`` (batch 1, in position order), ready for
     decoding. A layer holding only its last positions (:func:`decode_keeps`) is told how many
     tokens came before them, as transformers' own prefill would have left it. ``room``: how many
-    tokens will be decoded; each growing (global) layer is then copied once into a buffer with
-    room for them, so that no decoding step copies the layer's cache (transformers' own layer
-    concatenates at every step)."""
+    tokens will be decoded; each growing (global) layer then holds a buffer with room for them,
+    so that no decoding step copies the layer's cache (transformers' own layer concatenates at
+    every step): the buffer the layer was gathered into (``KVCache.rooms``), else a copy."""
     hf = DynamicCache(config=model_config)
     n = cache.n_tokens
     for layer in range(cache.n_layers):

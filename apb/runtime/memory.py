@@ -18,10 +18,10 @@ figures for a whole file). Per host:
     in flight), apb's and spava's gathered passing blocks, the all-to-all buffers of Ulysses
     (the whole sequence for this host's heads), a sliding layer's halo;
 ``decode``
-    on the decode host only: with ``decode.mode: gather``, the gathered cache twice over (the
-    buffers every part is received into, in position order, and transformers' cache built from
-    them), each layer the positions transformers' cache keeps of it (a sliding layer's last
-    ``window - 1``); with ``distributed``, the new tokens' K/V.
+    on the decode host only: with ``decode.mode: gather``, the gathered cache once, received
+    straight into transformers' layout with room for the answer (each layer the positions
+    transformers' cache keeps of it: a sliding layer's last ``window - 1``), plus the staging
+    buffer one sending host's share is received through; with ``distributed``, the new tokens' K/V.
 
 What it does not count: the allocator's fragmentation and the framework's own workspace (CUDA
 context, NCCL buffers: leave a margin), and attention score matrices, which the fused kernels
@@ -130,13 +130,15 @@ def estimate(method, model_config: Any, n_params: int, n_tokens: int, n_query: i
         decode = 0
         if s.rank == 0:
             new = max_new_tokens * layers * per_tok
-            # gather: the received cache and transformers' copy of it, each layer the positions
-            # transformers keeps (a sliding layer's window); distributed: this host's share copied
-            # once into a buffer with room for the answer (CacheAttnContext)
+            # gather: the cache received straight into transformers' layout with room for the
+            # answer, each layer the positions transformers keeps (a sliding layer's window),
+            # through one staging buffer of a sending host's share at a time; distributed: this
+            # host's share copied once into a buffer with room for the answer (CacheAttnContext)
             if decode_mode == "gather":
                 keeps = decode_keeps(model_config, n_tokens)[:layers]
                 kept = sum(n_tokens - first for first in keeps) + (layers - len(keeps)) * n_tokens
-                decode = 2 * kept * per_tok + new
+                share = max((int(x.valid.sum()) for x in slices if x.rank != s.rank), default=0)
+                decode = kept * per_tok + new + share * layers * per_tok
             else:
                 decode = held + new
         hosts.append(HostMemory(s.rank, n_params * b, held, act, transfer, decode))

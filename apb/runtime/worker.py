@@ -70,6 +70,9 @@ class PromptResult:
     #: this host's peak memory through a timed prefill (max allocated on CUDA, peak RSS on a CPU
     #: host; None for an untimed one, or where the peak cannot be reset per prompt)
     peak_prefill_bytes: int | None = None
+    #: this host's peak memory from the end of a timed prefill through the gather and the decoding
+    #: (as ``peak_prefill_bytes``; on the decode host it covers the gathered cache and the answer)
+    peak_decode_bytes: int | None = None
     #: minor page faults this host's process took through a timed prefill (pages the system had
     #: to hand it and zero: see apb.runtime.allocator); None for an untimed one
     prefill_faults: int | None = None
@@ -149,6 +152,7 @@ class Worker:
                            cache_bytes=res.cache.nbytes)
         n = int(req.input_ids.numel())
         whole = None
+        peak_known = req.timed and measure.reset_peak(device)
         t0 = time.perf_counter()
         if req.decode_mode == "gather":
             comm.stats.phase = Phase.GATHER
@@ -177,6 +181,8 @@ class Worker:
             if req.return_cache:  # verification only: the cache is gathered after decoding
                 comm.stats.phase = Phase.GATHER
                 whole = gather_cache(res.cache, comm, dst=0)
+        if peak_known:
+            out.peak_decode_bytes = measure.peak_bytes(device)
         if out.tokens is not None:
             out.decode_s = time.perf_counter() - t0
             out.last_logits = res.last_logits.cpu()
