@@ -210,9 +210,10 @@ def gather_cache(local: KVCache, comm: Comm, dst: int = 0, keep: list[int] | Non
 
     ``room`` (decoding): ``dst`` receives into one buffer per layer instead, in transformers'
     layout (1, kv_heads, tokens + room, width), with room for ``room`` decoded tokens
-    (``KVCache.rooms``); the messages are the same, each host's received through a staging buffer
-    of that host's share, one host after the other, so that ``dst`` holds the cache once, not
-    once in the gather's buffers and again in transformers' cache.
+    (``KVCache.rooms``); the messages are the same, each received into a staging buffer of one
+    run of positions and copied into the layers, and ``dst``'s own runs are copied straight from
+    its layers, so that ``dst`` holds the cache once (beside its own part and one run), not once in
+    the gather's buffers and again in transformers' cache.
     """
     device = local.kv[0][0].device if local.kv else local.positions.device
     pos = comm.gather_varlen(local.positions.to(device), dst=dst, dim=0)
@@ -220,6 +221,8 @@ def gather_cache(local: KVCache, comm: Comm, dst: int = 0, keep: list[int] | Non
     sample = local.kv[0][0] if local.kv else torch.zeros(0)
     sends, packs = [], {}
     for first, layers in groups.items():
+        if pos is not None and room is not None:  # placed from the layers by _receive_into_layers
+            break
         widths = _widths(local.kv, layers)
         row = sum(h * (dk + dv) for h, dk, dv, _ in widths)
         segs = _segments(local.positions, first)
@@ -264,8 +267,7 @@ def gather_cache(local: KVCache, comm: Comm, dst: int = 0, keep: list[int] | Non
         raise RuntimeError("gathered cache does not hold each position 0..n-1 exactly once: "
                            f"first positions {every[:8].tolist()}, total {n}")
     if room is not None:
-        packs.clear()  # the own runs in ``sends`` hold their storage until they are placed
-        return _receive_into_layers(local, comm, cpu, n, groups, layout, rows_of, sends, sample, room)
+        return _receive_into_layers(local, comm, cpu, n, groups, layout, rows_of, sample, room)
     kv: list = [None] * local.n_layers
     recvs = []
     for first, layers in groups.items():
@@ -288,10 +290,10 @@ def gather_cache(local: KVCache, comm: Comm, dst: int = 0, keep: list[int] | Non
     return KVCache(torch.arange(n, device=device), tuple(kv))
 
 
-def _receive_into_layers(local, comm, cpu, n, groups, layout, rows_of, sends, sample, room) -> KVCache:
+def _receive_into_layers(local, comm, cpu, n, groups, layout, rows_of, sample, room) -> KVCache:
     """:func:`gather_cache` on the decode host with ``room``: every layer in its own buffer with
-    room for the decoded tokens, filled from this host's runs, then from each other host's in turn
-    (received into a staging buffer of that host's runs, then copied into the layers)."""
+    room for the decoded tokens, filled from this host's layers, then from each other host's runs
+    in turn (each received into a staging buffer of that run, then copied into the layers)."""
     device = sample.device
     kv: list = [None] * local.n_layers
     rooms: list = [None] * local.n_layers
@@ -311,27 +313,30 @@ def _receive_into_layers(local, comm, cpu, n, groups, layout, rows_of, sends, sa
             k[:, at:at + len(rows)] = rows[:, off:off + h * dk].unflatten(1, (h, dk)).transpose(0, 1)
             v[:, at:at + len(rows)] = rows[:, off + h * dk:off + h * (dk + dv)].unflatten(1, (h, dv)).transpose(0, 1)
 
-    for t, position, first in sends:  # this host's own runs: copied, not sent
-        place(first, t, position)
-    sends.clear()
-    for r, p in enumerate(cpu):
+    for first, layers in groups.items():  # this host's own runs: copied from its layers, not sent
+        for lo, hi, position in _segments(local.positions, first):
+            at = position - min(first, n)
+            for i in layers:
+                for got, t in zip(kv[i], local.kv[i]):
+                    short = local.n_tokens - t.shape[1]  # a layer holding only its last rows
+                    if lo < short:
+                        raise ValueError(f"layer {i} holds only this host's positions from "
+                                         f"{int(local.positions[short])}, and the gather asks from "
+                                         f"{int(local.positions[lo])}: a cache gathered whole needs a prefill "
+                                         "with whole_cache=True")
+                    got[:, at:at + hi - lo] = t[:, lo - short:hi - short]
+    largest = max((hi - lo for p in cpu for first in groups for lo, hi, _ in _segments(p, first)), default=0)
+    staging = sample.new_empty(largest * max(rows_of.values(), default=0))
+    for r, p in enumerate(cpu):  # every other host's runs in the order it sends them, one at a time
         if r == comm.rank:
             continue
-        runs = [(first, lo, hi, at) for first in groups if rows_of[first] for lo, hi, at in _segments(p, first)]
-        if not runs:
-            continue
-        # one staging buffer per group (its rows are that group's width), in the sender's order
-        staging = {first: sample.new_empty(sum(hi - lo for f, lo, hi, _ in runs if f == first), rows_of[first])
-                   for first in {f for f, _, _, _ in runs}}
-        recvs, landed, used = [], [], dict.fromkeys(staging, 0)
-        for first, lo, hi, at in runs:
-            buf = staging[first][used[first]:used[first] + hi - lo]
-            used[first] += hi - lo
-            recvs.append((r, buf))
-            landed.append((first, buf, at))
-        comm.p2p([], recvs, op="gather")
-        for first, buf, at in landed:
-            place(first, buf, at)
+        for first in groups:
+            if not rows_of[first]:
+                continue
+            for lo, hi, at in _segments(p, first):
+                buf = staging[:(hi - lo) * rows_of[first]].view(hi - lo, rows_of[first])
+                comm.p2p([], [(r, buf)], op="gather")
+                place(first, buf, at)
     return KVCache(torch.arange(n, device=device), tuple(kv), tuple(rooms))
 
 

@@ -9,8 +9,9 @@ prompt of 16K tokens, 8 greedy tokens. Each prompt runs twice on the same worker
   decode took before this session: received into the gather's buffers, copied into transformers'
   cache, both held while decoding;
 - ``decoded``: what ``apb run`` does now: each layer received straight into a buffer in
-  transformers' layout with room for the answer (through a staging buffer of the other host's
-  share), handed to transformers' cache without a copy; the host's own part freed first.
+  transformers' layout with room for the answer (each run of positions through one staging
+  buffer; the host's own runs copied from its layers), handed to transformers' cache without a
+  copy; the host's own part freed after the gather.
 
 Reported per run: host 0's peak RSS through the prefill and from its end through the decoding
 (``PromptResult.peak_decode_bytes``, VmHWM reset between them), the cache each host kept, and
