@@ -21,7 +21,8 @@ figures for a whole file). Per host:
     on the decode host only: with ``decode.mode: gather``, the gathered cache once, received
     straight into transformers' layout with room for the answer (each layer the positions
     transformers' cache keeps of it: a sliding layer's last ``window - 1``), plus the staging
-    buffer one sending host's share is received through; with ``distributed``, the new tokens' K/V.
+    buffer each run of positions is received through (counted as a whole host's share, a bound);
+    with ``distributed``, the new tokens' K/V.
 
 What it does not count: the allocator's fragmentation and the framework's own workspace (CUDA
 context, NCCL buffers: leave a margin), and attention score matrices, which the fused kernels
@@ -132,7 +133,7 @@ def estimate(method, model_config: Any, n_params: int, n_tokens: int, n_query: i
             new = max_new_tokens * layers * per_tok
             # gather: the cache received straight into transformers' layout with room for the
             # answer, each layer the positions transformers keeps (a sliding layer's window),
-            # through one staging buffer of a sending host's share at a time; distributed: this
+            # through one staging buffer of a run (bounded here by a host's share); distributed: this
             # host's share copied once into a buffer with room for the answer (CacheAttnContext)
             if decode_mode == "gather":
                 keeps = decode_keeps(model_config, n_tokens)[:layers]
