@@ -546,7 +546,8 @@ def test_a_cache_with_room_decodes_in_place_as_transformers_own_cache_does(tmp_p
     into place (transformers' own layer concatenates, copying the layer's cache at every step). Step
     by step, the logits and every layer's K/V equal those of transformers' own cache after its own
     prefill; the global layer's keys stay views of one buffer while the room lasts, and past it the
-    layer grows as transformers' does."""
+    layer grows as transformers' does. A cache gathered with room (``KVCache.rooms``) is taken as
+    it is: transformers' layer holds the gathered buffer, not a copy, and decodes the same."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
@@ -563,7 +564,15 @@ def test_a_cache_with_room_decodes_in_place_as_transformers_own_cache_does(tmp_p
         own = output_cache(model(ids, use_cache=True, **with_cache(model, DynamicCache(config=model.config))))
         whole = output_cache(model(ids, use_cache=True, **with_cache(model, DynamicCache())))
     cache = KVCache.from_layers(torch.arange(n), reference_layers(model.config, whole))
-    ours = to_hf_cache(cache.tails(decode_keeps(model.config, n)), model.config, room=room)
+    keep = decode_keeps(model.config, n)
+    ours = to_hf_cache(cache.tails(keep), model.config, room=room)
+    # as a gather with room leaves it: the global layer the first tokens of buffers with room
+    bufs = tuple(t.new_zeros(1, t.shape[0], n + room, t.shape[-1]) for t in cache.layer(1))
+    for buf, t in zip(bufs, cache.layer(1)):
+        buf[0, :, :n] = t
+    gathered = KVCache(cache.positions, (cache.layer(0), (bufs[0][0, :, :n], bufs[1][0, :, :n])), (None, bufs))
+    adopted = to_hf_cache(gathered.tails(keep), model.config, room=room)
+    assert adopted.layers[1].keys.data_ptr() == bufs[0].data_ptr()
     assert type(own.layers[1]) is DynamicLayer and type(ours.layers[1]) is not DynamicLayer
     assert type(ours.layers[0]) is type(own.layers[0])  # the sliding layer keeps transformers' own rules
     buffer = ours.layers[1].keys.data_ptr()
@@ -571,8 +580,9 @@ def test_a_cache_with_room_decodes_in_place_as_transformers_own_cache_does(tmp_p
         step = dict(input_ids=torch.tensor([[tok]]), position_ids=torch.tensor([[n + i]]), use_cache=True)
         with torch.no_grad():
             got = model(**step, **with_cache(model, ours)).logits
+            taken = model(**step, **with_cache(model, adopted)).logits
             want = model(**step, **with_cache(model, own)).logits
-        assert torch.equal(got, want), i
+        assert torch.equal(got, want) and torch.equal(taken, want), i
         for a, b in zip(ours.layers, own.layers, strict=True):
             assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values), i
             assert a.get_seq_length() == b.get_seq_length(), i

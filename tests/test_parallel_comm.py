@@ -109,8 +109,9 @@ def test_a_gathered_cache_keeps_each_layer_in_its_own_shape_and_only_the_positio
     its sender wrote, in position order; with ``keep`` (a sliding layer's window, a layer that
     keeps nothing) a layer holds only its positions from ``keep[layer]`` on, and the bytes sent
     are exactly those entries, nothing for the positions left out. With ``room`` (decoding) the
-    same messages land in one buffer per layer with room for 3 more tokens, the layer's K/V its
-    first tokens; a layer that keeps nothing gets no buffer."""
+    same messages land in one buffer per layer, the layer's K/V its first tokens, with room for 3
+    more tokens where the layer keeps every position (a trimmed one does not grow in place); a
+    layer that keeps nothing gets no buffer."""
     got = group3.call("gather_trimmed", keep, room)
     assert got[1][0] is None and got[2][0] is None
     (positions, layers, rooms), n = got[0][0], 12
@@ -120,7 +121,8 @@ def test_a_gathered_cache_keeps_each_layer_in_its_own_shape_and_only_the_positio
         assert rooms[2] is None
         for layer, (h, dk, dv) in enumerate(((3, 5, 2), (2, 4, 4))):
             held = n - keep[layer]
-            assert rooms[layer] == ([(1, h, held + room, dk), (1, h, held + room, dv)], True), layer
+            size = held + (room if held == n else 0)
+            assert rooms[layer] == ([(1, h, size, dk), (1, h, size, dv)], True), layer
     assert positions == list(range(n))
     first = keep or [0, 0, 0]
     for layer, (h, dk, dv) in enumerate(((3, 5, 2), (2, 4, 4), (1, 6, 3))):

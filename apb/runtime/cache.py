@@ -197,6 +197,14 @@ def _widths(kv, layers: list[int]) -> list[tuple[int, int, int, int]]:
     return out
 
 
+def _check_held(local: KVCache, layer: int, short: int, lowest: int) -> None:
+    """A layer holding only its rows from ``short`` on cannot send row ``lowest``."""
+    if lowest < short:
+        raise ValueError(f"layer {layer} holds only this host's positions from {int(local.positions[short])}, "
+                         f"and the gather asks from {int(local.positions[lowest])}: a cache gathered whole needs a "
+                         "prefill with whole_cache=True")
+
+
 def gather_cache(local: KVCache, comm: Comm, dst: int = 0, keep: list[int] | None = None,
                  room: int | None = None) -> KVCache | None:
     """Send every host's cache to ``dst``; returns the whole cache, in position order, on ``dst``.
@@ -236,10 +244,7 @@ def gather_cache(local: KVCache, comm: Comm, dst: int = 0, keep: list[int] | Non
         for i, (h, dk, dv, off) in zip(layers, widths):
             k, v = local.kv[i]
             short = local.n_tokens - k.shape[1]  # a layer holding only its last rows (a sliding window)
-            if int(wanted.min()) < short:
-                raise ValueError(f"layer {i} holds only this host's positions from {int(local.positions[short])}, "
-                                 f"and the gather asks from {int(local.positions[int(wanted.min())])}: a cache "
-                                 "gathered whole needs a prefill with whole_cache=True")
+            _check_held(local, i, short, int(wanted.min()))
             if short not in rows_at:  # None: every row the layer holds, in its order (no copy)
                 everything = rows == k.shape[1] and bool((wanted == torch.arange(short, local.n_tokens)).all())
                 rows_at[short] = None if everything else (wanted - short).to(device)
@@ -303,7 +308,8 @@ def _receive_into_layers(local, comm, cpu, n, groups, layout, rows_of, sample, r
             if not held:  # a layer that keeps nothing: no buffer, no room
                 kv[i] = (sample.new_empty(h, 0, dk), sample.new_empty(h, 0, dv))
                 continue
-            rooms[i] = (sample.new_empty(1, h, held + room, dk), sample.new_empty(1, h, held + room, dv))
+            extra = room if held == n else 0  # a trimmed (sliding) layer is copied into transformers' own class
+            rooms[i] = (sample.new_empty(1, h, held + extra, dk), sample.new_empty(1, h, held + extra, dv))
             kv[i] = (rooms[i][0][0, :, :held], rooms[i][1][0, :, :held])
 
     def place(first: int, rows: torch.Tensor, position: int) -> None:
@@ -317,13 +323,9 @@ def _receive_into_layers(local, comm, cpu, n, groups, layout, rows_of, sample, r
         for lo, hi, position in _segments(local.positions, first):
             at = position - min(first, n)
             for i in layers:
+                short = local.n_tokens - local.kv[i][0].shape[1]  # a layer holding only its last rows
+                _check_held(local, i, short, lo)
                 for got, t in zip(kv[i], local.kv[i]):
-                    short = local.n_tokens - t.shape[1]  # a layer holding only its last rows
-                    if lo < short:
-                        raise ValueError(f"layer {i} holds only this host's positions from "
-                                         f"{int(local.positions[short])}, and the gather asks from "
-                                         f"{int(local.positions[lo])}: a cache gathered whole needs a prefill "
-                                         "with whole_cache=True")
                     got[:, at:at + hi - lo] = t[:, lo - short:hi - short]
     largest = max((hi - lo for p in cpu for first in groups for lo, hi, _ in _segments(p, first)), default=0)
     staging = sample.new_empty(largest * max(rows_of.values(), default=0))
