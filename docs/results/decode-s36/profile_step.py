@@ -4,7 +4,9 @@ then one step under the torch profiler (apb's attention). Session 36 ran it whil
 its output, copied from the terminal (the weight-loading progress bars dropped), is profile_step.txt.
 Run from the repository root: .venv/bin/python docs/results/decode-s36/profile_step.py
 """
-import time, torch
+import time
+
+import torch
 from transformers import DynamicCache
 from apb.model.catalog import resolve_model
 from apb.model.hf_bridge import output_cache, with_cache
