@@ -170,6 +170,8 @@ def attention(
         out, lse = fn(q, k, v, False)
     elif kv_len < q_len:
         out, lse = _causal_fewer_keys(fn, q, k, v)
+    elif q_len == 1:  # bottom-right, one query (a decode step) sees every key: no split, no merge
+        out, lse = fn(q, k, v, False)
     elif kv_len == q_len or name in _BOTTOM_RIGHT_NATIVE:
         out, lse = fn(q, k, v, True)
     else:
@@ -196,6 +198,8 @@ def _positional(q, k, v, causal, scale, backend, softcap, sinks, window, q_pos, 
         if not causal:
             raise ValueError("a window without positions is aligned as a causal call: pass causal=True, or "
                              "q_pos and k_pos")
+        if window is not None and q_len == 1:  # one query (a decode step): its last `window` keys, no mask
+            return attention(q, k[:, :, -window:], v[:, :, -window:], True, scale, backend, softcap, sinks)
         if window is not None and windows_natively(q, v.shape[-1], backend):
             return _flash_attn_windowed(q, k, v, scale, softcap, sinks, window)
         q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
@@ -474,6 +478,12 @@ def _torch_sdpa(q, k, v, causal: bool, scale: float, kernel: str):
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, None, True, 0.0, causal, scale=scale)[:2]
         return out, lse[:, :, : q.shape[2]].float()
+    if q.shape[2] == 1 and q.dtype == torch.bfloat16:
+        # torch's CPU flash kernel runs one bfloat16 query row 2-3x slower than two, on every shape
+        # measured (docs/results/decode-s37/kernel.txt): a decode step's row is sent twice, the copy
+        # dropped. Row 0 sees the same keys either way (top-left causal: key 0 alone)
+        out, lse = _torch_sdpa(q.expand(-1, -1, 2, -1).contiguous(), k, v, causal, scale, kernel)
+        return out[:, :, :1], lse[:, :, :1]
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, causal, attn_mask=None, scale=scale)
     return out, lse.float()

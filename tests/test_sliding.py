@@ -49,6 +49,9 @@ def test_window_kernel_equals_the_masked_softmax(window):
     out, _ = attention(q, k, v, causal=True, scale=0.3, window=window, sinks=sinks)
     ref = _masked_softmax(q, k, v, torch.arange(8, 20), torch.arange(20), window, 0.3, sinks)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    # one query, the last (a decode step): its window's keys alone, the sink counted once
+    one, _ = attention(q[:, :, -1:], k, v, causal=True, scale=0.3, window=window, sinks=sinks)
+    torch.testing.assert_close(one.double(), ref[:, :, -1:], atol=1e-5, rtol=1e-5)
     # by positions, keys shuffled and split over three calls (as over hosts): merged, the same;
     # the sink rides on the one causal call
     perm = torch.randperm(20)
