@@ -255,9 +255,7 @@ def _masked_kernel(device: torch.device) -> str:
 def _masked_sdpa(q, k, v, mask, scale: float, kernel: str):
     """One call of ``kernel`` (:func:`_masked_kernel`) under ``mask`` (rows, keys) in ``q``'s dtype."""
     if kernel == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
-                                                                             scale=scale)
-        return out, lse.float()
+        return _cpu_flash(q, k, v, False, scale, mask)
     # the memory-efficient kernel reads its bias in rows aligned to 16 elements (torch's own sdpa
     # pads a mask the same way before handing it over) and returns an LSE padded to 32 rows
     rows, keys = mask.shape
@@ -478,14 +476,20 @@ def _torch_sdpa(q, k, v, causal: bool, scale: float, kernel: str):
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, None, True, 0.0, causal, scale=scale)[:2]
         return out, lse[:, :, : q.shape[2]].float()
+    return _cpu_flash(q, k, v, causal, scale)
+
+
+def _cpu_flash(q, k, v, causal: bool, scale: float, mask: torch.Tensor | None = None):
+    """torch's CPU flash kernel, under an additive ``mask`` (rows, keys) when given."""
     if q.shape[2] == 1 and q.dtype == torch.bfloat16:
-        # torch's CPU flash kernel runs one bfloat16 query row 2-3x slower than two, on every shape
-        # measured (docs/results/decode-s37/kernel.txt): a decode step's row is sent twice, the copy
-        # dropped. Row 0 sees the same keys either way (top-left causal: key 0 alone)
-        out, lse = _torch_sdpa(q.expand(-1, -1, 2, -1).contiguous(), k, v, causal, scale, kernel)
+        # it runs one bfloat16 query row 2.2-3.4x slower than two, on every shape measured
+        # (docs/results/decode-s37/kernel.txt): a decode step's row is sent twice, the copy dropped.
+        # Row 0 sees the same keys either way (top-left causal: key 0 alone)
+        twice = None if mask is None else mask.expand(2, -1).contiguous()
+        out, lse = _cpu_flash(q.expand(-1, -1, 2, -1).contiguous(), k, v, causal, scale, twice)
         return out[:, :, :1], lse[:, :, :1]
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, causal, attn_mask=None, scale=scale)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask,
+                                                                         scale=scale)
     return out, lse.float()
 
 

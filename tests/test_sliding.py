@@ -100,6 +100,10 @@ def test_a_masked_call_on_cpu_runs_torchs_kernel_and_equals_the_masked_softmax(m
     ref = _masked_softmax(q, k, v, q_pos, k_pos, 4, 0.3)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out.double(), ref, **tol)
+    # one query (a decode step over keys by position): the same as its row of the many
+    one, one_lse = attention(q[:, :, -1:], k, v, causal=True, scale=0.3, window=4, q_pos=q_pos[-1:], k_pos=k_pos)
+    torch.testing.assert_close(one.double(), ref[:, :, -1:], **tol)
+    torch.testing.assert_close(one_lse, lse[:, :, -1:], **tol)
     # queries whose window holds none of these keys (the keys are of another host)
     far = torch.tensor([0, 1, 15])
     out, lse = attention(q, k[:, :, :3], v[:, :, :3], causal=False, scale=0.3, window=4, q_pos=q_pos, k_pos=far)
