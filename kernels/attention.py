@@ -74,7 +74,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from apb.kernels.merge import merge
+from apb.kernels.merge import merge, merge_
 
 #: ``fn(q, k, v, causal, scale)``, plus ``softcap`` as a sixth argument for backends in ``_SOFTCAP_NATIVE``
 Backend = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -418,8 +418,8 @@ def _naive_rows(q, kf, vf, causal, scale, softcap, offset, visible=None):
 @register_backend("torch_flash")
 def _torch_flash(q, k, v, causal: bool, scale: float):
     kernel = _torch_kernel(q)
-    if kernel == "cpu" and _one_row_grouped(q, k):
-        return _naive(q, k, v, causal, scale)
+    if kernel == "cpu" and not causal and _one_row_grouped(q, k):
+        return _grouped_row(q, k, v, scale)
     while kernel in _FUSED:
         try:
             return _torch_sdpa(*_grouped(q, k, v, kernel), causal, scale, kernel)
@@ -429,12 +429,41 @@ def _torch_flash(q, k, v, causal: bool, scale: float):
 
 
 def _one_row_grouped(q, k) -> bool:
-    """One float32 query row (a decode step) with large query groups and heads, on CPU: ``naive``
-    reads each KV head once for its whole group, where torch's CPU flash kernel reads it once per
-    query head. At a group of 4-8 and a head size of 128-256 it is 1.9-5.2x faster over 8K-32K
-    keys and 0.96-1.7x over 2K; at smaller groups or heads the kernel is as fast or up to 2x
-    faster, so they keep it (docs/results/decode-s37/kernel_f32.txt)."""
-    return q.shape[2] == 1 and q.dtype == torch.float32 and q.shape[1] >= 4 * k.shape[1] and q.shape[-1] >= 128
+    """One float32 or bfloat16 query row (a decode step) with large query groups and heads, on
+    CPU: :func:`_grouped_row` reads each KV head once for its whole group, where torch's CPU flash
+    kernel reads it once per query head. At a group of 4-8 and a head size of 128-256 it was the
+    faster on every shape measured: over 2K-32K keys, 1.3-5.7x in float32 and 1.2-3.5x in
+    bfloat16 (against the kernel given the row twice). At smaller groups or heads it ranged from
+    half the kernel's speed to 2x, so they keep the kernel (docs/results/decode-s37/kernel_f32.txt,
+    kernel_grouped.txt)."""
+    return q.shape[2] == 1 and q.dtype in (torch.float32, torch.bfloat16) and q.shape[1] >= 4 * k.shape[1] \
+        and q.shape[-1] >= 128
+
+
+#: keys per block of :func:`_grouped_row` in bfloat16: a block's float32 copy stays in cache
+_ROW_BLOCK = 1024
+
+
+def _grouped_row(q, k, v, scale: float):
+    """One query row over every key (non-causal), each KV head's query group as one matrix, in
+    float32: ``naive``'s softmax without a mask. A bfloat16 K/V is made float32 a block of keys at
+    a time (a copy of the whole cache would cost more than the kernel call it replaces); the
+    blocks' partials merge by LSE."""
+    b, h, _, d = q.shape
+    groups, kv_len = k.shape[1], k.shape[2]
+    qf = q.float().reshape(b, groups, h // groups, d)
+    block = kv_len if k.dtype == torch.float32 else _ROW_BLOCK
+    out = lse = None
+    for start in range(0, kv_len, block):
+        kf, vf = k[:, :, start:start + block].float(), v[:, :, start:start + block].float()
+        scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+        part_lse = torch.logsumexp(scores, dim=-1)
+        part = torch.matmul(torch.exp(scores - part_lse[..., None]), vf)
+        if out is None:
+            out, lse = part, part_lse
+        else:
+            merge_(out, lse, part, part_lse)
+    return out.reshape(b, h, 1, -1).to(q.dtype), lse.reshape(b, h, 1)
 
 
 def _grouped(q, k, v, kernel: str):
