@@ -434,8 +434,8 @@ def _one_row_grouped(q, k) -> bool:
     kernel reads it once per query head. At a group of 4-8 and a head size of 128-256 it was the
     faster on every shape measured: over 2K-32K keys, 1.3-5.7x in float32 and 1.2-3.5x in
     bfloat16 (against the kernel given the row twice). At smaller groups or heads it ranged from
-    half the kernel's speed to 2x, so they keep the kernel (docs/results/decode-s37/kernel_f32.txt,
-    kernel_grouped.txt)."""
+    a third of the kernel's speed to 1.9x, so they keep the kernel
+    (docs/results/decode-s37/kernel_f32.txt, kernel_grouped.txt)."""
     return q.shape[2] == 1 and q.dtype in (torch.float32, torch.bfloat16) and q.shape[1] >= 4 * k.shape[1] \
         and q.shape[-1] >= 128
 
