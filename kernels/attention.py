@@ -432,9 +432,9 @@ def _one_row_grouped(q, k) -> bool:
     """One float32 or bfloat16 query row (a decode step) with large query groups and heads, on
     CPU: :func:`_grouped_row` reads each KV head once for its whole group, where torch's CPU flash
     kernel reads it once per query head. At a group of 4-8 and a head size of 128-256 it was the
-    faster on every shape measured: over 2K-32K keys, 1.3-5.7x in float32 and 1.2-3.5x in
-    bfloat16 (against the kernel given the row twice). At smaller groups or heads it ranged from
-    a third of the kernel's speed to 1.9x, so they keep the kernel
+    faster on every shape of the recorded runs: over 2K-32K keys, 1.2-6.1x in float32 and
+    1.4-4.3x in bfloat16 (against the kernel given the row twice). At smaller groups or heads it
+    ranged from a third of the kernel's speed to 2.2x, so they keep the kernel
     (docs/results/decode-s37/kernel_f32.txt, kernel_grouped.txt)."""
     return q.shape[2] == 1 and q.dtype in (torch.float32, torch.bfloat16) and q.shape[1] >= 4 * k.shape[1] \
         and q.shape[-1] >= 128
@@ -445,25 +445,20 @@ _ROW_BLOCK = 1024
 
 
 def _grouped_row(q, k, v, scale: float):
-    """One query row over every key (non-causal), each KV head's query group as one matrix, in
-    float32: ``naive``'s softmax without a mask. A bfloat16 K/V is made float32 a block of keys at
-    a time (a copy of the whole cache would cost more than the kernel call it replaces); the
-    blocks' partials merge by LSE."""
-    b, h, _, d = q.shape
-    groups, kv_len = k.shape[1], k.shape[2]
-    qf = q.float().reshape(b, groups, h // groups, d)
-    block = kv_len if k.dtype == torch.float32 else _ROW_BLOCK
+    """One query row over every key (non-causal): ``naive``'s rows without a mask, each KV head's
+    query group as one float32 matrix. A bfloat16 K/V is made float32 a block of keys at a time (a
+    copy of the whole cache would cost more than the kernel call it replaces); the blocks'
+    partials merge by LSE."""
+    block = k.shape[2] if k.dtype == torch.float32 else _ROW_BLOCK
     out = lse = None
-    for start in range(0, kv_len, block):
-        kf, vf = k[:, :, start:start + block].float(), v[:, :, start:start + block].float()
-        scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
-        part_lse = torch.logsumexp(scores, dim=-1)
-        part = torch.matmul(torch.exp(scores - part_lse[..., None]), vf)
+    for start in range(0, k.shape[2], block):
+        part, part_lse = _naive_rows(q, k[:, :, start:start + block].float(), v[:, :, start:start + block].float(),
+                                     False, scale, None, 0)
         if out is None:
             out, lse = part, part_lse
         else:
             merge_(out, lse, part, part_lse)
-    return out.reshape(b, h, 1, -1).to(q.dtype), lse.reshape(b, h, 1)
+    return out.to(q.dtype), lse
 
 
 def _grouped(q, k, v, kernel: str):
