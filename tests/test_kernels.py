@@ -148,8 +148,11 @@ def test_one_row_of_a_decode_step_matches_the_reference(causal, h, kvh, dtype, m
     """A decode step's one query at a head size of 128: a group of 4 takes the grouped softmax
     (bfloat16 in blocks of keys, here three), heads without groups torch's kernel; the same answer."""
     monkeypatch.setattr(attn_mod, "_ROW_BLOCK", 128)
+    grouped, real = [], attn_mod._grouped_row
+    monkeypatch.setattr(attn_mod, "_grouped_row", lambda *a: grouped.append(1) or real(*a))
     q, k, v = make_qkv(1, h, kvh, 1, 300, d=128, dtype=dtype, seed=h + kvh)
     out, lse = attention(q, k, v, causal=causal, backend="torch_flash")
+    assert bool(grouped) == (h // kvh >= 4)  # the path this case is meant to check is the one that ran
     assert_matches(out, lse, *ref_attention(q, k, v, causal), dtype)
 
 
