@@ -1,4 +1,4 @@
-"""Gather-mode decoding of SmolLM2-135M-Instruct (bfloat16, the machine's threads), 32 greedy
+"""Gather-mode decoding of SmolLM2-135M-Instruct (or ``--model``; bfloat16, the machine's threads), 32 greedy
 tokens (no stop at EOS) from a cache built by ``to_hf_cache`` with room for them, as the decode
 host runs it: apb's attention (``attn_implementation`` None: the model path's default), or
 transformers' own ``sdpa`` for reference.
@@ -26,6 +26,8 @@ def main():
     ap.add_argument("--impl", default=None, help="sdpa: transformers' own attention")
     ap.add_argument("--label", default="")
     ap.add_argument("--prefill-dir", default="/tmp/apb-decode-s37")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="a catalog name or preset (session 38: "
+                    "gemma3-270m's sliding layers, bench-llama8b-2layer's grouped heads)")
     args = ap.parse_args()
 
     from transformers import DynamicCache
@@ -37,8 +39,9 @@ def main():
     from apb.runtime.decode import Sampling, decode
     from apb.tools.verify import random_prompt, reference_layers
 
-    model = load_model(resolve_model("smollm2-135m-instruct"), "bfloat16", "cpu", attn_implementation=args.impl)
-    saved = Path(args.prefill_dir) / f"prefill-{args.n}.pt"
+    model = load_model(resolve_model(args.model), "bfloat16", "cpu", attn_implementation=args.impl)
+    tag = "" if args.model == "smollm2-135m-instruct" else f"{args.model}-"
+    saved = Path(args.prefill_dir) / f"prefill-{tag}{args.n}.pt"
     if not saved.exists():
         ids = random_prompt(args.n, model.config.vocab_size, args.n)[None]
         with torch.no_grad():
@@ -56,7 +59,7 @@ def main():
         times.append(time.perf_counter() - t0)
         assert tokens is None or got == tokens, "the same decode gave different tokens"
         tokens = got
-    print(json.dumps({"label": args.label, "impl": args.impl or "apb", "n": args.n, "threads": torch.get_num_threads(),
+    print(json.dumps({"label": args.label, "model": args.model, "impl": args.impl or "apb", "n": args.n, "threads": torch.get_num_threads(),
                       "seconds": [round(t, 3) for t in times], "median_s": round(statistics.median(times), 3),
                       "tokens": tokens}), flush=True)
 
