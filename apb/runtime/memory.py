@@ -22,7 +22,8 @@ figures for a whole file). Per host:
     straight into transformers' layout with room for the answer (each layer the positions
     transformers' cache keeps of it: a sliding layer's last ``window - 1``), plus the staging
     buffer each run of positions is received through (counted as a whole host's share, a bound);
-    with ``distributed``, the new tokens' K/V.
+    with ``distributed``, this host's own cache part copied once into a buffer with room for the
+    answer, plus the new tokens' K/V.
 
 What it does not count: the allocator's fragmentation and the framework's own workspace (CUDA
 context, NCCL buffers: leave a margin), and attention score matrices, which the fused kernels
