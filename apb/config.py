@@ -167,6 +167,12 @@ class MethodConfig(_Section):
             raise ValueError(f"exact_layers={v!r} names a layer twice")
         return v
 
+    @field_validator("query_positions", mode="before")
+    @classmethod
+    def _yaml_true(cls, v):
+        # YAML reads an unquoted `true` (a file, or --set method.query_positions=true) as a bool
+        return "true" if v is True else v
+
     @model_validator(mode="after")
     def _weights(self):
         if self.compressor == "retaining_heads" and not self.retaining_heads_path:

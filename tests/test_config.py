@@ -396,3 +396,27 @@ def test_a_split_anchor_is_for_apb_and_spava_and_named_where_refused():
         build_method("star", MethodConfig(name="star", share_anchor="split")).check(model_config, 4)
     with pytest.raises(ConfigError, match="share_anchor"):
         load_config(None, ["method.share_anchor=halves"])
+
+
+def test_usage_config_table_names_every_field_with_its_default():
+    """docs/usage.md's config table: one row per field of every section, its default as the loader
+    gives it (a field missing from the table, or a default changed in code alone, fails here)."""
+    table = Path(__file__).resolve().parents[1] / "docs" / "usage.md"
+    rows = {}
+    for line in table.read_text().splitlines():
+        m = re.match(r"\| `(\w+)\.(\w+)` \| ([^|]*) \|", line)
+        if m:
+            rows[(m.group(1), m.group(2))] = m.group(3).strip()
+    sections = {section: field.annotation for section, field in Config.model_fields.items()}
+    fields = {(section, name) for section, cls in sections.items() for name in cls.model_fields}
+    assert fields - set(rows) == set(), "fields missing from docs/usage.md's config table"
+    assert set(rows) - fields == set(), "rows in docs/usage.md's config table that name no field"
+    for (section, name), cell in rows.items():
+        value = sections[section].model_fields[name].default  # as declared (model.dtype: auto, resolved at load)
+        if value is None and not cell.startswith("`"):
+            continue  # an unset default described in words (share_anchor: each method's own)
+        shown = "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        # what a user copies from the cell must load as the default
+        assert load_config(None, [f"{section}.{name}={cell.strip('`')}"]) == Config(), f"{section}.{name}: {cell}"
+        assert cell in (f"`{shown}`", f"`{shown.strip(chr(39))}`"), \
+            f"{section}.{name}: the table says {cell}, the code's default is {shown}"
