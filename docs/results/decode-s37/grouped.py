@@ -9,6 +9,7 @@ ms of 11 calls, and each way's largest error against the float32 ``naive`` softm
 Run from the repository root:
   .venv/bin/python docs/results/decode-s37/grouped.py float32 > docs/results/decode-s37/kernel_f32.txt
   .venv/bin/python docs/results/decode-s37/grouped.py bfloat16 > docs/results/decode-s37/kernel_grouped.txt
+A second argument replaces the shapes: ``H/KV/D,...`` (query heads, KV heads, head size).
 """
 
 import sys
@@ -29,7 +30,8 @@ def main():
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {sys.argv[1]}, one query row (the kernel "
           f"given it {rows}x); ms per call (median of 11); error vs float32 naive: output/LSE")
-    for h, kvh, d in SHAPES:
+    shapes = [tuple(map(int, x.split("/"))) for x in sys.argv[2].split(",")] if len(sys.argv) > 2 else SHAPES
+    for h, kvh, d in shapes:
         for n in (2048, 8192, 32768):
             g = torch.Generator().manual_seed(n)
             q = torch.randn(1, h, 1, d, generator=g).to(dtype)
