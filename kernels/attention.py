@@ -429,15 +429,19 @@ def _torch_flash(q, k, v, causal: bool, scale: float):
 
 
 def _one_row_grouped(q, k) -> bool:
-    """One float32 or bfloat16 query row (a decode step) with large query groups and heads, on
-    CPU: :func:`_grouped_row` reads each KV head once for its whole group, where torch's CPU flash
+    """One float32 or bfloat16 query row (a decode step) with large query groups, on CPU:
+    :func:`_grouped_row` reads each KV head once for its whole group, where torch's CPU flash
     kernel reads it once per query head. At a group of 4-8 and a head size of 128-256 it was the
     faster on every shape of the recorded runs: over 2K-32K keys, 1.2-6.1x in float32 and
-    1.4-4.3x in bfloat16 (against the kernel given the row twice). At smaller groups or heads it
-    ranged from a third of the kernel's speed to 2.2x, so they keep the kernel
-    (docs/results/decode-s37/kernel_f32.txt, kernel_grouped.txt)."""
-    return q.shape[2] == 1 and q.dtype in (torch.float32, torch.bfloat16) and q.shape[1] >= 4 * k.shape[1] \
-        and q.shape[-1] >= 128
+    1.4-4.3x in bfloat16 (against the kernel given the row twice). At a head size of 64 it is so
+    only in bfloat16 with 12 or more query heads (Llama-3.2-1B's 32 over 8, Qwen2.5-0.5B's 14 over
+    2: 1.05-1.90x); float32 there gains only at long caches (0.84-1.39x at 2K-8K keys, 1.6-2.7x at
+    32K). Smaller groups or fewer heads ranged from a third of the kernel's speed to 2.2x, so they
+    keep the kernel (docs/results/decode-s37/kernel_f32.txt, kernel_grouped.txt;
+    docs/results/decode-s38/kernel_d64.txt)."""
+    if q.shape[2] != 1 or q.dtype not in (torch.float32, torch.bfloat16) or q.shape[1] < 4 * k.shape[1]:
+        return False
+    return q.shape[-1] >= 128 or (q.dtype == torch.bfloat16 and q.shape[-1] >= 64 and q.shape[1] >= 12)
 
 
 #: keys per block of :func:`_grouped_row` in bfloat16: a block's float32 copy stays in cache

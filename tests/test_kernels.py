@@ -142,17 +142,21 @@ def test_grouped_query_attention_never_repeats_kv(backend, causal, monkeypatch):
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("h,kvh,dtype", [(8, 2, torch.float32), (8, 8, torch.float32), (8, 2, torch.bfloat16),
-                                         (8, 8, torch.bfloat16)], ids=["group4-f32", "mha-f32", "group4-bf16", "mha-bf16"])
-def test_one_row_of_a_decode_step_matches_the_reference(causal, h, kvh, dtype, monkeypatch):
-    """A decode step's one query at a head size of 128: a group of 4 takes the grouped softmax
-    (bfloat16 in blocks of keys, here three), heads without groups torch's kernel; the same answer."""
+@pytest.mark.parametrize("h,kvh,d,dtype,takes_grouped", [
+    (8, 2, 128, torch.float32, True), (8, 8, 128, torch.float32, False), (8, 2, 128, torch.bfloat16, True),
+    (8, 8, 128, torch.bfloat16, False), (16, 4, 64, torch.bfloat16, True), (16, 4, 64, torch.float32, False),
+    (8, 2, 64, torch.bfloat16, False)],
+    ids=["group4-f32", "mha-f32", "group4-bf16", "mha-bf16", "d64-16heads-bf16", "d64-f32", "d64-8heads-bf16"])
+def test_one_row_of_a_decode_step_matches_the_reference(causal, h, kvh, d, dtype, takes_grouped, monkeypatch):
+    """A decode step's one query: a group of 4 at a head size of 128 (or of 64 in bfloat16 with 12+
+    heads) takes the grouped softmax (bfloat16 in blocks of keys, here three), other shapes torch's
+    kernel; the same answer."""
     monkeypatch.setattr(attn_mod, "_ROW_BLOCK", 128)
     grouped, real = [], attn_mod._grouped_row
     monkeypatch.setattr(attn_mod, "_grouped_row", lambda *a: grouped.append(1) or real(*a))
-    q, k, v = make_qkv(1, h, kvh, 1, 300, d=128, dtype=dtype, seed=h + kvh)
+    q, k, v = make_qkv(1, h, kvh, 1, 300, d=d, dtype=dtype, seed=h + kvh)
     out, lse = attention(q, k, v, causal=causal, backend="torch_flash")
-    assert bool(grouped) == (h // kvh >= 4)  # the path this case is meant to check is the one that ran
+    assert bool(grouped) == takes_grouped  # the path this case is meant to check is the one that ran
     assert_matches(out, lse, *ref_attention(q, k, v, causal), dtype)
 
 
