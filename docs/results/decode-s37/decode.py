@@ -40,7 +40,7 @@ def main():
     from apb.tools.verify import random_prompt, reference_layers
 
     model = load_model(resolve_model(args.model), "bfloat16", "cpu", attn_implementation=args.impl)
-    tag = "" if args.model == "smollm2-135m-instruct" else f"{args.model}-"
+    tag = "" if args.model == "smollm2-135m-instruct" else f"{Path(args.model).name}-"
     saved = Path(args.prefill_dir) / f"prefill-{tag}{args.n}.pt"
     if not saved.exists():
         ids = random_prompt(args.n, model.config.vocab_size, args.n)[None]
