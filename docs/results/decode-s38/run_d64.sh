@@ -8,7 +8,7 @@ set -eu
 REPO=$1 BEFORE=$2 AFTER=$3
 PY=$REPO/.venv/bin/python
 MODEL=/tmp/apb-llama1b-2layer
-[ -d $MODEL ] || "$PY" "$REPO/docs/results/decode-s38/llama1b_shape.py" $MODEL
+[ -d $MODEL ] || "$PY" "$REPO/docs/results/decode-s38/llama1b_shape.py" $MODEL >&2
 for c in "$BEFORE" "$AFTER"; do
   site=/tmp/apb-site-$c
   if [ ! -d "$site" ]; then
