@@ -10,14 +10,8 @@ set -eu
 REPO=$1
 AFTER=${2:-HEAD}
 PY=$REPO/.venv/bin/python
-for c in b9ac86a "$AFTER"; do
-  site=/tmp/apb-site-$c
-  if [ ! -d "$site" ]; then
-    git -C "$REPO" worktree add -f "/tmp/apb-wt-$c" "$c" --detach >/dev/null 2>&1
-    "$PY" -m pip install -q --no-deps --no-build-isolation --target "$site" "/tmp/apb-wt-$c" >/dev/null 2>&1
-    git -C "$REPO" worktree remove --force "/tmp/apb-wt-$c"
-  fi
-done
+. "$REPO/docs/results/install-commit.sh"
+for c in b9ac86a "$AFTER"; do install_commit "$REPO" "$c"; done
 for model in gemma3-270m bench-llama8b-2layer; do
   for n in 4096 16384; do
     for round in 1 2; do

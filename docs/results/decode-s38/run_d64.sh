@@ -9,14 +9,8 @@ REPO=$1 BEFORE=$2 AFTER=$3
 PY=$REPO/.venv/bin/python
 MODEL=/tmp/apb-llama1b-2layer
 [ -d $MODEL ] || "$PY" "$REPO/docs/results/decode-s38/llama1b_shape.py" $MODEL >&2
-for c in "$BEFORE" "$AFTER"; do
-  site=/tmp/apb-site-$c
-  if [ ! -d "$site" ]; then
-    git -C "$REPO" worktree add -f "/tmp/apb-wt-$c" "$c" --detach >/dev/null 2>&1
-    "$PY" -m pip install -q --no-deps --no-build-isolation --target "$site" "/tmp/apb-wt-$c" >/dev/null 2>&1
-    git -C "$REPO" worktree remove --force "/tmp/apb-wt-$c"
-  fi
-done
+. "$REPO/docs/results/install-commit.sh"
+for c in "$BEFORE" "$AFTER"; do install_commit "$REPO" "$c"; done
 for n in 4096 16384; do
   for round in 1 2; do
     for c in "$BEFORE" "$AFTER"; do
